@@ -1,0 +1,1 @@
+//! A pgfleet node.
