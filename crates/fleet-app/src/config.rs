@@ -1,0 +1,258 @@
+//! Node configuration, read from the environment with envy and checked at start-up.
+//!
+//! | variable | default | meaning |
+//! |---|---|---|
+//! | `CONTAINER_ID` | the hostname | this node's name in every response and in `data.container_id` (1–50 chars) |
+//! | `HOST` | `0.0.0.0` | address to listen on |
+//! | `PORT` | `3000` | port to listen on (`0` picks a free one; the log line says which) |
+//! | `DATABASE_URL` | unset | `postgres://user:password@host:port/db`; when set, the `POSTGRES_*` variables are ignored |
+//! | `POSTGRES_HOST` / `POSTGRES_PORT` / `POSTGRES_DB` / `POSTGRES_USER` / `POSTGRES_PASSWORD` | `localhost` / `5432` / `appdb` / `appuser` / unset | the database, piece by piece |
+//! | `POOL_SIZE` | `5` | connections in this node's pool. Size the fleet so that `nodes × POOL_SIZE ≤ max_connections − headroom`: with PostgreSQL's default 100 and 10 kept for admins, 4 nodes × 5 = 20 leaves room for 18 nodes. |
+//! | `POOL_WAIT_TIMEOUT_MS` | `2000` | how long a request waits for (or to open) a connection before 503 |
+//! | `STATEMENT_TIMEOUT_MS` | `60000` | `statement_timeout` set on every connection |
+//! | `BULK_MAX_ROWS` | `100000` | most rows one `/api/bulk-insert` takes (more: 413) |
+//! | `BODY_LIMIT_BYTES` | `33554432` (32 MiB) | largest request body (more: 413) |
+//! | `RETRY_MAX_ATTEMPTS` | `5` | attempts for a transaction that hits a deadlock (40P01) or serialization failure (40001) |
+//! | `LOCK_ORDER` | `request` | `request`: `/api/transfer` locks rows in request order (opposite transfers can deadlock); `sorted`: in key order (never deadlocks) |
+//! | `LAB_ENDPOINTS` | `true` | serve `/api/hold` and `/api/test-isolation` |
+//! | `SHUTDOWN_DRAIN_MS` | `0` | after SIGTERM, how long readiness answers 503 while requests are still served, before the listener closes (set it to your load balancer's probe period) |
+//! | `LOG_FORMAT` | `json` | `json` or `text` |
+//! | `RUST_LOG` | `info` | log filter |
+
+use std::fmt;
+use std::time::Duration;
+
+use anyhow::bail;
+use serde::Deserialize;
+
+/// Every setting of a node. Secrets are redacted in `Debug`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Config {
+    #[serde(default = "default_container_id")]
+    pub container_id: String,
+    #[serde(default = "default_host")]
+    pub host: String,
+    #[serde(default = "default_port")]
+    pub port: u16,
+    pub database_url: Option<Secret>,
+    #[serde(default = "default_postgres_host")]
+    pub postgres_host: String,
+    #[serde(default = "default_postgres_port")]
+    pub postgres_port: u16,
+    #[serde(default = "default_postgres_db")]
+    pub postgres_db: String,
+    #[serde(default = "default_postgres_user")]
+    pub postgres_user: String,
+    pub postgres_password: Option<Secret>,
+    #[serde(default = "default_pool_size")]
+    pub pool_size: usize,
+    #[serde(default = "default_pool_wait_timeout_ms")]
+    pub pool_wait_timeout_ms: u64,
+    #[serde(default = "default_statement_timeout_ms")]
+    pub statement_timeout_ms: u64,
+    #[serde(default = "default_bulk_max_rows")]
+    pub bulk_max_rows: usize,
+    #[serde(default = "default_body_limit_bytes")]
+    pub body_limit_bytes: usize,
+    #[serde(default = "default_retry_max_attempts")]
+    pub retry_max_attempts: u32,
+    #[serde(default)]
+    pub lock_order: LockOrder,
+    #[serde(default = "default_true")]
+    pub lab_endpoints: bool,
+    #[serde(default)]
+    pub shutdown_drain_ms: u64,
+    #[serde(default)]
+    pub log_format: LogFormat,
+}
+
+/// The order in which `/api/transfer` locks its two rows.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LockOrder {
+    /// `from` then `to`: opposite transfers can deadlock (40P01), and are retried.
+    #[default]
+    Request,
+    /// The smaller key first: no deadlocks.
+    Sorted,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Json,
+    Text,
+}
+
+/// A string that never shows in `Debug` output or logs.
+#[derive(Clone, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("[redacted]")
+    }
+}
+
+impl Config {
+    /// Reads the environment; an unparsable or out-of-range value is an error naming its variable.
+    pub fn from_env() -> anyhow::Result<Self> {
+        let config: Config = envy::from_env().map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        let id_len = self.container_id.chars().count();
+        if id_len == 0 || id_len > 50 {
+            bail!("CONTAINER_ID must be 1 to 50 characters, got {id_len}");
+        }
+        let positive = [
+            ("POOL_SIZE", self.pool_size as u64),
+            ("POOL_WAIT_TIMEOUT_MS", self.pool_wait_timeout_ms),
+            ("STATEMENT_TIMEOUT_MS", self.statement_timeout_ms),
+            ("BULK_MAX_ROWS", self.bulk_max_rows as u64),
+            ("BODY_LIMIT_BYTES", self.body_limit_bytes as u64),
+            ("RETRY_MAX_ATTEMPTS", u64::from(self.retry_max_attempts)),
+        ];
+        if let Some((name, _)) = positive.iter().find(|(_, value)| *value == 0) {
+            bail!("{name} must be at least 1");
+        }
+        self.pg_config().map(drop)
+    }
+
+    /// The connection settings for PostgreSQL, with `statement_timeout` and `application_name` set.
+    pub fn pg_config(&self) -> anyhow::Result<tokio_postgres::Config> {
+        let mut pg = match &self.database_url {
+            Some(url) => url
+                .expose()
+                .parse::<tokio_postgres::Config>()
+                .map_err(|_| anyhow::anyhow!("DATABASE_URL is not a valid postgres:// URL or key=value string"))?,
+            None => {
+                let mut pg = tokio_postgres::Config::new();
+                pg.host(&self.postgres_host)
+                    .port(self.postgres_port)
+                    .dbname(&self.postgres_db)
+                    .user(&self.postgres_user);
+                if let Some(password) = &self.postgres_password {
+                    pg.password(password.expose());
+                }
+                pg
+            }
+        };
+        pg.application_name(format!("fleet-app/{}", self.container_id))
+            .options(format!("-c statement_timeout={}", self.statement_timeout_ms))
+            .connect_timeout(self.pool_wait_timeout());
+        Ok(pg)
+    }
+
+    pub fn pool_wait_timeout(&self) -> Duration {
+        Duration::from_millis(self.pool_wait_timeout_ms)
+    }
+
+    /// `host:port` to bind.
+    pub fn listen_address(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+fn default_container_id() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_owned())
+        .ok()
+        .filter(|name| !name.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "fleet-app".to_owned())
+}
+fn default_host() -> String {
+    "0.0.0.0".to_owned()
+}
+fn default_port() -> u16 {
+    3000
+}
+fn default_postgres_host() -> String {
+    "localhost".to_owned()
+}
+fn default_postgres_port() -> u16 {
+    5432
+}
+fn default_postgres_db() -> String {
+    "appdb".to_owned()
+}
+fn default_postgres_user() -> String {
+    "appuser".to_owned()
+}
+fn default_pool_size() -> usize {
+    5
+}
+fn default_pool_wait_timeout_ms() -> u64 {
+    2000
+}
+fn default_statement_timeout_ms() -> u64 {
+    60_000
+}
+fn default_bulk_max_rows() -> usize {
+    100_000
+}
+fn default_body_limit_bytes() -> usize {
+    32 * 1024 * 1024
+}
+fn default_retry_max_attempts() -> u32 {
+    5
+}
+fn default_true() -> bool {
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(vars: &[(&str, &str)]) -> anyhow::Result<Config> {
+        let vars = vars.iter().map(|(k, v)| (k.to_string(), v.to_string()));
+        let config: Config = envy::from_iter(vars).map_err(|e| anyhow::anyhow!("{e}"))?;
+        config.validate().map(|()| config)
+    }
+
+    #[test]
+    fn defaults_follow_the_design() {
+        let config = parse(&[("CONTAINER_ID", "app-1")]).unwrap();
+        assert_eq!(config.port, 3000);
+        assert_eq!(config.pool_size, 5);
+        assert_eq!(config.bulk_max_rows, 100_000);
+        assert_eq!(config.lock_order, LockOrder::Request);
+        assert!(config.lab_endpoints);
+    }
+
+    #[test]
+    fn a_bad_value_names_its_variable() {
+        let err = parse(&[("POOL_SIZE", "lots")]).unwrap_err().to_string();
+        assert!(err.contains("POOL_SIZE"), "{err}");
+        let err = parse(&[("POOL_SIZE", "0")]).unwrap_err().to_string();
+        assert!(err.contains("POOL_SIZE"), "{err}");
+        let err = parse(&[("LOCK_ORDER", "random")]).unwrap_err().to_string();
+        assert!(err.contains("random"), "{err}");
+        let err = parse(&[("DATABASE_URL", "postgres://a:b@host:notaport/db")]).unwrap_err().to_string();
+        assert!(err.contains("DATABASE_URL"), "{err}");
+    }
+
+    #[test]
+    fn secrets_never_show_in_debug_output() {
+        let config = parse(&[
+            ("DATABASE_URL", "postgres://u:hunter2@db/app"),
+            ("POSTGRES_PASSWORD", "hunter3"),
+        ])
+        .unwrap();
+        let debug = format!("{config:?}");
+        assert!(!debug.contains("hunter"), "{debug}");
+    }
+}

@@ -1,0 +1,100 @@
+//! Counters: increment under a row lock, transfer between two rows, read one.
+
+use deadpool_postgres::GenericClient;
+use serde::Serialize;
+
+use super::{Db, DbError, Retried};
+use crate::config::LockOrder;
+
+/// A counter's value after a write.
+#[derive(Debug, Clone, Serialize)]
+pub struct Counter {
+    pub key: String,
+    pub value: i64,
+}
+
+/// Both counters after a transfer.
+#[derive(Debug, Serialize)]
+pub struct Transfer {
+    pub from: Counter,
+    pub to: Counter,
+}
+
+/// Takes the row lock on `key` with `SELECT … FOR UPDATE` and returns its value, creating the row at 0
+/// first if it is missing. Creation is race-free: `ON CONFLICT DO NOTHING` waits for a concurrent creator
+/// and never raises 23505, and the second `SELECT … FOR UPDATE` (a new READ COMMITTED snapshot) then
+/// sees whichever row won.
+async fn lock_counter(tx: &impl GenericClient, key: &str) -> Result<i64, DbError> {
+    let select = tx.prepare_cached("SELECT value FROM counters WHERE key = $1 FOR UPDATE").await?;
+    if let Some(row) = tx.query_opt(&select, &[&key]).await? {
+        return Ok(row.get(0));
+    }
+    let insert = tx
+        .prepare_cached("INSERT INTO counters (key, value) VALUES ($1, 0) ON CONFLICT (key) DO NOTHING")
+        .await?;
+    tx.execute(&insert, &[&key]).await?;
+    Ok(tx.query_one(&select, &[&key]).await?.get(0))
+}
+
+/// Adds `delta` to the locked counter `key` and returns the new value.
+async fn add(tx: &impl GenericClient, key: &str, delta: i64) -> Result<i64, DbError> {
+    let update = tx
+        .prepare_cached("UPDATE counters SET value = value + $2, last_modified = now() WHERE key = $1 RETURNING value")
+        .await?;
+    Ok(tx.query_one(&update, &[&key, &delta]).await?.get(0))
+}
+
+impl Db {
+    /// Adds 1 to counter `key` (created at 0 if absent) under its row lock; returns the new value.
+    #[tracing::instrument(skip_all, fields(counter.key = %key))]
+    pub async fn increment(&self, key: &str) -> Result<Counter, DbError> {
+        let Retried { value, .. } = self
+            .retrying(|| async {
+                let mut client = self.client().await?;
+                let tx = client.transaction().await?;
+                lock_counter(&tx, key).await?;
+                let value = add(&tx, key, 1).await?;
+                tx.commit().await?;
+                Ok(value)
+            })
+            .await?;
+        self.metrics.increments.inc();
+        Ok(Counter { key: key.to_owned(), value })
+    }
+
+    /// Moves `amount` from one counter to another in one transaction, locking both rows in request order
+    /// (or key order with `LOCK_ORDER=sorted`); deadlocks are retried.
+    #[tracing::instrument(skip_all, fields(transfer.from = %from, transfer.to = %to, transfer.amount = amount))]
+    pub async fn transfer(&self, from: &str, to: &str, amount: i64) -> Result<Retried<Transfer>, DbError> {
+        let lock_order = match self.lock_order {
+            LockOrder::Sorted if to < from => [to, from],
+            _ => [from, to],
+        };
+        self.retrying(|| async {
+            let mut client = self.client().await?;
+            let tx = client.transaction().await?;
+            for key in lock_order {
+                lock_counter(&tx, key).await?;
+            }
+            let from_value = add(&tx, from, -amount).await?;
+            let to_value = add(&tx, to, amount).await?;
+            tx.commit().await?;
+            Ok(Transfer {
+                from: Counter { key: from.to_owned(), value: from_value },
+                to: Counter { key: to.to_owned(), value: to_value },
+            })
+        })
+        .await
+    }
+
+    /// The counter's current value, or `None` if it does not exist.
+    pub async fn counter(&self, key: &str) -> Result<Option<Counter>, DbError> {
+        self.observed(async {
+            let client = self.client().await?;
+            let select = client.prepare_cached("SELECT value FROM counters WHERE key = $1").await?;
+            let row = client.query_opt(&select, &[&key]).await?;
+            Ok(row.map(|row| Counter { key: key.to_owned(), value: row.get(0) }))
+        })
+        .await
+    }
+}

@@ -1,0 +1,50 @@
+//! Versioned schema migrations, applied at start-up under a transaction-scoped advisory lock, so any
+//! number of nodes starting at the same instant apply each migration exactly once and never race on
+//! `CREATE TABLE`.
+
+use tokio_postgres::Client;
+
+/// Arbitrary but fixed: the advisory lock key that serialises migrations across the fleet.
+const MIGRATION_LOCK_KEY: i64 = 0x7067_666c_6565_74; // "pgfleet"
+
+/// Each migration's version and SQL, in order. Never edit one that has shipped: add a new one.
+const MIGRATIONS: &[(i32, &str)] = &[(
+    1,
+    "CREATE TABLE counters (
+         key VARCHAR(255) PRIMARY KEY,
+         value BIGINT NOT NULL DEFAULT 0,
+         last_modified TIMESTAMPTZ NOT NULL DEFAULT now()
+     );
+     CREATE TABLE data (
+         id BIGSERIAL PRIMARY KEY,
+         content TEXT NOT NULL,
+         container_id VARCHAR(50),
+         created_at TIMESTAMPTZ NOT NULL DEFAULT now()
+     );
+     CREATE INDEX data_created_at_idx ON data (created_at);",
+)];
+
+/// Applies every pending migration; returns the versions it applied.
+pub async fn run(client: &mut Client) -> Result<Vec<i32>, tokio_postgres::Error> {
+    let tx = client.transaction().await?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK_KEY]).await?;
+    tx.batch_execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (
+             version INTEGER PRIMARY KEY,
+             applied_at TIMESTAMPTZ NOT NULL DEFAULT now()
+         )",
+    )
+    .await?;
+    let current: i32 = tx
+        .query_one("SELECT COALESCE(max(version), 0) FROM schema_migrations", &[])
+        .await?
+        .get(0);
+    let mut applied = Vec::new();
+    for &(version, sql) in MIGRATIONS.iter().filter(|(version, _)| *version > current) {
+        tx.batch_execute(sql).await?;
+        tx.execute("INSERT INTO schema_migrations (version) VALUES ($1)", &[&version]).await?;
+        applied.push(version);
+    }
+    tx.commit().await?;
+    Ok(applied)
+}

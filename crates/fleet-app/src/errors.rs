@@ -1,0 +1,146 @@
+//! The one error type every handler returns, and how each error becomes an HTTP response.
+//!
+//! Body: `{"success": false, "error": "<message>", "code": "<code>", "container": "<id>"}`. `code` is a
+//! PostgreSQL SQLSTATE for database errors that reach the client, or a snake_case app code. Internals are
+//! logged once, here, and never sent.
+
+use std::sync::OnceLock;
+
+use actix_web::http::{header, StatusCode};
+use actix_web::{HttpResponse, ResponseError};
+use deadpool_postgres::{PoolError, TimeoutType};
+use serde_json::json;
+
+use crate::db::DbError;
+
+static CONTAINER_ID: OnceLock<String> = OnceLock::new();
+
+/// Names this process in every error body; set once at start-up.
+pub fn set_container_id(id: &str) {
+    let _ = CONTAINER_ID.set(id.to_owned());
+}
+
+pub fn container_id() -> &'static str {
+    CONTAINER_ID.get().map_or("unknown", String::as_str)
+}
+
+/// Seconds a client should wait before retrying a 503.
+const RETRY_AFTER_S: &str = "1";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 400: the body is not JSON.
+    #[error("invalid JSON: {0}")]
+    InvalidJson(String),
+    /// 400: JSON of the wrong shape or values out of range.
+    #[error("{0}")]
+    InvalidRequest(String),
+    /// 404
+    #[error("{0}")]
+    NotFound(String),
+    /// 405
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    /// 413
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    /// 409: a deadlock, serialization failure or unique violation that survived every retry.
+    #[error("{message}")]
+    Conflict { sqlstate: String, message: String },
+    /// 422: a value PostgreSQL cannot hold (a counter past i64).
+    #[error("{0}")]
+    OutOfRange(String),
+    /// 503: no pooled connection became free in time.
+    #[error("no database connection became available in time")]
+    PoolTimeout,
+    /// 503: the database cannot be reached or is shutting down.
+    #[error("the database is unavailable")]
+    DatabaseUnavailable,
+    /// 503: the statement ran past `statement_timeout`.
+    #[error("the database did not answer in time")]
+    StatementTimeout,
+    /// 503: the node is shutting down.
+    #[error("this node is shutting down")]
+    Draining,
+    /// 500: details are in the log only.
+    #[error("internal error")]
+    Internal,
+}
+
+impl ApiError {
+    pub fn code(&self) -> &str {
+        match self {
+            ApiError::InvalidJson(_) => "invalid_json",
+            ApiError::InvalidRequest(_) => "invalid_request",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::PayloadTooLarge(_) => "payload_too_large",
+            ApiError::Conflict { sqlstate, .. } => sqlstate,
+            ApiError::OutOfRange(_) => "22003",
+            ApiError::PoolTimeout => "pool_timeout",
+            ApiError::DatabaseUnavailable | ApiError::Draining => "database_unavailable",
+            ApiError::StatementTimeout => "57014",
+            ApiError::Internal => "internal",
+        }
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::InvalidJson(_) | ApiError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Conflict { .. } => StatusCode::CONFLICT,
+            ApiError::OutOfRange(_) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::PoolTimeout
+            | ApiError::DatabaseUnavailable
+            | ApiError::StatementTimeout
+            | ApiError::Draining => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let status = self.status_code();
+        let mut response = HttpResponse::build(status);
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response.insert_header((header::RETRY_AFTER, RETRY_AFTER_S));
+        }
+        response.json(json!({
+            "success": false,
+            "error": self.to_string(),
+            "code": self.code(),
+            "container": container_id(),
+        }))
+    }
+}
+
+impl From<DbError> for ApiError {
+    fn from(err: DbError) -> Self {
+        match err {
+            DbError::Pool(PoolError::Timeout(TimeoutType::Wait)) => ApiError::PoolTimeout,
+            DbError::Pool(PoolError::Timeout(_) | PoolError::Backend(_) | PoolError::Closed) => {
+                ApiError::DatabaseUnavailable
+            }
+            DbError::Postgres(ref pg) => match pg.code().map(|c| c.code()) {
+                Some(code @ ("40P01" | "40001" | "23505")) => ApiError::Conflict {
+                    sqlstate: code.to_owned(),
+                    message: format!("transaction aborted by the database ({code}) after every retry"),
+                },
+                Some("22003") => ApiError::OutOfRange("value out of range for a 64-bit counter".to_owned()),
+                Some("57014") => ApiError::StatementTimeout,
+                _ if err.is_connection_error() => ApiError::DatabaseUnavailable,
+                _ => {
+                    tracing::error!(error = %err, "database error");
+                    ApiError::Internal
+                }
+            },
+            DbError::Pool(_) => {
+                tracing::error!(error = %err, "pool error");
+                ApiError::Internal
+            }
+        }
+    }
+}

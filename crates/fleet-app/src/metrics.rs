@@ -1,0 +1,100 @@
+//! Prometheus metrics: one `Metrics` owns its registry; pool gauges are read from the pool at scrape time.
+
+use deadpool_postgres::Status;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, TextEncoder,
+};
+
+const NAMESPACE: &str = "fleet";
+
+/// Every metric a node exports (names in DESIGN.md).
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    registry: Registry,
+    pub http_requests: IntCounterVec,
+    pub http_request_duration: HistogramVec,
+    pool_max_connections: IntGauge,
+    pool_connections: IntGaugeVec,
+    pool_waiting_requests: IntGauge,
+    pub pool_wait: Histogram,
+    pub db_errors: IntCounterVec,
+    pub transaction_retries: IntCounterVec,
+    pub increments: IntCounter,
+    pub bulk_insert_rows: IntCounter,
+}
+
+impl Metrics {
+    pub fn new() -> anyhow::Result<Self> {
+        let registry = Registry::new();
+        let opts = |name: &str, help: &str| Opts::new(name, help).namespace(NAMESPACE);
+        let hist = |name: &str, help: &str| HistogramOpts::new(name, help).namespace(NAMESPACE);
+        let metrics = Metrics {
+            http_requests: IntCounterVec::new(
+                opts("http_requests_total", "HTTP requests served, by route pattern, method and status."),
+                &["route", "method", "status"],
+            )?,
+            http_request_duration: HistogramVec::new(
+                hist("http_request_duration_seconds", "HTTP request latency, by route pattern and method."),
+                &["route", "method"],
+            )?,
+            pool_max_connections: IntGauge::with_opts(opts(
+                "db_pool_max_connections",
+                "Most connections this node's pool may open.",
+            ))?,
+            pool_connections: IntGaugeVec::new(
+                opts("db_pool_connections", "Open pooled connections, by state."),
+                &["state"],
+            )?,
+            pool_waiting_requests: IntGauge::with_opts(opts(
+                "db_pool_waiting_requests",
+                "Requests waiting for a pooled connection.",
+            ))?,
+            pool_wait: Histogram::with_opts(
+                hist("db_pool_wait_seconds", "Time spent waiting for a pooled connection.").buckets(vec![
+                    0.0001, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                ]),
+            )?,
+            db_errors: IntCounterVec::new(
+                opts("db_errors_total", "Database errors, by SQLSTATE (08006 for a lost connection)."),
+                &["sqlstate"],
+            )?,
+            transaction_retries: IntCounterVec::new(
+                opts("db_transaction_retries_total", "Transactions retried, by the SQLSTATE that aborted them."),
+                &["sqlstate"],
+            )?,
+            increments: IntCounter::with_opts(opts("increments_total", "Counter increments committed."))?,
+            bulk_insert_rows: IntCounter::with_opts(opts("bulk_insert_rows_total", "Rows committed by bulk inserts."))?,
+            registry,
+        };
+        let build_info = IntGaugeVec::new(opts("build_info", "Always 1; the node's version."), &["version"])?;
+        build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+        let r = &metrics.registry;
+        r.register(Box::new(metrics.http_requests.clone()))?;
+        r.register(Box::new(metrics.http_request_duration.clone()))?;
+        r.register(Box::new(metrics.pool_max_connections.clone()))?;
+        r.register(Box::new(metrics.pool_connections.clone()))?;
+        r.register(Box::new(metrics.pool_waiting_requests.clone()))?;
+        r.register(Box::new(metrics.pool_wait.clone()))?;
+        r.register(Box::new(metrics.db_errors.clone()))?;
+        r.register(Box::new(metrics.transaction_retries.clone()))?;
+        r.register(Box::new(metrics.increments.clone()))?;
+        r.register(Box::new(metrics.bulk_insert_rows.clone()))?;
+        r.register(Box::new(build_info))?;
+        r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
+        Ok(metrics)
+    }
+
+    /// The text exposition of every metric, with the pool gauges set from `pool` first.
+    pub fn render(&self, pool: Status) -> anyhow::Result<String> {
+        self.pool_max_connections.set(pool.max_size as i64);
+        self.pool_connections.with_label_values(&["idle"]).set(pool.available as i64);
+        self.pool_connections
+            .with_label_values(&["in_use"])
+            .set(pool.size.saturating_sub(pool.available) as i64);
+        self.pool_waiting_requests.set(pool.waiting as i64);
+        let mut out = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut out)?;
+        Ok(String::from_utf8(out)?)
+    }
+}

@@ -1,0 +1,80 @@
+//! `/api/increment`, `/api/transfer`, `/api/counters/{key}`.
+
+use std::time::Instant;
+
+use actix_web::{web, HttpResponse};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::{check_text, millis_since, AppState, JsonBody};
+use crate::errors::ApiError;
+
+/// Longest counter key, in characters (`counters.key VARCHAR(255)`).
+const MAX_KEY_CHARS: usize = 255;
+
+#[derive(Debug, Deserialize)]
+pub struct IncrementRequest {
+    key: String,
+}
+
+pub async fn increment(
+    state: web::Data<AppState>,
+    JsonBody(req): JsonBody<IncrementRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let start = Instant::now();
+    check_text("key", &req.key, Some(MAX_KEY_CHARS))?;
+    let counter = state.db.increment(&req.key).await?;
+    Ok(HttpResponse::Ok().json(json!({
+        "success": true,
+        "key": counter.key,
+        "value": counter.value,
+        "duration": millis_since(start),
+        "container": state.container_id,
+    })))
+}
+
+#[derive(Debug, Deserialize)]
+pub struct TransferRequest {
+    from: String,
+    to: String,
+    amount: i64,
+}
+
+pub async fn transfer(
+    state: web::Data<AppState>,
+    JsonBody(req): JsonBody<TransferRequest>,
+) -> Result<HttpResponse, ApiError> {
+    let start = Instant::now();
+    check_text("from", &req.from, Some(MAX_KEY_CHARS))?;
+    check_text("to", &req.to, Some(MAX_KEY_CHARS))?;
+    if req.from == req.to {
+        return Err(ApiError::InvalidRequest("from and to must be different counters".to_owned()));
+    }
+    if req.amount <= 0 {
+        return Err(ApiError::InvalidRequest(format!("amount must be positive, got {}", req.amount)));
+    }
+    let done = state.db.transfer(&req.from, &req.to, req.amount).await?;
+    Ok(HttpResponse::Ok().json(json!({
+        "success": true,
+        "from": done.value.from,
+        "to": done.value.to,
+        "amount": req.amount,
+        "attempts": done.attempts,
+        "duration": millis_since(start),
+        "container": state.container_id,
+    })))
+}
+
+pub async fn get_counter(state: web::Data<AppState>, key: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    check_text("key", &key, Some(MAX_KEY_CHARS))?;
+    let counter = state
+        .db
+        .counter(&key)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no counter named {:?}", key.as_str())))?;
+    Ok(HttpResponse::Ok().json(json!({
+        "key": counter.key,
+        "value": counter.value,
+        "container": state.container_id,
+    })))
+}

@@ -1,0 +1,174 @@
+//! The route table, shared state, and what every route has in common: the JSON body extractor,
+//! 404/405 answers and the request metrics middleware.
+
+mod body;
+mod counters;
+mod data;
+mod health;
+mod lab;
+mod stats;
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::Instant;
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::Method;
+use actix_web::middleware::Next;
+use actix_web::{web, HttpResponse};
+
+pub use body::JsonBody;
+
+use crate::config::Config;
+use crate::db::Db;
+use crate::errors::ApiError;
+use crate::metrics::Metrics;
+
+/// What every handler can reach; built once and shared by all workers.
+#[derive(Debug)]
+pub struct AppState {
+    pub db: Db,
+    pub metrics: Metrics,
+    pub container_id: String,
+    pub bulk_max_rows: usize,
+    pub body_limit_bytes: usize,
+    pub started: Instant,
+    /// Set on SIGTERM: readiness answers 503 from then on.
+    pub draining: Arc<AtomicBool>,
+}
+
+impl AppState {
+    pub fn new(config: &Config, db: Db, metrics: Metrics) -> Self {
+        AppState {
+            db,
+            metrics,
+            container_id: config.container_id.clone(),
+            bulk_max_rows: config.bulk_max_rows,
+            body_limit_bytes: config.body_limit_bytes,
+            started: Instant::now(),
+            draining: Arc::new(AtomicBool::new(false)),
+        }
+    }
+}
+
+/// Registers every route. `lab` adds `/api/hold` (and later the isolation lab).
+pub fn configure(lab: bool) -> impl FnOnce(&mut web::ServiceConfig) {
+    move |cfg| {
+        cfg.service(post("/api/increment", counters::increment))
+            .service(post("/api/transfer", counters::transfer))
+            .service(get("/api/counters/{key}", counters::get_counter))
+            .service(post("/api/bulk-insert", data::bulk_insert))
+            .service(get("/api/pool-stats", stats::pool_stats))
+            .service(get("/api/stats", stats::stats))
+            .service(get("/metrics", stats::metrics))
+            .service(get("/health", health::health))
+            .service(get("/health/live", health::live))
+            .service(get("/health/ready", health::ready));
+        if lab {
+            cfg.service(post("/api/hold", lab::hold));
+        }
+    }
+}
+
+fn post<F, Args>(path: &str, handler: F) -> actix_web::Resource
+where
+    F: actix_web::Handler<Args>,
+    Args: actix_web::FromRequest + 'static,
+    F::Output: actix_web::Responder + 'static,
+{
+    web::resource(path).route(web::post().to(handler)).default_service(web::to(method_not_allowed))
+}
+
+fn get<F, Args>(path: &str, handler: F) -> actix_web::Resource
+where
+    F: actix_web::Handler<Args>,
+    Args: actix_web::FromRequest + 'static,
+    F::Output: actix_web::Responder + 'static,
+{
+    web::resource(path).route(web::get().to(handler)).default_service(web::to(method_not_allowed))
+}
+
+/// The app's default service: any path no route matches.
+pub async fn not_found() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::NotFound("no such route".to_owned()))
+}
+
+async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::MethodNotAllowed)
+}
+
+/// Counts and times every request by route pattern (`unmatched` for unknown paths), method and status.
+pub async fn record_metrics(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let start = Instant::now();
+    let metrics = req.app_data::<web::Data<AppState>>().map(|state| state.metrics.clone());
+    let method = bounded_method(req.method());
+    let res = next.call(req).await?;
+    if let Some(metrics) = metrics {
+        let route = res.request().match_pattern().unwrap_or_else(|| "unmatched".to_owned());
+        let status = res.status();
+        metrics
+            .http_requests
+            .with_label_values(&[route.as_str(), method, status.as_str()])
+            .inc();
+        metrics
+            .http_request_duration
+            .with_label_values(&[route.as_str(), method])
+            .observe(start.elapsed().as_secs_f64());
+        tracing::debug!(http.route = %route, http.method = method, http.status = status.as_u16(), "request");
+    }
+    Ok(res)
+}
+
+/// Keeps the `method` label bounded: any method outside HTTP's standard set is `other`.
+fn bounded_method(method: &Method) -> &'static str {
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        _ => "other",
+    }
+}
+
+/// Milliseconds since `start`, to the microsecond: the `duration` of every write response.
+fn millis_since(start: Instant) -> f64 {
+    (start.elapsed().as_secs_f64() * 1_000_000.0).round() / 1000.0
+}
+
+/// Checks a string field: `max_chars` at most (when given), never empty when bounded, and no NUL
+/// (PostgreSQL text cannot hold one).
+fn check_text(field: &str, value: &str, max_chars: Option<usize>) -> Result<(), ApiError> {
+    if value.contains('\0') {
+        return Err(ApiError::InvalidRequest(format!("{field} must not contain NUL characters")));
+    }
+    if let Some(max) = max_chars {
+        let len = value.chars().count();
+        if len == 0 || len > max {
+            return Err(ApiError::InvalidRequest(format!("{field} must be 1 to {max} characters, got {len}")));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_checked_for_length_and_nul() {
+        assert!(check_text("key", "k", Some(255)).is_ok());
+        assert!(check_text("key", &"é".repeat(255), Some(255)).is_ok());
+        assert!(check_text("key", &"k".repeat(256), Some(255)).is_err());
+        assert!(check_text("key", "", Some(255)).is_err());
+        assert!(check_text("key", "a\0b", Some(255)).is_err());
+        assert!(check_text("data[0]", "", None).is_ok());
+        assert!(check_text("data[0]", "\0", None).is_err());
+    }
+}

@@ -1,0 +1,44 @@
+//! `/api/pool-stats`, `/api/stats`, `/metrics`.
+
+use actix_web::{web, HttpResponse};
+use serde_json::json;
+
+use super::AppState;
+use crate::errors::ApiError;
+
+pub async fn pool_stats(state: web::Data<AppState>) -> HttpResponse {
+    let pool = state.db.status();
+    HttpResponse::Ok().json(json!({
+        "container": state.container_id,
+        "maxSize": pool.max_size,
+        "totalCount": pool.size,
+        "idleCount": pool.available,
+        "waitingCount": pool.waiting,
+    }))
+}
+
+pub async fn stats(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let database = state.db.stats().await?;
+    let pool = state.db.status();
+    Ok(HttpResponse::Ok().json(json!({
+        "container": state.container_id,
+        "database": database,
+        "pool": {
+            "maxSize": pool.max_size,
+            "totalCount": pool.size,
+            "idleCount": pool.available,
+            "waitingCount": pool.waiting,
+        },
+        "uptime": state.started.elapsed().as_secs_f64(),
+    })))
+}
+
+pub async fn metrics(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
+    let text = state.metrics.render(state.db.status()).map_err(|e| {
+        tracing::error!(error = %e, "rendering metrics failed");
+        ApiError::Internal
+    })?;
+    Ok(HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4; charset=utf-8")
+        .body(text))
+}

@@ -1,0 +1,116 @@
+//! `Application`: migrate, bind, serve, and stop gracefully on SIGTERM or Ctrl-C.
+
+use std::net::TcpListener;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use actix_web::dev::Server;
+use actix_web::middleware::{from_fn, DefaultHeaders};
+use actix_web::{web, App, HttpServer};
+use anyhow::Context;
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::config::Config;
+use crate::db::{migrations, Db};
+use crate::errors;
+use crate::metrics::Metrics;
+use crate::routes::{self, AppState};
+
+/// How long start-up keeps trying to reach the database before giving up.
+const STARTUP_DB_WAIT: Duration = Duration::from_secs(30);
+/// How long in-flight requests get to finish after the listener closes.
+const SHUTDOWN_TIMEOUT_S: u64 = 30;
+
+/// A migrated, bound, not yet running node.
+#[expect(missing_debug_implementations, reason = "actix's Server is not Debug")]
+pub struct Application {
+    server: Server,
+    port: u16,
+    state: web::Data<AppState>,
+    drain: Duration,
+}
+
+impl Application {
+    /// Applies pending migrations (waiting up to 30 s for the database), then binds `HOST:PORT`.
+    pub async fn build(config: Config) -> anyhow::Result<Self> {
+        errors::set_container_id(&config.container_id);
+        migrate(&config).await?;
+        let metrics = Metrics::new()?;
+        let db = Db::new(&config, metrics.clone())?;
+        let state = web::Data::new(AppState::new(&config, db, metrics));
+        let listener = TcpListener::bind(config.listen_address())
+            .with_context(|| format!("cannot listen on {}", config.listen_address()))?;
+        let port = listener.local_addr()?.port();
+        let (container_id, lab) = (config.container_id.clone(), config.lab_endpoints);
+        let app_state = state.clone();
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(app_state.clone())
+                .wrap(from_fn(routes::record_metrics))
+                .wrap(DefaultHeaders::new().add(("X-Container-Id", container_id.as_str())))
+                .configure(routes::configure(lab))
+                .default_service(web::to(routes::not_found))
+        })
+        .disable_signals()
+        .shutdown_timeout(SHUTDOWN_TIMEOUT_S)
+        .listen(listener)?
+        .run();
+        tracing::info!(
+            "fleet-app listening on http://{}:{port} (container {}, pool {})",
+            config.host,
+            config.container_id,
+            config.pool_size
+        );
+        Ok(Application { server, port, state, drain: Duration::from_millis(config.shutdown_drain_ms) })
+    }
+
+    /// The port actually bound (useful with `PORT=0`).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Serves until SIGTERM or SIGINT; then readiness turns 503, after `SHUTDOWN_DRAIN_MS` the listener
+    /// closes, in-flight requests finish, and the pool closes.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let handle = self.server.handle();
+        let draining = self.state.draining.clone();
+        let drain = self.drain;
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => tracing::info!("SIGTERM: draining"),
+                _ = int.recv() => tracing::info!("SIGINT: draining"),
+            }
+            draining.store(true, Ordering::Relaxed);
+            tokio::time::sleep(drain).await;
+            handle.stop(true).await;
+        });
+        self.server.await?;
+        self.state.db.close();
+        tracing::info!("stopped");
+        Ok(())
+    }
+}
+
+/// Applies pending migrations over a dedicated connection, retrying while the database is unreachable.
+pub async fn migrate(config: &Config) -> anyhow::Result<()> {
+    let pg = config.pg_config()?;
+    let deadline = Instant::now() + STARTUP_DB_WAIT;
+    let mut client = loop {
+        match pg.connect(tokio_postgres::NoTls).await {
+            Ok((client, connection)) => {
+                tokio::spawn(connection);
+                break client;
+            }
+            Err(e) if Instant::now() < deadline => {
+                tracing::warn!(error = %e, "waiting for the database");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e).context("cannot connect to the database"),
+        }
+    };
+    let applied = migrations::run(&mut client).await.context("migrations failed")?;
+    tracing::info!(migrations.applied = ?applied, "schema up to date");
+    Ok(())
+}

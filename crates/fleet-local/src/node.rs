@@ -1,0 +1,199 @@
+//! A fleet-app node process: spawned with its environment, ready once `/health/ready` answers 200.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::process::Command;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+use crate::process::Child;
+
+/// How long a node may take to listen and become ready (migrations included).
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How often readiness is polled.
+const POLL_INTERVAL: Duration = Duration::from_millis(25);
+/// What the node prints once bound, followed by its address: `fleet-app listening on http://127.0.0.1:43567`.
+const LISTENING: &str = "listening on http://";
+
+/// How to run a node.
+#[derive(Clone)]
+pub struct NodeOptions {
+    /// The `fleet-app` binary.
+    pub bin: PathBuf,
+    /// `CONTAINER_ID`, also the prefix of its output lines (`app-1`).
+    pub container_id: String,
+    /// `DATABASE_URL` (holds a password: redacted in `Debug`).
+    pub database_url: String,
+    /// `POOL_SIZE`: database connections this node may open.
+    pub pool_size: u32,
+    /// `PORT` on 127.0.0.1; 0 = an ephemeral port, read back from the node's log.
+    pub port: u16,
+    /// More environment variables, applied last (they override the ones above).
+    pub env: Vec<(String, String)>,
+    /// Keep the node's output out of our stderr (it is still quoted in errors).
+    pub quiet: bool,
+}
+
+impl fmt::Debug for NodeOptions {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let env_names: Vec<&str> = self.env.iter().map(|(name, _)| name.as_str()).collect();
+        f.debug_struct("NodeOptions")
+            .field("bin", &self.bin)
+            .field("container_id", &self.container_id)
+            .field("database_url", &"<redacted>")
+            .field("pool_size", &self.pool_size)
+            .field("port", &self.port)
+            .field("env", &env_names)
+            .field("quiet", &self.quiet)
+            .finish()
+    }
+}
+
+/// A running node; dropping it stops the process (SIGTERM, then SIGKILL).
+#[derive(Debug)]
+pub struct Node {
+    container_id: String,
+    port: u16,
+    child: Child,
+}
+
+impl Node {
+    /// Spawns `bin serve`, waits for its "listening on http://HOST:PORT" line, then polls
+    /// `GET /health/ready` until it answers 200, failing early (with the node's recent output)
+    /// if the process exits.
+    pub fn spawn(opts: NodeOptions) -> anyhow::Result<Node> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let mut cmd = Command::new(&opts.bin);
+        cmd.arg("serve")
+            .env("CONTAINER_ID", &opts.container_id)
+            .env("DATABASE_URL", &opts.database_url)
+            .env("POOL_SIZE", opts.pool_size.to_string())
+            .env("PORT", opts.port.to_string())
+            .env("HOST", "127.0.0.1")
+            .env("LOG_FORMAT", "text")
+            .envs(opts.env.iter().map(|(name, value)| (name, value)));
+        let child = Child::spawn(&opts.container_id, cmd, opts.quiet)
+            .with_context(|| format!("cannot start node {}", opts.container_id))?;
+        let line = child.wait_for_line(LISTENING, READY_TIMEOUT)?;
+        let port = parse_listening_port(&line)
+            .with_context(|| format!("cannot read the port from {}'s line {line:?}", opts.container_id))?;
+        let mut node = Node {
+            container_id: opts.container_id,
+            port,
+            child,
+        };
+        node.wait_until_ready(deadline)?;
+        tracing::info!(node = %node.container_id, url = %node.url(), "node ready");
+        Ok(node)
+    }
+
+    /// `http://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Its `CONTAINER_ID`.
+    pub fn container_id(&self) -> &str {
+        &self.container_id
+    }
+
+    /// The process, to stop, kill or inspect it.
+    pub fn child(&mut self) -> &mut Child {
+        &mut self.child
+    }
+
+    fn wait_until_ready(&mut self, deadline: Instant) -> anyhow::Result<()> {
+        let url = format!("{}/health/ready", self.url());
+        let agent = ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_secs(1))
+            .timeout(Duration::from_secs(2))
+            .build();
+        loop {
+            if !self.child.is_running() {
+                bail!(
+                    "node {} exited before it was ready; its last output:\n{}",
+                    self.container_id,
+                    self.child.recent_output()
+                );
+            }
+            let last = match agent.get(&url).call() {
+                Ok(response) if response.status() == 200 => return Ok(()),
+                Ok(response) => format!("status {}", response.status()),
+                Err(error) => error.to_string(),
+            };
+            if Instant::now() >= deadline {
+                bail!(
+                    "node {} was not ready within {READY_TIMEOUT:?} (last answer from {url}: {last}); its last output:\n{}",
+                    self.container_id,
+                    self.child.recent_output()
+                );
+            }
+            thread::sleep(POLL_INTERVAL);
+        }
+    }
+}
+
+/// The port in a line like `… listening on http://127.0.0.1:43567 …`: the address runs from
+/// "http://" to the first character that is not `[0-9A-Za-z.:]`, the port after its last `:`.
+fn parse_listening_port(line: &str) -> Option<u16> {
+    let start = line.find(LISTENING)? + LISTENING.len();
+    let rest = &line[start..];
+    let end = rest
+        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '.' || c == ':'))
+        .unwrap_or(rest.len());
+    let (_host, port) = rest[..end].rsplit_once(':')?;
+    port.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_port_is_read_from_a_plain_line() {
+        let line = "fleet-app listening on http://127.0.0.1:43567";
+        assert_eq!(parse_listening_port(line), Some(43567));
+    }
+
+    #[test]
+    fn the_address_ends_at_punctuation_quotes_or_colour_codes() {
+        let cases = [
+            "2025-01-01T00:00:00Z  INFO fleet_app: fleet-app listening on http://127.0.0.1:8081, workers=2",
+            "INFO listening on http://localhost:8081\u{1b}[0m",
+            "msg=\"listening on http://127.0.0.1:8081\" pool=5",
+            "listening on http://127.0.0.1:8081/",
+        ];
+        for line in cases {
+            assert_eq!(parse_listening_port(line), Some(8081), "{line}");
+        }
+    }
+
+    #[test]
+    fn a_line_without_a_port_gives_none() {
+        assert_eq!(parse_listening_port("listening on http://127.0.0.1"), None);
+        assert_eq!(parse_listening_port("listening on http://127.0.0.1:99999"), None);
+        assert_eq!(parse_listening_port("started"), None);
+    }
+
+    #[test]
+    fn debug_output_hides_the_database_password() {
+        let opts = NodeOptions {
+            bin: PathBuf::from("fleet-app"),
+            container_id: "app-1".to_owned(),
+            database_url: "postgres://appuser:apppass@127.0.0.1:5432/appdb".to_owned(),
+            pool_size: 5,
+            port: 0,
+            env: vec![("DB_SECRET".to_owned(), "hunter2".to_owned())],
+            quiet: true,
+        };
+        let debug = format!("{opts:?}");
+        assert!(!debug.contains("apppass") && !debug.contains("hunter2"), "{debug}");
+    }
+}

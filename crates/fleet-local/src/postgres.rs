@@ -1,0 +1,447 @@
+//! A private PostgreSQL cluster on loopback: initdb, start, fast stop, start again, psql.
+//!
+//! Layout of the cluster directory: `data/` (PGDATA), `server.log` (the server's stderr, appended on
+//! every start) and the Unix socket `.s.PGSQL.<port>`. TCP listens on 127.0.0.1 only and requires
+//! passwords (scram-sha-256); the socket (inside a directory only its owner can enter) trusts.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom};
+use std::net::{Ipv4Addr, TcpListener};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use nix::sys::signal::Signal;
+use nix::unistd::User;
+use tempfile::TempDir;
+
+use crate::bins::postgres_bin;
+use crate::process::{die_with_parent, signal_and_wait, wait_timeout};
+
+/// The superuser created by initdb.
+pub const ADMIN_USER: &str = "postgres";
+/// The superuser's password (a throwaway loopback-only cluster: a constant keeps reused dirs usable).
+pub const ADMIN_PASSWORD: &str = "postgres";
+/// The application's role, owner of [`APP_DATABASE`].
+pub const APP_USER: &str = "appuser";
+/// The application role's password.
+pub const APP_PASSWORD: &str = "apppass";
+/// The application's database.
+pub const APP_DATABASE: &str = "appdb";
+
+/// How long a start may take before it is an error (crash recovery after a kill included).
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a fast shutdown may take before the postmaster is killed.
+const STOP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long an immediate shutdown (on drop) may take before the postmaster is killed.
+const DROP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often readiness is polled.
+const POLL_INTERVAL: Duration = Duration::from_millis(50);
+/// How many free ports to try when another process takes the one we picked before the server binds it.
+const BIND_ATTEMPTS: usize = 3;
+/// Lines of `server.log` quoted in error messages.
+const LOG_TAIL_LINES: usize = 30;
+/// `sun_path` is 108 bytes on Linux, NUL included.
+const MAX_SOCKET_PATH: usize = 107;
+
+/// How to create and run a [`Postgres`].
+#[derive(Debug, Clone)]
+pub struct PostgresOptions {
+    /// The cluster directory; `None` = a fresh temporary directory, removed on drop. A directory that
+    /// already holds a cluster (`data/PG_VERSION`) is started as it is, without initdb.
+    pub dir: Option<PathBuf>,
+    /// The TCP port on 127.0.0.1; `None` = a free port.
+    pub port: Option<u16>,
+    /// `max_connections` (default 100).
+    pub max_connections: u32,
+    /// `false` turns off fsync, synchronous_commit and full_page_writes: fast, but a machine crash
+    /// can corrupt the cluster. Tests want `false`.
+    pub durable: bool,
+    /// More `name = value` server settings, applied last (so they override the ones above).
+    pub extra_settings: Vec<(String, String)>,
+}
+
+impl Default for PostgresOptions {
+    fn default() -> Self {
+        PostgresOptions {
+            dir: None,
+            port: None,
+            max_connections: 100,
+            durable: false,
+            extra_settings: Vec::new(),
+        }
+    }
+}
+
+/// A running (or stopped) private PostgreSQL cluster, owned by this process: dropping it shuts the
+/// server down (immediate mode) and removes the temporary directory, if it made one.
+#[derive(Debug)]
+pub struct Postgres {
+    dir: PathBuf,
+    data_dir: PathBuf,
+    port: u16,
+    /// `-c name=value` settings (everything but the port).
+    settings: Vec<(String, String)>,
+    /// The user the server runs as when we are root (PostgreSQL refuses to run as root).
+    run_as: Option<User>,
+    postmaster: Option<std::process::Child>,
+    /// Removed on drop, after the server has stopped (explicit `Drop` runs before fields drop).
+    temp_dir: Option<TempDir>,
+}
+
+impl Postgres {
+    /// Creates the cluster (initdb, unless `dir` already holds one), starts it on 127.0.0.1, waits
+    /// until it accepts connections, and makes sure role [`APP_USER`] and database [`APP_DATABASE`] exist.
+    pub fn start(opts: PostgresOptions) -> anyhow::Result<Postgres> {
+        let run_as = if nix::unistd::geteuid().is_root() {
+            let user = User::from_name(ADMIN_USER)
+                .context("cannot look up the `postgres` user")?
+                .context("running as root, PostgreSQL must run as the `postgres` user, which does not exist (install the Debian package `postgresql`)")?;
+            Some(user)
+        } else {
+            None
+        };
+        let (dir, temp_dir) = match &opts.dir {
+            Some(dir) => {
+                fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+                let dir = dir.canonicalize().with_context(|| format!("cannot resolve {}", dir.display()))?;
+                (dir, None)
+            }
+            None => {
+                let temp = tempfile::Builder::new()
+                    .prefix("pgfleet-pg-")
+                    .tempdir()
+                    .context("cannot create a temporary directory for PostgreSQL")?;
+                (temp.path().to_owned(), Some(temp))
+            }
+        };
+        if let Some(user) = &run_as {
+            hand_over(&dir, user)?;
+        }
+        let mut postgres = Postgres {
+            data_dir: dir.join("data"),
+            settings: settings(&opts, &dir),
+            dir,
+            port: 0,
+            run_as,
+            postmaster: None,
+            temp_dir,
+        };
+        if !postgres.data_dir.join("PG_VERSION").exists() {
+            postgres.initdb(opts.durable)?;
+        }
+        postgres.start_on(opts.port)?;
+        postgres.create_app_database()?;
+        tracing::info!(port = postgres.port, dir = %postgres.dir.display(), "PostgreSQL ready");
+        Ok(postgres)
+    }
+
+    /// The application's URL: `postgres://appuser:apppass@127.0.0.1:PORT/appdb`.
+    pub fn url(&self) -> String {
+        format!("postgres://{APP_USER}:{APP_PASSWORD}@127.0.0.1:{}/{APP_DATABASE}", self.port)
+    }
+
+    /// The superuser's URL, to the application's database.
+    pub fn admin_url(&self) -> String {
+        format!("postgres://{ADMIN_USER}:{ADMIN_PASSWORD}@127.0.0.1:{}/{APP_DATABASE}", self.port)
+    }
+
+    /// The TCP port on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The data directory (PGDATA).
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// The server's log file (its stderr, appended on every start).
+    pub fn log_file(&self) -> PathBuf {
+        self.dir.join("server.log")
+    }
+
+    /// The postmaster's PID while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.postmaster.as_ref().map(std::process::Child::id)
+    }
+
+    /// Stops the server with a fast shutdown (SIGINT: sessions are ended, data kept); the port can be
+    /// used again by [`Postgres::start_again`]. Does nothing if it is not running.
+    pub fn stop(&mut self) -> anyhow::Result<()> {
+        let Some(postmaster) = self.postmaster.as_mut() else {
+            return Ok(());
+        };
+        let stopped = signal_and_wait(postmaster, Signal::SIGINT, STOP_TIMEOUT)?;
+        if stopped.is_none() {
+            postmaster.kill().context("cannot kill the postmaster")?;
+            postmaster.wait().context("cannot wait for the postmaster")?;
+        }
+        self.postmaster = None;
+        if stopped.is_none() {
+            bail!(
+                "PostgreSQL did not finish a fast shutdown within {STOP_TIMEOUT:?}, so it was killed; server log:\n{}",
+                self.log_tail(0)
+            );
+        }
+        tracing::info!(port = self.port, "PostgreSQL stopped");
+        Ok(())
+    }
+
+    /// Starts the stopped cluster again on the same port and waits until it accepts connections.
+    /// Does nothing if it is running.
+    pub fn start_again(&mut self) -> anyhow::Result<()> {
+        if self.postmaster.is_some() {
+            return Ok(());
+        }
+        self.start_on(Some(self.port))
+    }
+
+    /// Runs `sql` as the superuser on [`APP_DATABASE`] with `psql -X -A -t -v ON_ERROR_STOP=1` and
+    /// returns its standard output, trimmed (e.g. `"1"` for `select 1`).
+    pub fn psql(&self, sql: &str) -> anyhow::Result<String> {
+        self.psql_on(APP_DATABASE, sql)
+    }
+
+    fn psql_on(&self, database: &str, sql: &str) -> anyhow::Result<String> {
+        let output = Command::new(postgres_bin("psql")?)
+            .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1"])
+            .args(["-p", &self.port.to_string(), "-U", ADMIN_USER, "-d", database, "-c", sql])
+            .env("PGPASSWORD", ADMIN_PASSWORD)
+            .env("PGCONNECT_TIMEOUT", "10")
+            .stdin(Stdio::null())
+            .output()
+            .context("cannot run psql")?;
+        if !output.status.success() {
+            bail!(
+                "psql failed ({}) running {sql:?}: {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+    }
+
+    /// A command for a PostgreSQL server binary, run as `postgres` when we are root, in the cluster dir
+    /// (the `postgres` user may not be allowed into our working directory).
+    fn command(&self, name: &str) -> anyhow::Result<Command> {
+        let mut cmd = Command::new(postgres_bin(name)?);
+        cmd.current_dir(&self.dir).stdin(Stdio::null());
+        if let Some(user) = &self.run_as {
+            cmd.uid(user.uid.as_raw()).gid(user.gid.as_raw());
+        }
+        Ok(cmd)
+    }
+
+    fn initdb(&self, durable: bool) -> anyhow::Result<()> {
+        // initdb reads the superuser's password from a file; it lives only as long as initdb runs.
+        let password_file = self.dir.join("initdb-password");
+        fs::write(&password_file, ADMIN_PASSWORD).context("cannot write initdb's password file")?;
+        if let Some(user) = &self.run_as {
+            nix::unistd::chown(&password_file, Some(user.uid), Some(user.gid))
+                .context("cannot hand initdb's password file to the postgres user")?;
+        }
+        let mut cmd = self.command("initdb")?;
+        cmd.arg("-D").arg(&self.data_dir).args(["-U", ADMIN_USER]).arg("--pwfile").arg(&password_file);
+        cmd.args(["--auth-local=trust", "--auth-host=scram-sha-256", "--encoding=UTF8", "--locale=C"]);
+        if !durable {
+            cmd.arg("--no-sync");
+        }
+        let output = cmd.output().context("cannot run initdb");
+        let _ = fs::remove_file(&password_file);
+        let output = output?;
+        if !output.status.success() {
+            bail!(
+                "initdb failed ({}):\n{}{}",
+                output.status,
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    /// Starts the postmaster on `port`, or on a free port (retrying if another process wins the race
+    /// for it), and waits until it accepts connections.
+    fn start_on(&mut self, port: Option<u16>) -> anyhow::Result<()> {
+        let attempts = if port.is_some() { 1 } else { BIND_ATTEMPTS };
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            self.port = match port {
+                Some(port) => port,
+                None => free_port()?,
+            };
+            let log_start = fs::metadata(self.log_file()).map_or(0, |m| m.len());
+            self.spawn_postmaster()?;
+            let Err(error) = self.wait_until_ready(log_start) else {
+                return Ok(());
+            };
+            let lost_port = self.postmaster.is_none() && self.log_tail(log_start).contains("could not bind");
+            if !lost_port || attempt == attempts {
+                return Err(error);
+            }
+            tracing::warn!(port = self.port, "another process took PostgreSQL's port; trying another");
+        }
+    }
+
+    fn spawn_postmaster(&mut self) -> anyhow::Result<()> {
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_file())
+            .context("cannot open PostgreSQL's log file")?;
+        let mut cmd = self.command("postgres")?;
+        cmd.arg("-D").arg(&self.data_dir).arg("-p").arg(self.port.to_string());
+        for (name, value) in &self.settings {
+            cmd.arg("-c").arg(format!("{name}={value}"));
+        }
+        cmd.stdout(log.try_clone().context("cannot share PostgreSQL's log file")?).stderr(log);
+        die_with_parent(&mut cmd);
+        let child = cmd.spawn().context("cannot start postgres")?;
+        self.postmaster = Some(child);
+        Ok(())
+    }
+
+    /// Polls `pg_isready` until the server accepts connections, failing early if it exits.
+    fn wait_until_ready(&mut self, log_start: u64) -> anyhow::Result<()> {
+        let pg_isready = postgres_bin("pg_isready")?;
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let postmaster = self.postmaster.as_mut().context("PostgreSQL is not running")?;
+            if let Some(status) = postmaster.try_wait().context("cannot check on the postmaster")? {
+                self.postmaster = None;
+                bail!("PostgreSQL exited ({status}) while starting; server log:\n{}", self.log_tail(log_start));
+            }
+            let ready = Command::new(&pg_isready)
+                .args(["-q", "-t", "1", "-h", "127.0.0.1", "-p", &self.port.to_string()])
+                .args(["-U", ADMIN_USER, "-d", "postgres"])
+                .stdin(Stdio::null())
+                .status()
+                .context("cannot run pg_isready")?
+                .success();
+            if ready {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "PostgreSQL did not accept connections on 127.0.0.1:{} within {READY_TIMEOUT:?}; server log:\n{}",
+                    self.port,
+                    self.log_tail(log_start)
+                );
+            }
+            thread::sleep(POLL_INTERVAL);
+        }
+    }
+
+    /// Creates [`APP_USER`] and [`APP_DATABASE`] unless they exist (a reused dir has them already).
+    fn create_app_database(&self) -> anyhow::Result<()> {
+        self.psql_on(
+            "postgres",
+            &format!(
+                "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{APP_USER}') THEN \
+                 CREATE ROLE {APP_USER} LOGIN PASSWORD '{APP_PASSWORD}'; END IF; END $$"
+            ),
+        )?;
+        let exists = self.psql_on(
+            "postgres",
+            &format!("SELECT count(*) FROM pg_database WHERE datname = '{APP_DATABASE}'"),
+        )?;
+        if exists == "0" {
+            self.psql_on("postgres", &format!("CREATE DATABASE {APP_DATABASE} OWNER {APP_USER}"))?;
+        }
+        Ok(())
+    }
+
+    /// The last lines the server wrote to its log since byte `since`.
+    fn log_tail(&self, since: u64) -> String {
+        let mut text = String::new();
+        let read = File::open(self.log_file()).and_then(|mut file| {
+            file.seek(SeekFrom::Start(since))?;
+            file.read_to_string(&mut text)
+        });
+        if let Err(error) = read {
+            return format!("(cannot read {}: {error})", self.log_file().display());
+        }
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let Some(postmaster) = self.postmaster.as_mut() else {
+            return;
+        };
+        // SIGQUIT = immediate shutdown: no checkpoint, the next start recovers. Fine for a cluster we discard.
+        if !matches!(signal_and_wait(postmaster, Signal::SIGQUIT, DROP_TIMEOUT), Ok(Some(_))) {
+            let _ = postmaster.kill();
+            if let Err(error) = wait_timeout(postmaster, DROP_TIMEOUT) {
+                tracing::warn!(%error, "cannot wait for the postmaster");
+            }
+        }
+    }
+}
+
+/// The server settings passed as `-c name=value`.
+fn settings(opts: &PostgresOptions, dir: &Path) -> Vec<(String, String)> {
+    // The socket path is `<dir>/.s.PGSQL.<port>`; a longer one would stop the server from starting.
+    let socket_dirs = if dir.as_os_str().len() + "/.s.PGSQL.65535".len() <= MAX_SOCKET_PATH {
+        format!("\"{}\"", dir.display())
+    } else {
+        tracing::warn!(dir = %dir.display(), "path too long for a Unix socket; PostgreSQL listens on TCP only");
+        String::new()
+    };
+    let mut settings = vec![
+        ("listen_addresses", "127.0.0.1".to_owned()),
+        ("unix_socket_directories", socket_dirs),
+        ("max_connections", opts.max_connections.to_string()),
+        ("logging_collector", "off".to_owned()),
+        ("log_destination", "stderr".to_owned()),
+    ];
+    if !opts.durable {
+        for name in ["fsync", "synchronous_commit", "full_page_writes"] {
+            settings.push((name, "off".to_owned()));
+        }
+    }
+    let mut settings: Vec<(String, String)> = settings.into_iter().map(|(n, v)| (n.to_owned(), v)).collect();
+    settings.extend(opts.extra_settings.iter().cloned());
+    settings
+}
+
+/// A free TCP port on 127.0.0.1 (free now: another process may take it before the server binds it).
+fn free_port() -> anyhow::Result<u16> {
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("cannot find a free port")?;
+    Ok(listener.local_addr().context("cannot read the free port")?.port())
+}
+
+/// Gives `dir` to `user` (the server writes there) after checking that `user` can reach it.
+fn hand_over(dir: &Path, user: &User) -> anyhow::Result<()> {
+    for ancestor in dir.ancestors().skip(1) {
+        let meta = fs::metadata(ancestor).with_context(|| format!("cannot inspect {}", ancestor.display()))?;
+        let mode = meta.permissions().mode();
+        let searchable = (meta.uid() == user.uid.as_raw() && mode & 0o100 != 0)
+            || (meta.gid() == user.gid.as_raw() && mode & 0o010 != 0)
+            || mode & 0o001 != 0;
+        if !searchable {
+            bail!(
+                "the `{}` user cannot reach {}: {} (mode {:o}) does not let it in; \
+                 use a directory under /tmp or `chmod o+x {}`",
+                user.name,
+                dir.display(),
+                ancestor.display(),
+                mode & 0o7777,
+                ancestor.display()
+            );
+        }
+    }
+    if fs::metadata(dir).map(|m| m.uid()).ok() != Some(user.uid.as_raw()) {
+        nix::unistd::chown(dir, Some(user.uid), Some(user.gid))
+            .with_context(|| format!("cannot give {} to the `{}` user", dir.display(), user.name))?;
+    }
+    Ok(())
+}
