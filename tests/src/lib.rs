@@ -1,1 +1,163 @@
-//! Helpers for the integration suite.
+//! Helpers for the integration suite: a private PostgreSQL plus real `fleet-app` processes, and a client
+//! with one method per endpoint. Child output shows only with `TEST_LOG=1`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use fleet_local::{Node, NodeOptions, Postgres, PostgresOptions};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+/// The node binary built from this workspace's source (see `src/bin/fleet-node.rs`). Cargo builds a
+/// package's binaries before its integration tests and puts them one level above the test executables.
+pub fn node_bin() -> PathBuf {
+    let test_exe = std::env::current_exe().expect("the test executable's path");
+    let bin = test_exe.parent().and_then(|deps| deps.parent()).map(|dir| dir.join("fleet-node"));
+    match bin {
+        Some(bin) if bin.is_file() => bin,
+        _ => panic!("fleet-node is not built next to {}; run the suite with `cargo test`", test_exe.display()),
+    }
+}
+
+/// Whether child processes' output is shown (`TEST_LOG=1`).
+pub fn test_log() -> bool {
+    std::env::var_os("TEST_LOG").is_some_and(|v| !v.is_empty() && v != "0")
+}
+
+/// A private PostgreSQL for one test; removed when dropped.
+pub fn start_postgres() -> Postgres {
+    Postgres::start(PostgresOptions::default()).expect("start a private PostgreSQL")
+}
+
+/// Options for a node called `id` on `pg`, with extra environment `env`.
+pub fn node_options(pg: &Postgres, id: &str, env: &[(&str, &str)]) -> NodeOptions {
+    NodeOptions {
+        bin: node_bin(),
+        container_id: id.to_owned(),
+        database_url: pg.url(),
+        pool_size: 5,
+        port: 0,
+        env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        quiet: !test_log(),
+    }
+}
+
+/// One HTTP response, body parsed as JSON (`Value::Null` when it is not JSON).
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub headers: reqwest::header::HeaderMap,
+    pub body: Value,
+}
+
+impl Reply {
+    /// The error `code` of an error body.
+    pub fn code(&self) -> &str {
+        self.body["code"].as_str().unwrap_or_default()
+    }
+}
+
+/// An HTTP client for one node (or nginx) with one method per endpoint.
+#[derive(Debug, Clone)]
+pub struct Api {
+    pub url: String,
+    pub http: reqwest::Client,
+}
+
+impl Api {
+    pub fn new(url: impl Into<String>) -> Self {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(256)
+            .build()
+            .expect("build an HTTP client");
+        Api { url: url.into(), http }
+    }
+
+    /// POSTs `body` verbatim (the node parses any body as JSON).
+    pub async fn post_raw(&self, path: &str, body: impl Into<reqwest::Body>) -> Reply {
+        let response = self.http.post(format!("{}{path}", self.url)).body(body).send().await;
+        reply(response.unwrap_or_else(|e| panic!("POST {path}: {e}"))).await
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> Reply {
+        self.post_raw(path, body.to_string()).await
+    }
+
+    pub async fn get(&self, path: &str) -> Reply {
+        let response = self.http.get(format!("{}{path}", self.url)).send().await;
+        reply(response.unwrap_or_else(|e| panic!("GET {path}: {e}"))).await
+    }
+
+    pub async fn increment(&self, key: &str) -> Reply {
+        self.post("/api/increment", &json!({ "key": key })).await
+    }
+
+    pub async fn transfer(&self, from: &str, to: &str, amount: i64) -> Reply {
+        self.post("/api/transfer", &json!({ "from": from, "to": to, "amount": amount })).await
+    }
+
+    pub async fn bulk_insert(&self, rows: &[String]) -> Reply {
+        self.post("/api/bulk-insert", &json!({ "data": rows })).await
+    }
+
+    pub async fn hold(&self, ms: u64) -> Reply {
+        self.post("/api/hold", &json!({ "ms": ms })).await
+    }
+
+    /// The `/metrics` text.
+    pub async fn metrics_text(&self) -> String {
+        let response = self.http.get(format!("{}/metrics", self.url)).send().await.expect("GET /metrics");
+        response.text().await.expect("read /metrics")
+    }
+
+    /// The value of one sample, e.g. `fleet_db_transaction_retries_total{sqlstate="40P01"}`; 0 if absent.
+    pub async fn metric(&self, sample: &str) -> f64 {
+        sample_value(&self.metrics_text().await, sample)
+    }
+}
+
+async fn reply(response: reqwest::Response) -> Reply {
+    let status = response.status();
+    let headers = response.headers().clone();
+    let bytes = response.bytes().await.expect("read the body");
+    let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    Reply { status, headers, body }
+}
+
+/// The value of `sample` in Prometheus text `text`; 0 if absent.
+pub fn sample_value(text: &str, sample: &str) -> f64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// A private PostgreSQL and one node on it. Drops the node first, then the database.
+#[derive(Debug)]
+pub struct TestApp {
+    pub node: Node,
+    pub pg: Postgres,
+    pub api: Api,
+}
+
+impl TestApp {
+    /// A fresh database and a node `app-1` with pool 5 and the extra environment `env`.
+    pub fn spawn(env: &[(&str, &str)]) -> TestApp {
+        let pg = start_postgres();
+        let node = Node::spawn(node_options(&pg, "app-1", env)).expect("start a node");
+        let api = Api::new(node.url());
+        TestApp { node, pg, api }
+    }
+
+    /// A query result from the database as the superuser, through psql (`|`-separated columns).
+    pub fn sql(&self, query: &str) -> String {
+        self.pg.psql(query).with_context(|| format!("psql: {query}")).unwrap()
+    }
+
+    /// One integer from the database.
+    pub fn sql_i64(&self, query: &str) -> i64 {
+        let out = self.sql(query);
+        out.parse().unwrap_or_else(|_| panic!("{query} returned {out:?}, not an integer"))
+    }
+}

@@ -67,6 +67,13 @@ impl Metrics {
             bulk_insert_rows: IntCounter::with_opts(opts("bulk_insert_rows_total", "Rows committed by bulk inserts."))?,
             registry,
         };
+        // Export the SQLSTATEs the node handles by name from the first scrape on, at 0.
+        for sqlstate in ["40001", "40P01"] {
+            metrics.transaction_retries.with_label_values(&[sqlstate]);
+        }
+        for sqlstate in ["40001", "40P01", "23505", "08006", "57014"] {
+            metrics.db_errors.with_label_values(&[sqlstate]);
+        }
         let build_info = IntGaugeVec::new(opts("build_info", "Always 1; the node's version."), &["version"])?;
         build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
         let r = &metrics.registry;

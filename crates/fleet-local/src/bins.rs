@@ -93,7 +93,10 @@ fn override_file(path: &Path, variable: &str) -> anyhow::Result<PathBuf> {
     if is_executable(path) {
         Ok(path.to_owned())
     } else {
-        bail!("{variable} is {}, which is not an executable file", path.display())
+        bail!(
+            "{variable} is {}, which is not an executable file",
+            path.display()
+        )
     }
 }
 
@@ -159,7 +162,11 @@ mod tests {
     #[test]
     fn the_first_path_entry_holding_the_binary_wins() {
         let tmp = tempfile::tempdir().unwrap();
-        let (empty, first, second) = (tmp.path().join("a"), tmp.path().join("b"), tmp.path().join("c"));
+        let (empty, first, second) = (
+            tmp.path().join("a"),
+            tmp.path().join("b"),
+            tmp.path().join("c"),
+        );
         fs::create_dir_all(&empty).unwrap();
         let expected = fake_binary(&first, "initdb");
         fake_binary(&second, "initdb");
@@ -201,7 +208,10 @@ mod tests {
             find_postgres_bin("initdb", pg_bin, path, || pg_config, &versions).unwrap()
         };
 
-        assert_eq!(find(Some(dir("override").as_os_str()), Some(&path), pg_config()), override_bin);
+        assert_eq!(
+            find(Some(dir("override").as_os_str()), Some(&path), pg_config()),
+            override_bin
+        );
         assert_eq!(find(None, Some(&path), pg_config()), path_bin);
         assert_eq!(find(None, None, pg_config()), pg_config_bin);
         assert_eq!(find(None, None, None), versioned_bin);
@@ -212,8 +222,14 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let on_path = fake_binary(&tmp.path().join("path"), "psql");
         let path = on_path.parent().unwrap().as_os_str();
-        let error = find_postgres_bin("psql", Some(tmp.path().as_os_str()), Some(path), || None, tmp.path())
-            .unwrap_err();
+        let error = find_postgres_bin(
+            "psql",
+            Some(tmp.path().as_os_str()),
+            Some(path),
+            || None,
+            tmp.path(),
+        )
+        .unwrap_err();
         assert!(error.to_string().contains("PG_BIN"), "{error}");
     }
 
@@ -221,6 +237,9 @@ mod tests {
     fn a_missing_binary_names_the_package_to_install() {
         let tmp = tempfile::tempdir().unwrap();
         let error = find_postgres_bin("pgbench", None, None, || None, tmp.path()).unwrap_err();
-        assert!(error.to_string().contains("apt-get install postgresql"), "{error}");
+        assert!(
+            error.to_string().contains("apt-get install postgresql"),
+            "{error}"
+        );
     }
 }

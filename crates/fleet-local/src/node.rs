@@ -77,8 +77,12 @@ impl Node {
         let child = Child::spawn(&opts.container_id, cmd, opts.quiet)
             .with_context(|| format!("cannot start node {}", opts.container_id))?;
         let line = child.wait_for_line(LISTENING, READY_TIMEOUT)?;
-        let port = parse_listening_port(&line)
-            .with_context(|| format!("cannot read the port from {}'s line {line:?}", opts.container_id))?;
+        let port = parse_listening_port(&line).with_context(|| {
+            format!(
+                "cannot read the port from {}'s line {line:?}",
+                opts.container_id
+            )
+        })?;
         let mut node = Node {
             container_id: opts.container_id,
             port,
@@ -178,7 +182,10 @@ mod tests {
     #[test]
     fn a_line_without_a_port_gives_none() {
         assert_eq!(parse_listening_port("listening on http://127.0.0.1"), None);
-        assert_eq!(parse_listening_port("listening on http://127.0.0.1:99999"), None);
+        assert_eq!(
+            parse_listening_port("listening on http://127.0.0.1:99999"),
+            None
+        );
         assert_eq!(parse_listening_port("started"), None);
     }
 
@@ -194,6 +201,9 @@ mod tests {
             quiet: true,
         };
         let debug = format!("{opts:?}");
-        assert!(!debug.contains("apppass") && !debug.contains("hunter2"), "{debug}");
+        assert!(
+            !debug.contains("apppass") && !debug.contains("hunter2"),
+            "{debug}"
+        );
     }
 }

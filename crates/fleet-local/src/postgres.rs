@@ -6,8 +6,6 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom};
-use std::net::{Ipv4Addr, TcpListener};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -21,6 +19,11 @@ use tempfile::TempDir;
 
 use crate::bins::postgres_bin;
 use crate::process::{die_with_parent, signal_and_wait, wait_timeout};
+
+mod setup;
+
+pub use setup::PostgresOptions;
+use setup::{free_port, hand_over, settings};
 
 /// The superuser created by initdb.
 pub const ADMIN_USER: &str = "postgres";
@@ -45,37 +48,6 @@ const POLL_INTERVAL: Duration = Duration::from_millis(50);
 const BIND_ATTEMPTS: usize = 3;
 /// Lines of `server.log` quoted in error messages.
 const LOG_TAIL_LINES: usize = 30;
-/// `sun_path` is 108 bytes on Linux, NUL included.
-const MAX_SOCKET_PATH: usize = 107;
-
-/// How to create and run a [`Postgres`].
-#[derive(Debug, Clone)]
-pub struct PostgresOptions {
-    /// The cluster directory; `None` = a fresh temporary directory, removed on drop. A directory that
-    /// already holds a cluster (`data/PG_VERSION`) is started as it is, without initdb.
-    pub dir: Option<PathBuf>,
-    /// The TCP port on 127.0.0.1; `None` = a free port.
-    pub port: Option<u16>,
-    /// `max_connections` (default 100).
-    pub max_connections: u32,
-    /// `false` turns off fsync, synchronous_commit and full_page_writes: fast, but a machine crash
-    /// can corrupt the cluster. Tests want `false`.
-    pub durable: bool,
-    /// More `name = value` server settings, applied last (so they override the ones above).
-    pub extra_settings: Vec<(String, String)>,
-}
-
-impl Default for PostgresOptions {
-    fn default() -> Self {
-        PostgresOptions {
-            dir: None,
-            port: None,
-            max_connections: 100,
-            durable: false,
-            extra_settings: Vec::new(),
-        }
-    }
-}
 
 /// A running (or stopped) private PostgreSQL cluster, owned by this process: dropping it shuts the
 /// server down (immediate mode) and removes the temporary directory, if it made one.
@@ -89,7 +61,7 @@ pub struct Postgres {
     /// The user the server runs as when we are root (PostgreSQL refuses to run as root).
     run_as: Option<User>,
     postmaster: Option<std::process::Child>,
-    /// Removed on drop, after the server has stopped (explicit `Drop` runs before fields drop).
+    /// Removed on drop, after the server has stopped.
     temp_dir: Option<TempDir>,
 }
 
@@ -107,8 +79,11 @@ impl Postgres {
         };
         let (dir, temp_dir) = match &opts.dir {
             Some(dir) => {
-                fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-                let dir = dir.canonicalize().with_context(|| format!("cannot resolve {}", dir.display()))?;
+                fs::create_dir_all(dir)
+                    .with_context(|| format!("cannot create {}", dir.display()))?;
+                let dir = dir
+                    .canonicalize()
+                    .with_context(|| format!("cannot resolve {}", dir.display()))?;
                 (dir, None)
             }
             None => {
@@ -142,12 +117,18 @@ impl Postgres {
 
     /// The application's URL: `postgres://appuser:apppass@127.0.0.1:PORT/appdb`.
     pub fn url(&self) -> String {
-        format!("postgres://{APP_USER}:{APP_PASSWORD}@127.0.0.1:{}/{APP_DATABASE}", self.port)
+        format!(
+            "postgres://{APP_USER}:{APP_PASSWORD}@127.0.0.1:{}/{APP_DATABASE}",
+            self.port
+        )
     }
 
     /// The superuser's URL, to the application's database.
     pub fn admin_url(&self) -> String {
-        format!("postgres://{ADMIN_USER}:{ADMIN_PASSWORD}@127.0.0.1:{}/{APP_DATABASE}", self.port)
+        format!(
+            "postgres://{ADMIN_USER}:{ADMIN_PASSWORD}@127.0.0.1:{}/{APP_DATABASE}",
+            self.port
+        )
     }
 
     /// The TCP port on 127.0.0.1.
@@ -179,7 +160,9 @@ impl Postgres {
         let stopped = signal_and_wait(postmaster, Signal::SIGINT, STOP_TIMEOUT)?;
         if stopped.is_none() {
             postmaster.kill().context("cannot kill the postmaster")?;
-            postmaster.wait().context("cannot wait for the postmaster")?;
+            postmaster
+                .wait()
+                .context("cannot wait for the postmaster")?;
         }
         self.postmaster = None;
         if stopped.is_none() {
@@ -210,7 +193,16 @@ impl Postgres {
     fn psql_on(&self, database: &str, sql: &str) -> anyhow::Result<String> {
         let output = Command::new(postgres_bin("psql")?)
             .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1"])
-            .args(["-p", &self.port.to_string(), "-U", ADMIN_USER, "-d", database, "-c", sql])
+            .args([
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                ADMIN_USER,
+                "-d",
+                database,
+                "-c",
+                sql,
+            ])
             .env("PGPASSWORD", ADMIN_PASSWORD)
             .env("PGCONNECT_TIMEOUT", "10")
             .stdin(Stdio::null())
@@ -242,12 +234,25 @@ impl Postgres {
         let password_file = self.dir.join("initdb-password");
         fs::write(&password_file, ADMIN_PASSWORD).context("cannot write initdb's password file")?;
         if let Some(user) = &self.run_as {
-            nix::unistd::chown(&password_file, Some(user.uid), Some(user.gid))
-                .context("cannot hand initdb's password file to the postgres user")?;
+            std::os::unix::fs::chown(
+                &password_file,
+                Some(user.uid.as_raw()),
+                Some(user.gid.as_raw()),
+            )
+            .context("cannot hand initdb's password file to the postgres user")?;
         }
         let mut cmd = self.command("initdb")?;
-        cmd.arg("-D").arg(&self.data_dir).args(["-U", ADMIN_USER]).arg("--pwfile").arg(&password_file);
-        cmd.args(["--auth-local=trust", "--auth-host=scram-sha-256", "--encoding=UTF8", "--locale=C"]);
+        cmd.arg("-D")
+            .arg(&self.data_dir)
+            .args(["-U", ADMIN_USER])
+            .arg("--pwfile")
+            .arg(&password_file);
+        cmd.args([
+            "--auth-local=trust",
+            "--auth-host=scram-sha-256",
+            "--encoding=UTF8",
+            "--locale=C",
+        ]);
         if !durable {
             cmd.arg("--no-sync");
         }
@@ -281,11 +286,15 @@ impl Postgres {
             let Err(error) = self.wait_until_ready(log_start) else {
                 return Ok(());
             };
-            let lost_port = self.postmaster.is_none() && self.log_tail(log_start).contains("could not bind");
+            let lost_port =
+                self.postmaster.is_none() && self.log_tail(log_start).contains("could not bind");
             if !lost_port || attempt == attempts {
                 return Err(error);
             }
-            tracing::warn!(port = self.port, "another process took PostgreSQL's port; trying another");
+            tracing::warn!(
+                port = self.port,
+                "another process took PostgreSQL's port; trying another"
+            );
         }
     }
 
@@ -296,11 +305,18 @@ impl Postgres {
             .open(self.log_file())
             .context("cannot open PostgreSQL's log file")?;
         let mut cmd = self.command("postgres")?;
-        cmd.arg("-D").arg(&self.data_dir).arg("-p").arg(self.port.to_string());
+        cmd.arg("-D")
+            .arg(&self.data_dir)
+            .arg("-p")
+            .arg(self.port.to_string());
         for (name, value) in &self.settings {
             cmd.arg("-c").arg(format!("{name}={value}"));
         }
-        cmd.stdout(log.try_clone().context("cannot share PostgreSQL's log file")?).stderr(log);
+        cmd.stdout(
+            log.try_clone()
+                .context("cannot share PostgreSQL's log file")?,
+        )
+        .stderr(log);
         die_with_parent(&mut cmd);
         let child = cmd.spawn().context("cannot start postgres")?;
         self.postmaster = Some(child);
@@ -312,13 +328,30 @@ impl Postgres {
         let pg_isready = postgres_bin("pg_isready")?;
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
-            let postmaster = self.postmaster.as_mut().context("PostgreSQL is not running")?;
-            if let Some(status) = postmaster.try_wait().context("cannot check on the postmaster")? {
+            let postmaster = self
+                .postmaster
+                .as_mut()
+                .context("PostgreSQL is not running")?;
+            if let Some(status) = postmaster
+                .try_wait()
+                .context("cannot check on the postmaster")?
+            {
                 self.postmaster = None;
-                bail!("PostgreSQL exited ({status}) while starting; server log:\n{}", self.log_tail(log_start));
+                bail!(
+                    "PostgreSQL exited ({status}) while starting; server log:\n{}",
+                    self.log_tail(log_start)
+                );
             }
             let ready = Command::new(&pg_isready)
-                .args(["-q", "-t", "1", "-h", "127.0.0.1", "-p", &self.port.to_string()])
+                .args([
+                    "-q",
+                    "-t",
+                    "1",
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    &self.port.to_string(),
+                ])
                 .args(["-U", ADMIN_USER, "-d", "postgres"])
                 .stdin(Stdio::null())
                 .status()
@@ -352,7 +385,10 @@ impl Postgres {
             &format!("SELECT count(*) FROM pg_database WHERE datname = '{APP_DATABASE}'"),
         )?;
         if exists == "0" {
-            self.psql_on("postgres", &format!("CREATE DATABASE {APP_DATABASE} OWNER {APP_USER}"))?;
+            self.psql_on(
+                "postgres",
+                &format!("CREATE DATABASE {APP_DATABASE} OWNER {APP_USER}"),
+            )?;
         }
         Ok(())
     }
@@ -374,74 +410,23 @@ impl Postgres {
 
 impl Drop for Postgres {
     fn drop(&mut self) {
-        let Some(postmaster) = self.postmaster.as_mut() else {
-            return;
-        };
-        // SIGQUIT = immediate shutdown: no checkpoint, the next start recovers. Fine for a cluster we discard.
-        if !matches!(signal_and_wait(postmaster, Signal::SIGQUIT, DROP_TIMEOUT), Ok(Some(_))) {
-            let _ = postmaster.kill();
-            if let Err(error) = wait_timeout(postmaster, DROP_TIMEOUT) {
-                tracing::warn!(%error, "cannot wait for the postmaster");
+        if let Some(postmaster) = self.postmaster.as_mut() {
+            // SIGQUIT = immediate shutdown: no checkpoint, the next start recovers. Fine for a cluster we discard.
+            if !matches!(
+                signal_and_wait(postmaster, Signal::SIGQUIT, DROP_TIMEOUT),
+                Ok(Some(_))
+            ) {
+                let _ = postmaster.kill();
+                if let Err(error) = wait_timeout(postmaster, DROP_TIMEOUT) {
+                    tracing::warn!(error = %format!("{error:#}"), "cannot wait for the postmaster");
+                }
+            }
+        }
+        if let Some(temp_dir) = self.temp_dir.take() {
+            let path = temp_dir.path().to_owned();
+            if let Err(error) = temp_dir.close() {
+                tracing::warn!(dir = %path.display(), %error, "cannot remove PostgreSQL's temporary directory");
             }
         }
     }
-}
-
-/// The server settings passed as `-c name=value`.
-fn settings(opts: &PostgresOptions, dir: &Path) -> Vec<(String, String)> {
-    // The socket path is `<dir>/.s.PGSQL.<port>`; a longer one would stop the server from starting.
-    let socket_dirs = if dir.as_os_str().len() + "/.s.PGSQL.65535".len() <= MAX_SOCKET_PATH {
-        format!("\"{}\"", dir.display())
-    } else {
-        tracing::warn!(dir = %dir.display(), "path too long for a Unix socket; PostgreSQL listens on TCP only");
-        String::new()
-    };
-    let mut settings = vec![
-        ("listen_addresses", "127.0.0.1".to_owned()),
-        ("unix_socket_directories", socket_dirs),
-        ("max_connections", opts.max_connections.to_string()),
-        ("logging_collector", "off".to_owned()),
-        ("log_destination", "stderr".to_owned()),
-    ];
-    if !opts.durable {
-        for name in ["fsync", "synchronous_commit", "full_page_writes"] {
-            settings.push((name, "off".to_owned()));
-        }
-    }
-    let mut settings: Vec<(String, String)> = settings.into_iter().map(|(n, v)| (n.to_owned(), v)).collect();
-    settings.extend(opts.extra_settings.iter().cloned());
-    settings
-}
-
-/// A free TCP port on 127.0.0.1 (free now: another process may take it before the server binds it).
-fn free_port() -> anyhow::Result<u16> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("cannot find a free port")?;
-    Ok(listener.local_addr().context("cannot read the free port")?.port())
-}
-
-/// Gives `dir` to `user` (the server writes there) after checking that `user` can reach it.
-fn hand_over(dir: &Path, user: &User) -> anyhow::Result<()> {
-    for ancestor in dir.ancestors().skip(1) {
-        let meta = fs::metadata(ancestor).with_context(|| format!("cannot inspect {}", ancestor.display()))?;
-        let mode = meta.permissions().mode();
-        let searchable = (meta.uid() == user.uid.as_raw() && mode & 0o100 != 0)
-            || (meta.gid() == user.gid.as_raw() && mode & 0o010 != 0)
-            || mode & 0o001 != 0;
-        if !searchable {
-            bail!(
-                "the `{}` user cannot reach {}: {} (mode {:o}) does not let it in; \
-                 use a directory under /tmp or `chmod o+x {}`",
-                user.name,
-                dir.display(),
-                ancestor.display(),
-                mode & 0o7777,
-                ancestor.display()
-            );
-        }
-    }
-    if fs::metadata(dir).map(|m| m.uid()).ok() != Some(user.uid.as_raw()) {
-        nix::unistd::chown(dir, Some(user.uid), Some(user.gid))
-            .with_context(|| format!("cannot give {} to the `{}` user", dir.display(), user.name))?;
-    }
-    Ok(())
 }

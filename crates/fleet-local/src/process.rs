@@ -26,7 +26,6 @@ const DROP_GRACE: Duration = Duration::from_secs(2);
 /// The process gets SIGKILL when the *thread* that spawned it exits (`PR_SET_PDEATHSIG`), so nothing
 /// outlives a crashed test. Spawn long-lived children from a thread that lives as long as they should
 /// (the main thread, a test's own thread), never from a pooled thread such as tokio's `spawn_blocking`.
-#[derive(Debug)]
 pub struct Child {
     name: String,
     process: std::process::Child,
@@ -53,7 +52,19 @@ struct OutputState {
 impl Output {
     fn lock(&self) -> MutexGuard<'_, OutputState> {
         // A reader thread cannot panic while holding the lock, but never let poisoning stop a shutdown.
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl std::fmt::Debug for Child {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Child")
+            .field("name", &self.name)
+            .field("pid", &self.process.id())
+            .field("status", &self.status)
+            .finish_non_exhaustive()
     }
 }
 
@@ -144,7 +155,7 @@ impl Child {
         let deadline = Instant::now() + timeout;
         let mut state = self.output.lock();
         // Number (in the whole output) of the first line not yet checked.
-        let mut next = 0;
+        let mut next: usize = 0;
         loop {
             let first = state.total - state.lines.len();
             let skip = next.saturating_sub(first);
@@ -295,7 +306,8 @@ mod tests {
 
     #[test]
     fn a_line_printed_before_the_wait_is_found() {
-        let child = Child::spawn("echo", sh("echo hello; echo ready now; sleep 5"), true).unwrap();
+        let child =
+            Child::spawn("echo", sh("echo hello; echo ready now; exec sleep 5"), true).unwrap();
         let line = child
             .wait_for_line("ready", Duration::from_secs(5))
             .unwrap();
@@ -331,7 +343,9 @@ mod tests {
             true,
         )
         .unwrap();
-        child.wait_for_line("armed", Duration::from_secs(5)).unwrap();
+        child
+            .wait_for_line("armed", Duration::from_secs(5))
+            .unwrap();
         let status = child.terminate(Duration::from_millis(200)).unwrap();
         assert!(!status.success());
         assert!(!child.is_running());

@@ -1,0 +1,110 @@
+//! What a cluster needs before its server starts: options, server settings, a port, a directory.
+
+use std::fs;
+use std::net::{Ipv4Addr, TcpListener};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use nix::unistd::User;
+
+/// `sun_path` is 108 bytes on Linux, NUL included.
+const MAX_SOCKET_PATH: usize = 107;
+
+/// How to create and run a [`Postgres`].
+#[derive(Debug, Clone)]
+pub struct PostgresOptions {
+    /// The cluster directory; `None` = a fresh temporary directory, removed on drop. A directory that
+    /// already holds a cluster (`data/PG_VERSION`) is started as it is, without initdb.
+    pub dir: Option<PathBuf>,
+    /// The TCP port on 127.0.0.1; `None` = a free port.
+    pub port: Option<u16>,
+    /// `max_connections` (default 100).
+    pub max_connections: u32,
+    /// `false` turns off fsync, synchronous_commit and full_page_writes: fast, but a machine crash
+    /// can corrupt the cluster. Tests want `false`.
+    pub durable: bool,
+    /// More `name = value` server settings, applied last (so they override the ones above).
+    pub extra_settings: Vec<(String, String)>,
+}
+
+impl Default for PostgresOptions {
+    fn default() -> Self {
+        PostgresOptions {
+            dir: None,
+            port: None,
+            max_connections: 100,
+            durable: false,
+            extra_settings: Vec::new(),
+        }
+    }
+}
+
+/// The server settings passed as `-c name=value`.
+pub(super) fn settings(opts: &PostgresOptions, dir: &Path) -> Vec<(String, String)> {
+    // The socket path is `<dir>/.s.PGSQL.<port>`; a longer one would stop the server from starting.
+    let socket_dirs = if dir.as_os_str().len() + "/.s.PGSQL.65535".len() <= MAX_SOCKET_PATH {
+        format!("\"{}\"", dir.display())
+    } else {
+        tracing::warn!(dir = %dir.display(), "path too long for a Unix socket; PostgreSQL listens on TCP only");
+        String::new()
+    };
+    let mut settings = vec![
+        ("listen_addresses", "127.0.0.1".to_owned()),
+        ("unix_socket_directories", socket_dirs),
+        ("max_connections", opts.max_connections.to_string()),
+        ("logging_collector", "off".to_owned()),
+        ("log_destination", "stderr".to_owned()),
+    ];
+    if !opts.durable {
+        for name in ["fsync", "synchronous_commit", "full_page_writes"] {
+            settings.push((name, "off".to_owned()));
+        }
+    }
+    let mut settings: Vec<(String, String)> = settings
+        .into_iter()
+        .map(|(n, v)| (n.to_owned(), v))
+        .collect();
+    settings.extend(opts.extra_settings.iter().cloned());
+    settings
+}
+
+/// A free TCP port on 127.0.0.1 (free now: another process may take it before the server binds it).
+pub(super) fn free_port() -> anyhow::Result<u16> {
+    let listener =
+        TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("cannot find a free port")?;
+    Ok(listener
+        .local_addr()
+        .context("cannot read the free port")?
+        .port())
+}
+
+/// Gives `dir` to `user` (the server writes there) after checking that `user` can reach it.
+pub(super) fn hand_over(dir: &Path, user: &User) -> anyhow::Result<()> {
+    for ancestor in dir.ancestors().skip(1) {
+        let meta = fs::metadata(ancestor)
+            .with_context(|| format!("cannot inspect {}", ancestor.display()))?;
+        let mode = meta.permissions().mode();
+        let searchable = (meta.uid() == user.uid.as_raw() && mode & 0o100 != 0)
+            || (meta.gid() == user.gid.as_raw() && mode & 0o010 != 0)
+            || mode & 0o001 != 0;
+        if !searchable {
+            bail!(
+                "the `{}` user cannot reach {}: {} (mode {:o}) does not let it in; \
+                 use a directory under /tmp or `chmod o+x {}`",
+                user.name,
+                dir.display(),
+                ancestor.display(),
+                mode & 0o7777,
+                ancestor.display()
+            );
+        }
+    }
+    if fs::metadata(dir).map(|m| m.uid()).ok() != Some(user.uid.as_raw()) {
+        std::os::unix::fs::chown(dir, Some(user.uid.as_raw()), Some(user.gid.as_raw()))
+            .with_context(|| {
+                format!("cannot give {} to the `{}` user", dir.display(), user.name)
+            })?;
+    }
+    Ok(())
+}

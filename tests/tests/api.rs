@@ -1,0 +1,94 @@
+//! The write endpoints under concurrency: no lost updates, race-free creation, atomic bulk inserts,
+//! deadlocks detected and survived.
+
+use std::collections::BTreeSet;
+
+use fleet_tests::TestApp;
+use futures_util::future::join_all;
+use reqwest::StatusCode;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_increments_of_one_key_return_each_value_once() {
+    let app = TestApp::spawn(&[]);
+    let replies = join_all((0..1000).map(|_| app.api.increment("hot"))).await;
+
+    let failures: Vec<_> = replies.iter().filter(|r| r.status != StatusCode::OK).collect();
+    assert!(failures.is_empty(), "{} failed, first: {:?}", failures.len(), failures.first());
+    let values: BTreeSet<i64> = replies.iter().map(|r| r.body["value"].as_i64().unwrap()).collect();
+    assert_eq!(values, (1..=1000).collect::<BTreeSet<_>>(), "each of 1..1000 exactly once");
+    assert_eq!(app.sql_i64("SELECT value FROM counters WHERE key = 'hot'"), 1000);
+    assert_eq!(app.api.metric("fleet_increments_total").await, 1000.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_touches_of_fresh_keys_never_fail() {
+    let app = TestApp::spawn(&[]);
+    let keys: Vec<String> = (0..20).map(|i| format!("fresh-{i}")).collect();
+    let requests = keys.iter().flat_map(|key| (0..50).map(move |_| key));
+    let replies = join_all(requests.map(|key| app.api.increment(key))).await;
+
+    let failures: Vec<_> = replies.iter().filter(|r| r.status != StatusCode::OK).collect();
+    assert!(failures.is_empty(), "{} failed, first: {:?}", failures.len(), failures.first());
+    for key in &keys {
+        let values: BTreeSet<i64> = replies
+            .iter()
+            .filter(|r| r.body["key"] == key.as_str())
+            .map(|r| r.body["value"].as_i64().unwrap())
+            .collect();
+        assert_eq!(values, (1..=50).collect::<BTreeSet<_>>(), "values of {key}");
+    }
+    assert_eq!(app.sql_i64("SELECT count(*) FROM counters WHERE value = 50"), 20);
+    assert_eq!(app.api.metric(r#"fleet_db_errors_total{sqlstate="23505"}"#).await, 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_thousand_rows_go_in_one_atomic_bulk_insert_with_ids_in_input_order() {
+    let app = TestApp::spawn(&[]);
+    let rows: Vec<String> = (0..100_000).map(|i| format!("row-{i}")).collect();
+    let reply = app.api.bulk_insert(&rows).await;
+
+    assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
+    assert_eq!(reply.body["count"], 100_000);
+    let ids: Vec<i64> = reply.body["ids"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
+    assert_eq!(ids.len(), 100_000);
+    // Row i of the request must be the row whose id is ids[i].
+    let stored = app.sql("SELECT string_agg(id::text || '=' || content, ',' ORDER BY id) FROM data");
+    let expected: Vec<String> = ids.iter().zip(&rows).map(|(id, row)| format!("{id}={row}")).collect();
+    assert_eq!(stored, expected.join(","));
+    assert_eq!(app.sql_i64("SELECT count(*) FROM data WHERE container_id = 'app-1'"), 100_000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn opposite_transfers_deadlock_are_retried_and_keep_the_sum() {
+    let app = TestApp::spawn(&[]);
+    // Opposite transfers lock the same two rows in opposite orders; each round is a fresh pair.
+    let mut deadlocks = 0.0;
+    for round in 0..20 {
+        let (a, b) = (format!("a{round}"), format!("b{round}"));
+        let transfers = (0..8).map(|i| if i % 2 == 0 { (&a, &b) } else { (&b, &a) });
+        let replies = join_all(transfers.map(|(from, to)| app.api.transfer(from, to, 1))).await;
+        let failures: Vec<_> = replies.iter().filter(|r| r.status != StatusCode::OK).collect();
+        assert!(failures.is_empty(), "{} failed, first: {:?}", failures.len(), failures.first());
+        let sum = app.sql_i64(&format!("SELECT sum(value) FROM counters WHERE key IN ('{a}', '{b}')"));
+        assert_eq!(sum, 0, "the sum of two counters is invariant under transfers");
+        deadlocks = app.api.metric(r#"fleet_db_transaction_retries_total{sqlstate="40P01"}"#).await;
+        if deadlocks > 0.0 {
+            let retried = replies.iter().filter(|r| r.body["attempts"].as_u64() > Some(1)).count();
+            assert!(retried > 0, "a deadlock was retried, so some transfer took more than one attempt");
+            break;
+        }
+    }
+    assert!(deadlocks > 0.0, "opposite transfers never deadlocked in 20 rounds");
+    assert!(app.api.metric(r#"fleet_db_errors_total{sqlstate="40P01"}"#).await > 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sorted_lock_order_never_deadlocks() {
+    let app = TestApp::spawn(&[("LOCK_ORDER", "sorted")]);
+    let transfers = (0..200).map(|i| if i % 2 == 0 { ("a", "b") } else { ("b", "a") });
+    let replies = join_all(transfers.map(|(from, to)| app.api.transfer(from, to, 1))).await;
+
+    assert!(replies.iter().all(|r| r.status == StatusCode::OK && r.body["attempts"] == 1));
+    assert_eq!(app.sql_i64("SELECT sum(value) FROM counters"), 0);
+    assert_eq!(app.api.metric(r#"fleet_db_errors_total{sqlstate="40P01"}"#).await, 0.0);
+}

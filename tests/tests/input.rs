@@ -1,0 +1,80 @@
+//! Bad input gets the contract's 4xx JSON error and changes nothing.
+
+use fleet_tests::{Reply, TestApp};
+use reqwest::StatusCode;
+use serde_json::json;
+
+/// Asserts the error contract: status, code, `success: false`, a message, and the container.
+fn assert_error(reply: &Reply, status: StatusCode, code: &str, case: &str) {
+    assert_eq!(reply.status, status, "{case}: {:?}", reply.body);
+    assert_eq!(reply.code(), code, "{case}: {:?}", reply.body);
+    assert_eq!(reply.body["success"], false, "{case}");
+    assert!(!reply.body["error"].as_str().unwrap_or_default().is_empty(), "{case}: no message");
+    assert_eq!(reply.body["container"], "app-1", "{case}");
+    assert_eq!(reply.headers["x-container-id"], "app-1", "{case}");
+}
+
+fn table_counts(app: &TestApp) -> String {
+    app.sql("SELECT (SELECT count(*) FROM counters) || '/' || (SELECT count(*) FROM data)")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_bodies_are_rejected_with_a_clear_400_and_change_nothing() {
+    let app = TestApp::spawn(&[]);
+    let long_key = "k".repeat(256);
+    let cases: Vec<(&str, &str, String, &str)> = vec![
+        ("invalid JSON", "/api/increment", r#"{"key": "#.to_owned(), "invalid_json"),
+        ("empty body", "/api/increment", String::new(), "invalid_json"),
+        ("not JSON at all", "/api/bulk-insert", "hello".to_owned(), "invalid_json"),
+        ("missing key", "/api/increment", "{}".to_owned(), "invalid_request"),
+        ("key of the wrong type", "/api/increment", r#"{"key": 7}"#.to_owned(), "invalid_request"),
+        ("empty key", "/api/increment", r#"{"key": ""}"#.to_owned(), "invalid_request"),
+        ("256-char key", "/api/increment", json!({ "key": long_key }).to_string(), "invalid_request"),
+        ("NUL in a key", "/api/increment", r#"{"key": "a\u0000b"}"#.to_owned(), "invalid_request"),
+        ("data not an array", "/api/bulk-insert", r#"{"data": "x"}"#.to_owned(), "invalid_request"),
+        ("empty data", "/api/bulk-insert", r#"{"data": []}"#.to_owned(), "invalid_request"),
+        ("a number in data", "/api/bulk-insert", r#"{"data": ["a", 1]}"#.to_owned(), "invalid_request"),
+        ("NUL in the last row", "/api/bulk-insert", r#"{"data": ["a", "b", "c\u0000"]}"#.to_owned(), "invalid_request"),
+        ("zero amount", "/api/transfer", r#"{"from": "a", "to": "b", "amount": 0}"#.to_owned(), "invalid_request"),
+        ("negative amount", "/api/transfer", r#"{"from": "a", "to": "b", "amount": -5}"#.to_owned(), "invalid_request"),
+        ("fractional amount", "/api/transfer", r#"{"from": "a", "to": "b", "amount": 1.5}"#.to_owned(), "invalid_request"),
+        ("transfer to itself", "/api/transfer", r#"{"from": "a", "to": "a", "amount": 1}"#.to_owned(), "invalid_request"),
+        ("NUL in from", "/api/transfer", r#"{"from": "\u0000", "to": "a", "amount": 1}"#.to_owned(), "invalid_request"),
+        ("hold of 0 ms", "/api/hold", r#"{"ms": 0}"#.to_owned(), "invalid_request"),
+        ("hold too long", "/api/hold", r#"{"ms": 10001}"#.to_owned(), "invalid_request"),
+        ("negative hold", "/api/hold", r#"{"ms": -1}"#.to_owned(), "invalid_request"),
+    ];
+    for (case, path, body, code) in cases {
+        let reply = app.api.post_raw(path, body).await;
+        assert_error(&reply, StatusCode::BAD_REQUEST, code, case);
+    }
+    assert_eq!(table_counts(&app), "0/0", "a rejected request changed data");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_requests_get_413_naming_the_limit_and_insert_nothing() {
+    let app = TestApp::spawn(&[("BULK_MAX_ROWS", "1000"), ("BODY_LIMIT_BYTES", "65536")]);
+    let rows: Vec<String> = (0..1001).map(|i| i.to_string()).collect();
+    let reply = app.api.bulk_insert(&rows).await;
+    assert_error(&reply, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "1001 rows");
+    assert!(reply.body["error"].as_str().unwrap().contains("1000"), "{:?}", reply.body);
+
+    let big = json!({ "data": ["x".repeat(70_000)] }).to_string();
+    let reply = app.api.post_raw("/api/bulk-insert", big).await;
+    assert_error(&reply, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "70 kB body");
+    assert!(reply.body["error"].as_str().unwrap().contains("65536"), "{:?}", reply.body);
+
+    assert_eq!(table_counts(&app), "0/0");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_routes_and_wrong_methods_get_json_404_and_405() {
+    let app = TestApp::spawn(&[("LAB_ENDPOINTS", "false")]);
+    assert_error(&app.api.get("/api/nope").await, StatusCode::NOT_FOUND, "not_found", "unknown route");
+    assert_error(&app.api.get("/api/increment").await, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "GET increment");
+    assert_error(&app.api.post_raw("/health", "").await, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "POST health");
+    assert_error(&app.api.get("/api/counters/missing").await, StatusCode::NOT_FOUND, "not_found", "missing counter");
+    assert_error(&app.api.hold(10).await, StatusCode::NOT_FOUND, "not_found", "lab endpoints off");
+    let unmatched = app.api.metric(r#"fleet_http_requests_total{route="unmatched",method="GET",status="404"}"#).await;
+    assert_eq!(unmatched, 1.0, "unknown paths are counted under one bounded label");
+}

@@ -1,0 +1,152 @@
+//! A node's life: start-up on an empty database, the command line, losing the database, SIGTERM, metrics.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use fleet_local::{bins, Node};
+use fleet_tests::{node_bin, node_options, start_postgres, Api, TestApp};
+use reqwest::StatusCode;
+
+#[test]
+fn four_nodes_starting_at_once_on_an_empty_database_all_come_up() {
+    let pg = start_postgres();
+    let nodes: Vec<Node> = std::thread::scope(|s| {
+        let starts: Vec<_> = (1..=4)
+            .map(|i| {
+                let opts = node_options(&pg, &format!("app-{i}"), &[]);
+                s.spawn(move || Node::spawn(opts))
+            })
+            .collect();
+        starts.into_iter().map(|h| h.join().unwrap().expect("node starts")).collect()
+    });
+    assert_eq!(nodes.len(), 4);
+    assert_eq!(pg.psql("SELECT count(*) FROM schema_migrations").unwrap(), "1");
+    assert_eq!(pg.psql("SELECT count(*) FROM pg_tables WHERE tablename IN ('counters', 'data')").unwrap(), "2");
+}
+
+#[test]
+fn the_command_line_migrates_checks_health_and_names_a_bad_setting() {
+    let app = TestApp::spawn(&[]);
+    let run = |args: &[&str], env: &[(&str, String)]| {
+        let mut cmd = Command::new(node_bin());
+        cmd.args(args).env_clear().envs(env.iter().map(|(k, v)| (k, v))).stdin(Stdio::null());
+        cmd.output().expect("run the node binary")
+    };
+    let healthy = run(&["healthcheck"], &[("PORT", app.node.port().to_string())]);
+    assert!(healthy.status.success(), "{healthy:?}");
+
+    let unused_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let nobody = run(&["healthcheck"], &[("PORT", unused_port.to_string())]);
+    assert!(!nobody.status.success(), "healthcheck of a port with no node must fail");
+
+    let migrate = run(&["migrate"], &[("DATABASE_URL", app.pg.url()), ("LOG_FORMAT", "text".into())]);
+    assert!(migrate.status.success(), "{migrate:?}");
+
+    let bad = run(&["serve"], &[("POOL_SIZE", "lots".into())]);
+    assert!(!bad.status.success());
+    let stderr = String::from_utf8_lossy(&bad.stderr);
+    assert!(stderr.contains("POOL_SIZE"), "the error names the variable: {stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn losing_the_database_gives_fast_503s_and_the_node_recovers_by_itself() {
+    let mut app = TestApp::spawn(&[("POOL_WAIT_TIMEOUT_MS", "1000")]);
+    assert_eq!(app.api.increment("k").await.status, StatusCode::OK);
+
+    app.pg.stop().expect("stop PostgreSQL");
+    for _ in 0..3 {
+        let start = Instant::now();
+        let reply = app.api.increment("k").await;
+        assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{:?}", reply.body);
+        assert!(["database_unavailable", "pool_timeout"].contains(&reply.code()), "{:?}", reply.body);
+        assert!(reply.headers.contains_key("retry-after"));
+        assert!(start.elapsed() < Duration::from_millis(1000 + 2000), "took {:?}", start.elapsed());
+    }
+    assert_eq!(app.api.get("/health/ready").await.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(app.api.get("/health").await.body["status"], "unhealthy");
+    assert_eq!(app.api.get("/health/live").await.status, StatusCode::OK, "the node itself stays up");
+
+    app.pg.start_again().expect("restart PostgreSQL");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let value = loop {
+        let reply = app.api.increment("k").await;
+        if reply.status == StatusCode::OK {
+            break reply.body["value"].as_i64().unwrap();
+        }
+        assert!(Instant::now() < deadline, "no recovery within 30 s: {:?}", reply.body);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(value, 2, "the increment before the outage survived and the one after it counted once");
+    assert!(app.node.child().is_running());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_turns_readiness_off_lets_requests_finish_and_exits_zero() {
+    let pg = start_postgres();
+    let node = Node::spawn(node_options(&pg, "app-1", &[("SHUTDOWN_DRAIN_MS", "1500")])).unwrap();
+    let api = Api::new(node.url());
+    let in_flight = tokio::spawn({
+        let api = api.clone();
+        async move { api.hold(3000).await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let pool = api.get("/api/pool-stats").await.body;
+        if pool["totalCount"].as_u64() > pool["idleCount"].as_u64() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the hold never took a connection");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let mut node = node;
+    let stopping = tokio::task::spawn_blocking(move || node.child().terminate(Duration::from_secs(20)));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while api.get("/health/ready").await.status != StatusCode::SERVICE_UNAVAILABLE {
+        assert!(Instant::now() < deadline, "readiness never turned 503 after SIGTERM");
+    }
+    let held = in_flight.await.unwrap();
+    assert_eq!(held.status, StatusCode::OK, "the in-flight request finished: {:?}", held.body);
+    let status = stopping.await.unwrap().expect("the node exits");
+    assert_eq!(status.code(), Some(0), "{status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_pass_promtool_and_name_every_documented_family() {
+    let app = TestApp::spawn(&[]);
+    app.api.increment("m").await;
+    app.api.bulk_insert(&["x".to_owned()]).await;
+    app.api.get("/nowhere").await;
+    let text = app.api.metrics_text().await;
+
+    let mut promtool = Command::new(bins::prometheus_bin("promtool").unwrap())
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    promtool.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let checked = promtool.wait_with_output().unwrap();
+    assert!(checked.status.success(), "promtool: {}{}", String::from_utf8_lossy(&checked.stdout), String::from_utf8_lossy(&checked.stderr));
+    for family in [
+        "fleet_http_requests_total",
+        "fleet_http_request_duration_seconds",
+        "fleet_db_pool_max_connections",
+        "fleet_db_pool_connections",
+        "fleet_db_pool_waiting_requests",
+        "fleet_db_pool_wait_seconds",
+        "fleet_db_errors_total",
+        "fleet_db_transaction_retries_total",
+        "fleet_increments_total",
+        "fleet_bulk_insert_rows_total",
+        "fleet_build_info",
+        "process_resident_memory_bytes",
+    ] {
+        assert!(text.contains(&format!("# TYPE {family} ")), "{family} missing");
+    }
+    assert_eq!(fleet_tests::sample_value(&text, "fleet_increments_total"), 1.0);
+    assert_eq!(fleet_tests::sample_value(&text, "fleet_bulk_insert_rows_total"), 1.0);
+    assert_eq!(fleet_tests::sample_value(&text, "fleet_db_pool_max_connections"), 5.0);
+}
