@@ -75,6 +75,6 @@ async fn unknown_routes_and_wrong_methods_get_json_404_and_405() {
     assert_error(&app.api.post_raw("/health", "").await, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "POST health");
     assert_error(&app.api.get("/api/counters/missing").await, StatusCode::NOT_FOUND, "not_found", "missing counter");
     assert_error(&app.api.hold(10).await, StatusCode::NOT_FOUND, "not_found", "lab endpoints off");
-    let unmatched = app.api.metric(r#"fleet_http_requests_total{route="unmatched",method="GET",status="404"}"#).await;
+    let unmatched = app.api.metric(r#"fleet_http_requests_total{method="GET",route="unmatched",status="404"}"#).await;
     assert_eq!(unmatched, 1.0, "unknown paths are counted under one bounded label");
 }
