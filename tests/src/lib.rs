@@ -16,7 +16,9 @@ pub fn node_bin() -> PathBuf {
     let bin = test_exe.parent().and_then(|deps| deps.parent()).map(|dir| dir.join("fleet-node"));
     match bin {
         Some(bin) if bin.is_file() => bin,
-        _ => panic!("fleet-node is not built next to {}; run the suite with `cargo test`", test_exe.display()),
+        _ => {
+            panic!("fleet-node is not built next to {}; run the suite with `cargo test`", test_exe.display())
+        }
     }
 }
 

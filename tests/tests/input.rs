@@ -34,12 +34,42 @@ async fn malformed_bodies_are_rejected_with_a_clear_400_and_change_nothing() {
         ("data not an array", "/api/bulk-insert", r#"{"data": "x"}"#.to_owned(), "invalid_request"),
         ("empty data", "/api/bulk-insert", r#"{"data": []}"#.to_owned(), "invalid_request"),
         ("a number in data", "/api/bulk-insert", r#"{"data": ["a", 1]}"#.to_owned(), "invalid_request"),
-        ("NUL in the last row", "/api/bulk-insert", r#"{"data": ["a", "b", "c\u0000"]}"#.to_owned(), "invalid_request"),
-        ("zero amount", "/api/transfer", r#"{"from": "a", "to": "b", "amount": 0}"#.to_owned(), "invalid_request"),
-        ("negative amount", "/api/transfer", r#"{"from": "a", "to": "b", "amount": -5}"#.to_owned(), "invalid_request"),
-        ("fractional amount", "/api/transfer", r#"{"from": "a", "to": "b", "amount": 1.5}"#.to_owned(), "invalid_request"),
-        ("transfer to itself", "/api/transfer", r#"{"from": "a", "to": "a", "amount": 1}"#.to_owned(), "invalid_request"),
-        ("NUL in from", "/api/transfer", r#"{"from": "\u0000", "to": "a", "amount": 1}"#.to_owned(), "invalid_request"),
+        (
+            "NUL in the last row",
+            "/api/bulk-insert",
+            r#"{"data": ["a", "b", "c\u0000"]}"#.to_owned(),
+            "invalid_request",
+        ),
+        (
+            "zero amount",
+            "/api/transfer",
+            r#"{"from": "a", "to": "b", "amount": 0}"#.to_owned(),
+            "invalid_request",
+        ),
+        (
+            "negative amount",
+            "/api/transfer",
+            r#"{"from": "a", "to": "b", "amount": -5}"#.to_owned(),
+            "invalid_request",
+        ),
+        (
+            "fractional amount",
+            "/api/transfer",
+            r#"{"from": "a", "to": "b", "amount": 1.5}"#.to_owned(),
+            "invalid_request",
+        ),
+        (
+            "transfer to itself",
+            "/api/transfer",
+            r#"{"from": "a", "to": "a", "amount": 1}"#.to_owned(),
+            "invalid_request",
+        ),
+        (
+            "NUL in from",
+            "/api/transfer",
+            r#"{"from": "\u0000", "to": "a", "amount": 1}"#.to_owned(),
+            "invalid_request",
+        ),
         ("hold of 0 ms", "/api/hold", r#"{"ms": 0}"#.to_owned(), "invalid_request"),
         ("hold too long", "/api/hold", r#"{"ms": 10001}"#.to_owned(), "invalid_request"),
         ("negative hold", "/api/hold", r#"{"ms": -1}"#.to_owned(), "invalid_request"),
@@ -71,10 +101,26 @@ async fn oversized_requests_get_413_naming_the_limit_and_insert_nothing() {
 async fn unknown_routes_and_wrong_methods_get_json_404_and_405() {
     let app = TestApp::spawn(&[("LAB_ENDPOINTS", "false")]);
     assert_error(&app.api.get("/api/nope").await, StatusCode::NOT_FOUND, "not_found", "unknown route");
-    assert_error(&app.api.get("/api/increment").await, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "GET increment");
-    assert_error(&app.api.post_raw("/health", "").await, StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "POST health");
-    assert_error(&app.api.get("/api/counters/missing").await, StatusCode::NOT_FOUND, "not_found", "missing counter");
+    assert_error(
+        &app.api.get("/api/increment").await,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "GET increment",
+    );
+    assert_error(
+        &app.api.post_raw("/health", "").await,
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "POST health",
+    );
+    assert_error(
+        &app.api.get("/api/counters/missing").await,
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "missing counter",
+    );
     assert_error(&app.api.hold(10).await, StatusCode::NOT_FOUND, "not_found", "lab endpoints off");
-    let unmatched = app.api.metric(r#"fleet_http_requests_total{method="GET",route="unmatched",status="404"}"#).await;
+    let unmatched =
+        app.api.metric(r#"fleet_http_requests_total{method="GET",route="unmatched",status="404"}"#).await;
     assert_eq!(unmatched, 1.0, "unknown paths are counted under one bounded label");
 }

@@ -22,7 +22,10 @@ fn four_nodes_starting_at_once_on_an_empty_database_all_come_up() {
     });
     assert_eq!(nodes.len(), 4);
     assert_eq!(pg.psql("SELECT count(*) FROM schema_migrations").unwrap(), "1");
-    assert_eq!(pg.psql("SELECT count(*) FROM pg_tables WHERE tablename IN ('counters', 'data')").unwrap(), "2");
+    assert_eq!(
+        pg.psql("SELECT count(*) FROM pg_tables WHERE tablename IN ('counters', 'data')").unwrap(),
+        "2"
+    );
 }
 
 #[test]
@@ -129,7 +132,12 @@ async fn metrics_pass_promtool_and_name_every_documented_family() {
         .unwrap();
     promtool.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
     let checked = promtool.wait_with_output().unwrap();
-    assert!(checked.status.success(), "promtool: {}{}", String::from_utf8_lossy(&checked.stdout), String::from_utf8_lossy(&checked.stderr));
+    assert!(
+        checked.status.success(),
+        "promtool: {}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
     for family in [
         "fleet_http_requests_total",
         "fleet_http_request_duration_seconds",

@@ -28,9 +28,9 @@ pub fn main() -> ExitCode {
         }
     };
     let result = match command.as_str() {
-        "serve" => run_async(config, |config| async {
-            Application::build(config).await?.run_until_stopped().await
-        }),
+        "serve" => {
+            run_async(config, |config| async { Application::build(config).await?.run_until_stopped().await })
+        }
         "migrate" => run_async(config, |config| async move { startup::migrate(&config).await }),
         "healthcheck" => healthcheck(config.port),
         "-h" | "--help" | "help" => {
@@ -64,7 +64,8 @@ where
 /// `GET /health/ready` on the local node, with a plain HTTP/1.0 request (no curl in the image).
 fn healthcheck(port: u16) -> anyhow::Result<()> {
     let timeout = Some(Duration::from_secs(3));
-    let mut stream = TcpStream::connect(("127.0.0.1", port)).with_context(|| format!("no node on port {port}"))?;
+    let mut stream =
+        TcpStream::connect(("127.0.0.1", port)).with_context(|| format!("no node on port {port}"))?;
     stream.set_read_timeout(timeout)?;
     stream.set_write_timeout(timeout)?;
     stream.write_all(b"GET /health/ready HTTP/1.0\r\nHost: localhost\r\n\r\n")?;

@@ -133,10 +133,9 @@ impl Config {
     /// The connection settings for PostgreSQL, with `statement_timeout` and `application_name` set.
     pub fn pg_config(&self) -> anyhow::Result<tokio_postgres::Config> {
         let mut pg = match &self.database_url {
-            Some(url) => url
-                .expose()
-                .parse::<tokio_postgres::Config>()
-                .map_err(|_| anyhow::anyhow!("DATABASE_URL is not a valid postgres:// URL or key=value string"))?,
+            Some(url) => url.expose().parse::<tokio_postgres::Config>().map_err(|_| {
+                anyhow::anyhow!("DATABASE_URL is not a valid postgres:// URL or key=value string")
+            })?,
             None => {
                 let mut pg = tokio_postgres::Config::new();
                 pg.host(&self.postgres_host)
@@ -247,11 +246,9 @@ mod tests {
 
     #[test]
     fn secrets_never_show_in_debug_output() {
-        let config = parse(&[
-            ("DATABASE_URL", "postgres://u:hunter2@db/app"),
-            ("POSTGRES_PASSWORD", "hunter3"),
-        ])
-        .unwrap();
+        let config =
+            parse(&[("DATABASE_URL", "postgres://u:hunter2@db/app"), ("POSTGRES_PASSWORD", "hunter3")])
+                .unwrap();
         let debug = format!("{config:?}");
         assert!(!debug.contains("hunter"), "{debug}");
     }

@@ -60,11 +60,17 @@ impl Metrics {
                 &["sqlstate"],
             )?,
             transaction_retries: IntCounterVec::new(
-                opts("db_transaction_retries_total", "Transactions retried, by the SQLSTATE that aborted them."),
+                opts(
+                    "db_transaction_retries_total",
+                    "Transactions retried, by the SQLSTATE that aborted them.",
+                ),
                 &["sqlstate"],
             )?,
             increments: IntCounter::with_opts(opts("increments_total", "Counter increments committed."))?,
-            bulk_insert_rows: IntCounter::with_opts(opts("bulk_insert_rows_total", "Rows committed by bulk inserts."))?,
+            bulk_insert_rows: IntCounter::with_opts(opts(
+                "bulk_insert_rows_total",
+                "Rows committed by bulk inserts.",
+            ))?,
             registry,
         };
         // Export the SQLSTATEs the node handles by name from the first scrape on, at 0.

@@ -82,10 +82,7 @@ fn not_found(name: &str, package: &str, variable: &str) -> String {
 fn in_override_dir(name: &str, dir: &Path, variable: &str) -> anyhow::Result<PathBuf> {
     match executable_in(dir, name) {
         Some(path) => Ok(path),
-        None => bail!(
-            "{variable} is {}, which has no executable `{name}`",
-            dir.display()
-        ),
+        None => bail!("{variable} is {}, which has no executable `{name}`", dir.display()),
     }
 }
 
@@ -93,10 +90,7 @@ fn override_file(path: &Path, variable: &str) -> anyhow::Result<PathBuf> {
     if is_executable(path) {
         Ok(path.to_owned())
     } else {
-        bail!(
-            "{variable} is {}, which is not an executable file",
-            path.display()
-        )
+        bail!("{variable} is {}, which is not an executable file", path.display())
     }
 }
 
@@ -134,17 +128,12 @@ fn in_versioned_dirs(name: &str, root: &Path) -> Option<PathBuf> {
         .filter_map(|entry| Some((parse_version(&entry.file_name())?, entry.path())))
         .collect();
     versions.sort_by(|a, b| b.0.cmp(&a.0));
-    versions
-        .iter()
-        .find_map(|(_, dir)| executable_in(&dir.join("bin"), name))
+    versions.iter().find_map(|(_, dir)| executable_in(&dir.join("bin"), name))
 }
 
 /// `"15"` → `[15]`, `"9.6"` → `[9, 6]`; anything else is not a version directory.
 fn parse_version(name: &OsString) -> Option<Vec<u32>> {
-    name.to_str()?
-        .split('.')
-        .map(|part| part.parse().ok())
-        .collect()
+    name.to_str()?.split('.').map(|part| part.parse().ok()).collect()
 }
 
 #[cfg(test)]
@@ -162,11 +151,7 @@ mod tests {
     #[test]
     fn the_first_path_entry_holding_the_binary_wins() {
         let tmp = tempfile::tempdir().unwrap();
-        let (empty, first, second) = (
-            tmp.path().join("a"),
-            tmp.path().join("b"),
-            tmp.path().join("c"),
-        );
+        let (empty, first, second) = (tmp.path().join("a"), tmp.path().join("b"), tmp.path().join("c"));
         fs::create_dir_all(&empty).unwrap();
         let expected = fake_binary(&first, "initdb");
         fake_binary(&second, "initdb");
@@ -208,10 +193,7 @@ mod tests {
             find_postgres_bin("initdb", pg_bin, path, || pg_config, &versions).unwrap()
         };
 
-        assert_eq!(
-            find(Some(dir("override").as_os_str()), Some(&path), pg_config()),
-            override_bin
-        );
+        assert_eq!(find(Some(dir("override").as_os_str()), Some(&path), pg_config()), override_bin);
         assert_eq!(find(None, Some(&path), pg_config()), path_bin);
         assert_eq!(find(None, None, pg_config()), pg_config_bin);
         assert_eq!(find(None, None, None), versioned_bin);
@@ -222,14 +204,8 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let on_path = fake_binary(&tmp.path().join("path"), "psql");
         let path = on_path.parent().unwrap().as_os_str();
-        let error = find_postgres_bin(
-            "psql",
-            Some(tmp.path().as_os_str()),
-            Some(path),
-            || None,
-            tmp.path(),
-        )
-        .unwrap_err();
+        let error = find_postgres_bin("psql", Some(tmp.path().as_os_str()), Some(path), || None, tmp.path())
+            .unwrap_err();
         assert!(error.to_string().contains("PG_BIN"), "{error}");
     }
 
@@ -237,9 +213,6 @@ mod tests {
     fn a_missing_binary_names_the_package_to_install() {
         let tmp = tempfile::tempdir().unwrap();
         let error = find_postgres_bin("pgbench", None, None, || None, tmp.path()).unwrap_err();
-        assert!(
-            error.to_string().contains("apt-get install postgresql"),
-            "{error}"
-        );
+        assert!(error.to_string().contains("apt-get install postgresql"), "{error}");
     }
 }

@@ -77,17 +77,9 @@ impl Node {
         let child = Child::spawn(&opts.container_id, cmd, opts.quiet)
             .with_context(|| format!("cannot start node {}", opts.container_id))?;
         let line = child.wait_for_line(LISTENING, READY_TIMEOUT)?;
-        let port = parse_listening_port(&line).with_context(|| {
-            format!(
-                "cannot read the port from {}'s line {line:?}",
-                opts.container_id
-            )
-        })?;
-        let mut node = Node {
-            container_id: opts.container_id,
-            port,
-            child,
-        };
+        let port = parse_listening_port(&line)
+            .with_context(|| format!("cannot read the port from {}'s line {line:?}", opts.container_id))?;
+        let mut node = Node { container_id: opts.container_id, port, child };
         node.wait_until_ready(deadline)?;
         tracing::info!(node = %node.container_id, url = %node.url(), "node ready");
         Ok(node)
@@ -149,9 +141,7 @@ impl Node {
 fn parse_listening_port(line: &str) -> Option<u16> {
     let start = line.find(LISTENING)? + LISTENING.len();
     let rest = &line[start..];
-    let end = rest
-        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '.' || c == ':'))
-        .unwrap_or(rest.len());
+    let end = rest.find(|c: char| !(c.is_ascii_alphanumeric() || c == '.' || c == ':')).unwrap_or(rest.len());
     let (_host, port) = rest[..end].rsplit_once(':')?;
     port.parse().ok()
 }
@@ -182,10 +172,7 @@ mod tests {
     #[test]
     fn a_line_without_a_port_gives_none() {
         assert_eq!(parse_listening_port("listening on http://127.0.0.1"), None);
-        assert_eq!(
-            parse_listening_port("listening on http://127.0.0.1:99999"),
-            None
-        );
+        assert_eq!(parse_listening_port("listening on http://127.0.0.1:99999"), None);
         assert_eq!(parse_listening_port("started"), None);
     }
 
@@ -201,9 +188,6 @@ mod tests {
             quiet: true,
         };
         let debug = format!("{opts:?}");
-        assert!(
-            !debug.contains("apppass") && !debug.contains("hunter2"),
-            "{debug}"
-        );
+        assert!(!debug.contains("apppass") && !debug.contains("hunter2"), "{debug}");
     }
 }

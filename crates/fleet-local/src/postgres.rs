@@ -79,11 +79,8 @@ impl Postgres {
         };
         let (dir, temp_dir) = match &opts.dir {
             Some(dir) => {
-                fs::create_dir_all(dir)
-                    .with_context(|| format!("cannot create {}", dir.display()))?;
-                let dir = dir
-                    .canonicalize()
-                    .with_context(|| format!("cannot resolve {}", dir.display()))?;
+                fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+                let dir = dir.canonicalize().with_context(|| format!("cannot resolve {}", dir.display()))?;
                 (dir, None)
             }
             None => {
@@ -117,18 +114,12 @@ impl Postgres {
 
     /// The application's URL: `postgres://appuser:apppass@127.0.0.1:PORT/appdb`.
     pub fn url(&self) -> String {
-        format!(
-            "postgres://{APP_USER}:{APP_PASSWORD}@127.0.0.1:{}/{APP_DATABASE}",
-            self.port
-        )
+        format!("postgres://{APP_USER}:{APP_PASSWORD}@127.0.0.1:{}/{APP_DATABASE}", self.port)
     }
 
     /// The superuser's URL, to the application's database.
     pub fn admin_url(&self) -> String {
-        format!(
-            "postgres://{ADMIN_USER}:{ADMIN_PASSWORD}@127.0.0.1:{}/{APP_DATABASE}",
-            self.port
-        )
+        format!("postgres://{ADMIN_USER}:{ADMIN_PASSWORD}@127.0.0.1:{}/{APP_DATABASE}", self.port)
     }
 
     /// The TCP port on 127.0.0.1.
@@ -160,9 +151,7 @@ impl Postgres {
         let stopped = signal_and_wait(postmaster, Signal::SIGINT, STOP_TIMEOUT)?;
         if stopped.is_none() {
             postmaster.kill().context("cannot kill the postmaster")?;
-            postmaster
-                .wait()
-                .context("cannot wait for the postmaster")?;
+            postmaster.wait().context("cannot wait for the postmaster")?;
         }
         self.postmaster = None;
         if stopped.is_none() {
@@ -193,16 +182,7 @@ impl Postgres {
     fn psql_on(&self, database: &str, sql: &str) -> anyhow::Result<String> {
         let output = Command::new(postgres_bin("psql")?)
             .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1"])
-            .args([
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                ADMIN_USER,
-                "-d",
-                database,
-                "-c",
-                sql,
-            ])
+            .args(["-p", &self.port.to_string(), "-U", ADMIN_USER, "-d", database, "-c", sql])
             .env("PGPASSWORD", ADMIN_PASSWORD)
             .env("PGCONNECT_TIMEOUT", "10")
             .stdin(Stdio::null())
@@ -234,25 +214,12 @@ impl Postgres {
         let password_file = self.dir.join("initdb-password");
         fs::write(&password_file, ADMIN_PASSWORD).context("cannot write initdb's password file")?;
         if let Some(user) = &self.run_as {
-            std::os::unix::fs::chown(
-                &password_file,
-                Some(user.uid.as_raw()),
-                Some(user.gid.as_raw()),
-            )
-            .context("cannot hand initdb's password file to the postgres user")?;
+            std::os::unix::fs::chown(&password_file, Some(user.uid.as_raw()), Some(user.gid.as_raw()))
+                .context("cannot hand initdb's password file to the postgres user")?;
         }
         let mut cmd = self.command("initdb")?;
-        cmd.arg("-D")
-            .arg(&self.data_dir)
-            .args(["-U", ADMIN_USER])
-            .arg("--pwfile")
-            .arg(&password_file);
-        cmd.args([
-            "--auth-local=trust",
-            "--auth-host=scram-sha-256",
-            "--encoding=UTF8",
-            "--locale=C",
-        ]);
+        cmd.arg("-D").arg(&self.data_dir).args(["-U", ADMIN_USER]).arg("--pwfile").arg(&password_file);
+        cmd.args(["--auth-local=trust", "--auth-host=scram-sha-256", "--encoding=UTF8", "--locale=C"]);
         if !durable {
             cmd.arg("--no-sync");
         }
@@ -286,15 +253,11 @@ impl Postgres {
             let Err(error) = self.wait_until_ready(log_start) else {
                 return Ok(());
             };
-            let lost_port =
-                self.postmaster.is_none() && self.log_tail(log_start).contains("could not bind");
+            let lost_port = self.postmaster.is_none() && self.log_tail(log_start).contains("could not bind");
             if !lost_port || attempt == attempts {
                 return Err(error);
             }
-            tracing::warn!(
-                port = self.port,
-                "another process took PostgreSQL's port; trying another"
-            );
+            tracing::warn!(port = self.port, "another process took PostgreSQL's port; trying another");
         }
     }
 
@@ -305,18 +268,11 @@ impl Postgres {
             .open(self.log_file())
             .context("cannot open PostgreSQL's log file")?;
         let mut cmd = self.command("postgres")?;
-        cmd.arg("-D")
-            .arg(&self.data_dir)
-            .arg("-p")
-            .arg(self.port.to_string());
+        cmd.arg("-D").arg(&self.data_dir).arg("-p").arg(self.port.to_string());
         for (name, value) in &self.settings {
             cmd.arg("-c").arg(format!("{name}={value}"));
         }
-        cmd.stdout(
-            log.try_clone()
-                .context("cannot share PostgreSQL's log file")?,
-        )
-        .stderr(log);
+        cmd.stdout(log.try_clone().context("cannot share PostgreSQL's log file")?).stderr(log);
         die_with_parent(&mut cmd);
         let child = cmd.spawn().context("cannot start postgres")?;
         self.postmaster = Some(child);
@@ -328,14 +284,8 @@ impl Postgres {
         let pg_isready = postgres_bin("pg_isready")?;
         let deadline = Instant::now() + READY_TIMEOUT;
         loop {
-            let postmaster = self
-                .postmaster
-                .as_mut()
-                .context("PostgreSQL is not running")?;
-            if let Some(status) = postmaster
-                .try_wait()
-                .context("cannot check on the postmaster")?
-            {
+            let postmaster = self.postmaster.as_mut().context("PostgreSQL is not running")?;
+            if let Some(status) = postmaster.try_wait().context("cannot check on the postmaster")? {
                 self.postmaster = None;
                 bail!(
                     "PostgreSQL exited ({status}) while starting; server log:\n{}",
@@ -343,15 +293,7 @@ impl Postgres {
                 );
             }
             let ready = Command::new(&pg_isready)
-                .args([
-                    "-q",
-                    "-t",
-                    "1",
-                    "-h",
-                    "127.0.0.1",
-                    "-p",
-                    &self.port.to_string(),
-                ])
+                .args(["-q", "-t", "1", "-h", "127.0.0.1", "-p", &self.port.to_string()])
                 .args(["-U", ADMIN_USER, "-d", "postgres"])
                 .stdin(Stdio::null())
                 .status()
@@ -385,10 +327,7 @@ impl Postgres {
             &format!("SELECT count(*) FROM pg_database WHERE datname = '{APP_DATABASE}'"),
         )?;
         if exists == "0" {
-            self.psql_on(
-                "postgres",
-                &format!("CREATE DATABASE {APP_DATABASE} OWNER {APP_USER}"),
-            )?;
+            self.psql_on("postgres", &format!("CREATE DATABASE {APP_DATABASE} OWNER {APP_USER}"))?;
         }
         Ok(())
     }
@@ -412,10 +351,7 @@ impl Drop for Postgres {
     fn drop(&mut self) {
         if let Some(postmaster) = self.postmaster.as_mut() {
             // SIGQUIT = immediate shutdown: no checkpoint, the next start recovers. Fine for a cluster we discard.
-            if !matches!(
-                signal_and_wait(postmaster, Signal::SIGQUIT, DROP_TIMEOUT),
-                Ok(Some(_))
-            ) {
+            if !matches!(signal_and_wait(postmaster, Signal::SIGQUIT, DROP_TIMEOUT), Ok(Some(_))) {
                 let _ = postmaster.kill();
                 if let Err(error) = wait_timeout(postmaster, DROP_TIMEOUT) {
                     tracing::warn!(error = %format!("{error:#}"), "cannot wait for the postmaster");

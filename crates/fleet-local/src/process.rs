@@ -52,9 +52,7 @@ struct OutputState {
 impl Output {
     fn lock(&self) -> MutexGuard<'_, OutputState> {
         // A reader thread cannot panic while holding the lock, but never let poisoning stop a shutdown.
-        self.state
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -72,13 +70,9 @@ impl Child {
     /// Spawns `cmd` with piped stdout/stderr, forwarding each line as `[name] line` to our stderr
     /// unless `quiet` (lines are remembered either way).
     pub fn spawn(name: &str, mut cmd: Command, quiet: bool) -> anyhow::Result<Child> {
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         die_with_parent(&mut cmd);
-        let mut process = cmd
-            .spawn()
-            .with_context(|| format!("cannot start {name}: {cmd:?}"))?;
+        let mut process = cmd.spawn().with_context(|| format!("cannot start {name}: {cmd:?}"))?;
         let output = Arc::new(Output::default());
         if let Some(stdout) = process.stdout.take() {
             forward(name, stdout, quiet, Arc::clone(&output))?;
@@ -87,12 +81,7 @@ impl Child {
             forward(name, stderr, quiet, Arc::clone(&output))?;
         }
         tracing::debug!(child.name = name, child.pid = process.id(), "started child");
-        Ok(Child {
-            name: name.to_owned(),
-            process,
-            output,
-            status: None,
-        })
+        Ok(Child { name: name.to_owned(), process, output, status: None })
     }
 
     /// The process id.
@@ -127,8 +116,7 @@ impl Child {
         }
         tracing::warn!(child.name = %self.name, grace_ms = grace.as_millis(), "child ignored SIGTERM; killing it");
         self.kill()?;
-        self.status
-            .with_context(|| format!("{} has no exit status after SIGKILL", self.name))
+        self.status.with_context(|| format!("{} has no exit status after SIGKILL", self.name))
     }
 
     /// Sends SIGKILL and waits for the process to exit.
@@ -137,13 +125,8 @@ impl Child {
             return Ok(());
         }
         // `std::process::Child::kill` sends SIGKILL to this PID only, and only while it is unreaped.
-        self.process
-            .kill()
-            .with_context(|| format!("cannot kill {}", self.name))?;
-        let status = self
-            .process
-            .wait()
-            .with_context(|| format!("cannot wait for {}", self.name))?;
+        self.process.kill().with_context(|| format!("cannot kill {}", self.name))?;
+        let status = self.process.wait().with_context(|| format!("cannot wait for {}", self.name))?;
         self.status = Some(status);
         Ok(())
     }
@@ -254,9 +237,7 @@ pub(crate) fn die_with_parent(cmd: &mut Command) {
     )]
     // SAFETY: the closure only calls prctl(2), which is async-signal-safe and touches no shared state.
     unsafe {
-        cmd.pre_exec(|| {
-            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
-        });
+        cmd.pre_exec(|| nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from));
     }
 }
 
@@ -306,11 +287,8 @@ mod tests {
 
     #[test]
     fn a_line_printed_before_the_wait_is_found() {
-        let child =
-            Child::spawn("echo", sh("echo hello; echo ready now; exec sleep 5"), true).unwrap();
-        let line = child
-            .wait_for_line("ready", Duration::from_secs(5))
-            .unwrap();
+        let child = Child::spawn("echo", sh("echo hello; echo ready now; exec sleep 5"), true).unwrap();
+        let line = child.wait_for_line("ready", Duration::from_secs(5)).unwrap();
         assert_eq!(line, "ready now");
         assert!(child.recent_output().contains("hello"));
     }
@@ -318,9 +296,7 @@ mod tests {
     #[test]
     fn waiting_for_a_line_fails_with_the_output_when_the_process_exits() {
         let child = Child::spawn("fails", sh("echo boom >&2; exit 3"), true).unwrap();
-        let error = child
-            .wait_for_line("never", Duration::from_secs(5))
-            .unwrap_err();
+        let error = child.wait_for_line("never", Duration::from_secs(5)).unwrap_err();
         let message = format!("{error:#}");
         assert!(message.contains("exited before printing"), "{message}");
         assert!(message.contains("boom"), "{message}");
@@ -329,23 +305,16 @@ mod tests {
     #[test]
     fn waiting_for_a_line_times_out() {
         let child = Child::spawn("sleeper", sh("sleep 5"), true).unwrap();
-        let error = child
-            .wait_for_line("never", Duration::from_millis(100))
-            .unwrap_err();
+        let error = child.wait_for_line("never", Duration::from_millis(100)).unwrap_err();
         assert!(format!("{error:#}").contains("timed out"));
     }
 
     #[test]
     fn terminate_kills_a_process_that_ignores_sigterm() {
-        let mut child = Child::spawn(
-            "stubborn",
-            sh("trap '' TERM; echo armed; while :; do sleep 0.1; done"),
-            true,
-        )
-        .unwrap();
-        child
-            .wait_for_line("armed", Duration::from_secs(5))
-            .unwrap();
+        let mut child =
+            Child::spawn("stubborn", sh("trap '' TERM; echo armed; while :; do sleep 0.1; done"), true)
+                .unwrap();
+        child.wait_for_line("armed", Duration::from_secs(5)).unwrap();
         let status = child.terminate(Duration::from_millis(200)).unwrap();
         assert!(!status.success());
         assert!(!child.is_running());

@@ -9,18 +9,11 @@ use fleet_local::{postgres_bin, Postgres, PostgresOptions};
 fn a_cluster_starts_stops_starts_again_and_leaves_nothing_behind() {
     let mut postgres = Postgres::start(PostgresOptions::default()).unwrap();
     assert_eq!(postgres.psql("select 1").unwrap(), "1");
-    assert!(postgres
-        .url()
-        .ends_with(&format!("@127.0.0.1:{}/appdb", postgres.port())));
-    assert_eq!(
-        psql_as_app(&postgres.url(), "select current_user"),
-        "appuser"
-    );
+    assert!(postgres.url().ends_with(&format!("@127.0.0.1:{}/appdb", postgres.port())));
+    assert_eq!(psql_as_app(&postgres.url(), "select current_user"), "appuser");
 
     let port = postgres.port();
-    postgres
-        .psql("create table kept (n int); insert into kept values (42)")
-        .unwrap();
+    postgres.psql("create table kept (n int); insert into kept values (42)").unwrap();
     postgres.stop().unwrap();
     assert_eq!(postgres.pid(), None);
     postgres.start_again().unwrap();
@@ -30,15 +23,8 @@ fn a_cluster_starts_stops_starts_again_and_leaves_nothing_behind() {
     let pid = postgres.pid().unwrap();
     let cluster_dir = postgres.data_dir().parent().unwrap().to_owned();
     drop(postgres);
-    assert!(
-        !cluster_dir.exists(),
-        "{} is still there",
-        cluster_dir.display()
-    );
-    assert!(
-        !Path::new(&format!("/proc/{pid}")).exists(),
-        "postmaster {pid} is still running"
-    );
+    assert!(!cluster_dir.exists(), "{} is still there", cluster_dir.display());
+    assert!(!Path::new(&format!("/proc/{pid}")).exists(), "postmaster {pid} is still running");
 }
 
 #[test]
@@ -59,10 +45,6 @@ fn psql_as_app(url: &str, sql: &str) -> String {
         .args(["-X", "-A", "-t", "-w", "-d", url, "-c", sql])
         .output()
         .unwrap();
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     String::from_utf8_lossy(&output.stdout).trim().to_owned()
 }

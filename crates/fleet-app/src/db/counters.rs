@@ -39,7 +39,9 @@ async fn lock_counter(tx: &impl GenericClient, key: &str) -> Result<i64, DbError
 /// Adds `delta` to the locked counter `key` and returns the new value.
 async fn add(tx: &impl GenericClient, key: &str, delta: i64) -> Result<i64, DbError> {
     let update = tx
-        .prepare_cached("UPDATE counters SET value = value + $2, last_modified = now() WHERE key = $1 RETURNING value")
+        .prepare_cached(
+            "UPDATE counters SET value = value + $2, last_modified = now() WHERE key = $1 RETURNING value",
+        )
         .await?;
     Ok(tx.query_one(&update, &[&key, &delta]).await?.get(0))
 }

@@ -5,7 +5,7 @@
 use tokio_postgres::Client;
 
 /// Arbitrary but fixed: the advisory lock key that serialises migrations across the fleet.
-const MIGRATION_LOCK_KEY: i64 = 0x7067_666c_6565_74; // "pgfleet"
+const MIGRATION_LOCK_KEY: i64 = 0x0070_6766_6c65_6574; // "pgfleet" in ASCII
 
 /// Each migration's version and SQL, in order. Never edit one that has shipped: add a new one.
 const MIGRATIONS: &[(i32, &str)] = &[(
@@ -35,10 +35,8 @@ pub async fn run(client: &mut Client) -> Result<Vec<i32>, tokio_postgres::Error>
          )",
     )
     .await?;
-    let current: i32 = tx
-        .query_one("SELECT COALESCE(max(version), 0) FROM schema_migrations", &[])
-        .await?
-        .get(0);
+    let current: i32 =
+        tx.query_one("SELECT COALESCE(max(version), 0) FROM schema_migrations", &[]).await?.get(0);
     let mut applied = Vec::new();
     for &(version, sql) in MIGRATIONS.iter().filter(|(version, _)| *version > current) {
         tx.batch_execute(sql).await?;

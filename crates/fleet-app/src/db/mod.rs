@@ -9,7 +9,9 @@ mod stats;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime, Status, Timeouts};
+use deadpool_postgres::{
+    Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime, Status, Timeouts,
+};
 use rand::Rng;
 use tokio_postgres::NoTls;
 
@@ -47,7 +49,8 @@ impl DbError {
             DbError::Postgres(e) => {
                 e.is_closed()
                     || matches!(e.code().map(|c| c.code()), Some(code) if code.starts_with("08") || code.starts_with("57P"))
-                    || (e.code().is_none() && std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>()))
+                    || (e.code().is_none()
+                        && std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>()))
             }
             DbError::Pool(_) => true,
         }

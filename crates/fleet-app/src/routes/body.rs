@@ -20,22 +20,22 @@ impl<T: DeserializeOwned + 'static> FromRequest for JsonBody<T> {
     type Future = LocalBoxFuture<'static, Result<Self, ApiError>>;
 
     fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
-        let limit = req
-            .app_data::<web::Data<AppState>>()
-            .map_or(usize::MAX, |state| state.body_limit_bytes);
+        let limit = req.app_data::<web::Data<AppState>>().map_or(usize::MAX, |state| state.body_limit_bytes);
         let declared = req
             .headers()
             .get(actix_web::http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
         let mut payload = payload.take();
         Box::pin(async move {
-            let too_large = || ApiError::PayloadTooLarge(format!("request body is larger than {limit} bytes"));
+            let too_large =
+                || ApiError::PayloadTooLarge(format!("request body is larger than {limit} bytes"));
             if declared.is_some_and(|len| len > limit) {
                 return Err(too_large());
             }
             let mut body = web::BytesMut::new();
             while let Some(chunk) = payload.next().await {
-                let chunk = chunk.map_err(|e| ApiError::InvalidRequest(format!("could not read the body: {e}")))?;
+                let chunk =
+                    chunk.map_err(|e| ApiError::InvalidRequest(format!("could not read the body: {e}")))?;
                 if body.len() + chunk.len() > limit {
                     return Err(too_large());
                 }

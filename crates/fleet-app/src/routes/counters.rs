@@ -65,7 +65,10 @@ pub async fn transfer(
     })))
 }
 
-pub async fn get_counter(state: web::Data<AppState>, key: web::Path<String>) -> Result<HttpResponse, ApiError> {
+pub async fn get_counter(
+    state: web::Data<AppState>,
+    key: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
     check_text("key", &key, Some(MAX_KEY_CHARS))?;
     let counter = state
         .db

@@ -17,7 +17,10 @@ pub struct HoldRequest {
     ms: u64,
 }
 
-pub async fn hold(state: web::Data<AppState>, JsonBody(req): JsonBody<HoldRequest>) -> Result<HttpResponse, ApiError> {
+pub async fn hold(
+    state: web::Data<AppState>,
+    JsonBody(req): JsonBody<HoldRequest>,
+) -> Result<HttpResponse, ApiError> {
     let start = Instant::now();
     if !(1..=MAX_HOLD_MS).contains(&req.ms) {
         return Err(ApiError::InvalidRequest(format!("ms must be 1 to {MAX_HOLD_MS}, got {}", req.ms)));

@@ -110,10 +110,7 @@ pub async fn record_metrics(
     if let Some(metrics) = metrics {
         let route = res.request().match_pattern().unwrap_or_else(|| "unmatched".to_owned());
         let status = res.status();
-        metrics
-            .http_requests
-            .with_label_values(&[route.as_str(), method, status.as_str()])
-            .inc();
+        metrics.http_requests.with_label_values(&[route.as_str(), method, status.as_str()]).inc();
         metrics
             .http_request_duration
             .with_label_values(&[route.as_str(), method])
@@ -151,7 +148,9 @@ fn check_text(field: &str, value: &str, max_chars: Option<usize>) -> Result<(), 
     if let Some(max) = max_chars {
         let len = value.chars().count();
         if len == 0 || len > max {
-            return Err(ApiError::InvalidRequest(format!("{field} must be 1 to {max} characters, got {len}")));
+            return Err(ApiError::InvalidRequest(format!(
+                "{field} must be 1 to {max} characters, got {len}"
+            )));
         }
     }
     Ok(())

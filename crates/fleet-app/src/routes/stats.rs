@@ -38,7 +38,5 @@ pub async fn metrics(state: web::Data<AppState>) -> Result<HttpResponse, ApiErro
         tracing::error!(error = %e, "rendering metrics failed");
         ApiError::Internal
     })?;
-    Ok(HttpResponse::Ok()
-        .content_type("text/plain; version=0.0.4; charset=utf-8")
-        .body(text))
+    Ok(HttpResponse::Ok().content_type("text/plain; version=0.0.4; charset=utf-8").body(text))
 }

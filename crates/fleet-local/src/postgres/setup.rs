@@ -61,29 +61,22 @@ pub(super) fn settings(opts: &PostgresOptions, dir: &Path) -> Vec<(String, Strin
             settings.push((name, "off".to_owned()));
         }
     }
-    let mut settings: Vec<(String, String)> = settings
-        .into_iter()
-        .map(|(n, v)| (n.to_owned(), v))
-        .collect();
+    let mut settings: Vec<(String, String)> = settings.into_iter().map(|(n, v)| (n.to_owned(), v)).collect();
     settings.extend(opts.extra_settings.iter().cloned());
     settings
 }
 
 /// A free TCP port on 127.0.0.1 (free now: another process may take it before the server binds it).
 pub(super) fn free_port() -> anyhow::Result<u16> {
-    let listener =
-        TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("cannot find a free port")?;
-    Ok(listener
-        .local_addr()
-        .context("cannot read the free port")?
-        .port())
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("cannot find a free port")?;
+    Ok(listener.local_addr().context("cannot read the free port")?.port())
 }
 
 /// Gives `dir` to `user` (the server writes there) after checking that `user` can reach it.
 pub(super) fn hand_over(dir: &Path, user: &User) -> anyhow::Result<()> {
     for ancestor in dir.ancestors().skip(1) {
-        let meta = fs::metadata(ancestor)
-            .with_context(|| format!("cannot inspect {}", ancestor.display()))?;
+        let meta =
+            fs::metadata(ancestor).with_context(|| format!("cannot inspect {}", ancestor.display()))?;
         let mode = meta.permissions().mode();
         let searchable = (meta.uid() == user.uid.as_raw() && mode & 0o100 != 0)
             || (meta.gid() == user.gid.as_raw() && mode & 0o010 != 0)
@@ -102,9 +95,7 @@ pub(super) fn hand_over(dir: &Path, user: &User) -> anyhow::Result<()> {
     }
     if fs::metadata(dir).map(|m| m.uid()).ok() != Some(user.uid.as_raw()) {
         std::os::unix::fs::chown(dir, Some(user.uid.as_raw()), Some(user.gid.as_raw()))
-            .with_context(|| {
-                format!("cannot give {} to the `{}` user", dir.display(), user.name)
-            })?;
+            .with_context(|| format!("cannot give {} to the `{}` user", dir.display(), user.name))?;
     }
     Ok(())
 }
