@@ -10,3 +10,12 @@ pub use bins::{nginx_bin, postgres_bin, prometheus_bin};
 pub use node::{Node, NodeOptions};
 pub use postgres::{Postgres, PostgresOptions};
 pub use process::Child;
+
+/// A port on 127.0.0.1 that was free a moment ago (the OS picks it; a race with another process
+/// taking it first is possible, and callers that bind it report a clear error).
+pub fn free_port() -> anyhow::Result<u16> {
+    use anyhow::Context;
+    let listener = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))
+        .context("cannot find a free port")?;
+    Ok(listener.local_addr().context("cannot read the free port")?.port())
+}

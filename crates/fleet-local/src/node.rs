@@ -60,11 +60,15 @@ pub struct Node {
 }
 
 impl Node {
-    /// Spawns `bin serve`, waits for its "listening on http://HOST:PORT" line, then polls
-    /// `GET /health/ready` until it answers 200, failing early (with the node's recent output)
-    /// if the process exits.
+    /// Spawns `bin serve` and waits until it is ready (see [`Node::launch`] and [`Node::wait_ready`]).
     pub fn spawn(opts: NodeOptions) -> anyhow::Result<Node> {
-        let deadline = Instant::now() + READY_TIMEOUT;
+        let mut node = Node::launch(opts)?;
+        node.wait_ready()?;
+        Ok(node)
+    }
+
+    /// Spawns `bin serve` without waiting: several nodes launched back to back start at the same instant.
+    pub fn launch(opts: NodeOptions) -> anyhow::Result<Node> {
         let mut cmd = Command::new(&opts.bin);
         cmd.arg("serve")
             .env("CONTAINER_ID", &opts.container_id)
@@ -76,13 +80,19 @@ impl Node {
             .envs(opts.env.iter().map(|(name, value)| (name, value)));
         let child = Child::spawn(&opts.container_id, cmd, opts.quiet)
             .with_context(|| format!("cannot start node {}", opts.container_id))?;
-        let line = child.wait_for_line(LISTENING, READY_TIMEOUT)?;
-        let port = parse_listening_port(&line)
-            .with_context(|| format!("cannot read the port from {}'s line {line:?}", opts.container_id))?;
-        let mut node = Node { container_id: opts.container_id, port, child };
-        node.wait_until_ready(deadline)?;
-        tracing::info!(node = %node.container_id, url = %node.url(), "node ready");
-        Ok(node)
+        Ok(Node { container_id: opts.container_id, port: 0, child })
+    }
+
+    /// Waits for the "listening on http://HOST:PORT" line, then polls `GET /health/ready` until it
+    /// answers 200, failing early (with the node's recent output) if the process exits.
+    pub fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let line = self.child.wait_for_line(LISTENING, READY_TIMEOUT)?;
+        self.port = parse_listening_port(&line)
+            .with_context(|| format!("cannot read the port from {}'s line {line:?}", self.container_id))?;
+        self.wait_until_ready(deadline)?;
+        tracing::info!(node = %self.container_id, url = %self.url(), "node ready");
+        Ok(())
     }
 
     /// `http://127.0.0.1:PORT`.

@@ -23,7 +23,8 @@ use crate::process::{die_with_parent, signal_and_wait, wait_timeout};
 mod setup;
 
 pub use setup::PostgresOptions;
-use setup::{free_port, hand_over, settings};
+use crate::free_port;
+use setup::{hand_over, settings};
 
 /// The superuser created by initdb.
 pub const ADMIN_USER: &str = "postgres";

@@ -226,11 +226,13 @@ fn forward(
     Ok(())
 }
 
-/// Makes the process spawned from `cmd` receive SIGKILL when the thread that spawned it exits.
+/// Makes the process spawned from `cmd` receive SIGKILL when the thread that spawned it exits, and puts it
+/// in a process group of its own, so that a terminal's Ctrl-C reaches only us and we stop children in order.
 ///
 /// std runs `pre_exec` hooks after it has applied `Command::uid/gid`, so the setting survives the
 /// switch to the `postgres` user (changing credentials clears it).
 pub(crate) fn die_with_parent(cmd: &mut Command) {
+    cmd.process_group(0);
     #[expect(
         unsafe_code,
         reason = "pre_exec runs between fork and exec; prctl(PR_SET_PDEATHSIG) is async-signal-safe and allocates nothing"

@@ -1,7 +1,6 @@
 //! What a cluster needs before its server starts: options, server settings, a port, a directory.
 
 use std::fs;
-use std::net::{Ipv4Addr, TcpListener};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -67,11 +66,6 @@ pub(super) fn settings(opts: &PostgresOptions, dir: &Path) -> Vec<(String, Strin
 }
 
 /// A free TCP port on 127.0.0.1 (free now: another process may take it before the server binds it).
-pub(super) fn free_port() -> anyhow::Result<u16> {
-    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).context("cannot find a free port")?;
-    Ok(listener.local_addr().context("cannot read the free port")?.port())
-}
-
 /// Gives `dir` to `user` (the server writes there) after checking that `user` can reach it.
 pub(super) fn hand_over(dir: &Path, user: &User) -> anyhow::Result<()> {
     for ancestor in dir.ancestors().skip(1) {
