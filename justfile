@@ -2,6 +2,7 @@
 
 # Start a local fleet (PostgreSQL, nodes, nginx, Prometheus) and run it until Ctrl-C.
 up *ARGS:
+    cargo build --release -q -p fleet-app
     cargo run --release -q -p fleetctl -- up {{ARGS}}
 
 # The whole test suite: unit tests and the integration suite against real processes.
