@@ -5,21 +5,42 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
+use fleet_local::fleet::{Fleet, FleetOptions};
 use fleet_local::{Node, NodeOptions, Postgres, PostgresOptions};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
 
-/// The node binary built from this workspace's source (see `src/bin/fleet-node.rs`). Cargo builds a
+/// A binary of this package, built from the workspace's current source (see `src/bin/`). Cargo builds a
 /// package's binaries before its integration tests and puts them one level above the test executables.
-pub fn node_bin() -> PathBuf {
+fn built_bin(name: &str) -> PathBuf {
     let test_exe = std::env::current_exe().expect("the test executable's path");
-    let bin = test_exe.parent().and_then(|deps| deps.parent()).map(|dir| dir.join("fleet-node"));
+    let bin = test_exe.parent().and_then(|deps| deps.parent()).map(|dir| dir.join(name));
     match bin {
         Some(bin) if bin.is_file() => bin,
-        _ => {
-            panic!("fleet-node is not built next to {}; run the suite with `cargo test`", test_exe.display())
-        }
+        _ => panic!("{name} is not built next to {}; run the suite with `cargo test`", test_exe.display()),
     }
+}
+
+/// The node (`fleet-app`'s command line).
+pub fn node_bin() -> PathBuf {
+    built_bin("fleet-node")
+}
+
+/// `fleetctl`'s command line.
+pub fn fleetctl_bin() -> PathBuf {
+    built_bin("test-fleetctl")
+}
+
+/// A fleet of `nodes` nodes with pool `pool_size` behind nginx on a free port, with Prometheus.
+pub fn start_fleet(nodes: u32, pool_size: u32, env: &[(&str, &str)]) -> Fleet {
+    let mut opts = FleetOptions::new(node_bin());
+    opts.nodes = nodes;
+    opts.pool_size = pool_size;
+    opts.port = 0;
+    opts.quiet = !test_log();
+    opts.durable = false;
+    opts.node_env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    Fleet::start(opts).expect("start a fleet")
 }
 
 /// Whether child processes' output is shown (`TEST_LOG=1`).

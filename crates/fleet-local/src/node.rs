@@ -90,7 +90,7 @@ impl Node {
         let line = self.child.wait_for_line(LISTENING, READY_TIMEOUT)?;
         self.port = parse_listening_port(&line)
             .with_context(|| format!("cannot read the port from {}'s line {line:?}", self.container_id))?;
-        self.wait_until_ready(deadline)?;
+        self.child.wait_for_http(&format!("{}/health/ready", self.url()), deadline)?;
         tracing::info!(node = %self.container_id, url = %self.url(), "node ready");
         Ok(())
     }
@@ -105,6 +105,11 @@ impl Node {
         self.port
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.pid()
+    }
+
     /// Its `CONTAINER_ID`.
     pub fn container_id(&self) -> &str {
         &self.container_id
@@ -113,36 +118,6 @@ impl Node {
     /// The process, to stop, kill or inspect it.
     pub fn child(&mut self) -> &mut Child {
         &mut self.child
-    }
-
-    fn wait_until_ready(&mut self, deadline: Instant) -> anyhow::Result<()> {
-        let url = format!("{}/health/ready", self.url());
-        let agent = ureq::AgentBuilder::new()
-            .timeout_connect(Duration::from_secs(1))
-            .timeout(Duration::from_secs(2))
-            .build();
-        loop {
-            if !self.child.is_running() {
-                bail!(
-                    "node {} exited before it was ready; its last output:\n{}",
-                    self.container_id,
-                    self.child.recent_output()
-                );
-            }
-            let last = match agent.get(&url).call() {
-                Ok(response) if response.status() == 200 => return Ok(()),
-                Ok(response) => format!("status {}", response.status()),
-                Err(error) => error.to_string(),
-            };
-            if Instant::now() >= deadline {
-                bail!(
-                    "node {} was not ready within {READY_TIMEOUT:?} (last answer from {url}: {last}); its last output:\n{}",
-                    self.container_id,
-                    self.child.recent_output()
-                );
-            }
-            thread::sleep(POLL_INTERVAL);
-        }
     }
 }
 

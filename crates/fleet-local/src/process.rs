@@ -169,6 +169,29 @@ impl Child {
         }
     }
 
+    /// Polls `url` until it answers 200, failing early with the recent output if the process exits, or
+    /// with the last answer once `deadline` passes.
+    pub fn wait_for_http(&mut self, url: &str, deadline: Instant) -> anyhow::Result<()> {
+        let agent = ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_secs(1))
+            .timeout(Duration::from_secs(2))
+            .build();
+        loop {
+            if !self.is_running() {
+                bail!("{} exited before {url} answered; its last output:\n{}", self.name, self.recent_output());
+            }
+            let last = match agent.get(url).call() {
+                Ok(response) if response.status() == 200 => return Ok(()),
+                Ok(response) => format!("status {}", response.status()),
+                Err(error) => error.to_string(),
+            };
+            if Instant::now() >= deadline {
+                bail!("{url} did not answer 200 in time (last: {last}); {}'s last output:\n{}", self.name, self.recent_output());
+            }
+            thread::sleep(POLL_INTERVAL);
+        }
+    }
+
     fn try_status(&mut self) -> Option<ExitStatus> {
         if self.status.is_none() {
             match self.process.try_wait() {

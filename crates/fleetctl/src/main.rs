@@ -1,1 +1,5 @@
-fn main() {}
+//! `fleetctl`: see the library.
+
+fn main() -> std::process::ExitCode {
+    fleetctl::main()
+}

@@ -1,0 +1,54 @@
+//! `fleetctl`: run a local pgfleet (`up`), inspect it (`status`), stop it (`down`), and probe it (`lab`).
+//! The library holds the whole command line, so the test suite can build it as a binary of its own.
+
+mod state;
+mod status;
+mod up;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(version, about = "Run, inspect and stop a local pgfleet: PostgreSQL, N nodes, nginx, Prometheus")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Start a fleet and run it until Ctrl-C or SIGTERM.
+    Up(up::UpArgs),
+    /// Show every node's health and pool of a running fleet.
+    Status {
+        /// The fleet's directory (as given to `up`).
+        #[arg(long, default_value = ".fleet")]
+        dir: PathBuf,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Stop a fleet started elsewhere (by its `fleetctl up`'s PID, recorded in the directory).
+    Down {
+        #[arg(long, default_value = ".fleet")]
+        dir: PathBuf,
+    },
+}
+
+/// Runs the command line; errors are printed and turn into a non-zero exit code.
+pub fn main() -> ExitCode {
+    let result = match Cli::parse().command {
+        Command::Up(args) => up::run(args),
+        Command::Status { dir, json } => status::status(&dir, json),
+        Command::Down { dir } => status::down(&dir),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("fleetctl: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,42 @@
+//! `fleet.json`: what a running `fleetctl up` tells `status` and `down` in other shells.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+/// The running fleet, as recorded in `<dir>/fleet.json`.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct FleetState {
+    /// The PID of the `fleetctl up` that owns the fleet.
+    pub pid: u32,
+    pub url: String,
+    pub prometheus: Option<String>,
+    pub nodes: Vec<NodeState>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct NodeState {
+    pub name: String,
+    pub url: String,
+    pub pid: u32,
+}
+
+pub fn path(dir: &Path) -> PathBuf {
+    dir.join("fleet.json")
+}
+
+impl FleetState {
+    pub fn write(&self, dir: &Path) -> anyhow::Result<()> {
+        fs::write(path(dir), serde_json::to_vec_pretty(self)?).context("cannot write fleet.json")
+    }
+
+    pub fn read(dir: &Path) -> anyhow::Result<Self> {
+        let path = path(dir);
+        let text = fs::read(&path).with_context(|| {
+            format!("no fleet is running from {} ({} not found)", dir.display(), path.display())
+        })?;
+        serde_json::from_slice(&text).with_context(|| format!("{} is not a fleet state file", path.display()))
+    }
+}

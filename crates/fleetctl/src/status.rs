@@ -1,0 +1,86 @@
+//! `fleetctl status` and `fleetctl down`: talk to a fleet started by another `fleetctl up`.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::{json, Value};
+
+use crate::state::FleetState;
+
+/// Whether `pid` is a live `fleetctl` process (so a stale fleet.json never makes us signal a stranger).
+pub fn is_fleetctl(pid: u32) -> bool {
+    std::fs::read(format!("/proc/{pid}/cmdline"))
+        .map(|cmdline| {
+            let argv0 = cmdline.split(|&b| b == 0).next().unwrap_or_default();
+            String::from_utf8_lossy(argv0).ends_with("fleetctl")
+        })
+        .unwrap_or(false)
+}
+
+pub fn down(dir: &Path) -> anyhow::Result<()> {
+    let state = FleetState::read(dir)?;
+    if !is_fleetctl(state.pid) {
+        bail!("the fleet recorded in {} (fleetctl PID {}) is not running", dir.display(), state.pid);
+    }
+    let pid = Pid::from_raw(i32::try_from(state.pid)?);
+    kill(pid, Signal::SIGTERM).with_context(|| format!("cannot signal fleetctl PID {pid}"))?;
+    eprintln!("sent SIGTERM to fleetctl (PID {pid}); waiting for the fleet to stop …");
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while is_fleetctl(state.pid) {
+        if Instant::now() > deadline {
+            bail!("fleetctl PID {pid} is still running after 90 s");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!("fleet stopped");
+    Ok(())
+}
+
+pub fn status(dir: &Path, as_json: bool) -> anyhow::Result<()> {
+    let state = FleetState::read(dir)?;
+    let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(3)).build();
+    let fetch = |url: String| -> Value {
+        match agent.get(&url).call() {
+            Ok(response) => response.into_json().unwrap_or(Value::Null),
+            Err(ureq::Error::Status(_, response)) => response.into_json().unwrap_or(Value::Null),
+            Err(e) => json!({ "status": "unreachable", "error": e.to_string() }),
+        }
+    };
+    let nodes: Vec<Value> = state
+        .nodes
+        .iter()
+        .map(|node| {
+            let health = fetch(format!("{}/health", node.url));
+            let pool = fetch(format!("{}/api/pool-stats", node.url));
+            json!({ "name": node.name, "url": node.url, "pid": node.pid, "health": health, "pool": pool })
+        })
+        .collect();
+    if as_json {
+        let out = json!({ "url": state.url, "prometheus": state.prometheus, "nodes": nodes });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(());
+    }
+    println!("fleet: {}  (fleetctl PID {})", state.url, state.pid);
+    println!("{:<8} {:<24} {:>7}  {:<10} {:>5} {:>5} {:>5} {:>7}", "NODE", "URL", "PID", "HEALTH", "POOL", "IDLE", "BUSY", "WAITING");
+    for node in &nodes {
+        let pool = &node["pool"];
+        let (max, total, idle) = (pool["maxSize"].as_u64(), pool["totalCount"].as_u64(), pool["idleCount"].as_u64());
+        let busy = total.zip(idle).map(|(t, i)| t.saturating_sub(i));
+        let show = |v: Option<u64>| v.map_or("-".to_owned(), |v| v.to_string());
+        println!(
+            "{:<8} {:<24} {:>7}  {:<10} {:>5} {:>5} {:>5} {:>7}",
+            node["name"].as_str().unwrap_or("?"),
+            node["url"].as_str().unwrap_or("?"),
+            node["pid"],
+            node["health"]["status"].as_str().unwrap_or("unknown"),
+            show(max),
+            show(idle),
+            show(busy),
+            show(pool["waitingCount"].as_u64()),
+        );
+    }
+    Ok(())
+}

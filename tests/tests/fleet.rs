@@ -1,0 +1,216 @@
+//! The seed's claims, proved through nginx on a real 4-node fleet with Prometheus.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use fleet_tests::{node_options, start_fleet, start_postgres, Api};
+use futures_util::future::join_all;
+use reqwest::StatusCode;
+use serde_json::Value;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fleet_proves_the_seeds_claims_through_nginx() {
+    let mut fleet = start_fleet(4, 5, &[]);
+    let api = Api::new(fleet.url());
+
+    // 1000 concurrent increments spread over the four pinned routes: exactly 1000, each value once.
+    let replies = join_all((0..1000).map(|i| {
+        let node = Api::new(format!("{}/app-{}", fleet.url(), i % 4 + 1));
+        async move { node.increment("shared").await }
+    }))
+    .await;
+    let failures: Vec<_> = replies.iter().filter(|r| r.status != StatusCode::OK).collect();
+    assert!(failures.is_empty(), "{} failed, first: {:?}", failures.len(), failures.first());
+    let values: BTreeSet<i64> = replies.iter().map(|r| r.body["value"].as_i64().unwrap()).collect();
+    assert_eq!(values, (1..=1000).collect::<BTreeSet<_>>());
+    let containers: BTreeSet<&str> = replies.iter().map(|r| r.body["container"].as_str().unwrap()).collect();
+    assert_eq!(containers, ["app-1", "app-2", "app-3", "app-4"].into(), "each pinned route reached its node");
+    assert_eq!(api.get("/api/counters/shared").await.body["value"], 1000);
+
+    // Round robin on /api/*: consecutive requests reach every node.
+    let mut seen = BTreeSet::new();
+    for _ in 0..8 {
+        seen.insert(api.get("/api/pool-stats").await.body["container"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(seen.len(), 4, "round robin reached {seen:?}");
+
+    // Prometheus scrapes every node directly: up == 1 and request samples for each.
+    let prometheus = Api::new(fleet.prometheus_url().expect("Prometheus runs"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let containers_of = |result: &Value| -> BTreeSet<String> {
+        let series = result["data"]["result"].as_array().cloned().unwrap_or_default();
+        series.iter().filter_map(|s| s["metric"]["container"].as_str().map(str::to_owned)).collect()
+    };
+    loop {
+        let up = prometheus.get("/api/v1/query?query=up%7Bjob%3D%22fleet-app%22%7D%20%3D%3D%201").await.body;
+        let requests = prometheus.get("/api/v1/query?query=fleet_http_requests_total").await.body;
+        if containers_of(&up).len() == 4 && containers_of(&requests).len() == 4 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "Prometheus never saw all four nodes up: {up} / {requests}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Deadlocks across nodes: a→b through app-1 and app-3, b→a through app-2 and app-4.
+    let mut deadlocks = 0.0;
+    for round in 0..30 {
+        let (a, b) = (format!("x{round}"), format!("y{round}"));
+        let replies = join_all((1..=4).map(|n| {
+            let node = Api::new(format!("{}/app-{n}", fleet.url()));
+            let (from, to) = if n % 2 == 1 { (a.clone(), b.clone()) } else { (b.clone(), a.clone()) };
+            async move { node.transfer(&from, &to, 1).await }
+        }))
+        .await;
+        assert!(replies.iter().all(|r| r.status == StatusCode::OK), "{replies:?}");
+        let mut sum = 0;
+        for key in [&a, &b] {
+            sum += api.get(&format!("/api/counters/{key}")).await.body["value"].as_i64().unwrap();
+        }
+        assert_eq!(sum, 0, "transfers keep the sum");
+        deadlocks = 0.0;
+        for n in 1..=4 {
+            let node = Api::new(format!("{}/app-{n}", fleet.url()));
+            deadlocks += node.metric(r#"fleet_db_transaction_retries_total{sqlstate="40P01"}"#).await;
+        }
+        if deadlocks > 0.0 {
+            break;
+        }
+    }
+    assert!(deadlocks > 0.0, "opposite transfers across nodes never deadlocked");
+
+    // One node killed: /api/* keeps answering from the others.
+    fleet.node(3).child().kill().unwrap();
+    let replies = join_all((0..100).map(|_| api.increment("after-kill"))).await;
+    let failures: Vec<_> = replies.iter().filter(|r| r.status != StatusCode::OK).collect();
+    assert!(failures.is_empty(), "{} of 100 failed after a node died, first: {:?}", failures.len(), failures.first());
+    assert!(replies.iter().all(|r| r.body["container"] != "app-3"));
+    fleet.stop().expect("the fleet stops cleanly");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_held_for_5_s_does_not_slow_other_keys_on_other_nodes() {
+    let fleet = start_fleet(4, 5, &[]);
+    let api = Api::new(fleet.url());
+    assert_eq!(api.increment("held").await.status, StatusCode::OK);
+
+    let (mut client, connection) = tokio_postgres::connect(&fleet.database_url(), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let holder = client.transaction().await.unwrap();
+    holder.execute("SELECT value FROM counters WHERE key = 'held' FOR UPDATE", &[]).await.unwrap();
+    let held_since = Instant::now();
+
+    // An increment of the held key waits for the lock; meanwhile other keys on every node go through.
+    let blocked = tokio::spawn({
+        let node = Api::new(format!("{}/app-1", fleet.url()));
+        async move { (node.increment("held").await, Instant::now()) }
+    });
+    let others = join_all((0..200).map(|i| {
+        let node = Api::new(format!("{}/app-{}", fleet.url(), i % 3 + 2));
+        async move { node.increment(&format!("free-{}", i % 20)).await }
+    }))
+    .await;
+    assert!(others.iter().all(|r| r.status == StatusCode::OK), "{:?}", others.iter().find(|r| r.status != StatusCode::OK));
+    assert!(!blocked.is_finished(), "the held key's increment must wait for the lock");
+
+    tokio::time::sleep(Duration::from_secs(5).saturating_sub(held_since.elapsed())).await;
+    holder.commit().await.unwrap();
+    let committed_at = Instant::now();
+    let (reply, finished_at) = blocked.await.unwrap();
+    assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
+    assert_eq!(reply.body["value"], 2);
+    assert!(finished_at >= committed_at, "the held key's increment finished only after the lock was released");
+    // By construction the other keys' increments all finished while the holder's transaction was open.
+}
+
+/// Sends 200 concurrent 10 ms holds to `api` and returns how long they took, checking they all succeeded.
+async fn two_hundred_holds(api: &Api) -> Duration {
+    let start = Instant::now();
+    let replies = join_all((0..200).map(|_| api.hold(10))).await;
+    let elapsed = start.elapsed();
+    assert!(replies.iter().all(|r| r.status == StatusCode::OK), "{:?}", replies.iter().find(|r| r.status != StatusCode::OK));
+    elapsed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn throughput_follows_pool_size() {
+    let pg = start_postgres();
+    // The experiment measures queueing for connections, so requests may wait as long as it takes.
+    let env = [("POOL_WAIT_TIMEOUT_MS", "60000")];
+    let mut nodes = Vec::new();
+    for pool in [1, 5, 10, 20] {
+        let mut opts = node_options(&pg, &format!("pool-{pool}"), &env);
+        opts.pool_size = pool;
+        nodes.push(fleet_local::Node::spawn(opts).unwrap());
+    }
+    let apis: Vec<Api> = nodes.iter().map(|n| Api::new(n.url())).collect();
+    // Warm every pool so connection set-up is not measured.
+    for api in &apis {
+        two_hundred_holds(api).await;
+    }
+
+    // While pool 1 is saturated, /api/pool-stats shows requests waiting.
+    let saturated = tokio::spawn({
+        let api = apis[0].clone();
+        async move { two_hundred_holds(&api).await }
+    });
+    let mut max_waiting = 0;
+    while !saturated.is_finished() {
+        max_waiting = max_waiting.max(apis[0].get("/api/pool-stats").await.body["waitingCount"].as_u64().unwrap());
+    }
+    saturated.await.unwrap();
+    assert!(max_waiting > 0, "pool-stats never showed a waiting request while pool 1 was saturated");
+
+    let mut took = Vec::new();
+    for api in &apis {
+        took.push(two_hundred_holds(api).await.as_secs_f64());
+    }
+    let [p1, p5, p10, p20] = took[..] else { unreachable!() };
+    eprintln!("200 × 10 ms holds: pool 1 {p1:.3} s, pool 5 {p5:.3} s, pool 10 {p10:.3} s, pool 20 {p20:.3} s");
+    assert!(p5 < 0.3 * p1, "pool 5 took {p5:.3} s, pool 1 {p1:.3} s");
+    assert!(p10 < 0.6 * p5, "pool 10 took {p10:.3} s, pool 5 {p5:.3} s");
+    assert!(p20 < p10, "pool 20 took {p20:.3} s, pool 10 {p10:.3} s");
+}
+
+#[test]
+fn fleetctl_up_prints_its_addresses_survives_a_crashed_node_and_down_leaves_nothing_behind() {
+    use std::process::Command;
+
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().to_owned();
+    let mut up = Command::new(fleet_tests::fleetctl_bin());
+    up.args(["up", "--nodes", "2", "--port", "0", "--no-prometheus", "--dir"])
+        .arg(&dir)
+        .env("FLEET_APP_BIN", fleet_tests::node_bin());
+    let up = fleet_local::Child::spawn("fleetctl", up, !fleet_tests::test_log()).unwrap();
+    let ready = up.wait_for_line("fleet ready: http://127.0.0.1:", Duration::from_secs(60)).unwrap();
+    let database = up.wait_for_line("database: postgres://", Duration::from_secs(1)).unwrap();
+    assert!(database.contains("@127.0.0.1:"), "{database}");
+    let url = ready.trim_start_matches("fleet ready: ").trim().to_owned();
+
+    let ctl = |args: &[&str]| {
+        let out = Command::new(fleet_tests::fleetctl_bin()).args(args).arg("--dir").arg(&dir).output().unwrap();
+        assert!(out.status.success(), "fleetctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let status: Value = serde_json::from_str(&ctl(&["status", "--json"])).unwrap();
+    assert_eq!(status["url"], url.as_str());
+    let nodes = status["nodes"].as_array().unwrap();
+    assert_eq!(nodes.len(), 2);
+    assert!(nodes.iter().all(|n| n["health"]["status"] == "healthy" && n["pool"]["maxSize"] == 5), "{status}");
+    let table = ctl(&["status"]);
+    assert!(table.contains("app-1") && table.contains("healthy"), "{table}");
+
+    // A crashed node does not stop the fleet, and does not stop `down` from cleaning up.
+    let pids: Vec<i32> = nodes.iter().map(|n| n["pid"].as_i64().unwrap() as i32).collect();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pids[1]), nix::sys::signal::Signal::SIGKILL).unwrap();
+    up.wait_for_line("app-2 has exited", Duration::from_secs(10)).unwrap();
+
+    ctl(&["down"]);
+    let mut up = up;
+    assert!(!up.is_running(), "fleetctl up exited after down");
+    for pid in pids {
+        assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "node PID {pid} is gone");
+    }
+    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(left.is_empty(), "fleetctl left {left:?} in its directory");
+}
