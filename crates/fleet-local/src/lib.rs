@@ -2,9 +2,11 @@
 //! Prometheus), as child processes on loopback. Used by `fleetctl up` and by the integration tests.
 
 pub mod bins;
+pub mod nginx;
 pub mod node;
 pub mod postgres;
 pub mod process;
+pub mod prometheus;
 
 pub use bins::{nginx_bin, postgres_bin, prometheus_bin};
 pub use node::{Node, NodeOptions};

@@ -1,0 +1,244 @@
+//! nginx in front of the fleet: one renderer for the compose file's `nginx/default.conf` and the local
+//! launcher's `nginx.conf`, so both layouts route, balance and time out the same way.
+//!
+//! Routes: `/` round robin over every node, `/app-N/…` pinned to node N (prefix stripped),
+//! `= /nginx-health` answered by nginx itself. The numbers below are tied to the node's own settings:
+//! see each constant.
+
+use std::fmt::Write as _;
+use std::path::Path;
+
+/// Nodes in the compose topology (`app-1` … `app-4`): 4 × `POOL_SIZE` 5 = 20 of PostgreSQL's 100 connections.
+const COMPOSE_NODES: usize = 4;
+/// The port every node listens on in its container (the node's default `PORT`).
+const COMPOSE_NODE_PORT: u16 = 3000;
+
+/// Idle connections each nginx worker keeps open to the whole fleet, and to one pinned node.
+const KEEPALIVE_FLEET: usize = 32;
+const KEEPALIVE_PINNED: usize = 8;
+/// How long an idle upstream connection is kept: below actix-web's default keep-alive (5 s), so nginx
+/// always closes an idle connection before the node does and never sends a request on a socket the node
+/// is closing (a POST lost that way would be a 502, since nginx does not retry non-idempotent requests).
+const UPSTREAM_KEEPALIVE_TIMEOUT: &str = "4s";
+/// Passive health checks: after this many failed attempts within `fail_timeout`, a node is skipped for
+/// `fail_timeout`, then tried again.
+const MAX_FAILS: u32 = 2;
+const FAIL_TIMEOUT: &str = "5s";
+/// Connecting to a node is local (loopback or the compose network): a node that does not accept within
+/// this time is down, and the request goes to the next one.
+const PROXY_CONNECT_TIMEOUT: &str = "1s";
+/// Longest wait for a node's answer: above the node's `STATEMENT_TIMEOUT_MS` (60 s) plus its
+/// `POOL_WAIT_TIMEOUT_MS` (2 s), so the node's own timeout (and error body) always comes first.
+const PROXY_READ_TIMEOUT: &str = "65s";
+/// The node's default `BODY_LIMIT_BYTES` (32 MiB; nginx's `m` is MiB): larger bodies get nginx's 413,
+/// smaller ones reach the node, which answers with its own JSON errors.
+const CLIENT_MAX_BODY_SIZE: &str = "32m";
+
+/// One backend node as nginx and Prometheus see it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upstream {
+    /// The node's name, its `CONTAINER_ID` (`app-1`): names its pinned route `/app-1/`, its nginx
+    /// upstream `app_1` and its Prometheus label `container="app-1"`. Letters, digits, `-` and `_` only.
+    pub name: String,
+    /// Where it listens, `host:port`: `127.0.0.1:41234` locally, `app-1:3000` in compose.
+    pub address: String,
+}
+
+/// The compose topology: app-1..app-4 at app-N:3000.
+pub fn compose_upstreams() -> Vec<Upstream> {
+    (1..=COMPOSE_NODES)
+        .map(|i| Upstream { name: format!("app-{i}"), address: format!("app-{i}:{COMPOSE_NODE_PORT}") })
+        .collect()
+}
+
+/// The http-level site config: a `map`, one upstream `fleet` over all nodes, one upstream `app_N` per node,
+/// and one server block listening on `listen` (`"80"`, `"127.0.0.1:8080"`). This one function renders both
+/// the compose file's `nginx/default.conf` (mounted at `/etc/nginx/conf.d/default.conf` in the official
+/// nginx image, inside its `http {}`) and the `http {}` of [`local_config`].
+///
+/// - `location /`: round robin over all nodes; a node that refuses or does not accept the connection
+///   (`proxy_next_upstream error timeout`) is skipped and the request goes to the next one. nginx never
+///   resends a POST once it reached a node, so retries cannot double an increment.
+/// - `location /app-N/`: node N only, with `/app-N` cut from the raw request URI, so
+///   `/app-2/api/increment` reaches node 2 as `/api/increment` and percent-escapes (`%2F` in a counter
+///   key) and the query string arrive unchanged.
+/// - `location = /nginx-health`: `200 ok` from nginx itself (its readiness probe).
+///
+/// Upstreams keep idle connections (`keepalive`, HTTP/1.1, `Connection ""`) for less than the nodes'
+/// own keep-alive; nodes see the client in `X-Forwarded-For` and the original `Host`.
+///
+/// # Panics
+/// If a node's name is empty or has characters other than ASCII letters, digits, `-` and `_`
+/// (names come from code, never from users).
+pub fn site_config(listen: &str, nodes: &[Upstream]) -> String {
+    for node in nodes {
+        assert!(
+            !node.name.is_empty() && node.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_".contains(c)),
+            "node name {:?} must be ASCII letters, digits, `-` and `_`",
+            node.name
+        );
+    }
+    let mut out = String::from(SITE_HEADER);
+    out.push_str(
+        "\n# Round robin over every node. A node that fails max_fails times within fail_timeout is\n",
+    );
+    out.push_str("# skipped for fail_timeout (passive health checks).\n");
+    out.push_str("upstream fleet {\n");
+    for node in nodes {
+        let _ =
+            writeln!(out, "    server {} max_fails={MAX_FAILS} fail_timeout={FAIL_TIMEOUT};", node.address);
+    }
+    let _ = writeln!(out, "    keepalive {KEEPALIVE_FLEET};");
+    let _ = writeln!(out, "    keepalive_timeout {UPSTREAM_KEEPALIVE_TIMEOUT};\n}}");
+    for node in nodes {
+        let _ = writeln!(out, "\n# {} only (a single server is never marked down: no max_fails).", node.name);
+        let _ = writeln!(out, "upstream {} {{\n    server {};", upstream_name(node), node.address);
+        let _ = writeln!(out, "    keepalive {KEEPALIVE_PINNED};");
+        let _ = writeln!(out, "    keepalive_timeout {UPSTREAM_KEEPALIVE_TIMEOUT};\n}}");
+    }
+    let _ = writeln!(out, "\nserver {{\n    listen {listen};");
+    out.push_str("    server_tokens off;\n");
+    let _ = writeln!(out, "    client_max_body_size {CLIENT_MAX_BODY_SIZE};\n");
+    out.push_str(PROXY_HEADERS);
+    let _ = writeln!(out, "    proxy_connect_timeout {PROXY_CONNECT_TIMEOUT};");
+    let _ = writeln!(out, "    proxy_read_timeout {PROXY_READ_TIMEOUT};");
+    out.push_str("    proxy_next_upstream error timeout;\n");
+    out.push_str(SITE_LOCATIONS);
+    for node in nodes {
+        let _ = writeln!(out, "\n    location /{}/ {{", node.name);
+        let _ = writeln!(out, "        proxy_pass http://{}$fleet_pinned_uri;\n    }}", upstream_name(node));
+    }
+    out.push_str("}\n");
+    out
+}
+
+/// The start of [`site_config`]: what it is, and the map that strips `/app-N` from the raw URI.
+const SITE_HEADER: &str = r#"# The fleet behind nginx. Rendered by fleet_local::nginx::site_config: edit that, not this file
+# (the compose copy is refreshed with `UPDATE_GOLDEN=1 cargo test -p fleet-tests --test deploy`).
+
+# What a pinned route passes on: the raw request URI without its first segment (/app-N), so escapes
+# such as %2F and the query string reach the node exactly as the client sent them.
+map $request_uri $fleet_pinned_uri {
+    default $request_uri;
+    ~^/+[^/]+(/.*)$ $1;
+}
+"#;
+
+/// HTTP/1.1 with keep-alive toward the nodes, and who the client was.
+const PROXY_HEADERS: &str = r#"    proxy_http_version 1.1;
+    proxy_set_header Connection "";
+    proxy_set_header Host $host;
+    proxy_set_header X-Real-IP $remote_addr;
+    proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+    proxy_set_header X-Forwarded-Proto $scheme;
+    proxy_set_header X-Forwarded-Host $host;
+"#;
+
+/// nginx's own health answer and the round-robin route; the pinned routes follow.
+const SITE_LOCATIONS: &str = r#"
+    location = /nginx-health {
+        access_log off;
+        default_type text/plain;
+        return 200 "ok\n";
+    }
+
+    location / {
+        proxy_pass http://fleet;
+    }
+"#;
+
+/// A complete `nginx.conf` for a local run, to start as `nginx -c <dir>/nginx.conf -p <dir>`:
+/// `daemon off;` (the launcher supervises it), the pid file and every `*_temp_path` inside `dir`, errors
+/// to stderr, no access log, and `http { <site_config(listen, nodes)> }`.
+///
+/// It works for a normal user (nothing outside `dir` is written; nginx may still print a harmless alert
+/// about its compiled-in error log before it reads this file) and for root: then workers run as
+/// `user root`, because the default worker user (`nobody`) cannot enter a private (0700) `dir` to buffer
+/// a large request body in its temp directories.
+pub fn local_config(dir: &Path, listen: &str, nodes: &[Upstream]) -> String {
+    let path = |name: &str| quote(&dir.join(name).to_string_lossy());
+    let mut out = String::new();
+    out.push_str("# A local fleet's nginx. Rendered by fleet_local::nginx::local_config.\n");
+    let _ = writeln!(out, "# Run: nginx -c {} -p {}", path("nginx.conf"), quote(&dir.to_string_lossy()));
+    out.push_str("daemon off;\n");
+    if nix::unistd::geteuid().is_root() {
+        out.push_str("user root;\n");
+    }
+    out.push_str("worker_processes auto;\n");
+    let _ = writeln!(out, "pid {};", path("nginx.pid"));
+    out.push_str("error_log stderr warn;\n\n");
+    out.push_str("events {\n    worker_connections 1024;\n}\n\n");
+    out.push_str("http {\n");
+    out.push_str("    access_log off;\n");
+    out.push_str("    default_type application/octet-stream;\n");
+    for temp in ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"] {
+        let _ = writeln!(out, "    {temp}_temp_path {};", path(&format!("{temp}_temp")));
+    }
+    out.push('\n');
+    for line in site_config(listen, nodes).lines() {
+        match line {
+            "" => out.push('\n'),
+            _ => {
+                let _ = writeln!(out, "    {line}");
+            }
+        }
+    }
+    out.push_str("}\n");
+    out
+}
+
+/// `app-1` → `app_1`: the name of the upstream that holds only this node.
+fn upstream_name(node: &Upstream) -> String {
+    node.name.replace('-', "_")
+}
+
+/// A double-quoted nginx string (paths may hold spaces).
+fn quote(text: &str) -> String {
+    format!("\"{}\"", text.replace('\\', "\\\\").replace('"', "\\\""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn local(i: u16) -> Upstream {
+        Upstream { name: format!("app-{i}"), address: format!("127.0.0.1:{}", 40000 + i) }
+    }
+
+    #[test]
+    fn every_node_gets_a_pinned_route_and_a_place_in_the_round_robin() {
+        let conf = site_config("127.0.0.1:8080", &[local(1), local(2)]);
+        assert!(conf.contains("listen 127.0.0.1:8080;"), "{conf}");
+        for i in 1..=2 {
+            assert!(conf.contains(&format!("location /app-{i}/ {{")), "{conf}");
+            assert!(conf.contains(&format!("proxy_pass http://app_{i}$fleet_pinned_uri;")), "{conf}");
+            assert!(conf.contains(&format!("upstream app_{i} {{\n    server 127.0.0.1:4000{i};")), "{conf}");
+            assert!(conf.contains(&format!("    server 127.0.0.1:4000{i} max_fails=")), "{conf}");
+        }
+    }
+
+    #[test]
+    fn the_compose_topology_is_four_nodes_on_port_3000() {
+        let names: Vec<_> = compose_upstreams().into_iter().map(|u| (u.name, u.address)).collect();
+        let expected: Vec<_> = (1..=4).map(|i| (format!("app-{i}"), format!("app-{i}:3000"))).collect();
+        assert_eq!(names, expected);
+    }
+
+    #[test]
+    fn the_local_config_keeps_every_file_inside_its_directory() {
+        let dir = Path::new("/tmp/fleet dir/nginx");
+        let conf = local_config(dir, "127.0.0.1:8080", &[local(1)]);
+        for directive in ["pid", "client_body_temp_path", "proxy_temp_path", "fastcgi_temp_path"] {
+            let line = conf.lines().find(|l| l.trim_start().starts_with(directive)).unwrap();
+            assert!(line.contains("\"/tmp/fleet dir/nginx/"), "{line}");
+        }
+        assert!(conf.contains("daemon off;") && conf.contains("access_log off;"), "{conf}");
+        assert!(conf.contains("    upstream fleet {"), "the site config is inside http {{}}: {conf}");
+    }
+
+    #[test]
+    #[should_panic(expected = "must be ASCII letters")]
+    fn a_node_name_that_would_break_the_config_is_refused() {
+        site_config("80", &[Upstream { name: "app 1;".into(), address: "127.0.0.1:1".into() }]);
+    }
+}
