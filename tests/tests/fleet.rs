@@ -82,7 +82,12 @@ async fn the_fleet_proves_the_seeds_claims_through_nginx() {
     fleet.node(3).child().kill().unwrap();
     let replies = join_all((0..100).map(|_| api.increment("after-kill"))).await;
     let failures: Vec<_> = replies.iter().filter(|r| r.status != StatusCode::OK).collect();
-    assert!(failures.is_empty(), "{} of 100 failed after a node died, first: {:?}", failures.len(), failures.first());
+    assert!(
+        failures.is_empty(),
+        "{} of 100 failed after a node died, first: {:?}",
+        failures.len(),
+        failures.first()
+    );
     assert!(replies.iter().all(|r| r.body["container"] != "app-3"));
     fleet.stop().expect("the fleet stops cleanly");
 }
@@ -93,7 +98,8 @@ async fn a_row_held_for_5_s_does_not_slow_other_keys_on_other_nodes() {
     let api = Api::new(fleet.url());
     assert_eq!(api.increment("held").await.status, StatusCode::OK);
 
-    let (mut client, connection) = tokio_postgres::connect(&fleet.database_url(), tokio_postgres::NoTls).await.unwrap();
+    let (mut client, connection) =
+        tokio_postgres::connect(&fleet.database_url(), tokio_postgres::NoTls).await.unwrap();
     tokio::spawn(connection);
     let holder = client.transaction().await.unwrap();
     holder.execute("SELECT value FROM counters WHERE key = 'held' FOR UPDATE", &[]).await.unwrap();
@@ -109,7 +115,11 @@ async fn a_row_held_for_5_s_does_not_slow_other_keys_on_other_nodes() {
         async move { node.increment(&format!("free-{}", i % 20)).await }
     }))
     .await;
-    assert!(others.iter().all(|r| r.status == StatusCode::OK), "{:?}", others.iter().find(|r| r.status != StatusCode::OK));
+    assert!(
+        others.iter().all(|r| r.status == StatusCode::OK),
+        "{:?}",
+        others.iter().find(|r| r.status != StatusCode::OK)
+    );
     assert!(!blocked.is_finished(), "the held key's increment must wait for the lock");
 
     tokio::time::sleep(Duration::from_secs(5).saturating_sub(held_since.elapsed())).await;
@@ -118,7 +128,10 @@ async fn a_row_held_for_5_s_does_not_slow_other_keys_on_other_nodes() {
     let (reply, finished_at) = blocked.await.unwrap();
     assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
     assert_eq!(reply.body["value"], 2);
-    assert!(finished_at >= committed_at, "the held key's increment finished only after the lock was released");
+    assert!(
+        finished_at >= committed_at,
+        "the held key's increment finished only after the lock was released"
+    );
     // By construction the other keys' increments all finished while the holder's transaction was open.
 }
 
@@ -127,7 +140,11 @@ async fn two_hundred_holds(api: &Api) -> Duration {
     let start = Instant::now();
     let replies = join_all((0..200).map(|_| api.hold(10))).await;
     let elapsed = start.elapsed();
-    assert!(replies.iter().all(|r| r.status == StatusCode::OK), "{:?}", replies.iter().find(|r| r.status != StatusCode::OK));
+    assert!(
+        replies.iter().all(|r| r.status == StatusCode::OK),
+        "{:?}",
+        replies.iter().find(|r| r.status != StatusCode::OK)
+    );
     elapsed
 }
 
@@ -155,7 +172,8 @@ async fn throughput_follows_pool_size() {
     });
     let mut max_waiting = 0;
     while !saturated.is_finished() {
-        max_waiting = max_waiting.max(apis[0].get("/api/pool-stats").await.body["waitingCount"].as_u64().unwrap());
+        max_waiting =
+            max_waiting.max(apis[0].get("/api/pool-stats").await.body["waitingCount"].as_u64().unwrap());
     }
     saturated.await.unwrap();
     assert!(max_waiting > 0, "pool-stats never showed a waiting request while pool 1 was saturated");
@@ -165,7 +183,9 @@ async fn throughput_follows_pool_size() {
         took.push(two_hundred_holds(api).await.as_secs_f64());
     }
     let [p1, p5, p10, p20] = took[..] else { unreachable!() };
-    eprintln!("200 × 10 ms holds: pool 1 {p1:.3} s, pool 5 {p5:.3} s, pool 10 {p10:.3} s, pool 20 {p20:.3} s");
+    eprintln!(
+        "200 × 10 ms holds: pool 1 {p1:.3} s, pool 5 {p5:.3} s, pool 10 {p10:.3} s, pool 20 {p20:.3} s"
+    );
     assert!(p5 < 0.3 * p1, "pool 5 took {p5:.3} s, pool 1 {p1:.3} s");
     assert!(p10 < 0.6 * p5, "pool 10 took {p10:.3} s, pool 5 {p5:.3} s");
     assert!(p20 < p10, "pool 20 took {p20:.3} s, pool 10 {p10:.3} s");
@@ -188,7 +208,8 @@ fn fleetctl_up_prints_its_addresses_survives_a_crashed_node_and_down_leaves_noth
     let url = ready.trim_start_matches("fleet ready: ").trim().to_owned();
 
     let ctl = |args: &[&str]| {
-        let out = Command::new(fleet_tests::fleetctl_bin()).args(args).arg("--dir").arg(&dir).output().unwrap();
+        let out =
+            Command::new(fleet_tests::fleetctl_bin()).args(args).arg("--dir").arg(&dir).output().unwrap();
         assert!(out.status.success(), "fleetctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8(out.stdout).unwrap()
     };
@@ -196,7 +217,10 @@ fn fleetctl_up_prints_its_addresses_survives_a_crashed_node_and_down_leaves_noth
     assert_eq!(status["url"], url.as_str());
     let nodes = status["nodes"].as_array().unwrap();
     assert_eq!(nodes.len(), 2);
-    assert!(nodes.iter().all(|n| n["health"]["status"] == "healthy" && n["pool"]["maxSize"] == 5), "{status}");
+    assert!(
+        nodes.iter().all(|n| n["health"]["status"] == "healthy" && n["pool"]["maxSize"] == 5),
+        "{status}"
+    );
     let table = ctl(&["status"]);
     assert!(table.contains("app-1") && table.contains("healthy"), "{table}");
 

@@ -2,6 +2,7 @@
 //! Prometheus), as child processes on loopback. Used by `fleetctl up` and by the integration tests.
 
 pub mod bins;
+pub mod fleet;
 pub mod nginx;
 pub mod node;
 pub mod postgres;
@@ -17,7 +18,7 @@ pub use process::Child;
 /// taking it first is possible, and callers that bind it report a clear error).
 pub fn free_port() -> anyhow::Result<u16> {
     use anyhow::Context;
-    let listener = std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0))
-        .context("cannot find a free port")?;
+    let listener =
+        std::net::TcpListener::bind((std::net::Ipv4Addr::LOCALHOST, 0)).context("cannot find a free port")?;
     Ok(listener.local_addr().context("cannot read the free port")?.port())
 }

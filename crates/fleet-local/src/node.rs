@@ -3,17 +3,14 @@
 use std::fmt;
 use std::path::PathBuf;
 use std::process::Command;
-use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 
 use crate::process::Child;
 
 /// How long a node may take to listen and become ready (migrations included).
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
-/// How often readiness is polled.
-const POLL_INTERVAL: Duration = Duration::from_millis(25);
 /// What the node prints once bound, followed by its address: `fleet-app listening on http://127.0.0.1:43567`.
 const LISTENING: &str = "listening on http://";
 

@@ -64,10 +64,14 @@ pub fn status(dir: &Path, as_json: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!("fleet: {}  (fleetctl PID {})", state.url, state.pid);
-    println!("{:<8} {:<24} {:>7}  {:<10} {:>5} {:>5} {:>5} {:>7}", "NODE", "URL", "PID", "HEALTH", "POOL", "IDLE", "BUSY", "WAITING");
+    println!(
+        "{:<8} {:<24} {:>7}  {:<10} {:>5} {:>5} {:>5} {:>7}",
+        "NODE", "URL", "PID", "HEALTH", "POOL", "IDLE", "BUSY", "WAITING"
+    );
     for node in &nodes {
         let pool = &node["pool"];
-        let (max, total, idle) = (pool["maxSize"].as_u64(), pool["totalCount"].as_u64(), pool["idleCount"].as_u64());
+        let (max, total, idle) =
+            (pool["maxSize"].as_u64(), pool["totalCount"].as_u64(), pool["idleCount"].as_u64());
         let busy = total.zip(idle).map(|(t, i)| t.saturating_sub(i));
         let show = |v: Option<u64>| v.map_or("-".to_owned(), |v| v.to_string());
         println!(

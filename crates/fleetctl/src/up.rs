@@ -92,7 +92,8 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     println!("nginx: {}", fleet.url());
     println!("database: {}", fleet.database_url());
     println!("fleet ready: {}", fleet.url());
-    let state = FleetState { pid: std::process::id(), url: fleet.url(), prometheus: fleet.prometheus_url(), nodes };
+    let state =
+        FleetState { pid: std::process::id(), url: fleet.url(), prometheus: fleet.prometheus_url(), nodes };
     state.write(fleet.dir())?;
 
     let mut reported = Vec::new();
