@@ -10,7 +10,8 @@ use serde_json::Value;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_fleet_proves_the_seeds_claims_through_nginx() {
-    let mut fleet = start_fleet(4, 5, &[]);
+    // 250 requests per node queue for 5 connections: let them wait rather than be shed (see api.rs).
+    let mut fleet = start_fleet(4, 5, &[("POOL_WAIT_TIMEOUT_MS", "30000")]);
     let api = Api::new(fleet.url());
 
     // 1000 concurrent increments spread over the four pinned routes: exactly 1000, each value once.
