@@ -11,6 +11,7 @@ use actix_web::{HttpResponse, ResponseError};
 use deadpool_postgres::{PoolError, TimeoutType};
 use serde_json::json;
 
+use crate::db::isolation::LabError;
 use crate::db::DbError;
 
 static CONTAINER_ID: OnceLock<String> = OnceLock::new();
@@ -141,6 +142,16 @@ impl From<DbError> for ApiError {
                 tracing::error!(error = %err, "pool error");
                 ApiError::Internal
             }
+        }
+    }
+}
+
+impl From<LabError> for ApiError {
+    fn from(err: LabError) -> Self {
+        match err {
+            LabError::Busy => ApiError::PoolTimeout,
+            LabError::TimedOut => ApiError::StatementTimeout,
+            LabError::Db(err) => err.into(),
         }
     }
 }

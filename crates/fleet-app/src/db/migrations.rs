@@ -8,9 +8,10 @@ use tokio_postgres::Client;
 const MIGRATION_LOCK_KEY: i64 = 0x0070_6766_6c65_6574; // "pgfleet" in ASCII
 
 /// Each migration's version and SQL, in order. Never edit one that has shipped: add a new one.
-const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    "CREATE TABLE counters (
+const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        "CREATE TABLE counters (
          key VARCHAR(255) PRIMARY KEY,
          value BIGINT NOT NULL DEFAULT 0,
          last_modified TIMESTAMPTZ NOT NULL DEFAULT now()
@@ -22,7 +23,20 @@ const MIGRATIONS: &[(i32, &str)] = &[(
          created_at TIMESTAMPTZ NOT NULL DEFAULT now()
      );
      CREATE INDEX data_created_at_idx ON data (created_at);",
-)];
+    ),
+    (
+        2,
+        // The isolation lab's scratch rows: each scenario's under its own random run_id, deleted at the
+        // end of the call (rows older than an hour are purged by the next call).
+        "CREATE TABLE isolation_lab (
+             run_id BIGINT NOT NULL,
+             id INTEGER NOT NULL,
+             value INTEGER NOT NULL,
+             created_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+             PRIMARY KEY (run_id, id)
+         );",
+    ),
+];
 
 /// Applies every pending migration; returns the versions it applied.
 pub async fn run(client: &mut Client) -> Result<Vec<i32>, tokio_postgres::Error> {

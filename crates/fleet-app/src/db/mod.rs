@@ -2,6 +2,7 @@
 
 mod counters;
 mod data;
+pub mod isolation;
 mod lab;
 pub mod migrations;
 mod stats;
@@ -69,6 +70,7 @@ pub struct Db {
     container_id: String,
     retry_max_attempts: u32,
     lock_order: LockOrder,
+    isolation: isolation::IsolationLab,
 }
 
 /// A value and the number of attempts it took.
@@ -98,6 +100,7 @@ impl Db {
             container_id: config.container_id.clone(),
             retry_max_attempts: config.retry_max_attempts,
             lock_order: config.lock_order,
+            isolation: isolation::IsolationLab::new(config.pg_config()?),
         })
     }
 

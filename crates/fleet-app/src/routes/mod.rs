@@ -5,6 +5,7 @@ mod body;
 mod counters;
 mod data;
 mod health;
+mod isolation;
 mod lab;
 mod stats;
 
@@ -52,7 +53,7 @@ impl AppState {
     }
 }
 
-/// Registers every route. `lab` adds `/api/hold` (and later the isolation lab).
+/// Registers every route. `lab` adds `/api/hold` and `/api/test-isolation`.
 pub fn configure(lab: bool) -> impl FnOnce(&mut web::ServiceConfig) {
     move |cfg| {
         cfg.service(post("/api/increment", counters::increment))
@@ -67,6 +68,7 @@ pub fn configure(lab: bool) -> impl FnOnce(&mut web::ServiceConfig) {
             .service(get("/health/ready", health::ready));
         if lab {
             cfg.service(post("/api/hold", lab::hold));
+            cfg.service(post("/api/test-isolation", isolation::test_isolation));
         }
     }
 }
