@@ -20,7 +20,9 @@ fn four_nodes_starting_at_once_on_an_empty_database_all_come_up() {
     for node in &mut nodes {
         assert!(node.child().is_running(), "{} is still up", node.container_id());
     }
-    assert_eq!(pg.psql("SELECT count(*) FROM schema_migrations").unwrap(), "1");
+    let applied = pg.psql("SELECT count(*) || '/' || max(version) FROM schema_migrations").unwrap();
+    let (count, latest) = applied.split_once('/').unwrap();
+    assert_eq!(count, latest, "every migration applied exactly once");
     assert_eq!(
         pg.psql("SELECT count(*) FROM pg_tables WHERE tablename IN ('counters', 'data')").unwrap(),
         "2"
@@ -103,15 +105,19 @@ async fn sigterm_turns_readiness_off_lets_requests_finish_and_exits_zero() {
     }
 
     let mut node = node;
-    let stopping = tokio::task::spawn_blocking(move || node.child().terminate(Duration::from_secs(20)));
+    let stopping = tokio::task::spawn_blocking(move || {
+        let status = node.child().terminate(Duration::from_secs(20));
+        (status, node.child().recent_output())
+    });
     let deadline = Instant::now() + Duration::from_secs(5);
     while api.get("/health/ready").await.status != StatusCode::SERVICE_UNAVAILABLE {
         assert!(Instant::now() < deadline, "readiness never turned 503 after SIGTERM");
     }
     let held = in_flight.await.unwrap();
     assert_eq!(held.status, StatusCode::OK, "the in-flight request finished: {:?}", held.body);
-    let status = stopping.await.unwrap().expect("the node exits");
-    assert_eq!(status.code(), Some(0), "{status:?}");
+    let (status, output) = stopping.await.unwrap();
+    let status = status.expect("the node exits");
+    assert_eq!(status.code(), Some(0), "{status:?}; the node's output:\n{output}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
