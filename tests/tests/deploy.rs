@@ -1,0 +1,486 @@
+//! The deployment files, checked with the real tools since no Docker engine runs here: the rendered nginx
+//! and Prometheus configs against their committed copies, `nginx -t` and `promtool` on every rendering,
+//! `docker-compose.yml` against the compose-spec schema and against itself, and the dashboard's and the
+//! rules' queries against what a live node exports. Plus one run of the local nginx config in front of
+//! real nodes.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use fleet_local::nginx::{self, compose_upstreams, Upstream};
+use fleet_local::{free_port, nginx_bin, prometheus, prometheus_bin, Child, Node};
+use fleet_tests::{node_options, start_postgres, test_log, Api, TestApp};
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+/// How often the compose Prometheus scrapes (and evaluates rules).
+const COMPOSE_SCRAPE_INTERVAL: &str = "5s";
+/// Where docker-compose.yml mounts the rules, as the compose Prometheus config names them.
+const COMPOSE_RULES: &str = "/etc/prometheus/rules.yml";
+
+// ---- golden copies: the compose files are the renderers' output ----
+
+#[test]
+fn nginx_default_conf_is_the_rendering_of_the_compose_topology() {
+    golden("nginx/default.conf", &nginx::site_config("80", &compose_upstreams()));
+}
+
+#[test]
+fn the_compose_prometheus_config_is_the_rendering_of_the_compose_topology() {
+    let rendered = prometheus::config(&compose_upstreams(), COMPOSE_SCRAPE_INTERVAL, &[COMPOSE_RULES]);
+    golden("deploy/prometheus/prometheus.yml", &rendered);
+}
+
+/// Asserts that the committed file `path` is `rendered`; with `UPDATE_GOLDEN=1`, writes it instead.
+fn golden(path: &str, rendered: &str) {
+    let file = repo().join(path);
+    if std::env::var_os("UPDATE_GOLDEN").is_some_and(|v| v == "1") {
+        fs::write(&file, rendered).unwrap_or_else(|e| panic!("cannot write {path}: {e}"));
+        return;
+    }
+    let committed = fs::read_to_string(&file).unwrap_or_default();
+    if committed != rendered {
+        let line = committed.lines().zip(rendered.lines()).position(|(a, b)| a != b);
+        let line = line.unwrap_or(committed.lines().count().min(rendered.lines().count()));
+        panic!(
+            "{path} differs from its rendering from line {}:\n  committed: {:?}\n  rendered:  {:?}\n\
+             Run `UPDATE_GOLDEN=1 cargo test -p fleet-tests --test deploy` to rewrite it, then review the diff.",
+            line + 1,
+            committed.lines().nth(line),
+            rendered.lines().nth(line),
+        );
+    }
+}
+
+// ---- nginx -t ----
+
+#[test]
+fn nginx_accepts_the_compose_config() {
+    // `nginx -t` resolves every upstream host name, and app-1..app-4 only resolve on the compose
+    // network. So the committed file is tested with one change, each `server app-N:3000` pointed at
+    // 127.0.0.1:3000 (counted below), inside a main config laid out like the official image's
+    // (`http { include conf.d/default.conf; }`, temp paths moved into the test's directory).
+    let committed = read("nginx/default.conf");
+    let mut conf = committed.clone();
+    for node in compose_upstreams() {
+        let server = format!("server {}", node.address);
+        assert_eq!(conf.matches(&server).count(), 2, "{} is in `fleet` and in its own upstream", node.name);
+        conf = conf.replace(&server, "server 127.0.0.1:3000");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    fs::create_dir(dir.path().join("conf.d")).unwrap();
+    fs::write(dir.path().join("conf.d/default.conf"), conf).unwrap();
+    let main = format!(
+        "pid nginx.pid;\nerror_log stderr;\nevents {{}}\nhttp {{\n{}    include conf.d/default.conf;\n}}\n",
+        ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"]
+            .map(|t| format!("    {t}_temp_path {t}_temp;\n"))
+            .concat()
+    );
+    fs::write(dir.path().join("nginx.conf"), main).unwrap();
+    nginx_t(dir.path());
+}
+
+#[test]
+fn nginx_accepts_the_local_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let conf = nginx::local_config(dir.path(), "127.0.0.1:8080", &loopback_nodes(4));
+    fs::write(dir.path().join("nginx.conf"), conf).unwrap();
+    nginx_t(dir.path());
+}
+
+/// `nginx -t -c <dir>/nginx.conf -p <dir>` succeeds.
+fn nginx_t(dir: &Path) {
+    let mut cmd = Command::new(nginx_bin().unwrap());
+    cmd.arg("-t").arg("-c").arg(dir.join("nginx.conf")).arg("-p").arg(dir);
+    let output = run(&mut cmd);
+    assert!(output.contains("test is successful"), "{output}");
+}
+
+// ---- promtool ----
+
+#[test]
+fn promtool_accepts_the_compose_prometheus_config_and_its_rules() {
+    // The committed config names the rules by their path in the container; the check points that
+    // one path at the repository's file (the only change) so that promtool loads and checks them too.
+    let committed = read("deploy/prometheus/prometheus.yml");
+    let rules = repo().join("deploy/prometheus/rules.yml");
+    assert_eq!(committed.matches(COMPOSE_RULES).count(), 1, "{committed}");
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("prometheus.yml");
+    fs::write(&config, committed.replace(COMPOSE_RULES, rules.to_str().unwrap())).unwrap();
+    let output = promtool(&["check", "config"], &config);
+    assert!(output.contains("SUCCESS: 1 rule files found"), "{output}");
+
+    let output = promtool(&["check", "rules"], &rules);
+    assert!(output.contains("SUCCESS"), "{output}");
+    let output = promtool(&["test", "rules"], &repo().join("deploy/prometheus/rules.test.yml"));
+    assert!(output.contains("SUCCESS"), "{output}");
+}
+
+#[test]
+fn promtool_accepts_a_local_prometheus_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let rules = repo().join("deploy/prometheus/rules.yml");
+    for rule_files in [vec![rules.to_str().unwrap()], vec![]] {
+        let config = dir.path().join("prometheus.yml");
+        fs::write(&config, prometheus::config(&loopback_nodes(3), "1s", &rule_files)).unwrap();
+        let output = promtool(&["check", "config"], &config);
+        assert!(rule_files.is_empty() || output.contains("SUCCESS: 1 rule files found"), "{output}");
+    }
+}
+
+fn promtool(args: &[&str], file: &Path) -> String {
+    run(Command::new(prometheus_bin("promtool").unwrap()).args(args).arg(file))
+}
+
+// ---- docker-compose.yml ----
+
+#[test]
+fn docker_compose_yml_follows_the_compose_spec_schema() {
+    let schema: Value = serde_json::from_str(&read("tests/fixtures/compose-spec.json")).unwrap();
+    let validator = jsonschema::validator_for(&schema).expect("the compose-spec schema compiles");
+    let errors = |compose: &Value| -> Vec<String> {
+        validator.iter_errors(compose).map(|e| format!("{}: {e}", e.instance_path())).collect()
+    };
+    let compose = compose();
+    assert_eq!(errors(&compose), Vec::<String>::new());
+
+    // The schema really is enforced: a misspelt key and an unknown condition are refused.
+    let mut broken = compose.clone();
+    broken["services"]["postgres"]["healthcheck"]["intervall"] = json!("2s");
+    broken["services"]["nginx"]["depends_on"]["app-1"]["condition"] = json!("service_ready");
+    let errors = errors(&broken);
+    for (path, word) in
+        [("/services/postgres/healthcheck:", "intervall"), ("/services/nginx/depends_on:", "service_ready")]
+    {
+        assert!(errors.iter().any(|e| e.starts_with(path) && e.contains(word)), "{path} {word}: {errors:?}");
+    }
+}
+
+#[test]
+fn every_service_port_volume_and_file_docker_compose_yml_names_exists() {
+    let compose = compose();
+    let services = compose["services"].as_object().expect("services");
+    let declared_volumes = compose["volumes"].as_object().cloned().unwrap_or_default();
+
+    for (name, service) in services {
+        if let Some(build) = service.get("build") {
+            assert!(repo().join(build["context"].as_str().unwrap()).is_dir(), "{name}'s build context");
+            assert!(dockerfile(build).is_file(), "{name}'s Dockerfile");
+        }
+        for (source, _target) in mounts(service) {
+            if source.starts_with('.') {
+                assert!(
+                    repo().join(&source).exists(),
+                    "{name} mounts {source}, which is not in the repository"
+                );
+            } else {
+                assert!(declared_volumes.contains_key(&source), "{name} uses volume {source}, not declared");
+            }
+        }
+        for (dependency, condition) in depends_on(service) {
+            let target = services.get(&dependency);
+            let target =
+                target.unwrap_or_else(|| panic!("{name} depends on {dependency}, which is no service"));
+            let expected = if has_healthcheck(target) { "service_healthy" } else { "service_started" };
+            assert_eq!(
+                condition, expected,
+                "{name} → {dependency}: wait for health when there is a healthcheck"
+            );
+        }
+    }
+
+    // Every node nginx and Prometheus are configured with is a service listening on 3000 with its
+    // CONTAINER_ID, and every service built from the node image is one of them.
+    let nodes = compose_upstreams();
+    for node in &nodes {
+        let service = services.get(&node.name).unwrap_or_else(|| panic!("no service {}", node.name));
+        let (host, port) = node.address.split_once(':').unwrap();
+        assert_eq!(host, node.name, "compose services are reached by their name");
+        assert_eq!(service["expose"], json!([port]), "{}", node.name);
+        assert_eq!(service["environment"]["PORT"], json!(port), "{}", node.name);
+        assert_eq!(service["environment"]["CONTAINER_ID"], json!(node.name));
+    }
+    let built: BTreeSet<&str> =
+        services.iter().filter(|(_, s)| s.get("build").is_some()).map(|(n, _)| n.as_str()).collect();
+    assert_eq!(built, nodes.iter().map(|n| n.name.as_str()).collect());
+
+    // nginx publishes 80, where the rendered config listens; each config is mounted where it is read.
+    assert_eq!(services["nginx"]["ports"], json!(["80:80"]));
+    let mounted = |service: &str, source: &str| {
+        let found = mounts(&services[service]).into_iter().find(|(s, _)| s == source);
+        found.unwrap_or_else(|| panic!("{service} does not mount {source}")).1
+    };
+    assert_eq!(mounted("nginx", "./nginx/default.conf"), "/etc/nginx/conf.d/default.conf");
+    assert_eq!(mounted("prometheus", "./deploy/prometheus/prometheus.yml"), "/etc/prometheus/prometheus.yml");
+    assert_eq!(mounted("prometheus", "./deploy/prometheus/rules.yml"), COMPOSE_RULES);
+    assert_eq!(mounted("grafana", "./deploy/grafana/provisioning"), "/etc/grafana/provisioning");
+    let provider = yaml("deploy/grafana/provisioning/dashboards/pgfleet.yml");
+    assert_eq!(
+        mounted("grafana", "./deploy/grafana/dashboards"),
+        provider["providers"][0]["options"]["path"]
+    );
+}
+
+#[test]
+fn the_node_image_is_built_in_stages_and_runs_unprivileged_with_a_healthcheck() {
+    let dockerfile = read("deploy/Dockerfile");
+    let instructions: Vec<&str> =
+        dockerfile.lines().filter(|l| !l.starts_with('#') && !l.is_empty()).collect();
+    let stages: Vec<usize> =
+        (0..instructions.len()).filter(|&i| instructions[i].starts_with("FROM ")).collect();
+    assert!(stages.len() >= 2, "a builder stage and a runtime stage");
+    let runtime = &instructions[*stages.last().unwrap()..];
+    let user =
+        runtime.iter().rev().find_map(|l| l.strip_prefix("USER ")).expect("a USER in the runtime stage");
+    assert!(!["root", "0"].contains(&user.split(':').next().unwrap()), "runs as {user}");
+    assert!(runtime.contains(&"EXPOSE 3000"));
+    let healthcheck = runtime.iter().find(|l| l.starts_with("HEALTHCHECK ")).expect("a HEALTHCHECK");
+    assert!(healthcheck.ends_with(r#"CMD ["fleet-app", "healthcheck"]"#), "{healthcheck}");
+
+    // The build context keeps every workspace member (cargo needs them all to load the workspace).
+    let ignore = read(".dockerignore");
+    for kept in ["!Cargo.toml", "!Cargo.lock", "!crates/", "!tests/"] {
+        assert!(ignore.lines().any(|l| l == kept), ".dockerignore must keep {kept}");
+    }
+}
+
+/// docker-compose.yml as JSON, with YAML merge keys (`<<: *node`) applied as Compose applies them.
+fn compose() -> Value {
+    let mut compose: serde_norway::Value = serde_norway::from_str(&read("docker-compose.yml")).unwrap();
+    compose.apply_merge().expect("merge keys");
+    serde_json::to_value(compose).unwrap()
+}
+
+/// `(source, target)` of each volume of `service`, short (`src:dst[:mode]`) or long syntax.
+fn mounts(service: &Value) -> Vec<(String, String)> {
+    let volumes = service["volumes"].as_array().cloned().unwrap_or_default();
+    let mount = |v: &Value| match v {
+        Value::String(s) => {
+            let mut parts = s.split(':');
+            (
+                parts.next().unwrap().to_owned(),
+                parts.next().expect("short syntax is source:target").to_owned(),
+            )
+        }
+        _ => (v["source"].as_str().unwrap().to_owned(), v["target"].as_str().unwrap().to_owned()),
+    };
+    volumes.iter().map(mount).collect()
+}
+
+/// `(dependency, condition)` for each `depends_on` entry; the list form means `service_started`.
+fn depends_on(service: &Value) -> Vec<(String, String)> {
+    match &service["depends_on"] {
+        Value::Array(names) => {
+            names.iter().map(|n| (n.as_str().unwrap().to_owned(), "service_started".to_owned())).collect()
+        }
+        Value::Object(map) => {
+            map.iter().map(|(n, d)| (n.clone(), d["condition"].as_str().unwrap().to_owned())).collect()
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// Whether the service has a healthcheck: its own, or its image's `HEALTHCHECK` when built here.
+fn has_healthcheck(service: &Value) -> bool {
+    match service.get("healthcheck") {
+        Some(check) => check["disable"] != json!(true) && check["test"] != json!(["NONE"]),
+        None => service.get("build").is_some_and(|build| {
+            let dockerfile = fs::read_to_string(dockerfile(build)).unwrap();
+            dockerfile.lines().any(|l| l.starts_with("HEALTHCHECK ") && !l.ends_with("NONE"))
+        }),
+    }
+}
+
+/// The Dockerfile of a service's `build` (relative to its context).
+fn dockerfile(build: &Value) -> PathBuf {
+    repo().join(build["context"].as_str().unwrap()).join(build["dockerfile"].as_str().unwrap())
+}
+
+// ---- Grafana and the rules query what the nodes export ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dashboard_and_the_rules_query_only_metrics_a_node_exports() {
+    let dashboard: Value = serde_json::from_str(&read("deploy/grafana/dashboards/pgfleet.json")).unwrap();
+    let datasource =
+        yaml("deploy/grafana/provisioning/datasources/prometheus.yml")["datasources"][0]["uid"].clone();
+    let mut dashboard_queries = Vec::new();
+    collect_queries(&dashboard, &datasource, &mut dashboard_queries);
+    let rules = yaml("deploy/prometheus/rules.yml");
+    let rule_list = rules["groups"].as_array().unwrap().iter().flat_map(|g| g["rules"].as_array().unwrap());
+    let recorded: BTreeSet<&str> = rule_list.clone().filter_map(|r| r["record"].as_str()).collect();
+    let rule_queries: Vec<String> = rule_list.map(|r| r["expr"].as_str().unwrap().to_owned()).collect();
+
+    let app = TestApp::spawn(&[]);
+    assert_eq!(app.api.increment("k").await.status, StatusCode::OK);
+    let exported = exported_metrics(&app.api.metrics_text().await);
+
+    let used =
+        |queries: &[String]| -> BTreeSet<String> { queries.iter().flat_map(|q| metric_names(q)).collect() };
+    let (dashboard_metrics, rule_metrics) = (used(&dashboard_queries), used(&rule_queries));
+    for name in dashboard_metrics.iter().chain(&rule_metrics) {
+        if name.contains(':') {
+            assert!(recorded.contains(name.as_str()), "{name} is queried but no rule records it");
+            continue;
+        }
+        let histogram = ["_bucket", "_sum", "_count"].iter().find_map(|suffix| name.strip_suffix(suffix));
+        let known = exported.iter().any(|(n, kind)| {
+            n == name || (histogram == Some(n.as_str()) && ["histogram", "summary"].contains(&kind.as_str()))
+        });
+        assert!(known, "{name} is queried, but a node does not export it; it exports {exported:?}");
+    }
+    // The dashboard shows request rate, latency percentiles, errors and pool usage.
+    for metric in [
+        "fleet_http_requests_total",
+        "fleet_http_request_duration_seconds_bucket",
+        "fleet_db_pool_connections",
+    ] {
+        assert!(dashboard_metrics.contains(metric), "the dashboard does not show {metric}");
+    }
+}
+
+/// Every PromQL query in a Grafana dashboard (`expr`, template variable queries), asserting that each
+/// panel, target and variable uses the provisioned datasource.
+fn collect_queries(value: &Value, datasource: &Value, out: &mut Vec<String>) {
+    match value {
+        Value::Object(map) => {
+            if let Some(ds) = map.get("datasource") {
+                assert_eq!(&ds["uid"], datasource, "a panel or query uses another datasource: {ds}");
+            }
+            for (key, item) in map {
+                match (key.as_str(), item) {
+                    ("expr" | "query", Value::String(query)) => out.push(query.clone()),
+                    _ => collect_queries(item, datasource, out),
+                }
+            }
+        }
+        Value::Array(items) => items.iter().for_each(|item| collect_queries(item, datasource, out)),
+        _ => {}
+    }
+}
+
+/// The `fleet_*` and `process_*` metric names in a PromQL query (and recording-rule names, which hold
+/// a `:`), ignoring quoted label values.
+fn metric_names(query: &str) -> Vec<String> {
+    let mut unquoted = String::new();
+    let mut quote = None;
+    for c in query.chars() {
+        match quote {
+            Some(q) if c == q => quote = None,
+            Some(_) => {}
+            None if c == '"' || c == '\'' => quote = Some(c),
+            None => unquoted.push(c),
+        }
+    }
+    unquoted
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
+        .filter(|token| {
+            let recorded = token.contains(':') && token.starts_with(|c: char| c.is_ascii_alphabetic());
+            recorded || token.starts_with("fleet_") || token.starts_with("process_")
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+/// `(name, type)` of every metric family in a Prometheus text exposition.
+fn exported_metrics(text: &str) -> BTreeSet<(String, String)> {
+    text.lines()
+        .filter_map(|line| line.strip_prefix("# TYPE "))
+        .filter_map(|rest| rest.split_once(' '))
+        .map(|(name, kind)| (name.to_owned(), kind.trim().to_owned()))
+        .collect()
+}
+
+// ---- the local nginx config in front of real nodes ----
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_nginx_balances_pins_passes_escapes_and_skips_a_stopped_node() {
+    let pg = start_postgres();
+    let mut nodes: Vec<Node> =
+        (1..=2).map(|i| Node::spawn(node_options(&pg, &format!("app-{i}"), &[])).expect("a node")).collect();
+    let upstreams: Vec<Upstream> = nodes
+        .iter()
+        .map(|n| Upstream { name: n.container_id().to_owned(), address: format!("127.0.0.1:{}", n.port()) })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port().unwrap();
+    let conf = dir.path().join("nginx.conf");
+    fs::write(&conf, nginx::local_config(dir.path(), &format!("127.0.0.1:{port}"), &upstreams)).unwrap();
+    let mut cmd = Command::new(nginx_bin().unwrap());
+    cmd.arg("-c").arg(&conf).arg("-p").arg(dir.path());
+    let mut nginx = Child::spawn("nginx", cmd, !test_log()).expect("start nginx");
+    let url = format!("http://127.0.0.1:{port}");
+    nginx.wait_for_http(&format!("{url}/nginx-health"), Instant::now() + Duration::from_secs(10)).unwrap();
+    let balancer = Api::new(&url);
+
+    // `/` alternates between the nodes; `/app-2/` reaches app-2 only, without its prefix.
+    let mut seen = BTreeSet::new();
+    for _ in 0..4 {
+        seen.insert(balancer.get("/health/live").await.body["container"].to_string());
+    }
+    assert_eq!(seen.len(), 2, "round robin reached {seen:?}");
+    let pinned = Api::new(format!("{url}/app-2"));
+    for _ in 0..3 {
+        assert_eq!(pinned.get("/health/live").await.body["container"], "app-2");
+    }
+
+    // A key with `/` and `?` in it, escaped in the path, reads the same through the pinned route as
+    // from the node itself.
+    let key = "a/b?c d";
+    assert_eq!(balancer.increment(key).await.status, StatusCode::OK);
+    let path = "/api/counters/a%2Fb%3Fc%20d";
+    let direct = Api::new(nodes[1].url()).get(path).await;
+    assert_eq!((direct.status, &direct.body["key"]), (StatusCode::OK, &json!(key)));
+    let through = pinned.get(path).await;
+    assert_eq!((through.status, &through.body), (direct.status, &direct.body));
+
+    // A body above nginx's default 1 MiB limit reaches the node.
+    let rows: Vec<String> = (0..200).map(|i| format!("{i:0>10000}")).collect();
+    let bulk = pinned.bulk_insert(&rows).await;
+    assert_eq!(bulk.status, StatusCode::OK, "{:?}", bulk.body);
+
+    // With app-1 stopped, every request on `/` is answered by app-2: refused connections go to the
+    // next node.
+    nodes[0].child().terminate(Duration::from_secs(5)).unwrap();
+    for _ in 0..6 {
+        let reply = balancer.get("/health/live").await;
+        assert_eq!((reply.status, &reply.body["container"]), (StatusCode::OK, &json!("app-2")));
+    }
+    assert_eq!(Api::new(format!("{url}/app-1")).get("/health/live").await.status, StatusCode::BAD_GATEWAY);
+}
+
+// ---- helpers ----
+
+/// The repository root (this package is its `tests/` directory).
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("the repository root").to_owned()
+}
+
+fn read(path: &str) -> String {
+    fs::read_to_string(repo().join(path)).unwrap_or_else(|e| panic!("cannot read {path}: {e}"))
+}
+
+fn yaml(path: &str) -> Value {
+    let value: serde_norway::Value =
+        serde_norway::from_str(&read(path)).unwrap_or_else(|e| panic!("{path}: {e}"));
+    serde_json::to_value(value).unwrap()
+}
+
+/// `n` nodes app-1..app-n on loopback ports.
+fn loopback_nodes(n: u16) -> Vec<Upstream> {
+    (1..=n)
+        .map(|i| Upstream { name: format!("app-{i}"), address: format!("127.0.0.1:{}", 41000 + i) })
+        .collect()
+}
+
+/// Runs `cmd`, asserting that it succeeds; returns its stdout and stderr.
+fn run(cmd: &mut Command) -> String {
+    let output = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    let text =
+        format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success(), "{cmd:?} failed ({}):\n{text}", output.status);
+    text
+}
