@@ -10,7 +10,9 @@ use anyhow::{ensure, Context};
 use tempfile::TempDir;
 
 use crate::nginx::{self, Upstream};
-use crate::{free_port, nginx_bin, prometheus, prometheus_bin, Child, Node, NodeOptions, Postgres, PostgresOptions};
+use crate::{
+    free_port, nginx_bin, prometheus, prometheus_bin, Child, Node, NodeOptions, Postgres, PostgresOptions,
+};
 
 /// Connections kept free for admins, migrations and the isolation lab's dedicated connections.
 pub const ADMIN_HEADROOM: u32 = 10;
@@ -123,7 +125,10 @@ impl Fleet {
         }
         let upstreams: Vec<Upstream> = nodes
             .iter()
-            .map(|n| Upstream { name: n.container_id().to_owned(), address: format!("127.0.0.1:{}", n.port()) })
+            .map(|n| Upstream {
+                name: n.container_id().to_owned(),
+                address: format!("127.0.0.1:{}", n.port()),
+            })
             .collect();
         let port = if opts.port == 0 { free_port()? } else { opts.port };
         let nginx = start_nginx(&dir.join("nginx"), port, &upstreams, opts.quiet)?;
@@ -172,7 +177,10 @@ impl Fleet {
     pub fn exited_components(&mut self) -> Vec<String> {
         let nodes = self.nodes.iter_mut().map(Node::child);
         let others = std::iter::once(&mut self.nginx).chain(self.prometheus.as_mut().map(|(c, _)| c));
-        nodes.chain(others).filter_map(|child| (!child.is_running()).then(|| child.name().to_owned())).collect()
+        nodes
+            .chain(others)
+            .filter_map(|child| (!child.is_running()).then(|| child.name().to_owned()))
+            .collect()
     }
 
     /// Stops nginx, Prometheus, the nodes (SIGTERM: they drain), then PostgreSQL, and removes what the fleet wrote.
