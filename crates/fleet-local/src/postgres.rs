@@ -22,8 +22,8 @@ use crate::process::{die_with_parent, signal_and_wait, wait_timeout};
 
 mod setup;
 
-pub use setup::PostgresOptions;
 use crate::free_port;
+pub use setup::PostgresOptions;
 use setup::{hand_over, settings};
 
 /// The superuser created by initdb.

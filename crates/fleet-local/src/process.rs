@@ -178,7 +178,11 @@ impl Child {
             .build();
         loop {
             if !self.is_running() {
-                bail!("{} exited before {url} answered; its last output:\n{}", self.name, self.recent_output());
+                bail!(
+                    "{} exited before {url} answered; its last output:\n{}",
+                    self.name,
+                    self.recent_output()
+                );
             }
             let last = match agent.get(url).call() {
                 Ok(response) if response.status() == 200 => return Ok(()),
@@ -186,7 +190,11 @@ impl Child {
                 Err(error) => error.to_string(),
             };
             if Instant::now() >= deadline {
-                bail!("{url} did not answer 200 in time (last: {last}); {}'s last output:\n{}", self.name, self.recent_output());
+                bail!(
+                    "{url} did not answer 200 in time (last: {last}); {}'s last output:\n{}",
+                    self.name,
+                    self.recent_output()
+                );
             }
             thread::sleep(POLL_INTERVAL);
         }
