@@ -59,7 +59,8 @@ fn render(body: &Value) -> anyhow::Result<String> {
         .iter()
         .map(|(key, label)| {
             let cells = levels.iter().map(|level| {
-                let phenomenon = level["phenomena"].as_array().and_then(|all| all.iter().find(|p| p["name"] == *key));
+                let phenomenon =
+                    level["phenomena"].as_array().and_then(|all| all.iter().find(|p| p["name"] == *key));
                 phenomenon.map_or_else(|| text(&level[key]).to_owned(), cell)
             });
             (label.to_string(), cells.collect())
@@ -81,7 +82,11 @@ fn render(body: &Value) -> anyhow::Result<String> {
 
     let mut out = String::new();
     let duration = body["duration"].as_f64().map_or_else(|| "?".to_owned(), |ms| format!("{ms:.0} ms"));
-    writeln!(out, "isolation lab on {} ({duration}): what PostgreSQL did at each level\n", text(&body["container"]))?;
+    writeln!(
+        out,
+        "isolation lab on {} ({duration}): what PostgreSQL did at each level\n",
+        text(&body["container"])
+    )?;
     table(&mut out, "phenomenon", &header, &phenomena)?;
     writeln!(out)?;
     table(&mut out, "scenario", &header, &scenarios)?;
@@ -117,17 +122,29 @@ fn cell(observed: &Value) -> String {
     }
 }
 
-fn table(out: &mut String, title: &str, header: &[String], rows: &[(String, Vec<String>)]) -> std::fmt::Result {
+fn table(
+    out: &mut String,
+    title: &str,
+    header: &[String],
+    rows: &[(String, Vec<String>)],
+) -> std::fmt::Result {
     let first = rows.iter().map(|(label, _)| label.len()).chain([title.len()]).max().unwrap_or_default();
     let widths: Vec<usize> = (0..header.len())
-        .map(|i| rows.iter().filter_map(|(_, cells)| cells.get(i)).map(String::len).chain([header[i].len()]).max().unwrap_or(0))
+        .map(|i| {
+            rows.iter()
+                .filter_map(|(_, cells)| cells.get(i))
+                .map(String::len)
+                .chain([header[i].len()])
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let line = |out: &mut String, label: &str, cells: &[String]| -> std::fmt::Result {
-        write!(out, "{label:<first$}")?;
+        let mut line = format!("{label:<first$}");
         for (cell, width) in cells.iter().zip(&widths) {
-            write!(out, "  {cell:<width$}")?;
+            write!(line, "  {cell:<width$}")?;
         }
-        writeln!(out)
+        writeln!(out, "{}", line.trim_end())
     };
     line(out, title, header)?;
     rows.iter().try_for_each(|(label, cells)| line(out, label, cells))
@@ -169,12 +186,14 @@ mod tests {
             ],
         });
         let out = render(&body).unwrap();
-        let row = |label: &str| out.lines().find(|line| line.starts_with(label)).unwrap_or_default().to_owned();
+        let row =
+            |label: &str| out.lines().find(|line| line.starts_with(label)).unwrap_or_default().to_owned();
 
         assert!(out.starts_with("isolation lab on app-2 (612 ms)"), "{out}");
-        assert!(row("phenomenon").contains("READ UNCOMMITTED  SERIALIZABLE"), "{out}");
         let skew = row("write skew");
         assert!(skew.contains("possible") && skew.ends_with("prevented (40001)"), "{out}");
+        let column = row("phenomenon").find("SERIALIZABLE");
+        assert_eq!(column, skew.find("prevented (40001)"), "cells line up under their level:\n{out}");
         assert!(row("dirty read").matches("prevented (snapshot)").count() == 2, "{out}");
         assert!(row("G2-item write skew").ends_with("prevented (40001)"), "{out}");
         assert!(out.contains("READ UNCOMMITTED runs as READ COMMITTED"), "{out}");
