@@ -30,7 +30,12 @@ fn nginx_default_conf_is_the_rendering_of_the_compose_topology() {
 
 #[test]
 fn the_compose_prometheus_config_is_the_rendering_of_the_compose_topology() {
-    let rendered = prometheus::config(&compose_upstreams(), COMPOSE_SCRAPE_INTERVAL, &[COMPOSE_RULES]);
+    let rendered = prometheus::config(
+        &compose_upstreams(),
+        COMPOSE_SCRAPE_INTERVAL,
+        &[COMPOSE_RULES],
+        prometheus::COMPOSE_SELF_ADDRESS,
+    );
     golden("deploy/prometheus/prometheus.yml", &rendered);
 }
 
@@ -126,7 +131,8 @@ fn promtool_accepts_a_local_prometheus_config() {
     let rules = repo().join("deploy/prometheus/rules.yml");
     for rule_files in [vec![rules.to_str().unwrap()], vec![]] {
         let config = dir.path().join("prometheus.yml");
-        fs::write(&config, prometheus::config(&loopback_nodes(3), "1s", &rule_files)).unwrap();
+        fs::write(&config, prometheus::config(&loopback_nodes(3), "1s", &rule_files, "127.0.0.1:9090"))
+            .unwrap();
         let output = promtool(&["check", "config"], &config);
         assert!(rule_files.is_empty() || output.contains("SUCCESS: 1 rule files found"), "{output}");
     }

@@ -231,8 +231,8 @@ fn start_nginx(dir: &Path, port: u16, upstreams: &[Upstream], quiet: bool) -> an
 fn start_prometheus(dir: &Path, upstreams: &[Upstream], quiet: bool) -> anyhow::Result<(Child, u16)> {
     fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let conf = dir.join("prometheus.yml");
-    fs::write(&conf, prometheus::config(upstreams, "1s", &[]))?;
     let port = free_port()?;
+    fs::write(&conf, prometheus::config(upstreams, "1s", &[], &format!("127.0.0.1:{port}")))?;
     let mut cmd = Command::new(prometheus_bin("prometheus")?);
     cmd.arg(format!("--config.file={}", conf.display()))
         .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))

@@ -8,18 +8,17 @@ use crate::nginx::Upstream;
 
 /// The job every node is scraped under; dashboards and rules select `job="fleet-app"`.
 const NODE_JOB: &str = "fleet-app";
-/// Prometheus's own address in its `prometheus` job: its default listen port. A local Prometheus
-/// started on another port shows this one target as down; the nodes' job is unaffected.
-const SELF_TARGET: &str = "localhost:9090";
+/// Prometheus's own address in the compose file (its default listen port).
+pub const COMPOSE_SELF_ADDRESS: &str = "localhost:9090";
 
 /// prometheus.yml scraping every node's `/metrics` directly (job `fleet-app`, one target per node, label
-/// `container="app-N"`), plus Prometheus itself (job `prometheus` at `localhost:9090`), loading
+/// `container="app-N"`), plus Prometheus itself (job `prometheus` at `self_address`), loading
 /// `rule_files`. `scrape_interval` (a Prometheus duration, `"5s"`) is also the rule evaluation interval;
 /// the scrape timeout follows Prometheus's default, capped at the interval.
 ///
 /// One renderer for both compose (`deploy/prometheus/prometheus.yml`: targets `app-N:3000`, rules at
 /// `/etc/prometheus/rules.yml`) and a local fleet (loopback targets, temp paths).
-pub fn config(nodes: &[Upstream], scrape_interval: &str, rule_files: &[&str]) -> String {
+pub fn config(nodes: &[Upstream], scrape_interval: &str, rule_files: &[&str], self_address: &str) -> String {
     let mut out = String::new();
     out.push_str(HEADER);
     out.push_str("global:\n");
@@ -38,7 +37,7 @@ pub fn config(nodes: &[Upstream], scrape_interval: &str, rule_files: &[&str]) ->
     out.push_str("scrape_configs:\n");
     out.push_str("  - job_name: prometheus\n");
     out.push_str("    static_configs:\n");
-    let _ = writeln!(out, "      - targets: [{}]", quote(SELF_TARGET));
+    let _ = writeln!(out, "      - targets: [{}]", quote(self_address));
     out.push('\n');
     let _ = writeln!(out, "  - job_name: {NODE_JOB}");
     out.push_str("    metrics_path: /metrics\n");
@@ -70,7 +69,7 @@ mod tests {
             Upstream { name: "app-1".into(), address: "127.0.0.1:41001".into() },
             Upstream { name: "app-2".into(), address: "127.0.0.1:41002".into() },
         ];
-        let yml = config(&nodes, "1s", &["/tmp/a dir/rules.yml"]);
+        let yml = config(&nodes, "1s", &["/tmp/a dir/rules.yml"], "127.0.0.1:9999");
         assert!(yml.contains("  scrape_interval: 1s\n"), "{yml}");
         assert!(yml.contains("  - \"/tmp/a dir/rules.yml\"\n"), "{yml}");
         for (i, node) in nodes.iter().enumerate() {
