@@ -245,7 +245,7 @@ async fn four_nodes_running_the_lab_at_once_all_see_the_documented_table() {
             for level in reply.body["levels"].as_array().unwrap() {
                 assert_steps_follow_the_catalogue(level);
             }
-            assert!(*took < Duration::from_secs(20), "round {round}, app-{node} took {took:?}");
+            assert!(*took < Duration::from_secs(5), "round {round}, app-{node} took {took:?}");
         }
     }
     assert_lab_left_nothing_behind(|q| app.sql(q)).await;
