@@ -12,9 +12,10 @@ use reqwest::StatusCode;
 /// tests are about (lost updates and creation races), so they let requests queue.
 const QUEUE_PATIENTLY: (&str, &str) = ("POOL_WAIT_TIMEOUT_MS", "30000");
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_thousand_concurrent_increments_of_one_key_return_each_value_once() {
-    let app = TestApp::spawn(&[QUEUE_PATIENTLY]);
+/// 1000 concurrent increments of one key on a node in `mode`: every value 1..1000 exactly once.
+/// Returns how many transactions committed them (the batch-size histogram's count).
+async fn thousand_concurrent_increments(mode: &str) -> f64 {
+    let app = TestApp::spawn(&[QUEUE_PATIENTLY, ("INCREMENT_MODE", mode)]);
     let replies = join_all((0..1000).map(|_| app.api.increment("hot"))).await;
 
     let failures: Vec<_> = replies.iter().filter(|r| r.status != StatusCode::OK).collect();
@@ -23,6 +24,36 @@ async fn a_thousand_concurrent_increments_of_one_key_return_each_value_once() {
     assert_eq!(values, (1..=1000).collect::<BTreeSet<_>>(), "each of 1..1000 exactly once");
     assert_eq!(app.sql_i64("SELECT value FROM counters WHERE key = 'hot'"), 1000);
     assert_eq!(app.api.metric("fleet_increments_total").await, 1000.0);
+    app.api.metric("fleet_increment_batch_size_count").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_increments_of_one_key_return_each_value_once_in_fewer_transactions() {
+    let transactions = thousand_concurrent_increments("coalesce").await;
+    assert!(transactions < 1000.0, "coalescing committed 1000 increments in {transactions} transactions");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_increments_with_one_transaction_each_return_each_value_once() {
+    assert_eq!(thousand_concurrent_increments("transaction").await, 1000.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coalesced_batch_that_fails_applies_none_of_its_increments() {
+    let app = TestApp::spawn(&[QUEUE_PATIENTLY]);
+    let start = i64::MAX - 10;
+    app.sql(&format!("INSERT INTO counters (key, value) VALUES ('edge', {start})"));
+    // 50 increments cannot all fit below i64::MAX: some batch must fail with 22003.
+    let replies = join_all((0..50).map(|_| app.api.increment("edge"))).await;
+
+    let ok: BTreeSet<i64> =
+        replies.iter().filter(|r| r.status == StatusCode::OK).map(|r| r.body["value"].as_i64().unwrap()).collect();
+    let rejected = replies.iter().filter(|r| r.status == StatusCode::UNPROCESSABLE_ENTITY).count();
+    assert!(replies.iter().all(|r| r.status == StatusCode::OK || r.code() == "22003"), "{replies:?}");
+    assert!(rejected > 0, "some increments overflowed");
+    let successes = ok.len() as i64;
+    assert_eq!(ok, (start + 1..=start + successes).collect(), "successes got consecutive values");
+    assert_eq!(app.sql_i64("SELECT value FROM counters WHERE key = 'edge'"), start + successes, "no batch half-applied");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

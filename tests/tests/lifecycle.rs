@@ -153,6 +153,7 @@ async fn metrics_pass_promtool_and_name_every_documented_family() {
         "fleet_db_errors_total",
         "fleet_db_transaction_retries_total",
         "fleet_increments_total",
+        "fleet_increment_batch_size",
         "fleet_bulk_insert_rows_total",
         "fleet_build_info",
         "process_resident_memory_bytes",

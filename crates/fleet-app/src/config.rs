@@ -13,6 +13,7 @@
 //! | `BULK_MAX_ROWS` | `100000` | most rows one `/api/bulk-insert` takes (more: 413) |
 //! | `BODY_LIMIT_BYTES` | `33554432` (32 MiB) | largest request body (more: 413) |
 //! | `RETRY_MAX_ATTEMPTS` | `5` | attempts for a transaction that hits a deadlock (40P01) or serialization failure (40001) |
+//! | `INCREMENT_MODE` | `coalesce` | `coalesce`: concurrent increments of one key share one transaction (see `db::Coalescer`); `transaction`: one transaction per request |
 //! | `LOCK_ORDER` | `request` | `request`: `/api/transfer` locks rows in request order (opposite transfers can deadlock); `sorted`: in key order (never deadlocks) |
 //! | `LAB_ENDPOINTS` | `true` | serve `/api/hold` and `/api/test-isolation` |
 //! | `SHUTDOWN_DRAIN_MS` | `0` | after SIGTERM, how long readiness answers 503 while requests are still served, before the listener closes (set it to your load balancer's probe period) |
@@ -57,6 +58,8 @@ pub struct Config {
     #[serde(default = "default_retry_max_attempts")]
     pub retry_max_attempts: u32,
     #[serde(default)]
+    pub increment_mode: IncrementMode,
+    #[serde(default)]
     pub lock_order: LockOrder,
     #[serde(default = "default_true")]
     pub lab_endpoints: bool,
@@ -64,6 +67,17 @@ pub struct Config {
     pub shutdown_drain_ms: u64,
     #[serde(default)]
     pub log_format: LogFormat,
+}
+
+/// How `/api/increment` uses transactions.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum IncrementMode {
+    /// Concurrent increments of one key on this node share one `SELECT … FOR UPDATE` transaction.
+    #[default]
+    Coalesce,
+    /// One transaction per request.
+    Transaction,
 }
 
 /// The order in which `/api/transfer` locks its two rows.
@@ -229,6 +243,7 @@ mod tests {
         assert_eq!(config.pool_size, 5);
         assert_eq!(config.bulk_max_rows, 100_000);
         assert_eq!(config.lock_order, LockOrder::Request);
+        assert_eq!(config.increment_mode, IncrementMode::Coalesce);
         assert!(config.lab_endpoints);
     }
 

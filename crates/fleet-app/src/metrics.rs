@@ -21,6 +21,7 @@ pub struct Metrics {
     pub db_errors: IntCounterVec,
     pub transaction_retries: IntCounterVec,
     pub increments: IntCounter,
+    pub increment_batch_size: Histogram,
     pub bulk_insert_rows: IntCounter,
 }
 
@@ -67,6 +68,10 @@ impl Metrics {
                 &["sqlstate"],
             )?,
             increments: IntCounter::with_opts(opts("increments_total", "Counter increments committed."))?,
+            increment_batch_size: Histogram::with_opts(
+                hist("increment_batch_size", "Increments committed per counter transaction (coalescing).")
+                    .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0]),
+            )?,
             bulk_insert_rows: IntCounter::with_opts(opts(
                 "bulk_insert_rows_total",
                 "Rows committed by bulk inserts.",
@@ -92,6 +97,7 @@ impl Metrics {
         r.register(Box::new(metrics.db_errors.clone()))?;
         r.register(Box::new(metrics.transaction_retries.clone()))?;
         r.register(Box::new(metrics.increments.clone()))?;
+        r.register(Box::new(metrics.increment_batch_size.clone()))?;
         r.register(Box::new(metrics.bulk_insert_rows.clone()))?;
         r.register(Box::new(build_info))?;
         r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;

@@ -47,21 +47,29 @@ async fn add(tx: &impl GenericClient, key: &str, delta: i64) -> Result<i64, DbEr
 }
 
 impl Db {
-    /// Adds 1 to counter `key` (created at 0 if absent) under its row lock; returns the new value.
+    /// Adds 1 to counter `key` (created at 0 if absent) in a transaction of its own, under the row lock.
     #[tracing::instrument(skip_all, fields(counter.key = %key))]
     pub async fn increment(&self, key: &str) -> Result<Counter, DbError> {
+        let value = self.add_to_counter(key, 1).await?;
+        Ok(Counter { key: key.to_owned(), value })
+    }
+
+    /// Adds `n` increments to counter `key` (created at 0 if absent) in one transaction that holds the row
+    /// lock (`SELECT … FOR UPDATE`); returns the new value. All or nothing: a failure applies none of them.
+    pub(super) async fn add_to_counter(&self, key: &str, n: i64) -> Result<i64, DbError> {
         let Retried { value, .. } = self
             .retrying(|| async {
                 let mut client = self.client().await?;
                 let tx = client.transaction().await?;
                 lock_counter(&tx, key).await?;
-                let value = add(&tx, key, 1).await?;
+                let value = add(&tx, key, n).await?;
                 tx.commit().await?;
                 Ok(value)
             })
             .await?;
-        self.metrics.increments.inc();
-        Ok(Counter { key: key.to_owned(), value })
+        self.metrics.increments.inc_by(n.unsigned_abs());
+        self.metrics.increment_batch_size.observe(n as f64);
+        Ok(value)
     }
 
     /// Moves `amount` from one counter to another in one transaction, locking both rows in request order

@@ -23,7 +23,10 @@ pub async fn increment(
 ) -> Result<HttpResponse, ApiError> {
     let start = Instant::now();
     check_text("key", &req.key, Some(MAX_KEY_CHARS))?;
-    let counter = state.db.increment(&req.key).await?;
+    let counter = match &state.coalescer {
+        Some(coalescer) => coalescer.increment(&req.key).await?,
+        None => state.db.increment(&req.key).await?,
+    };
     Ok(HttpResponse::Ok().json(json!({
         "success": true,
         "key": counter.key,
