@@ -120,12 +120,20 @@ impl ResponseError for ApiError {
 
 impl From<DbError> for ApiError {
     fn from(err: DbError) -> Self {
+        ApiError::from_db(&err)
+    }
+}
+
+impl ApiError {
+    /// What a client is told about a database error; unexpected ones are logged here, once.
+    fn from_db(err: &DbError) -> Self {
         match err {
+            DbError::Shared(inner) => ApiError::from_db(inner),
             DbError::Pool(PoolError::Timeout(TimeoutType::Wait)) => ApiError::PoolTimeout,
             DbError::Pool(PoolError::Timeout(_) | PoolError::Backend(_) | PoolError::Closed) => {
                 ApiError::DatabaseUnavailable
             }
-            DbError::Postgres(ref pg) => match pg.code().map(|c| c.code()) {
+            DbError::Postgres(pg) => match pg.code().map(|c| c.code()) {
                 Some(code @ ("40P01" | "40001" | "23505")) => ApiError::Conflict {
                     sqlstate: code.to_owned(),
                     message: format!("transaction aborted by the database ({code}) after every retry"),
@@ -138,8 +146,8 @@ impl From<DbError> for ApiError {
                     ApiError::Internal
                 }
             },
-            DbError::Pool(_) => {
-                tracing::error!(error = %err, "pool error");
+            DbError::Pool(_) | DbError::BatchLost => {
+                tracing::error!(error = %err, "database layer error");
                 ApiError::Internal
             }
         }

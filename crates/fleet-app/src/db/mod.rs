@@ -1,5 +1,6 @@
 //! The database layer: the pool, checkouts, retries and error accounting. SQL lives in the submodules.
 
+mod coalesce;
 mod counters;
 mod data;
 pub mod isolation;
@@ -8,6 +9,7 @@ pub mod migrations;
 mod stats;
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::{
@@ -19,6 +21,7 @@ use tokio_postgres::NoTls;
 use crate::config::{Config, LockOrder};
 use crate::metrics::Metrics;
 
+pub use coalesce::Coalescer;
 pub use counters::{Counter, Transfer};
 pub use stats::{DatabaseStats, Health};
 
@@ -28,6 +31,12 @@ pub enum DbError {
     Pool(#[from] PoolError),
     #[error("postgres: {0}")]
     Postgres(#[from] tokio_postgres::Error),
+    /// One failure shared by every request of a coalesced batch.
+    #[error("{0}")]
+    Shared(Arc<DbError>),
+    /// A coalesced batch ended without answering (its task died): a bug, never expected.
+    #[error("the coalesced batch ended without an answer")]
+    BatchLost,
 }
 
 impl DbError {
@@ -41,6 +50,8 @@ impl DbError {
             },
             DbError::Pool(PoolError::Backend(e)) => e.code().map(|c| c.code()).or(Some("08006")),
             DbError::Pool(_) => None,
+            DbError::Shared(inner) => inner.sqlstate(),
+            DbError::BatchLost => None,
         }
     }
 
@@ -54,6 +65,8 @@ impl DbError {
                         && std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>()))
             }
             DbError::Pool(_) => true,
+            DbError::Shared(inner) => inner.is_connection_error(),
+            DbError::BatchLost => false,
         }
     }
 

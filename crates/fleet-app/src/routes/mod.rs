@@ -22,7 +22,8 @@ use actix_web::{web, HttpResponse};
 pub use body::JsonBody;
 
 use crate::config::Config;
-use crate::db::Db;
+use crate::config::IncrementMode;
+use crate::db::{Coalescer, Db};
 use crate::errors::ApiError;
 use crate::metrics::Metrics;
 
@@ -30,6 +31,8 @@ use crate::metrics::Metrics;
 #[derive(Debug)]
 pub struct AppState {
     pub db: Db,
+    /// Set when `INCREMENT_MODE=coalesce`.
+    pub coalescer: Option<Coalescer>,
     pub metrics: Metrics,
     pub container_id: String,
     pub bulk_max_rows: usize,
@@ -42,6 +45,7 @@ pub struct AppState {
 impl AppState {
     pub fn new(config: &Config, db: Db, metrics: Metrics) -> Self {
         AppState {
+            coalescer: (config.increment_mode == IncrementMode::Coalesce).then(|| Coalescer::new(db.clone())),
             db,
             metrics,
             container_id: config.container_id.clone(),
