@@ -48,11 +48,11 @@ impl Lab {
         self.observer.seed(run).await?;
         let exclusive = level == Level::Serializable;
         if exclusive {
-            self.observer.serializable_lock(true).await?;
+            self.observer.lock_serializable().await?;
         }
         let scenario = entry.run(self, run, level).await;
         if exclusive {
-            self.observer.serializable_lock(false).await?;
+            self.observer.unlock_serializable().await?;
         }
         scenario
     }

@@ -5,6 +5,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::time::Duration;
 
+use tokio_postgres::error::SqlState;
 use tokio_postgres::Transaction;
 
 use super::report::{LabRow, Mechanism, Observed, PgError, Scenario, Step, StepOutcome};
@@ -110,7 +111,7 @@ impl<'o> Script<'o> {
             return Ok(None);
         }
         let done = op.execute(&tx.tx, tx.statements, self.run).await;
-        self.settle(step, tx.name, done)
+        self.settle(step, done)
     }
 
     /// Issues `op` in `tx`, which may have to wait for `holder`'s lock. Returns as soon as the statement
@@ -127,7 +128,7 @@ impl<'o> Script<'o> {
         }
         let mut running: Running<'t> = Box::pin(op.execute(&tx.tx, tx.statements, self.run));
         tokio::select! {
-            done = &mut running => Ok(Pending::Finished(self.settle(step, tx.name, done)?)),
+            done = &mut running => Ok(Pending::Finished(self.settle(step, done)?)),
             wait_event = blocked(self.observer, tx.pid, holder.pid) => {
                 let record = &mut self.steps[step];
                 record.blocked = true;
@@ -143,9 +144,8 @@ impl<'o> Script<'o> {
         match pending {
             Pending::Finished(done) => Ok(done),
             Pending::Blocked { step, running } => {
-                let tx = self.steps[step].tx;
                 let done = running.await;
-                self.settle(step, tx, done)
+                self.settle(step, done)
             }
         }
     }
@@ -158,7 +158,7 @@ impl<'o> Script<'o> {
         }
         let step = self.push(tx.name, "commit".to_owned(), false);
         let committed = tx.tx.commit().await.map(|()| Done::Ended);
-        Ok(self.settle(step, tx.name, committed)?.is_some())
+        Ok(self.settle(step, committed)?.is_some())
     }
 
     pub(super) async fn rollback(&mut self, tx: Tx<'_>) -> Result<(), DbError> {
@@ -234,7 +234,6 @@ impl<'o> Script<'o> {
     fn settle(
         &mut self,
         step: usize,
-        tx: &'static str,
         done: Result<Done, tokio_postgres::Error>,
     ) -> Result<Option<Done>, DbError> {
         let record = &mut self.steps[step];
@@ -247,7 +246,7 @@ impl<'o> Script<'o> {
                 }
                 Ok(Some(done))
             }
-            Err(e) => match e.as_db_error().filter(|db| db.code().code() == "40001") {
+            Err(e) => match e.as_db_error().filter(|db| *db.code() == SqlState::T_R_SERIALIZATION_FAILURE) {
                 Some(db) => {
                     record.outcome = StepOutcome::Failed;
                     record.error = Some(PgError {
@@ -255,7 +254,7 @@ impl<'o> Script<'o> {
                         message: db.message().to_owned(),
                         detail: db.detail().map(str::to_owned),
                     });
-                    self.failed.push(tx);
+                    self.failed.push(record.tx);
                     Ok(None)
                 }
                 None => Err(e.into()),

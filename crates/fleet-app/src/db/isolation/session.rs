@@ -209,10 +209,14 @@ impl Observer {
         Ok(self.client.execute("DELETE FROM isolation_lab WHERE run_id = ANY($1)", &[&runs]).await?)
     }
 
-    /// Takes (`true`) or releases the session lock that SERIALIZABLE scenarios hold, fleet-wide.
-    pub(super) async fn serializable_lock(&self, take: bool) -> Result<(), DbError> {
-        let sql = if take { "SELECT pg_advisory_lock($1)" } else { "SELECT pg_advisory_unlock($1)" };
-        self.client.execute(sql, &[&SERIALIZABLE_LOCK_KEY]).await?;
+    /// Waits for the fleet-wide session lock that a SERIALIZABLE scenario holds while it runs.
+    pub(super) async fn lock_serializable(&self) -> Result<(), DbError> {
+        self.client.execute("SELECT pg_advisory_lock($1)", &[&SERIALIZABLE_LOCK_KEY]).await?;
+        Ok(())
+    }
+
+    pub(super) async fn unlock_serializable(&self) -> Result<(), DbError> {
+        self.client.execute("SELECT pg_advisory_unlock($1)", &[&SERIALIZABLE_LOCK_KEY]).await?;
         Ok(())
     }
 
