@@ -1,6 +1,7 @@
 //! `fleetctl`: run a local pgfleet (`up`), inspect it (`status`), stop it (`down`), and probe it (`lab`).
 //! The library holds the whole command line, so the test suite can build it as a binary of its own.
 
+mod bench;
 mod state;
 mod status;
 mod up;
@@ -35,6 +36,8 @@ enum Command {
         #[arg(long, default_value = ".fleet")]
         dir: PathBuf,
     },
+    /// Benchmark private fleets against the database's own ceiling; write results and plots.
+    Bench(bench::BenchArgs),
 }
 
 /// Runs the command line; errors are printed and turn into a non-zero exit code.
@@ -43,6 +46,7 @@ pub fn main() -> ExitCode {
         Command::Up(args) => up::run(args),
         Command::Status { dir, json } => status::status(&dir, json),
         Command::Down { dir } => status::down(&dir),
+        Command::Bench(args) => bench::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

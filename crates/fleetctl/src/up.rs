@@ -33,13 +33,13 @@ pub struct UpArgs {
     env: Vec<(String, String)>,
 }
 
-fn parse_env(s: &str) -> Result<(String, String), String> {
+pub(crate) fn parse_env(s: &str) -> Result<(String, String), String> {
     let (name, value) = s.split_once('=').ok_or_else(|| format!("{s:?} is not NAME=VALUE"))?;
     Ok((name.to_owned(), value.to_owned()))
 }
 
 /// The `fleet-app` binary: `FLEET_APP_BIN`, else next to this executable, else on PATH.
-fn node_bin() -> anyhow::Result<PathBuf> {
+pub(crate) fn node_bin() -> anyhow::Result<PathBuf> {
     if let Some(bin) = std::env::var_os("FLEET_APP_BIN") {
         return Ok(PathBuf::from(bin));
     }

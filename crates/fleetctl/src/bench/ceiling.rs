@@ -1,0 +1,193 @@
+//! The database's own ceiling on the same PostgreSQL: pgbench running the transaction a node runs per
+//! increment, and psql `\copy` of the rows a bulk insert sends.
+
+use std::io::Write as _;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde::{Deserialize, Serialize};
+
+use super::db::{checked, Db};
+use super::requests::{key, row, HOT_KEY, KEY_COUNT, KEY_STEM};
+
+/// One pgbench run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Pgbench {
+    pub clients: u32,
+    pub seconds: u64,
+    /// Transactions per second, without connection set-up (pgbench's own figure).
+    pub tps: f64,
+    pub transactions: u64,
+    /// Failed transactions (pgbench 15 and later report them; 0 when not reported).
+    pub failed: u64,
+    pub latency_avg_ms: Option<f64>,
+    /// The benchmark counters' sum grew by this much while pgbench ran (must equal `transactions`).
+    pub counter_delta: i64,
+}
+
+/// Repeated psql `\copy` of one file of rows into `data`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Copy {
+    pub rows: u64,
+    pub seconds: f64,
+    pub rows_per_s: f64,
+    /// `data` grew by this many rows (must equal `rows`).
+    pub table_delta: i64,
+}
+
+/// The increment transaction a node runs, on counter `key_expr` (SQL), as a pgbench script.
+pub fn increment_script(hot: bool) -> String {
+    let (set, key_expr) = match hot {
+        true => (String::new(), format!("'{HOT_KEY}'")),
+        false => (format!("\\set k random(1, {KEY_COUNT})\n"), format!("'{KEY_STEM}' || :k")),
+    };
+    format!(
+        "{set}BEGIN;\n\
+         SELECT value FROM counters WHERE key = {key_expr} FOR UPDATE;\n\
+         UPDATE counters SET value = value + 1, last_modified = now() WHERE key = {key_expr} RETURNING value;\n\
+         COMMIT;\n"
+    )
+}
+
+/// pgbench on the increment transaction (`hot`: the one key; else one of the 1000) for `seconds`.
+pub fn pgbench(db: &Db, hot: bool, clients: u32, seconds: u64) -> anyhow::Result<Pgbench> {
+    let keys: Vec<String> = match hot {
+        true => vec![HOT_KEY.to_owned()],
+        false => (1..=KEY_COUNT).map(key).collect(),
+    };
+    db.ensure_counters(&keys)?;
+    let mut script = tempfile::Builder::new().prefix("bench-").suffix(".sql").tempfile()?;
+    script.write_all(increment_script(hot).as_bytes())?;
+    let before = db.snapshot()?;
+    let threads = clients.min(std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
+    let output = db
+        .command("pgbench")?
+        .args(["-n", "-M", "prepared", "-c", &clients.to_string(), "-j", &threads.to_string()])
+        .args(["-T", &seconds.to_string(), "-f"])
+        .arg(script.path())
+        .output()
+        .context("cannot run pgbench")?;
+    let output = checked(output, "pgbench")?;
+    let after = db.snapshot()?;
+    let mut result = parse_pgbench(&String::from_utf8_lossy(&output.stdout))?;
+    result.clients = clients;
+    result.seconds = seconds;
+    result.counter_delta = after.counter_sum - before.counter_sum;
+    Ok(result)
+}
+
+/// The figures of pgbench's summary.
+pub fn parse_pgbench(out: &str) -> anyhow::Result<Pgbench> {
+    let after = |prefix: &str| out.lines().find_map(|l| l.trim().strip_prefix(prefix).map(str::trim));
+    let number = |text: &str| text.split_whitespace().next().and_then(|n| n.parse::<f64>().ok());
+    let tps = out
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("tps = "))
+        // "without initial connection time" (14+) or "excluding connections establishing" (older).
+        .find(|l| l.contains("without") || l.contains("excluding"))
+        .and_then(number)
+        .with_context(|| format!("no tps in pgbench's output:\n{out}"))?;
+    let transactions = after("number of transactions actually processed:")
+        .and_then(|t| t.split('/').next())
+        .and_then(number)
+        .with_context(|| format!("no transaction count in pgbench's output:\n{out}"))?;
+    Ok(Pgbench {
+        clients: 0,
+        seconds: 0,
+        tps,
+        transactions: transactions as u64,
+        failed: after("number of failed transactions:").and_then(number).unwrap_or(0.0) as u64,
+        latency_avg_ms: after("latency average =").and_then(number),
+        counter_delta: 0,
+    })
+}
+
+/// psql `\copy` of `rows_per_copy` rows, again and again for `seconds`: rows per second of wall time,
+/// psql's start-up included (it is a small part of a copy of 100 000 rows).
+pub fn copy(db: &Db, rows_per_copy: usize, seconds: u64) -> anyhow::Result<Copy> {
+    let mut file = tempfile::Builder::new().prefix("bench-").suffix(".tsv").tempfile()?;
+    {
+        let mut out = std::io::BufWriter::new(file.as_file_mut());
+        for i in 0..rows_per_copy {
+            writeln!(out, "{}\tcopy", row(i))?;
+        }
+        out.flush()?;
+    }
+    let command = format!("\\copy data (content, container_id) FROM '{}'", file.path().display());
+    let before = db.snapshot()?;
+    let start = Instant::now();
+    let mut rows = 0;
+    while rows == 0 || start.elapsed() < Duration::from_secs(seconds) {
+        let output = db.command("psql")?.args(["-X", "-v", "ON_ERROR_STOP=1", "-c", &command]).output();
+        let output = checked(output.context("cannot run psql")?, "psql \\copy")?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        rows += parse_copy(&stdout).with_context(|| format!("no COPY count in psql's output {stdout:?}"))?;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let after = db.snapshot()?;
+    Ok(Copy {
+        rows,
+        seconds: elapsed,
+        rows_per_s: rows as f64 / elapsed,
+        table_delta: after.rows - before.rows,
+    })
+}
+
+/// The count of psql's `COPY 100000`.
+fn parse_copy(out: &str) -> Option<u64> {
+    out.lines().find_map(|l| l.trim().strip_prefix("COPY ")?.trim().parse().ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PGBENCH_15: &str = "\
+pgbench (15.18 (Debian 15.18-0+deb12u1))
+transaction type: /tmp/bench-x.sql
+scaling factor: 1
+query mode: prepared
+number of clients: 20
+number of threads: 2
+maximum number of tries: 1
+duration: 10 s
+number of transactions actually processed: 68917
+number of failed transactions: 0 (0.000%)
+latency average = 2.901 ms
+initial connection time = 21.496 ms
+tps = 6894.374529 (without initial connection time)
+";
+
+    #[test]
+    fn pgbench_summary_gives_tps_without_connection_time_transactions_and_failures() {
+        let result = parse_pgbench(PGBENCH_15).unwrap();
+        assert_eq!(result.tps, 6894.374529);
+        assert_eq!(result.transactions, 68917);
+        assert_eq!(result.failed, 0);
+        assert_eq!(result.latency_avg_ms, Some(2.901));
+    }
+
+    #[test]
+    fn older_pgbench_output_and_a_broken_one_are_told_apart() {
+        let old = "number of transactions actually processed: 500/500\n\
+                   tps = 1700.5 (including connections establishing)\n\
+                   tps = 1712.25 (excluding connections establishing)\n";
+        let result = parse_pgbench(old).unwrap();
+        assert_eq!((result.tps, result.transactions), (1712.25, 500));
+        assert!(parse_pgbench("pgbench: error: connection refused").is_err());
+    }
+
+    #[test]
+    fn the_scripts_lock_then_update_the_same_counter_in_one_transaction() {
+        let keys = increment_script(false);
+        assert!(keys.starts_with("\\set k random(1, 1000)\nBEGIN;"), "{keys}");
+        assert!(keys.contains("WHERE key = 'bench-k' || :k FOR UPDATE"), "{keys}");
+        assert!(increment_script(true).contains("WHERE key = 'bench-hot' FOR UPDATE"));
+    }
+
+    #[test]
+    fn psql_copy_reports_its_row_count() {
+        assert_eq!(parse_copy("COPY 100000\n"), Some(100_000));
+        assert_eq!(parse_copy(""), None);
+    }
+}

@@ -1,0 +1,229 @@
+//! `results.md`: the run's main table (every workload at the main shape beside the database's ceiling),
+//! the goals, the sweeps and the plots, for people and for the README.
+
+use std::fmt::Write as _;
+
+use super::plan::{Role, Workload};
+use super::results::{Goal, Point, Results, Unit};
+
+/// The report; `plots` are the `(file, caption)` of the figures written next to it.
+pub fn markdown(r: &Results, plots: &[(&str, &str)]) -> String {
+    let mut md = String::new();
+    let s = &r.settings;
+    let m = &r.machine;
+    let _ = writeln!(md, "# pgfleet benchmark\n");
+    let _ = writeln!(
+        md,
+        "`{}` — {} UTC, {:.0} s in all. Each point: {} s warm-up, then {} s measured with {} HTTP/1.1 \
+         keep-alive connections through nginx (closed loop). PostgreSQL {} with fsync {}, on {} CPUs; load \
+         average {} before, {} after. Ceilings on the same PostgreSQL, right after their workload: pgbench \
+         ({} clients, `-M prepared`) and psql `\\copy`.\n",
+        r.command,
+        utc(r.started_unix_s),
+        r.elapsed_s,
+        s.warmup_s,
+        s.duration_s,
+        s.connections,
+        m.postgres_version,
+        m.fsync,
+        m.cpus,
+        load(m.load_before),
+        load(m.load_after),
+        s.pgbench_clients,
+    );
+    if !s.node_env.is_empty() {
+        let _ = writeln!(md, "Node environment: `{}`.\n", s.node_env.join(" "));
+    }
+    let _ = writeln!(md, "## {}\n", s.main.describe());
+    md.push_str(
+        "| workload | nodes × pool | throughput | p50 | p99 | non-2xx | ceiling | ratio | goal | met? |\n",
+    );
+    md.push_str("|---|---|--:|--:|--:|--:|---|--:|---|---|\n");
+    for point in r.points.iter().filter(|p| p.role == Role::Main) {
+        let (ceiling, goal) = ceiling_of(r, point.workload);
+        let (ratio, target, met) = match goal {
+            Some(g) => (
+                g.measured.map_or("—".into(), |m| format!("{m:.2}×")),
+                format!("≥ {}×", g.target),
+                met_text(g),
+            ),
+            None => ("—".into(), "—".into(), "—".into()),
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {ceiling} | {ratio} | {target} | {met} |",
+            title(point, s.bulk_rows),
+            point.shape,
+            throughput(point),
+            ms(point.latency_ms.p50),
+            ms(point.latency_ms.p99),
+            failures(point),
+        );
+    }
+    md.push_str("\n## Goals\n\n| goal | measured | target | met? | against |\n|---|--:|--:|---|---|\n");
+    for g in &r.goals {
+        let figure = |v: f64| match g.unit {
+            Unit::Ratio => format!("{v:.2}×"),
+            Unit::Count => format!("{v:.0}"),
+            Unit::Bytes => format!("{:.1} MB", v / 1048576.0),
+        };
+        let measured = g.measured.map_or("not measured".into(), figure);
+        let target = format!("{} {}", if g.comparison == ">=" { "≥" } else { "≤" }, figure(g.target));
+        let _ = writeln!(md, "| {} | {measured} | {target} | {} | {} |", g.goal, met_text(g), g.basis);
+    }
+    sweep(&mut md, r, "Pool-size sweep", |p| p.shape.nodes == s.main.nodes);
+    sweep(&mut md, r, "Node-count sweep", |p| p.shape.pool_size == s.main.pool_size);
+    if !plots.is_empty() {
+        md.push_str("\n## Plots\n\n");
+    }
+    for (file, caption) in plots {
+        let _ = writeln!(md, "![{caption}]({file})\n");
+    }
+    md.push_str("Raw figures, every status and error code, and the consistency checks: `results.json`.\n");
+    md
+}
+
+/// The sweep's points (role main or sweep, passing `filter`), by workload then shape.
+fn sweep(md: &mut String, r: &Results, heading: &str, filter: impl Fn(&Point) -> bool) {
+    let mut points: Vec<&Point> = r.points.iter().filter(|p| p.role != Role::Baseline && filter(p)).collect();
+    points.sort_by_key(|p| (p.workload, p.shape));
+    let swept: Vec<Workload> = points.iter().map(|p| p.workload).collect();
+    let multi = |w: Workload| swept.iter().filter(|&&x| x == w).count() > 1;
+    points.retain(|p| multi(p.workload));
+    if points.is_empty() {
+        return;
+    }
+    let _ = writeln!(md, "\n## {heading}\n");
+    md.push_str("| workload | nodes × pool | throughput | p50 | p99 | non-2xx | node RSS (peak) |\n");
+    md.push_str("|---|---|--:|--:|--:|--:|--:|\n");
+    for p in points {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {:.1} MB |",
+            p.workload.name(),
+            p.shape,
+            throughput(p),
+            ms(p.latency_ms.p50),
+            ms(p.latency_ms.p99),
+            failures(p),
+            p.node_rss_max() as f64 / 1048576.0
+        );
+    }
+}
+
+/// The ceiling a workload is compared with, and the goal that compares them.
+fn ceiling_of(r: &Results, workload: Workload) -> (String, Option<&Goal>) {
+    let goal = |prefix: &str| r.goals.iter().find(|g| g.goal.starts_with(prefix));
+    let c = &r.ceilings;
+    match workload {
+        Workload::Hot => (
+            c.hot.as_ref().map_or("—".into(), |p| format!("pgbench {} tps", thousands(p.tps))),
+            goal("one hot key"),
+        ),
+        Workload::Keys => (
+            c.keys.as_ref().map_or("—".into(), |p| format!("pgbench {} tps", thousands(p.tps))),
+            goal("1000 keys ≥ 0.7"),
+        ),
+        Workload::Bulk => (
+            c.copy.as_ref().map_or("—".into(), |p| format!("COPY {} rows/s", thousands(p.rows_per_s))),
+            goal("bulk insert"),
+        ),
+        Workload::Mixed => ("—".into(), None),
+    }
+}
+
+fn title(point: &Point, bulk_rows: usize) -> String {
+    match point.workload {
+        Workload::Bulk => format!("bulk insert, {bulk_rows} rows/request"),
+        w => w.title().to_owned(),
+    }
+}
+
+fn throughput(p: &Point) -> String {
+    match p.workload.counts_rows() {
+        true => format!("{} rows/s ({} req/s)", thousands(p.throughput()), thousands(p.requests_per_s)),
+        false => format!("{} req/s", thousands(p.requests_per_s)),
+    }
+}
+
+fn failures(p: &Point) -> String {
+    let total = p.failures();
+    let mut codes = p.warmup.clone();
+    codes.merge(&p.measured);
+    codes.merge(&p.tail);
+    match total {
+        0 => "0".into(),
+        _ => {
+            let detail: Vec<String> = codes.error_codes.iter().map(|(c, n)| format!("{c}: {n}")).collect();
+            format!("{total} ({})", detail.join(", "))
+        }
+    }
+}
+
+fn met_text(g: &Goal) -> String {
+    match g.met {
+        Some(true) => "yes".into(),
+        Some(false) => "**no**".into(),
+        None => "—".into(),
+    }
+}
+
+pub fn ms(v: f64) -> String {
+    match v {
+        v if v >= 100.0 => format!("{v:.0} ms"),
+        v if v >= 10.0 => format!("{v:.1} ms"),
+        v => format!("{v:.2} ms"),
+    }
+}
+
+/// `1234567.8` → `1,234,568`.
+pub fn thousands(v: f64) -> String {
+    let digits = format!("{:.0}", v.max(0.0));
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn load(l: [f64; 3]) -> String {
+    format!("{:.2} / {:.2} / {:.2}", l[0], l[1], l[2])
+}
+
+/// `YYYY-MM-DD HH:MM` of a Unix time (days to civil date: Howard Hinnant's algorithm).
+pub fn utc(unix_s: u64) -> String {
+    let (days, secs) = ((unix_s / 86400) as i64, unix_s % 86400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02} {:02}:{:02}", secs / 3600, secs % 3600 / 60)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn figures_read_like_the_issue() {
+        assert_eq!(thousands(256_000.4), "256,000");
+        assert_eq!(thousands(640.0), "640");
+        assert_eq!(thousands(1_234_567.0), "1,234,567");
+        assert_eq!(ms(2.345), "2.35 ms");
+        assert_eq!(ms(123.4), "123 ms");
+    }
+
+    #[test]
+    fn unix_times_become_utc_dates() {
+        assert_eq!(utc(0), "1970-01-01 00:00");
+        assert_eq!(utc(951_782_400 + 3600 * 13 + 60 * 5), "2000-02-29 13:05");
+    }
+}

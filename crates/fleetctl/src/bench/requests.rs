@@ -1,0 +1,142 @@
+//! The requests each workload sends, built once before the load starts so the driver only clones
+//! reference-counted bodies; and the keys and rows the database's ceilings use, so both sides touch the
+//! same rows.
+
+use bytes::Bytes;
+use rand::Rng;
+use serde_json::json;
+
+use super::plan::Workload;
+
+/// How many distinct counters `keys` (and `mixed`) spread over.
+pub const KEY_COUNT: u32 = 1000;
+/// The one counter of `hot`.
+pub const HOT_KEY: &str = "bench-hot";
+/// Every counter a benchmark touches starts with this (the consistency checks sum over them).
+pub const KEY_PREFIX: &str = "bench-";
+
+/// The `keys` set's counters are this followed by 1 … 1000.
+pub const KEY_STEM: &str = "bench-k";
+
+/// Counter `i` of the `keys` set (1-based, like pgbench's `random(1, 1000)`).
+pub fn key(i: u32) -> String {
+    format!("{KEY_STEM}{i}")
+}
+
+/// Row `i` of a bulk insert: 64 bytes of text, the same for the HTTP side and the COPY ceiling.
+pub fn row(i: usize) -> String {
+    format!("bench row {i:08} {}", "x".repeat(45))
+}
+
+/// What a request does, for counting what the database should hold afterwards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Increment,
+    Read,
+    /// A bulk insert of this many rows.
+    Insert(u64),
+}
+
+/// One request to send.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub kind: Kind,
+    pub method: hyper::Method,
+    pub path: Bytes,
+    pub body: Bytes,
+}
+
+/// The requests of one workload.
+#[derive(Debug)]
+pub struct Requests {
+    workload: Workload,
+    hot: Outgoing,
+    increments: Vec<Outgoing>,
+    reads: Vec<Outgoing>,
+    bulk: Outgoing,
+    small_bulk: Outgoing,
+}
+
+impl Requests {
+    /// `bulk_rows` rows per `bulk` request; `mixed` inserts a tenth of that (at least 1).
+    pub fn new(workload: Workload, bulk_rows: usize) -> Requests {
+        let post = |path: &'static str, body: serde_json::Value, kind| Outgoing {
+            kind,
+            method: hyper::Method::POST,
+            path: Bytes::from_static(path.as_bytes()),
+            body: Bytes::from(body.to_string()),
+        };
+        let bulk = |rows: usize| {
+            let data: Vec<String> = (0..rows).map(row).collect();
+            post("/api/bulk-insert", json!({ "data": data }), Kind::Insert(rows as u64))
+        };
+        Requests {
+            workload,
+            hot: post("/api/increment", json!({ "key": HOT_KEY }), Kind::Increment),
+            increments: (1..=KEY_COUNT)
+                .map(|i| post("/api/increment", json!({ "key": key(i) }), Kind::Increment))
+                .collect(),
+            reads: (1..=KEY_COUNT)
+                .map(|i| Outgoing {
+                    kind: Kind::Read,
+                    method: hyper::Method::GET,
+                    path: Bytes::from(format!("/api/counters/{}", key(i))),
+                    body: Bytes::new(),
+                })
+                .collect(),
+            bulk: bulk(bulk_rows),
+            small_bulk: bulk((bulk_rows / 10).max(1)),
+        }
+    }
+
+    /// The next request, drawn with `rng`.
+    pub fn next(&self, rng: &mut impl Rng) -> &Outgoing {
+        match self.workload {
+            Workload::Hot => &self.hot,
+            Workload::Keys => &self.increments[any_key(rng)],
+            Workload::Bulk => &self.bulk,
+            Workload::Mixed => match rng.random_range(0..10u8) {
+                0..6 => &self.increments[any_key(rng)],
+                6..9 => &self.reads[any_key(rng)],
+                _ => &self.small_bulk,
+            },
+        }
+    }
+}
+
+/// A key index drawn uniformly.
+fn any_key(rng: &mut impl Rng) -> usize {
+    rng.random_range(0..KEY_COUNT as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use rand::SeedableRng;
+
+    use super::*;
+
+    #[test]
+    fn mixed_draws_increments_reads_and_small_bulk_inserts_in_about_six_three_one() {
+        let requests = Requests::new(Workload::Mixed, 1000);
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut counts = [0u32; 3];
+        for _ in 0..10_000 {
+            match requests.next(&mut rng).kind {
+                Kind::Increment => counts[0] += 1,
+                Kind::Read => counts[1] += 1,
+                Kind::Insert(rows) => {
+                    assert_eq!(rows, 100);
+                    counts[2] += 1;
+                }
+            }
+        }
+        assert!((5700..6300).contains(&counts[0]), "{counts:?}");
+        assert!((2700..3300).contains(&counts[1]), "{counts:?}");
+        assert!((800..1200).contains(&counts[2]), "{counts:?}");
+    }
+
+    #[test]
+    fn every_row_is_64_bytes_of_plain_text_that_copy_takes_as_is() {
+        assert!((0..2000).map(row).all(|r| r.len() == 64 && !r.contains(['\t', '\\', '\n'])));
+    }
+}

@@ -1,0 +1,249 @@
+//! What a run found, as written to `results.json`, and the issue's goals judged from it.
+
+use serde::{Deserialize, Serialize};
+
+use super::ceiling::{Copy, Pgbench};
+use super::load::Counts;
+use super::plan::{Role, Shape, Workload};
+
+/// The seed's `keys` throughput on the reference machine (4 nodes × pool 5, 64 connections), from the
+/// issue; used for the "3× the seed" goal when the run measured no baseline of its own (`--baseline-env`).
+pub const SEED_KEYS_RPS: f64 = 1470.0;
+/// The most resident memory a node may use under load.
+pub const NODE_RSS_LIMIT_BYTES: u64 = 30 * 1024 * 1024;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Results {
+    /// How the run was started (`fleetctl bench …`).
+    pub command: String,
+    pub started_unix_s: u64,
+    pub elapsed_s: f64,
+    pub machine: Machine,
+    pub settings: Settings,
+    pub points: Vec<Point>,
+    pub ceilings: Ceilings,
+    pub goals: Vec<Goal>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Machine {
+    pub cpus: usize,
+    /// 1, 5 and 15 minute load averages when the run started and when it ended.
+    pub load_before: [f64; 3],
+    pub load_after: [f64; 3],
+    pub postgres_version: String,
+    pub fsync: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Settings {
+    pub duration_s: u64,
+    pub warmup_s: u64,
+    pub connections: usize,
+    pub bulk_rows: usize,
+    pub pgbench_clients: u32,
+    pub main: Shape,
+    pub node_env: Vec<String>,
+    pub baseline_env: Vec<String>,
+}
+
+/// One workload on one fleet shape.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Point {
+    pub workload: Workload,
+    pub shape: Shape,
+    pub role: Role,
+    /// Answers per second in the measured window (every status).
+    pub requests_per_s: f64,
+    /// Rows of 2xx bulk inserts per second in the window (bulk and mixed).
+    pub rows_per_s: Option<f64>,
+    pub latency_ms: Latency,
+    pub warmup: Counts,
+    pub measured: Counts,
+    pub tail: Counts,
+    /// Peak resident memory of each node while the point ran.
+    pub node_rss_bytes: Vec<u64>,
+    /// What the answers claim against what the database holds afterwards.
+    pub check: Check,
+}
+
+impl Point {
+    /// The figure a workload is judged by: rows/s for bulk, requests/s otherwise.
+    pub fn throughput(&self) -> f64 {
+        match self.workload.counts_rows() {
+            true => self.rows_per_s.unwrap_or(0.0),
+            false => self.requests_per_s,
+        }
+    }
+
+    /// Non-2xx answers and unanswered requests over warm-up, window and tail.
+    pub fn failures(&self) -> u64 {
+        self.warmup.failures() + self.measured.failures() + self.tail.failures()
+    }
+
+    pub fn node_rss_max(&self) -> u64 {
+        self.node_rss_bytes.iter().copied().max().unwrap_or(0)
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Latency {
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+    pub mean: f64,
+}
+
+impl Latency {
+    pub fn of(histogram: &hdrhistogram::Histogram<u64>) -> Latency {
+        let ms = |us: u64| us as f64 / 1000.0;
+        if histogram.is_empty() {
+            return Latency::default();
+        }
+        Latency {
+            p50: ms(histogram.value_at_quantile(0.50)),
+            p90: ms(histogram.value_at_quantile(0.90)),
+            p99: ms(histogram.value_at_quantile(0.99)),
+            p999: ms(histogram.value_at_quantile(0.999)),
+            max: ms(histogram.max()),
+            mean: histogram.mean() / 1000.0,
+        }
+    }
+}
+
+/// 2xx increments and the growth of the benchmark counters' sum; 2xx bulk rows and the growth of `data`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Check {
+    pub increments_ok: u64,
+    pub counter_delta: i64,
+    pub rows_ok: u64,
+    pub rows_delta: i64,
+}
+
+impl Check {
+    pub fn holds(&self) -> bool {
+        self.increments_ok as i64 == self.counter_delta && self.rows_ok as i64 == self.rows_delta
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Ceilings {
+    pub hot: Option<Pgbench>,
+    pub keys: Option<Pgbench>,
+    pub copy: Option<Copy>,
+}
+
+/// One of the issue's goals.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Goal {
+    pub goal: String,
+    /// What was measured, in `unit`; `None` when the run did not measure it.
+    pub measured: Option<f64>,
+    pub unit: Unit,
+    /// `>=` or `<=`.
+    pub comparison: String,
+    pub target: f64,
+    pub met: Option<bool>,
+    /// What the figure is measured against.
+    pub basis: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Unit {
+    Ratio,
+    Count,
+    Bytes,
+}
+
+fn goal(name: &str, measured: Option<f64>, unit: Unit, at_least: bool, target: f64, basis: String) -> Goal {
+    let met = measured.map(|m| if at_least { m >= target } else { m <= target });
+    let comparison = if at_least { ">=" } else { "<=" }.to_owned();
+    Goal { goal: name.to_owned(), measured, unit, comparison, target, met, basis }
+}
+
+/// The issue's goals, judged from the main shape's points and the ceilings measured beside them.
+pub fn goals(points: &[Point], ceilings: &Ceilings) -> Vec<Goal> {
+    let main = |w: Workload| points.iter().find(|p| p.workload == w && p.role == Role::Main);
+    let baseline = points.iter().find(|p| p.role == Role::Baseline);
+    let ratio = |w, ceiling: Option<f64>| Some(main(w)?.throughput() / ceiling.filter(|c| *c > 0.0)?);
+    let hot_tps = ceilings.hot.as_ref().map(|c| c.tps);
+    let keys_tps = ceilings.keys.as_ref().map(|c| c.tps);
+    let copy_rate = ceilings.copy.as_ref().map(|c| c.rows_per_s);
+    let (seed_rps, seed_basis) = match baseline {
+        Some(b) => (b.requests_per_s, "the baseline nodes (--baseline-env) in this run".to_owned()),
+        None => {
+            (SEED_KEYS_RPS, format!("the seed's {SEED_KEYS_RPS:.0} req/s from the issue (not re-measured)"))
+        }
+    };
+    let failures: u64 = points.iter().map(Point::failures).sum();
+    let rss = points.iter().map(Point::node_rss_max).max();
+    let mismatches = points.iter().filter(|p| !p.check.holds()).count()
+        + ceilings
+            .hot
+            .iter()
+            .chain(&ceilings.keys)
+            .filter(|c| c.transactions as i64 != c.counter_delta)
+            .count()
+        + ceilings.copy.iter().filter(|c| c.rows as i64 != c.table_delta).count();
+    vec![
+        goal(
+            "one hot key ≥ 2× the database's one-transaction-per-increment ceiling",
+            ratio(Workload::Hot, hot_tps),
+            Unit::Ratio,
+            true,
+            2.0,
+            "pgbench, hot key".into(),
+        ),
+        goal(
+            "1000 keys ≥ 0.7× pgbench's rate for the same transaction",
+            ratio(Workload::Keys, keys_tps),
+            Unit::Ratio,
+            true,
+            0.7,
+            "pgbench, 1000 keys".into(),
+        ),
+        goal(
+            "1000 keys ≥ 3× the seed",
+            ratio(Workload::Keys, Some(seed_rps)),
+            Unit::Ratio,
+            true,
+            3.0,
+            seed_basis,
+        ),
+        goal(
+            "bulk insert ≥ 0.8× raw COPY rows/s",
+            ratio(Workload::Bulk, copy_rate),
+            Unit::Ratio,
+            true,
+            0.8,
+            "psql \\copy".into(),
+        ),
+        goal(
+            "zero non-2xx responses in every workload",
+            (!points.is_empty()).then_some(failures as f64),
+            Unit::Count,
+            false,
+            0.0,
+            "every point, warm-up included".into(),
+        ),
+        goal(
+            "a node's resident memory under load ≤ 30 MB",
+            rss.map(|b| b as f64),
+            Unit::Bytes,
+            false,
+            NODE_RSS_LIMIT_BYTES as f64,
+            "peak VmRSS of any node at any point".into(),
+        ),
+        goal(
+            "the database holds exactly what the answers claim",
+            Some(mismatches as f64),
+            Unit::Count,
+            false,
+            0.0,
+            "points and ceilings whose 2xx increments ≠ counter growth or 2xx rows ≠ new rows".into(),
+        ),
+    ]
+}

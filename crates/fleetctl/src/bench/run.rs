@@ -1,0 +1,298 @@
+//! Walking the plan: a fleet per step, the load points and ceilings on it, the consistency checks, and
+//! the outputs at the end.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use fleet_local::fleet::{Fleet, FleetOptions};
+
+use super::ceiling;
+use super::db::Db;
+use super::load::{self, Load};
+use super::plan::{self, Ceiling, Step, Workload};
+use super::progress::{mm_ss, Progress};
+use super::report::{self, ms, thousands};
+use super::requests::{key, Requests, HOT_KEY, KEY_COUNT};
+use super::results::{self, Ceilings, Check, Latency, Machine, Point, Results, Settings};
+use super::rss::Sampler;
+use super::BenchArgs;
+
+/// Rows per psql `\copy` of the COPY ceiling.
+const COPY_ROWS: usize = 100_000;
+
+pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
+    let ceilings = args.ceilings.clone().unwrap_or_else(|| plan::default_ceilings(&args.workloads));
+    let no_sweep: &[Workload] = &[];
+    let steps = plan::plan(&plan::Request {
+        workloads: &args.workloads,
+        swept: if args.no_sweeps { no_sweep } else { &args.sweep },
+        ceilings: &ceilings,
+        main: args.at,
+        nodes: &args.nodes,
+        pool_sizes: &args.pool_size,
+        grid: args.grid,
+        baseline_env: &args.baseline_env,
+    })?;
+    let node_bin = crate::up::node_bin()?;
+    std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
+    let stop = Arc::new(AtomicBool::new(false));
+    for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(signal, Arc::clone(&stop))?;
+    }
+
+    let started_unix_s = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
+    let load_before = load_average();
+    let mut progress = Progress::new(&steps, Duration::from_secs(args.warmup + args.duration), args.window());
+    eprintln!(
+        "bench: {} measurements on {} fleets, about {} (the log below says where it is)",
+        steps.iter().map(|s| s.workloads.len() + s.ceilings.len()).sum::<usize>(),
+        steps.len(),
+        mm_ss(progress.planned().as_secs_f64())
+    );
+    let mut out = Outcome::default();
+    for step in &steps {
+        let env_note = if step.env.is_empty() { String::new() } else { " (baseline environment)".to_owned() };
+        progress.fleet(&format!("{}{env_note}", step.shape.describe()));
+        let mut opts = FleetOptions::new(node_bin.clone());
+        opts.nodes = step.shape.nodes;
+        opts.pool_size = step.shape.pool_size;
+        opts.port = 0;
+        opts.prometheus = false;
+        opts.quiet = true;
+        opts.durable = true;
+        opts.node_env = args.env.iter().chain(&step.env).cloned().collect();
+        let fleet = Fleet::start(opts).context("cannot start the fleet")?;
+        let result = run_step(args, step, &fleet, &stop, &mut progress, &mut out);
+        let stopped = fleet.stop();
+        progress.fleet_done();
+        result?;
+        stopped.context("cannot stop the fleet")?;
+    }
+
+    let ceilings = out.ceilings;
+    let goals = results::goals(&out.points, &ceilings);
+    let results = Results {
+        command: command_line(),
+        started_unix_s,
+        elapsed_s: progress.elapsed().as_secs_f64(),
+        machine: Machine {
+            cpus: std::thread::available_parallelism().map_or(1, |n| n.get()),
+            load_before,
+            load_after: load_average(),
+            postgres_version: out.postgres_version,
+            fsync: out.fsync,
+        },
+        settings: Settings {
+            duration_s: args.duration,
+            warmup_s: args.warmup,
+            connections: args.connections,
+            bulk_rows: args.bulk_rows,
+            pgbench_clients: args.pgbench_clients,
+            main: args.at,
+            node_env: args.env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+            baseline_env: args.baseline_env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
+        },
+        points: out.points,
+        ceilings,
+        goals,
+    };
+    write(&args.out, &results)?;
+    for g in &results.goals {
+        let verdict = match g.met {
+            Some(true) => "met",
+            Some(false) => "NOT met",
+            None => "not measured",
+        };
+        eprintln!("bench goal: {} — {verdict}", g.goal);
+    }
+    println!("results: {}", args.out.join("results.md").display());
+    Ok(())
+}
+
+/// What the steps gather.
+#[derive(Debug, Default)]
+struct Outcome {
+    points: Vec<Point>,
+    ceilings: Ceilings,
+    postgres_version: String,
+    fsync: String,
+}
+
+fn run_step(
+    args: &BenchArgs,
+    step: &Step,
+    fleet: &Fleet,
+    stop: &AtomicBool,
+    progress: &mut Progress,
+    out: &mut Outcome,
+) -> anyhow::Result<()> {
+    let db = Db::from_url(&fleet.database_url())?;
+    if out.postgres_version.is_empty() {
+        out.postgres_version = db.server_version()?;
+        out.fsync = db.fsync()?;
+    }
+    let addr: SocketAddr = fleet.url().trim_start_matches("http://").parse().context("nginx's address")?;
+    let pids: Vec<u32> = fleet.nodes().iter().map(|n| n.pid()).collect();
+    let mut pending: Vec<Ceiling> = step.ceilings.clone();
+    for &workload in &step.workloads {
+        if workload == Workload::Mixed {
+            // Its reads want rows to find (a 404 would count as an error).
+            db.ensure_counters(&(1..=KEY_COUNT).map(key).collect::<Vec<_>>())?;
+        }
+        progress.begin(&format!(
+            "{workload} on {}: {} s warm-up + {} s, {} connections",
+            step.shape.describe(),
+            args.warmup,
+            args.duration,
+            args.connections
+        ));
+        let before = db.snapshot()?;
+        let requests = Requests::new(workload, args.bulk_rows);
+        let sampler = Sampler::start(pids.clone());
+        let outcome = load::run(&Load {
+            addr,
+            connections: args.connections,
+            warmup: Duration::from_secs(args.warmup),
+            duration: args.window(),
+            requests: &requests,
+            stop,
+        })?;
+        let node_rss_bytes = sampler.finish();
+        if stop.load(Ordering::Relaxed) {
+            bail!("interrupted");
+        }
+        let after = db.snapshot()?;
+        let total = outcome.total();
+        let window = outcome.window.as_secs_f64();
+        let point = Point {
+            workload,
+            shape: step.shape,
+            role: step.role,
+            requests_per_s: outcome.measured.answers() as f64 / window,
+            rows_per_s: matches!(workload, Workload::Bulk | Workload::Mixed)
+                .then(|| outcome.measured.rows_ok as f64 / window),
+            latency_ms: Latency::of(&outcome.latency_us),
+            warmup: outcome.warmup,
+            measured: outcome.measured,
+            tail: outcome.tail,
+            node_rss_bytes,
+            check: Check {
+                increments_ok: total.increments_ok,
+                counter_delta: after.counter_sum - before.counter_sum,
+                rows_ok: total.rows_ok,
+                rows_delta: after.rows - before.rows,
+            },
+        };
+        progress.end(false, &summary(&point));
+        out.points.push(point);
+        if let Some(c) = plan::Ceiling::of(workload).filter(|c| pending.contains(c)) {
+            pending.retain(|&p| p != c);
+            measure_ceiling(args, c, &db, progress, &mut out.ceilings)?;
+        }
+    }
+    for c in pending {
+        measure_ceiling(args, c, &db, progress, &mut out.ceilings)?;
+    }
+    Ok(())
+}
+
+fn measure_ceiling(
+    args: &BenchArgs,
+    which: Ceiling,
+    db: &Db,
+    progress: &mut Progress,
+    ceilings: &mut Ceilings,
+) -> anyhow::Result<()> {
+    let clients = args.pgbench_clients;
+    let what = match which {
+        Ceiling::Hot => {
+            format!("ceiling: pgbench, one transaction per increment on {HOT_KEY}, {clients} clients")
+        }
+        Ceiling::Keys => {
+            format!("ceiling: pgbench, one transaction per increment on 1000 keys, {clients} clients")
+        }
+        Ceiling::Copy => format!("ceiling: psql \\copy of {COPY_ROWS} rows at a time"),
+    };
+    progress.begin(&format!("{what}, {} s", args.duration));
+    let summary = match which {
+        Ceiling::Hot | Ceiling::Keys => {
+            let result = ceiling::pgbench(db, which == Ceiling::Hot, clients, args.duration)?;
+            let summary = format!(
+                "{} tps, {} transactions, {} failed, latency avg {}",
+                thousands(result.tps),
+                result.transactions,
+                result.failed,
+                result.latency_avg_ms.map_or("?".into(), ms)
+            );
+            match which {
+                Ceiling::Hot => ceilings.hot = Some(result),
+                _ => ceilings.keys = Some(result),
+            }
+            summary
+        }
+        Ceiling::Copy => {
+            let result = ceiling::copy(db, COPY_ROWS, args.duration)?;
+            let summary = format!(
+                "{} rows/s ({} rows in {:.1} s)",
+                thousands(result.rows_per_s),
+                result.rows,
+                result.seconds
+            );
+            ceilings.copy = Some(result);
+            summary
+        }
+    };
+    progress.end(true, &summary);
+    Ok(())
+}
+
+fn summary(p: &Point) -> String {
+    let throughput = match p.rows_per_s {
+        Some(rows) => format!("{} req/s, {} rows/s", thousands(p.requests_per_s), thousands(rows)),
+        None => format!("{} req/s", thousands(p.requests_per_s)),
+    };
+    let check = if p.check.holds() { "database agrees" } else { "DATABASE DISAGREES (see results.json)" };
+    format!(
+        "{throughput}, p50 {}, p99 {}, non-2xx {}, node RSS ≤ {:.1} MB, {check}",
+        ms(p.latency_ms.p50),
+        ms(p.latency_ms.p99),
+        p.failures(),
+        p.node_rss_max() as f64 / 1048576.0
+    )
+}
+
+fn write(dir: &Path, results: &Results) -> anyhow::Result<()> {
+    let put = |name: &str, text: String| {
+        let path = dir.join(name);
+        std::fs::write(&path, text).with_context(|| format!("cannot write {}", path.display()))
+    };
+    let plots = super::plots::figures(results);
+    put("results.json", serde_json::to_string_pretty(results)? + "\n")?;
+    put(
+        "results.md",
+        report::markdown(results, &plots.iter().map(|p| (p.file, p.caption)).collect::<Vec<_>>()),
+    )?;
+    for stale in super::plots::FILES.iter().filter(|f| !plots.iter().any(|p| p.file == **f)) {
+        let _ = std::fs::remove_file(dir.join(stale));
+    }
+    for plot in plots {
+        put(plot.file, plot.svg)?;
+    }
+    Ok(())
+}
+
+/// `fleetctl bench` and its arguments as given (argv[0], a path on this machine, left out).
+fn command_line() -> String {
+    std::iter::once("fleetctl".to_owned()).chain(std::env::args().skip(1)).collect::<Vec<_>>().join(" ")
+}
+
+/// The 1, 5 and 15 minute load averages.
+fn load_average() -> [f64; 3] {
+    let text = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    let mut fields = text.split_whitespace().map(|f| f.parse().unwrap_or(0.0));
+    [(); 3].map(|()| fields.next().unwrap_or(0.0))
+}
