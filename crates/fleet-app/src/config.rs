@@ -14,6 +14,8 @@
 //! | `BODY_LIMIT_BYTES` | `33554432` (32 MiB) | largest request body (more: 413) |
 //! | `RETRY_MAX_ATTEMPTS` | `5` | attempts for a transaction that hits a deadlock (40P01) or serialization failure (40001) |
 //! | `INCREMENT_MODE` | `coalesce` | `coalesce`: concurrent increments of one key share one transaction (see `db::Coalescer`); `transaction`: one transaction per request |
+//! | `RETRY_DEADLINE_MS` | `10000` | no retry starts after a request has spent this long on its transaction |
+//! | `IDEMPOTENCY_TTL_S` | `86400` | how long an idempotency key and its stored response are kept |
 //! | `LOCK_ORDER` | `request` | `request`: `/api/transfer` locks rows in request order (opposite transfers can deadlock); `sorted`: in key order (never deadlocks) |
 //! | `LAB_ENDPOINTS` | `true` | serve `/api/hold` and `/api/test-isolation` |
 //! | `SHUTDOWN_DRAIN_MS` | `0` | after SIGTERM, how long readiness answers 503 while requests are still served, before the listener closes (set it to your load balancer's probe period) |
@@ -57,6 +59,10 @@ pub struct Config {
     pub body_limit_bytes: usize,
     #[serde(default = "default_retry_max_attempts")]
     pub retry_max_attempts: u32,
+    #[serde(default = "default_retry_deadline_ms")]
+    pub retry_deadline_ms: u64,
+    #[serde(default = "default_idempotency_ttl_s")]
+    pub idempotency_ttl_s: u64,
     #[serde(default)]
     pub increment_mode: IncrementMode,
     #[serde(default)]
@@ -137,6 +143,8 @@ impl Config {
             ("BULK_MAX_ROWS", self.bulk_max_rows as u64),
             ("BODY_LIMIT_BYTES", self.body_limit_bytes as u64),
             ("RETRY_MAX_ATTEMPTS", u64::from(self.retry_max_attempts)),
+            ("RETRY_DEADLINE_MS", self.retry_deadline_ms),
+            ("IDEMPOTENCY_TTL_S", self.idempotency_ttl_s),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, value)| *value == 0) {
             bail!("{name} must be at least 1");
@@ -221,6 +229,12 @@ fn default_body_limit_bytes() -> usize {
 }
 fn default_retry_max_attempts() -> u32 {
     5
+}
+fn default_retry_deadline_ms() -> u64 {
+    10_000
+}
+fn default_idempotency_ttl_s() -> u64 {
+    24 * 60 * 60
 }
 fn default_true() -> bool {
     true

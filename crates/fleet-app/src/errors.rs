@@ -57,6 +57,18 @@ pub enum ApiError {
     /// 503: the database cannot be reached or is shutting down.
     #[error("the database is unavailable")]
     DatabaseUnavailable,
+    /// 503: the connection broke after COMMIT was sent.
+    #[error(
+        "the database connection was lost while committing: the write may or may not have happened; \
+         retry with the same Idempotency-Key to find out safely"
+    )]
+    CommitUnknown,
+    /// 409: the request that first used this idempotency key is still running.
+    #[error("a request with this Idempotency-Key is still running; retry later")]
+    IdempotencyKeyInUse,
+    /// 422: this idempotency key was first used with a different request.
+    #[error("this Idempotency-Key was already used with a different request body")]
+    IdempotencyKeyReused,
     /// 503: the statement ran past `statement_timeout`.
     #[error("the database did not answer in time")]
     StatementTimeout,
@@ -81,6 +93,9 @@ impl ApiError {
             ApiError::PoolTimeout => "pool_timeout",
             ApiError::DatabaseUnavailable | ApiError::Draining => "database_unavailable",
             ApiError::StatementTimeout => "57014",
+            ApiError::CommitUnknown => "08007",
+            ApiError::IdempotencyKeyInUse => "idempotency_key_in_use",
+            ApiError::IdempotencyKeyReused => "idempotency_key_reused",
             ApiError::Internal => "internal",
         }
     }
@@ -93,11 +108,13 @@ impl ResponseError for ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            ApiError::Conflict { .. } => StatusCode::CONFLICT,
+            ApiError::Conflict { .. } | ApiError::IdempotencyKeyInUse => StatusCode::CONFLICT,
+            ApiError::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::OutOfRange(_) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::PoolTimeout
             | ApiError::DatabaseUnavailable
             | ApiError::StatementTimeout
+            | ApiError::CommitUnknown
             | ApiError::Draining => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -146,6 +163,9 @@ impl ApiError {
                     ApiError::Internal
                 }
             },
+            DbError::CommitUnknown(_) => ApiError::CommitUnknown,
+            DbError::IdempotencyKeyReused => ApiError::IdempotencyKeyReused,
+            DbError::IdempotencyKeyInUse => ApiError::IdempotencyKeyInUse,
             DbError::Pool(_) | DbError::BatchLost => {
                 tracing::error!(error = %err, "database layer error");
                 ApiError::Internal

@@ -37,6 +37,7 @@ impl Application {
         migrate(&config).await?;
         let metrics = Metrics::new()?;
         let db = Db::new(&config, metrics.clone())?;
+        db.spawn_idempotency_cleanup(Duration::from_secs(config.idempotency_ttl_s));
         let state = web::Data::new(AppState::new(&config, db, metrics));
         let listener = TcpListener::bind(config.listen_address())
             .with_context(|| format!("cannot listen on {}", config.listen_address()))?;

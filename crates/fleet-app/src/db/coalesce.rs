@@ -48,9 +48,9 @@ impl Coalescer {
             }
         };
         if lead {
-            // The batches run in their own task, so a client that hangs up cannot cancel other requests'
-            // transaction halfway.
-            tokio::spawn(self.clone().run_batches(key.to_owned()));
+            // The batches run in their own task (on this worker's thread), so a client that hangs up
+            // cannot cancel other requests' transaction halfway.
+            actix_web::rt::spawn(self.clone().run_batches(key.to_owned()));
         }
         match value.await {
             Ok(Ok(value)) => Ok(Counter { key: key.to_owned(), value }),

@@ -3,7 +3,7 @@
 use deadpool_postgres::GenericClient;
 use serde::Serialize;
 
-use super::{Db, DbError, Retried};
+use super::{Db, DbError, Once, Retried, Written};
 use crate::config::LockOrder;
 
 /// A counter's value after a write.
@@ -46,49 +46,68 @@ async fn add(tx: &impl GenericClient, key: &str, delta: i64) -> Result<i64, DbEr
     Ok(tx.query_one(&update, &[&key, &delta]).await?.get(0))
 }
 
-impl Db {
-    /// Adds 1 to counter `key` (created at 0 if absent) in a transaction of its own, under the row lock.
-    #[tracing::instrument(skip_all, fields(counter.key = %key))]
-    pub async fn increment(&self, key: &str) -> Result<Counter, DbError> {
-        let value = self.add_to_counter(key, 1).await?;
-        Ok(Counter { key: key.to_owned(), value })
-    }
+/// Takes the lock on `key` (creating it if missing) and adds `n`; returns the new value.
+async fn increment_in(tx: &impl GenericClient, key: &str, n: i64) -> Result<i64, DbError> {
+    lock_counter(tx, key).await?;
+    add(tx, key, n).await
+}
 
-    /// Adds `n` increments to counter `key` (created at 0 if absent) in one transaction that holds the row
-    /// lock (`SELECT … FOR UPDATE`); returns the new value. All or nothing: a failure applies none of them.
-    pub(super) async fn add_to_counter(&self, key: &str, n: i64) -> Result<i64, DbError> {
-        let Retried { value, .. } = self
-            .retrying(|| async {
-                let mut client = self.client().await?;
-                let tx = client.transaction().await?;
-                lock_counter(&tx, key).await?;
-                let value = add(&tx, key, n).await?;
-                tx.commit().await?;
-                Ok(value)
+impl Db {
+    /// Adds 1 to counter `key` (created at 0 if absent) in a transaction of its own, under the row lock;
+    /// with `once`, at most once per idempotency key.
+    #[tracing::instrument(skip_all, fields(counter.key = %key))]
+    pub async fn increment(
+        &self,
+        key: &str,
+        once: Option<&Once<'_, Counter>>,
+    ) -> Result<Retried<Written<Counter>>, DbError> {
+        let done = self
+            .transact(once, async |tx| {
+                Ok(Counter { key: key.to_owned(), value: increment_in(tx, key, 1).await? })
             })
             .await?;
-        self.metrics.increments.inc_by(n.unsigned_abs());
-        self.metrics.increment_batch_size.observe(n as f64);
-        Ok(value)
+        self.count_increments(&done.value, 1);
+        Ok(done)
+    }
+
+    /// Adds `n` increments to counter `key` in one transaction that holds the row lock; returns the new
+    /// value. All or nothing: a failure applies none of them.
+    pub(super) async fn add_to_counter(&self, key: &str, n: i64) -> Result<i64, DbError> {
+        let done = self.transact(None, async |tx| increment_in(tx, key, n).await).await?;
+        self.count_increments(&done.value, n);
+        match done.value {
+            Written::Fresh { value, .. } => Ok(value),
+            Written::Replayed(_) => unreachable!("no idempotency key, so nothing to replay"),
+        }
+    }
+
+    fn count_increments<T>(&self, written: &Written<T>, n: i64) {
+        if let Written::Fresh { .. } = written {
+            self.metrics.increments.inc_by(n.unsigned_abs());
+            self.metrics.increment_batch_size.observe(n as f64);
+        }
     }
 
     /// Moves `amount` from one counter to another in one transaction, locking both rows in request order
-    /// (or key order with `LOCK_ORDER=sorted`); deadlocks are retried.
+    /// (or key order with `LOCK_ORDER=sorted`); deadlocks are retried. With `once`, at most once per key.
     #[tracing::instrument(skip_all, fields(transfer.from = %from, transfer.to = %to, transfer.amount = amount))]
-    pub async fn transfer(&self, from: &str, to: &str, amount: i64) -> Result<Retried<Transfer>, DbError> {
+    pub async fn transfer(
+        &self,
+        from: &str,
+        to: &str,
+        amount: i64,
+        once: Option<&Once<'_, Transfer>>,
+    ) -> Result<Retried<Written<Transfer>>, DbError> {
         let lock_order = match self.lock_order {
             LockOrder::Sorted if to < from => [to, from],
             _ => [from, to],
         };
-        self.retrying(|| async {
-            let mut client = self.client().await?;
-            let tx = client.transaction().await?;
+        self.transact(once, async |tx| {
             for key in lock_order {
-                lock_counter(&tx, key).await?;
+                lock_counter(tx, key).await?;
             }
-            let from_value = add(&tx, from, -amount).await?;
-            let to_value = add(&tx, to, amount).await?;
-            tx.commit().await?;
+            let from_value = add(tx, from, -amount).await?;
+            let to_value = add(tx, to, amount).await?;
             Ok(Transfer {
                 from: Counter { key: from.to_owned(), value: from_value },
                 to: Counter { key: to.to_owned(), value: to_value },

@@ -8,18 +8,20 @@ use futures_util::pin_mut;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::Type;
 
-use super::{Db, DbError};
+use super::{Db, DbError, Once, Retried, Written};
 
 impl Db {
     /// Inserts one row per string in one transaction: all rows or none. The ids are drawn from the
     /// sequence first (they only grow, so sorted they follow input order), then the rows are copied in
-    /// with their ids. Returns the ids in input order.
+    /// with their ids. Returns the ids in input order. With `once`, at most once per idempotency key.
     #[tracing::instrument(skip_all, fields(bulk.rows = rows.len()))]
-    pub async fn bulk_insert(&self, rows: &[String]) -> Result<Vec<i64>, DbError> {
-        let ids = self
-            .observed(async {
-                let mut client = self.client().await?;
-                let tx = client.transaction().await?;
+    pub async fn bulk_insert(
+        &self,
+        rows: &[String],
+        once: Option<&Once<'_, Vec<i64>>>,
+    ) -> Result<Retried<Written<Vec<i64>>>, DbError> {
+        let done = self
+            .transact(once, async |tx| {
                 let draw = tx
                     .prepare_cached("SELECT nextval('data_id_seq') FROM generate_series(1, $1::bigint)")
                     .await?;
@@ -34,11 +36,12 @@ impl Db {
                     writer.as_mut().write(&[id, content, &self.container_id]).await?;
                 }
                 writer.finish().await?;
-                tx.commit().await?;
                 Ok(ids)
             })
             .await?;
-        self.metrics.bulk_insert_rows.inc_by(ids.len() as u64);
-        Ok(ids)
+        if let Written::Fresh { value: ids, .. } = &done.value {
+            self.metrics.bulk_insert_rows.inc_by(ids.len() as u64);
+        }
+        Ok(done)
     }
 }

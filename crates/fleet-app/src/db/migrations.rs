@@ -36,6 +36,18 @@ const MIGRATIONS: &[(i32, &str)] = &[
              PRIMARY KEY (run_id, id)
          );",
     ),
+    (
+        3,
+        // Idempotency keys: the first completed response of a write, stored in the write's transaction.
+        "CREATE TABLE idempotency_keys (
+             key VARCHAR(255) PRIMARY KEY,
+             fingerprint BYTEA NOT NULL,
+             status SMALLINT NOT NULL,
+             response JSONB NOT NULL,
+             created_at TIMESTAMPTZ NOT NULL DEFAULT now()
+         );
+         CREATE INDEX idempotency_keys_created_at_idx ON idempotency_keys (created_at);",
+    ),
 ];
 
 /// Applies every pending migration; returns the versions it applied.

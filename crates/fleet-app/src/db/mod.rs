@@ -3,10 +3,12 @@
 mod coalesce;
 mod counters;
 mod data;
+pub mod idempotency;
 pub mod isolation;
 mod lab;
 pub mod migrations;
 mod stats;
+mod transact;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -23,7 +25,9 @@ use crate::metrics::Metrics;
 
 pub use coalesce::Coalescer;
 pub use counters::{Counter, Transfer};
+pub use idempotency::{IdempotencyKey, StoredResponse};
 pub use stats::{DatabaseStats, Health};
+pub use transact::{Once, Written};
 
 #[derive(Debug, thiserror::Error)]
 pub enum DbError {
@@ -34,6 +38,15 @@ pub enum DbError {
     /// One failure shared by every request of a coalesced batch.
     #[error("{0}")]
     Shared(Arc<DbError>),
+    /// The connection broke after COMMIT was sent: the transaction may or may not have committed.
+    #[error("connection lost during COMMIT: {0}")]
+    CommitUnknown(tokio_postgres::Error),
+    /// The idempotency key was first used with another request body.
+    #[error("idempotency key reused with a different request")]
+    IdempotencyKeyReused,
+    /// The request that first used the idempotency key is still running.
+    #[error("idempotency key in use by a request still running")]
+    IdempotencyKeyInUse,
     /// A coalesced batch ended without answering (its task died): a bug, never expected.
     #[error("the coalesced batch ended without an answer")]
     BatchLost,
@@ -51,28 +64,48 @@ impl DbError {
             DbError::Pool(PoolError::Backend(e)) => e.code().map(|c| c.code()).or(Some("08006")),
             DbError::Pool(_) => None,
             DbError::Shared(inner) => inner.sqlstate(),
-            DbError::BatchLost => None,
+            DbError::CommitUnknown(_) => Some("08007"),
+            DbError::BatchLost | DbError::IdempotencyKeyReused | DbError::IdempotencyKeyInUse => None,
         }
     }
 
     /// The connection broke or the server is going away: the query never completed.
     pub fn is_connection_error(&self) -> bool {
         match self {
-            DbError::Postgres(e) => {
-                e.is_closed()
-                    || matches!(e.code().map(|c| c.code()), Some(code) if code.starts_with("08") || code.starts_with("57P"))
-                    || (e.code().is_none()
-                        && std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>()))
-            }
+            DbError::Postgres(e) => err_is_connection(e),
             DbError::Pool(_) => true,
             DbError::Shared(inner) => inner.is_connection_error(),
-            DbError::BatchLost => false,
+            DbError::CommitUnknown(_) => true,
+            DbError::BatchLost | DbError::IdempotencyKeyReused | DbError::IdempotencyKeyInUse => false,
         }
     }
 
-    fn is_retryable(&self) -> bool {
-        matches!(self.sqlstate(), Some("40001" | "40P01"))
+    /// An error from sending COMMIT: a lost connection there leaves the outcome unknown.
+    pub(super) fn at_commit(err: tokio_postgres::Error) -> DbError {
+        let err = DbError::Postgres(err);
+        match err {
+            DbError::Postgres(e) if err_is_connection(&e) => DbError::CommitUnknown(e),
+            err => err,
+        }
     }
+
+    /// Safe to run again: PostgreSQL aborted the transaction (deadlock, serialization failure), or the
+    /// connection broke before COMMIT was sent (so nothing committed). Never after a lost COMMIT, and never
+    /// a pool timeout: that wait is already as long as a client is promised to wait.
+    fn is_retryable(&self) -> bool {
+        match self {
+            DbError::CommitUnknown(_) | DbError::Pool(PoolError::Timeout(_)) => false,
+            DbError::Shared(inner) => inner.is_retryable(),
+            _ => matches!(self.sqlstate(), Some("40001" | "40P01")) || self.is_connection_error(),
+        }
+    }
+}
+
+/// The connection broke, or the server is going away (08xxx, 57P0x): the statement never completed.
+fn err_is_connection(e: &tokio_postgres::Error) -> bool {
+    e.is_closed()
+        || matches!(e.code().map(|c| c.code()), Some(code) if code.starts_with("08") || code.starts_with("57P"))
+        || (e.code().is_none() && std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>()))
 }
 
 /// The pool and the settings every query needs.
@@ -82,6 +115,7 @@ pub struct Db {
     metrics: Metrics,
     container_id: String,
     retry_max_attempts: u32,
+    retry_deadline: Duration,
     lock_order: LockOrder,
     isolation: isolation::IsolationLab,
 }
@@ -112,6 +146,7 @@ impl Db {
             metrics,
             container_id: config.container_id.clone(),
             retry_max_attempts: config.retry_max_attempts,
+            retry_deadline: Duration::from_millis(config.retry_deadline_ms),
             lock_order: config.lock_order,
             isolation: isolation::IsolationLab::new(config.pg_config()?),
         })
@@ -144,21 +179,26 @@ impl Db {
         result
     }
 
-    /// Runs the transaction `attempt` until it succeeds, fails with an error that is not a deadlock (40P01)
-    /// or serialization failure (40001), or has been tried `RETRY_MAX_ATTEMPTS` times. Between attempts it
-    /// sleeps a random time up to an exponentially growing bound (full jitter).
-    async fn retrying<T, F, Fut>(&self, mut attempt: F) -> Result<Retried<T>, DbError>
-    where
-        F: FnMut() -> Fut,
-        Fut: Future<Output = Result<T, DbError>>,
-    {
+    /// Runs `attempt` (given its number, from 1) until it succeeds, fails with an error that is not safe
+    /// to retry (see `DbError::is_retryable`), has been tried `RETRY_MAX_ATTEMPTS` times, or has run past
+    /// `RETRY_DEADLINE_MS`. Between attempts it sleeps a random time up to an exponentially growing bound
+    /// (full jitter). Every retry is counted in `fleet_db_transaction_retries_total{sqlstate}`.
+    async fn retrying<T>(
+        &self,
+        mut attempt: impl AsyncFnMut(u32) -> Result<T, DbError>,
+    ) -> Result<Retried<T>, DbError> {
+        let start = Instant::now();
         let mut attempts = 0;
         loop {
             attempts += 1;
-            match self.observed(attempt()).await {
+            match self.observed(attempt(attempts)).await {
                 Ok(value) => return Ok(Retried { value, attempts }),
-                Err(err) if err.is_retryable() && attempts < self.retry_max_attempts => {
-                    let sqlstate = err.sqlstate().unwrap_or_default();
+                Err(err)
+                    if err.is_retryable()
+                        && attempts < self.retry_max_attempts
+                        && start.elapsed() < self.retry_deadline =>
+                {
+                    let sqlstate = err.sqlstate().unwrap_or("none");
                     self.metrics.transaction_retries.with_label_values(&[sqlstate]).inc();
                     tracing::debug!(db.sqlstate = sqlstate, retry.attempt = attempts, "retrying transaction");
                     tokio::time::sleep(backoff(attempts)).await;

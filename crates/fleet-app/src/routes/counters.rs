@@ -6,7 +6,9 @@ use actix_web::{web, HttpResponse};
 use serde::Deserialize;
 use serde_json::json;
 
+use super::once::{respond, IdempotencyHeader};
 use super::{check_text, millis_since, AppState, JsonBody};
+use crate::db::{Counter, IdempotencyKey, Once, Transfer};
 use crate::errors::ApiError;
 
 /// Longest counter key, in characters (`counters.key VARCHAR(255)`).
@@ -19,21 +21,28 @@ pub struct IncrementRequest {
 
 pub async fn increment(
     state: web::Data<AppState>,
+    IdempotencyHeader(idempotency_key): IdempotencyHeader,
     JsonBody(req): JsonBody<IncrementRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let start = Instant::now();
     check_text("key", &req.key, Some(MAX_KEY_CHARS))?;
-    let counter = match &state.coalescer {
-        Some(coalescer) => coalescer.increment(&req.key).await?,
-        None => state.db.increment(&req.key).await?,
+    let render = |counter: &Counter, _attempts: u32| {
+        json!({
+            "success": true,
+            "key": counter.key,
+            "value": counter.value,
+            "duration": millis_since(start),
+            "container": state.container_id,
+        })
     };
-    Ok(HttpResponse::Ok().json(json!({
-        "success": true,
-        "key": counter.key,
-        "value": counter.value,
-        "duration": millis_since(start),
-        "container": state.container_id,
-    })))
+    // Increments with an idempotency key get a transaction of their own, where the key is claimed.
+    if let (None, Some(coalescer)) = (&idempotency_key, &state.coalescer) {
+        let counter = coalescer.increment(&req.key).await?;
+        return Ok(HttpResponse::Ok().json(render(&counter, 1)));
+    }
+    let key = idempotency_key.map(|k| IdempotencyKey::new(&k, "/api/increment", &json!({ "key": req.key })));
+    let once = key.as_ref().map(|key| Once { key, render: &render });
+    Ok(respond(state.db.increment(&req.key, once.as_ref()).await?, render))
 }
 
 #[derive(Debug, Deserialize)]
@@ -45,6 +54,7 @@ pub struct TransferRequest {
 
 pub async fn transfer(
     state: web::Data<AppState>,
+    IdempotencyHeader(idempotency_key): IdempotencyHeader,
     JsonBody(req): JsonBody<TransferRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let start = Instant::now();
@@ -56,16 +66,21 @@ pub async fn transfer(
     if req.amount <= 0 {
         return Err(ApiError::InvalidRequest(format!("amount must be positive, got {}", req.amount)));
     }
-    let done = state.db.transfer(&req.from, &req.to, req.amount).await?;
-    Ok(HttpResponse::Ok().json(json!({
-        "success": true,
-        "from": done.value.from,
-        "to": done.value.to,
-        "amount": req.amount,
-        "attempts": done.attempts,
-        "duration": millis_since(start),
-        "container": state.container_id,
-    })))
+    let render = |done: &Transfer, attempts: u32| {
+        json!({
+            "success": true,
+            "from": done.from,
+            "to": done.to,
+            "amount": req.amount,
+            "attempts": attempts,
+            "duration": millis_since(start),
+            "container": state.container_id,
+        })
+    };
+    let body = json!({ "from": req.from, "to": req.to, "amount": req.amount });
+    let key = idempotency_key.map(|k| IdempotencyKey::new(&k, "/api/transfer", &body));
+    let once = key.as_ref().map(|key| Once { key, render: &render });
+    Ok(respond(state.db.transfer(&req.from, &req.to, req.amount, once.as_ref()).await?, render))
 }
 
 pub async fn get_counter(

@@ -7,6 +7,7 @@ mod data;
 mod health;
 mod isolation;
 mod lab;
+mod once;
 mod stats;
 
 use std::sync::atomic::AtomicBool;

@@ -1,0 +1,146 @@
+//! Idempotency keys: a write carrying one is done once. Its response is stored in the write's own
+//! transaction, so a committed write always has its response, and a repeat (on any node) gets that
+//! response instead of writing again.
+//!
+//! Claiming a key is `INSERT … ON CONFLICT DO NOTHING`: while the first request's transaction is open,
+//! PostgreSQL makes a repeat wait for it (bounded by `statement_timeout`), then the repeat sees the stored
+//! response, or claims the key itself if the first rolled back. Keys older than `IDEMPOTENCY_TTL_S` are
+//! deleted by every node once a minute (or once per TTL, if that is shorter).
+
+use std::time::Duration;
+
+use deadpool_postgres::GenericClient;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+
+use super::{Db, DbError};
+
+/// Longest idempotency key, in characters (`idempotency_keys.key VARCHAR(255)`).
+pub const MAX_KEY_CHARS: usize = 255;
+/// How often each node deletes expired keys (more often when the TTL is shorter).
+const CLEANUP_INTERVAL: Duration = Duration::from_secs(60);
+
+/// A client's idempotency key and the fingerprint of the request it was sent with.
+#[derive(Debug, Clone)]
+pub struct IdempotencyKey {
+    key: String,
+    fingerprint: Vec<u8>,
+}
+
+impl IdempotencyKey {
+    /// `key` (1–255 visible ASCII characters, checked by the caller) for the request `route` + `body`,
+    /// where `body` is the request re-serialised, so spacing and field order do not matter.
+    pub fn new(key: &str, route: &str, body: &Value) -> Self {
+        let mut hash = Sha256::new();
+        hash.update(route.as_bytes());
+        hash.update([0]);
+        hash.update(body.to_string().as_bytes());
+        IdempotencyKey { key: key.to_owned(), fingerprint: hash.finalize().to_vec() }
+    }
+
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+}
+
+/// A response stored under an idempotency key.
+#[derive(Debug, Clone)]
+pub struct StoredResponse {
+    pub status: u16,
+    pub body: Value,
+}
+
+/// Claims `idem` inside `tx`: `None` if this transaction now owns the key, or the response stored by the
+/// transaction that completed it first. Fails with `IdempotencyKeyReused` if that one had another body.
+pub(super) async fn claim(
+    tx: &impl GenericClient,
+    idem: &IdempotencyKey,
+) -> Result<Option<StoredResponse>, DbError> {
+    let insert = tx
+        .prepare_cached(
+            "INSERT INTO idempotency_keys (key, fingerprint, status, response) VALUES ($1, $2, 0, 'null') \
+             ON CONFLICT (key) DO NOTHING",
+        )
+        .await?;
+    let claimed = tx.execute(&insert, &[&idem.key, &idem.fingerprint]).await.map_err(|e| {
+        // Waiting for the first request's transaction ran past statement_timeout or lock_timeout.
+        match e.code().map(|c| c.code()) {
+            Some("57014" | "55P03") => DbError::IdempotencyKeyInUse,
+            _ => DbError::Postgres(e),
+        }
+    })?;
+    if claimed == 1 {
+        return Ok(None);
+    }
+    let select = tx
+        .prepare_cached("SELECT fingerprint, status, response FROM idempotency_keys WHERE key = $1")
+        .await?;
+    let row = tx.query_one(&select, &[&idem.key]).await?;
+    if row.get::<_, Vec<u8>>(0) != idem.fingerprint {
+        return Err(DbError::IdempotencyKeyReused);
+    }
+    let status: i16 = row.get(1);
+    Ok(Some(StoredResponse { status: status as u16, body: row.get(2) }))
+}
+
+/// Stores the response of the write that claimed `idem`, in the same transaction.
+pub(super) async fn store(
+    tx: &impl GenericClient,
+    idem: &IdempotencyKey,
+    response: &StoredResponse,
+) -> Result<(), DbError> {
+    let update =
+        tx.prepare_cached("UPDATE idempotency_keys SET status = $2, response = $3 WHERE key = $1").await?;
+    tx.execute(&update, &[&idem.key, &(response.status as i16), &response.body]).await?;
+    Ok(())
+}
+
+impl Db {
+    /// Deletes expired idempotency keys once a minute (or once per `ttl` if shorter), while the node runs.
+    pub fn spawn_idempotency_cleanup(&self, ttl: Duration) {
+        let db = self.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(CLEANUP_INTERVAL.min(ttl));
+            loop {
+                every.tick().await;
+                match db.delete_expired_keys(ttl).await {
+                    Ok(0) => {}
+                    Ok(deleted) => {
+                        tracing::info!(idempotency.deleted = deleted, "expired idempotency keys deleted")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "idempotency key cleanup failed; will retry"),
+                }
+            }
+        });
+    }
+
+    async fn delete_expired_keys(&self, ttl: Duration) -> Result<u64, DbError> {
+        self.observed(async {
+            let client = self.client().await?;
+            let delete = client
+                .prepare_cached(
+                    "DELETE FROM idempotency_keys WHERE created_at < now() - make_interval(secs => $1)",
+                )
+                .await?;
+            Ok(client.execute(&delete, &[&ttl.as_secs_f64()]).await?)
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn the_fingerprint_depends_on_route_and_body_only() {
+        let a = IdempotencyKey::new("k", "/api/increment", &json!({"key": "x"}));
+        let b = IdempotencyKey::new("other", "/api/increment", &json!({"key": "x"}));
+        let c = IdempotencyKey::new("k", "/api/increment", &json!({"key": "y"}));
+        let d = IdempotencyKey::new("k", "/api/transfer", &json!({"key": "x"}));
+        assert_eq!(a.fingerprint, b.fingerprint);
+        assert_ne!(a.fingerprint, c.fingerprint);
+        assert_ne!(a.fingerprint, d.fingerprint);
+    }
+}
