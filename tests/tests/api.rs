@@ -46,14 +46,21 @@ async fn a_coalesced_batch_that_fails_applies_none_of_its_increments() {
     // 50 increments cannot all fit below i64::MAX: some batch must fail with 22003.
     let replies = join_all((0..50).map(|_| app.api.increment("edge"))).await;
 
-    let ok: BTreeSet<i64> =
-        replies.iter().filter(|r| r.status == StatusCode::OK).map(|r| r.body["value"].as_i64().unwrap()).collect();
+    let ok: BTreeSet<i64> = replies
+        .iter()
+        .filter(|r| r.status == StatusCode::OK)
+        .map(|r| r.body["value"].as_i64().unwrap())
+        .collect();
     let rejected = replies.iter().filter(|r| r.status == StatusCode::UNPROCESSABLE_ENTITY).count();
     assert!(replies.iter().all(|r| r.status == StatusCode::OK || r.code() == "22003"), "{replies:?}");
     assert!(rejected > 0, "some increments overflowed");
     let successes = ok.len() as i64;
     assert_eq!(ok, (start + 1..=start + successes).collect(), "successes got consecutive values");
-    assert_eq!(app.sql_i64("SELECT value FROM counters WHERE key = 'edge'"), start + successes, "no batch half-applied");
+    assert_eq!(
+        app.sql_i64("SELECT value FROM counters WHERE key = 'edge'"),
+        start + successes,
+        "no batch half-applied"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
