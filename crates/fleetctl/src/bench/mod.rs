@@ -9,6 +9,7 @@
 mod ceiling;
 mod db;
 mod load;
+mod marks;
 mod plan;
 mod plots;
 mod progress;
@@ -73,8 +74,8 @@ pub struct BenchArgs {
     /// Environment for every node, NAME=VALUE (repeatable), e.g. --env INCREMENT_MODE=…
     #[arg(long = "env", value_parser = crate::up::parse_env)]
     env: Vec<(String, String)>,
-    /// Also run `keys` at the main shape on nodes with this environment (repeatable), as the baseline of
-    /// the "3× the seed" goal, e.g. the seed's increment mode.
+    /// Also run the increment workloads (hot, keys) at the main shape on nodes with this environment
+    /// (repeatable), reported beside the others, e.g. INCREMENT_MODE=transaction.
     #[arg(long = "baseline-env", value_parser = crate::up::parse_env)]
     baseline_env: Vec<(String, String)>,
     /// Where results.json, results.md and the plots go.

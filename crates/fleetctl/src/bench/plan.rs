@@ -146,8 +146,8 @@ pub struct Request<'a> {
 }
 
 /// The steps: the main shape first (every workload, the ceilings), then the sweeps' other shapes (the
-/// swept workloads only), then the baseline (if asked for: `keys` at the main shape on differently
-/// configured nodes).
+/// swept workloads only), then the baseline if asked for: the increment workloads at the main shape
+/// on nodes with other settings (e.g. one transaction per increment), beside the same ceilings.
 pub fn plan(req: &Request) -> anyhow::Result<Vec<Step>> {
     ensure!(!req.workloads.is_empty(), "no workloads to run");
     let mut shapes: Vec<Shape> = match req.grid {
@@ -188,10 +188,12 @@ pub fn plan(req: &Request) -> anyhow::Result<Vec<Step>> {
             role: Role::Sweep,
         }));
     }
-    if !req.baseline_env.is_empty() {
+    let compared: Vec<Workload> =
+        req.workloads.iter().copied().filter(|w| matches!(w, Workload::Hot | Workload::Keys)).collect();
+    if !req.baseline_env.is_empty() && !compared.is_empty() {
         steps.push(Step {
             shape: req.main,
-            workloads: vec![Workload::Keys],
+            workloads: compared,
             ceilings: Vec::new(),
             env: req.baseline_env.to_vec(),
             role: Role::Baseline,

@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 
 use super::plan::{Role, Workload};
-use super::results::{Goal, Point, Results, Unit};
+use super::results::{Goal, Point, Results, Settings, Unit};
 
 /// The report; `plots` are the `(file, caption)` of the figures written next to it.
 pub fn markdown(r: &Results, plots: &[(&str, &str)]) -> String {
@@ -39,20 +39,21 @@ pub fn markdown(r: &Results, plots: &[(&str, &str)]) -> String {
         "| workload | nodes × pool | throughput | p50 | p99 | non-2xx | ceiling | ratio | goal | met? |\n",
     );
     md.push_str("|---|---|--:|--:|--:|--:|---|--:|---|---|\n");
-    for point in r.points.iter().filter(|p| p.role == Role::Main) {
-        let (ceiling, goal) = ceiling_of(r, point.workload);
-        let (ratio, target, met) = match goal {
-            Some(g) => (
-                g.measured.map_or("—".into(), |m| format!("{m:.2}×")),
-                format!("≥ {}×", g.target),
-                met_text(g),
-            ),
-            None => ("—".into(), "—".into(), "—".into()),
+    for point in r.points.iter().filter(|p| p.role != Role::Sweep) {
+        let (ceiling, mut goal) = ceiling_of(r, point.workload);
+        if point.role == Role::Baseline {
+            goal = None;
+        }
+        let ratio = ceiling_value(r, point.workload)
+            .map_or("—".into(), |c| format!("{:.2}×", point.throughput() / c));
+        let (target, met) = match goal {
+            Some(g) => (format!("≥ {}×", g.target), met_text(g)),
+            None => ("—".into(), "—".into()),
         };
         let _ = writeln!(
             md,
             "| {} | {} | {} | {} | {} | {} | {ceiling} | {ratio} | {target} | {met} |",
-            title(point, s.bulk_rows),
+            title(point, &r.settings),
             point.shape,
             throughput(point),
             ms(point.latency_ms.p50),
@@ -132,10 +133,25 @@ fn ceiling_of(r: &Results, workload: Workload) -> (String, Option<&Goal>) {
     }
 }
 
-fn title(point: &Point, bulk_rows: usize) -> String {
-    match point.workload {
-        Workload::Bulk => format!("bulk insert, {bulk_rows} rows/request"),
+fn title(point: &Point, s: &Settings) -> String {
+    let title = match point.workload {
+        Workload::Bulk => format!("bulk insert, {} rows/request", s.bulk_rows),
         w => w.title().to_owned(),
+    };
+    match point.role {
+        Role::Baseline => format!("{title} — baseline nodes (`{}`)", s.baseline_env.join(" ")),
+        _ => title,
+    }
+}
+
+/// The ceiling's figure for `workload`, in its throughput's unit.
+fn ceiling_value(r: &Results, workload: Workload) -> Option<f64> {
+    let c = &r.ceilings;
+    match workload {
+        Workload::Hot => c.hot.as_ref().map(|p| p.tps),
+        Workload::Keys => c.keys.as_ref().map(|p| p.tps),
+        Workload::Bulk => c.copy.as_ref().map(|p| p.rows_per_s),
+        Workload::Mixed => None,
     }
 }
 

@@ -180,6 +180,7 @@ fn run_step(
             measured: outcome.measured,
             tail: outcome.tail,
             node_rss_bytes,
+            driver_cpu_cores: outcome.driver_cpu.as_secs_f64() / outcome.wall.as_secs_f64().max(1e-9),
             check: Check {
                 increments_ok: total.increments_ok,
                 counter_delta: after.counter_sum - before.counter_sum,
@@ -257,11 +258,12 @@ fn summary(p: &Point) -> String {
     };
     let check = if p.check.holds() { "database agrees" } else { "DATABASE DISAGREES (see results.json)" };
     format!(
-        "{throughput}, p50 {}, p99 {}, non-2xx {}, node RSS ≤ {:.1} MB, {check}",
+        "{throughput}, p50 {}, p99 {}, non-2xx {}, node RSS ≤ {:.1} MB, driver {:.2} cores, {check}",
         ms(p.latency_ms.p50),
         ms(p.latency_ms.p99),
         p.failures(),
-        p.node_rss_max() as f64 / 1048576.0
+        p.node_rss_max() as f64 / 1048576.0,
+        p.driver_cpu_cores
     )
 }
 
