@@ -7,6 +7,8 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
+use nix::sys::signal::{self, Signal};
+use nix::unistd::Pid;
 use tempfile::TempDir;
 
 use crate::nginx::{self, Upstream};
@@ -205,6 +207,47 @@ impl Fleet {
             }
         }
         Ok(())
+    }
+
+    /// Fault injection: SIGKILL to node `n` (counting from 1), as if it crashed; waits until it has gone.
+    /// Its in-flight requests fail; nginx skips it from then on. It stays dead.
+    pub fn kill_node(&mut self, n: usize) -> anyhow::Result<()> {
+        self.running_node(n)?.child().kill()
+    }
+
+    /// Fault injection: SIGTERM to node `n` (counting from 1), as an orchestrator stopping it would send;
+    /// returns at once. The node drains (readiness 503 for `SHUTDOWN_DRAIN_MS`, then it stops accepting
+    /// and finishes what it has) and exits; [`Fleet::exited_components`] reports it then.
+    pub fn stop_node(&mut self, n: usize) -> anyhow::Result<()> {
+        let node = self.running_node(n)?;
+        // An unreaped child keeps its PID, so this PID is still the node's even if it exited just now.
+        let pid = Pid::from_raw(i32::try_from(node.pid()).context("PID out of range")?);
+        signal::kill(pid, Signal::SIGTERM)
+            .with_context(|| format!("cannot send SIGTERM to {}", node.container_id()))
+    }
+
+    /// Fault injection: restarts PostgreSQL (fast shutdown, which ends every session, then a start on the
+    /// same port), resuming it first if it is paused. Returns once it accepts connections again.
+    pub fn restart_db(&mut self) -> anyhow::Result<()> {
+        self.pg.stop()?;
+        self.pg.start_again()
+    }
+
+    /// Fault injection: freezes PostgreSQL's whole process tree for `duration` (see [`Postgres::pause`]),
+    /// then thaws it; blocks all that time.
+    pub fn pause_db(&mut self, duration: Duration) -> anyhow::Result<()> {
+        self.pg.pause()?;
+        std::thread::sleep(duration);
+        self.pg.resume()
+    }
+
+    /// Node `n` (counting from 1), or an error naming the nodes there are or saying it has exited.
+    fn running_node(&mut self, n: usize) -> anyhow::Result<&mut Node> {
+        let count = self.nodes.len();
+        ensure!((1..=count).contains(&n), "there is no node app-{n}: this fleet has app-1 … app-{count}");
+        let node = &mut self.nodes[n - 1];
+        ensure!(node.child().is_running(), "{} is not running (it has exited)", node.container_id());
+        Ok(node)
     }
 
     /// Waits until every node answers `/app-N/health/ready` through nginx.

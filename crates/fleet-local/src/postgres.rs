@@ -1,4 +1,4 @@
-//! A private PostgreSQL cluster on loopback: initdb, start, fast stop, start again, psql.
+//! A private PostgreSQL cluster on loopback: initdb, start, fast stop, start again, pause and resume, psql.
 //!
 //! Layout of the cluster directory: `data/` (PGDATA), `server.log` (the server's stderr, appended on
 //! every start) and the Unix socket `.s.PGSQL.<port>`. TCP listens on 127.0.0.1 only and requires
@@ -12,14 +12,15 @@ use std::process::{Command, Stdio};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::{bail, ensure, Context};
 use nix::sys::signal::Signal;
-use nix::unistd::User;
+use nix::unistd::{Pid, User};
 use tempfile::TempDir;
 
 use crate::bins::postgres_bin;
 use crate::process::{die_with_parent, signal_and_wait, wait_timeout};
 
+mod pause;
 mod setup;
 
 use crate::free_port;
@@ -62,6 +63,8 @@ pub struct Postgres {
     /// The user the server runs as when we are root (PostgreSQL refuses to run as root).
     run_as: Option<User>,
     postmaster: Option<std::process::Child>,
+    /// While paused ([`Postgres::pause`]): the postmaster's descendants that got SIGSTOP.
+    paused: Option<Vec<Pid>>,
     /// Removed on drop, after the server has stopped.
     temp_dir: Option<TempDir>,
 }
@@ -102,6 +105,7 @@ impl Postgres {
             port: 0,
             run_as,
             postmaster: None,
+            paused: None,
             temp_dir,
         };
         if !postgres.data_dir.join("PG_VERSION").exists() {
@@ -146,6 +150,8 @@ impl Postgres {
     /// Stops the server with a fast shutdown (SIGINT: sessions are ended, data kept); the port can be
     /// used again by [`Postgres::start_again`]. Does nothing if it is not running.
     pub fn stop(&mut self) -> anyhow::Result<()> {
+        // A stopped process would only act on SIGINT once continued.
+        self.resume()?;
         let Some(postmaster) = self.postmaster.as_mut() else {
             return Ok(());
         };
@@ -172,6 +178,41 @@ impl Postgres {
             return Ok(());
         }
         self.start_on(Some(self.port))
+    }
+
+    /// Freezes the server without ending a session: SIGSTOP to the postmaster, then (once it is stopped
+    /// and can fork no more) to every one of its descendants: backends, checkpointer, WAL writer … Clients
+    /// keep their connections and new ones are accepted by the kernel, but nothing answers, as when the
+    /// database's machine stalls. Returns once every process is stopped. Undone by [`Postgres::resume`],
+    /// which [`Postgres::stop`] and drop call first.
+    pub fn pause(&mut self) -> anyhow::Result<()> {
+        ensure!(self.paused.is_none(), "PostgreSQL is already paused");
+        let postmaster = self.postmaster_pid()?;
+        let descendants = pause::stop_tree(postmaster)?;
+        tracing::info!(port = self.port, processes = descendants.len() + 1, "PostgreSQL paused");
+        self.paused = Some(descendants);
+        Ok(())
+    }
+
+    /// Thaws a server frozen by [`Postgres::pause`] (SIGCONT to each process it stopped); statements
+    /// carry on where they were. Does nothing if it is not paused.
+    pub fn resume(&mut self) -> anyhow::Result<()> {
+        let Some(descendants) = self.paused.take() else {
+            return Ok(());
+        };
+        pause::continue_tree(self.postmaster_pid()?, &descendants);
+        tracing::info!(port = self.port, "PostgreSQL resumed");
+        Ok(())
+    }
+
+    /// Whether [`Postgres::pause`] froze the server and it has not been resumed.
+    pub fn is_paused(&self) -> bool {
+        self.paused.is_some()
+    }
+
+    fn postmaster_pid(&self) -> anyhow::Result<Pid> {
+        let pid = self.pid().context("PostgreSQL is not running")?;
+        Ok(Pid::from_raw(i32::try_from(pid).context("PID out of range")?))
     }
 
     /// Runs `sql` as the superuser on [`APP_DATABASE`] with `psql -X -A -t -v ON_ERROR_STOP=1` and
@@ -350,6 +391,9 @@ impl Postgres {
 
 impl Drop for Postgres {
     fn drop(&mut self) {
+        if let Err(error) = self.resume() {
+            tracing::warn!(error = %format!("{error:#}"), "cannot resume the paused PostgreSQL before stopping it");
+        }
         if let Some(postmaster) = self.postmaster.as_mut() {
             // SIGQUIT = immediate shutdown: no checkpoint, the next start recovers. Fine for a cluster we discard.
             if !matches!(signal_and_wait(postmaster, Signal::SIGQUIT, DROP_TIMEOUT), Ok(Some(_))) {

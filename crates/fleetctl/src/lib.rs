@@ -1,7 +1,9 @@
-//! `fleetctl`: run a local pgfleet (`up`), inspect it (`status`), stop it (`down`), and probe it (`lab`).
+//! `fleetctl`: run a local pgfleet (`up`), inspect it (`status`), stop it (`down`), probe it (`lab`), and
+//! break it on purpose (`chaos`).
 //! The library holds the whole command line, so the test suite can build it as a binary of its own.
 
 mod bench;
+pub mod chaos;
 mod state;
 mod status;
 mod up;
@@ -38,6 +40,9 @@ enum Command {
     },
     /// Benchmark private fleets against the database's own ceiling; write results and plots.
     Bench(bench::BenchArgs),
+    /// Break a running fleet on purpose (kill or stop a node, restart or pause the database), or run a
+    /// load through such faults and check that no acknowledged increment was lost or doubled.
+    Chaos(chaos::ChaosArgs),
 }
 
 /// Runs the command line; errors are printed and turn into a non-zero exit code.
@@ -47,6 +52,7 @@ pub fn main() -> ExitCode {
         Command::Status { dir, json } => status::status(&dir, json),
         Command::Down { dir } => status::down(&dir),
         Command::Bench(args) => bench::run(args),
+        Command::Chaos(args) => chaos::run(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,4 +1,5 @@
 //! `fleetctl up`: start a fleet, print its addresses, run until Ctrl-C or SIGTERM, stop it cleanly.
+//! Meanwhile it serves the fleet's control socket, through which `fleetctl chaos` injects faults.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -9,6 +10,7 @@ use anyhow::Context;
 use clap::Args;
 use fleet_local::fleet::{Fleet, FleetOptions};
 
+use crate::chaos::control::{ControlServer, Injector};
 use crate::state::{self, FleetState, NodeState};
 
 #[derive(Debug, Args)]
@@ -90,14 +92,22 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         println!("prometheus: {url}");
     }
     println!("nginx: {}", fleet.url());
+    // Bound before "fleet ready", so whoever waits for that line can send faults at once.
+    let control = ControlServer::bind(fleet.dir())?;
+    println!("control: {} (fleetctl chaos --dir {})", control.path().display(), args.dir.display());
     println!("database: {}", fleet.database_url());
-    println!("fleet ready: {}", fleet.url());
     let state =
         FleetState { pid: std::process::id(), url: fleet.url(), prometheus: fleet.prometheus_url(), nodes };
     state.write(fleet.dir())?;
+    println!("fleet ready: {}", fleet.url());
 
+    let mut injector = Injector::default();
     let mut reported = Vec::new();
     while !stop.load(Ordering::Relaxed) {
+        control.serve(|fault| injector.apply(&mut fleet, fault));
+        if let Err(error) = injector.tick(&mut fleet) {
+            eprintln!("fleetctl: cannot resume PostgreSQL: {error:#}");
+        }
         for name in fleet.exited_components() {
             if !reported.contains(&name) {
                 eprintln!("fleetctl: {name} has exited; the rest of the fleet keeps running");
@@ -106,7 +116,12 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
+    drop(control);
     eprintln!("stopping the fleet …");
+    // Nodes drain faster against a database that answers.
+    if let Err(error) = fleet.postgres().resume() {
+        eprintln!("fleetctl: cannot resume PostgreSQL: {error:#}");
+    }
     let dir = fleet.dir().to_owned();
     let result = fleet.stop();
     let _ = std::fs::remove_file(state::path(&dir));

@@ -1,0 +1,325 @@
+//! The control channel of a running `fleetctl up`: a Unix socket `<dir>/control.sock` that takes one
+//! line per connection (`kill-node 2`, `stop-node 3`, `restart-db`, `pause-db 2.5`) and answers one
+//! line, `ok <what happened>` or `error <why>`. Only the process that started the fleet signals its
+//! children, so `fleetctl chaos` asks it through here instead of signalling PIDs itself.
+
+use std::fmt;
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use fleet_local::fleet::Fleet;
+
+/// The socket's name in the fleet's directory.
+const SOCKET_NAME: &str = "control.sock";
+/// Longest command line read (commands are a few bytes).
+const MAX_LINE: u64 = 256;
+/// How long the fleet waits for a client to send its line: the fleet's loop waits meanwhile.
+const READ_TIMEOUT: Duration = Duration::from_secs(1);
+/// How long a client waits for the answer: a restart of PostgreSQL may take a while (crash recovery).
+const REPLY_TIMEOUT: Duration = Duration::from_secs(180);
+/// Longest pause `pause-db` accepts.
+const MAX_PAUSE: Duration = Duration::from_secs(600);
+/// The commands, for error messages.
+const USAGE: &str = "commands: kill-node N, stop-node N, restart-db, pause-db SECONDS";
+
+/// A fault the fleet injects into itself.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Fault {
+    /// SIGKILL to node N (counting from 1): a crash.
+    KillNode(usize),
+    /// SIGTERM to node N: a graceful stop (the node drains).
+    StopNode(usize),
+    /// Fast shutdown of PostgreSQL, then a start on the same port.
+    RestartDb,
+    /// SIGSTOP to PostgreSQL's whole process tree, SIGCONT after the duration.
+    PauseDb(Duration),
+}
+
+impl fmt::Display for Fault {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Fault::KillNode(n) => write!(f, "kill-node {n}"),
+            Fault::StopNode(n) => write!(f, "stop-node {n}"),
+            Fault::RestartDb => f.write_str("restart-db"),
+            Fault::PauseDb(duration) => write!(f, "pause-db {}", duration.as_secs_f64()),
+        }
+    }
+}
+
+impl FromStr for Fault {
+    type Err = String;
+
+    /// The line form: a command and its argument, separated by white space.
+    fn from_str(line: &str) -> Result<Fault, String> {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        let node = |arg: &str| -> Result<usize, String> {
+            arg.parse()
+                .ok()
+                .filter(|&n| n >= 1)
+                .ok_or_else(|| format!("{arg:?} is not a node number (1, 2, …)"))
+        };
+        match words[..] {
+            ["kill-node", n] => Ok(Fault::KillNode(node(n)?)),
+            ["stop-node", n] => Ok(Fault::StopNode(node(n)?)),
+            ["restart-db"] => Ok(Fault::RestartDb),
+            ["pause-db", seconds] => Ok(Fault::PauseDb(parse_seconds(seconds)?)),
+            _ => Err(format!("unknown command {line:?}; {USAGE}")),
+        }
+    }
+}
+
+/// A pause's length: seconds, above 0 and up to [`MAX_PAUSE`].
+pub fn parse_seconds(seconds: &str) -> Result<Duration, String> {
+    seconds
+        .parse::<f64>()
+        .ok()
+        .and_then(|s| Duration::try_from_secs_f64(s).ok())
+        .filter(|d| !d.is_zero() && *d <= MAX_PAUSE)
+        .ok_or_else(|| {
+            format!("{seconds:?} is not a number of seconds between 0 and {}", MAX_PAUSE.as_secs())
+        })
+}
+
+/// Where the control socket of the fleet run from `dir` lives.
+pub fn socket_path(dir: &Path) -> PathBuf {
+    dir.join(SOCKET_NAME)
+}
+
+/// Sends `fault` to the fleet run from `dir` and returns what it did (the text after `ok `); its
+/// `error …` answer becomes an error.
+pub fn send(dir: &Path, fault: &Fault) -> anyhow::Result<String> {
+    let path = socket_path(dir);
+    let mut stream = UnixStream::connect(&path).with_context(|| {
+        format!(
+            "no fleet is listening at {} (is `fleetctl up --dir {}` running?)",
+            path.display(),
+            dir.display()
+        )
+    })?;
+    stream.set_read_timeout(Some(REPLY_TIMEOUT))?;
+    writeln!(stream, "{fault}").context("cannot send the command")?;
+    let mut reply = String::new();
+    BufReader::new(stream.take(64 * 1024))
+        .read_line(&mut reply)
+        .with_context(|| format!("no answer to {fault:?} from the fleet"))?;
+    let reply = reply.trim_end();
+    match reply.split_once(' ') {
+        Some(("ok", what)) => Ok(what.to_owned()),
+        Some(("error", why)) => bail!("the fleet refused `{fault}`: {why}"),
+        _ if reply.is_empty() => bail!("the fleet closed the connection without answering `{fault}`"),
+        _ => bail!("unexpected answer to `{fault}`: {reply:?}"),
+    }
+}
+
+/// The fleet's side: a non-blocking listener polled from `fleetctl up`'s loop; the socket is removed
+/// on drop.
+#[derive(Debug)]
+pub struct ControlServer {
+    listener: UnixListener,
+    path: PathBuf,
+}
+
+impl ControlServer {
+    /// Listens on `<dir>/control.sock`, readable and writable by our user only. A socket left behind by
+    /// a fleet that crashed is replaced; one that still answers is another fleet's, and an error.
+    pub fn bind(dir: &Path) -> anyhow::Result<ControlServer> {
+        let path = socket_path(dir);
+        if path.exists() {
+            if UnixStream::connect(&path).is_ok() {
+                bail!("another fleet is listening at {}", path.display());
+            }
+            std::fs::remove_file(&path)
+                .with_context(|| format!("cannot remove the stale {}", path.display()))?;
+        }
+        let listener =
+            UnixListener::bind(&path).with_context(|| format!("cannot listen at {}", path.display()))?;
+        let server = ControlServer { listener, path };
+        std::fs::set_permissions(&server.path, std::fs::Permissions::from_mode(0o600))?;
+        server.listener.set_nonblocking(true)?;
+        Ok(server)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Answers every client waiting now, one after the other, with `handle`'s result; returns at once
+    /// when none waits. A client that sends nothing is dropped after [`READ_TIMEOUT`].
+    pub fn serve(&self, mut handle: impl FnMut(Fault) -> anyhow::Result<String>) {
+        loop {
+            let stream = match self.listener.accept() {
+                Ok((stream, _)) => stream,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(error) => {
+                    eprintln!("fleetctl: control channel: {error}");
+                    return;
+                }
+            };
+            if let Err(error) = answer(stream, &mut handle) {
+                eprintln!("fleetctl: control channel: {error:#}");
+            }
+        }
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn answer(
+    stream: UnixStream,
+    handle: &mut impl FnMut(Fault) -> anyhow::Result<String>,
+) -> anyhow::Result<()> {
+    stream.set_nonblocking(false)?;
+    stream.set_read_timeout(Some(READ_TIMEOUT))?;
+    let mut line = String::new();
+    BufReader::new((&stream).take(MAX_LINE)).read_line(&mut line).context("cannot read a command")?;
+    let reply = match line.trim().parse::<Fault>() {
+        Ok(fault) => {
+            let started = Instant::now();
+            let result = handle(fault);
+            let took = started.elapsed().as_secs_f64();
+            match result {
+                Ok(what) => {
+                    eprintln!("fleetctl: chaos: {fault}: {what} ({took:.1} s)");
+                    format!("ok {what}")
+                }
+                Err(error) => format!("error {}", one_line(&format!("{error:#}"))),
+            }
+        }
+        Err(why) => format!("error {why}"),
+    };
+    writeln!(&stream, "{reply}").context("cannot answer")?;
+    Ok(())
+}
+
+fn one_line(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// Applies faults to the fleet this process owns; a paused database is thawed by [`Injector::tick`],
+/// which the owner calls from its loop, so the loop keeps serving while the database is frozen.
+#[derive(Debug, Default)]
+pub struct Injector {
+    resume_at: Option<Instant>,
+}
+
+impl Injector {
+    pub fn apply(&mut self, fleet: &mut Fleet, fault: Fault) -> anyhow::Result<String> {
+        match fault {
+            Fault::KillNode(n) => {
+                fleet.kill_node(n)?;
+                Ok(format!("killed app-{n} (SIGKILL)"))
+            }
+            Fault::StopNode(n) => {
+                fleet.stop_node(n)?;
+                Ok(format!("sent SIGTERM to app-{n}: it drains, then exits"))
+            }
+            Fault::RestartDb => {
+                let started = Instant::now();
+                self.resume_at = None;
+                fleet.restart_db()?;
+                Ok(format!("restarted PostgreSQL in {:.1} s", started.elapsed().as_secs_f64()))
+            }
+            Fault::PauseDb(duration) => {
+                fleet.postgres().pause()?;
+                self.resume_at = Some(Instant::now() + duration);
+                Ok(format!("paused PostgreSQL for {} s", duration.as_secs_f64()))
+            }
+        }
+    }
+
+    /// Thaws the database once its pause is over.
+    pub fn tick(&mut self, fleet: &mut Fleet) -> anyhow::Result<()> {
+        if self.resume_at.is_some_and(|at| Instant::now() >= at) {
+            self.resume_at = None;
+            fleet.postgres().resume()?;
+            eprintln!("fleetctl: chaos: resumed PostgreSQL");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_fault_reads_back_from_its_line() {
+        for fault in [
+            Fault::KillNode(2),
+            Fault::StopNode(13),
+            Fault::RestartDb,
+            Fault::PauseDb(Duration::from_millis(2500)),
+        ] {
+            assert_eq!(fault.to_string().parse::<Fault>(), Ok(fault));
+        }
+        assert_eq!(" pause-db   3 ".parse::<Fault>(), Ok(Fault::PauseDb(Duration::from_secs(3))));
+    }
+
+    #[test]
+    fn a_bad_line_is_refused_with_the_reason_and_the_commands() {
+        let unknown = "explode".parse::<Fault>().unwrap_err();
+        assert!(
+            unknown.contains("unknown command \"explode\"") && unknown.contains("restart-db"),
+            "{unknown}"
+        );
+        assert!("kill-node 0".parse::<Fault>().unwrap_err().contains("not a node number"));
+        assert!("kill-node".parse::<Fault>().unwrap_err().contains("unknown command"));
+        assert!("restart-db now".parse::<Fault>().is_err());
+        for bad in ["pause-db 0", "pause-db -1", "pause-db 601", "pause-db NaN", "pause-db soon"] {
+            assert!(bad.parse::<Fault>().unwrap_err().contains("number of seconds"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_client_gets_the_fleets_answer_and_the_socket_goes_with_the_server() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = ControlServer::bind(dir.path()).unwrap();
+        let client = std::thread::spawn({
+            let dir = dir.path().to_owned();
+            move || (send(&dir, &Fault::KillNode(2)), send(&dir, &Fault::RestartDb))
+        });
+        let mut seen = Vec::new();
+        while seen.len() < 2 {
+            server.serve(|fault| {
+                seen.push(fault);
+                match fault {
+                    Fault::KillNode(_) => Ok("killed it".to_owned()),
+                    _ => bail!("no database\nhere"),
+                }
+            });
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let (killed, restarted) = client.join().unwrap();
+        assert_eq!(killed.unwrap(), "killed it");
+        let refused = format!("{:#}", restarted.unwrap_err());
+        assert!(refused.contains("refused `restart-db`: no database here"), "{refused}");
+        assert_eq!(seen, [Fault::KillNode(2), Fault::RestartDb]);
+
+        let path = server.path().to_owned();
+        drop(server);
+        assert!(!path.exists());
+        let gone = format!("{:#}", send(dir.path(), &Fault::RestartDb).unwrap_err());
+        assert!(gone.contains("no fleet is listening"), "{gone}");
+    }
+
+    #[test]
+    fn a_stale_socket_is_replaced_but_a_live_one_is_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = ControlServer::bind(dir.path()).unwrap();
+        assert!(ControlServer::bind(dir.path()).unwrap_err().to_string().contains("another fleet"));
+        drop(first);
+        // A socket file whose listener is gone (a crashed fleet).
+        let stale = UnixListener::bind(socket_path(dir.path())).unwrap();
+        drop(stale);
+        assert!(ControlServer::bind(dir.path()).is_ok());
+    }
+}

@@ -1,0 +1,63 @@
+//! `fleetctl chaos`: break a running fleet on purpose and prove nothing acknowledged was lost or doubled.
+//!
+//! - `fleetctl chaos --dir D kill-node N | stop-node N | restart-db | pause-db SECONDS` asks the fleet's own
+//!   `fleetctl up` (the only process allowed to signal its children) through its control socket.
+//! - `fleetctl chaos --dir D run` drives careful clients (idempotency keys, retries) through nginx while it
+//!   injects those faults, then checks every acknowledged increment is in the database exactly once.
+//!
+//! The careful client, the load and the check are public so the test suite drives the same code.
+
+mod client;
+pub(crate) mod control;
+mod report;
+mod run;
+mod verify;
+mod workload;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+
+pub use client::{CarefulClient, Failure, Increment, Outcome, RetryPolicy, Stats, Tally};
+use control::Fault;
+pub use verify::{verify, KeyCheck, Verdict};
+pub use workload::{Run, Workload, WorkloadOptions};
+
+#[derive(Debug, Args)]
+pub struct ChaosArgs {
+    /// The fleet's directory (as given to `up`).
+    #[arg(long, default_value = ".fleet", global = true)]
+    dir: PathBuf,
+    #[command(subcommand)]
+    command: ChaosCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum ChaosCommand {
+    /// SIGKILL node N, as a crash would: its in-flight requests fail; it stays dead.
+    KillNode { n: usize },
+    /// SIGTERM node N, as an orchestrator would: it drains and exits.
+    StopNode { n: usize },
+    /// Restart PostgreSQL (fast shutdown, which ends every session, then start).
+    RestartDb,
+    /// Freeze PostgreSQL's every process (SIGSTOP) for SECONDS, then thaw it (SIGCONT).
+    PauseDb {
+        #[arg(value_parser = control::parse_seconds)]
+        seconds: Duration,
+    },
+    /// Load the fleet with careful clients while injecting faults; check and report.
+    Run(run::RunArgs),
+}
+
+pub fn run(args: ChaosArgs) -> anyhow::Result<()> {
+    let fault = match args.command {
+        ChaosCommand::KillNode { n } => Fault::KillNode(n),
+        ChaosCommand::StopNode { n } => Fault::StopNode(n),
+        ChaosCommand::RestartDb => Fault::RestartDb,
+        ChaosCommand::PauseDb { seconds } => Fault::PauseDb(seconds),
+        ChaosCommand::Run(run_args) => return run::run(&args.dir, run_args),
+    };
+    println!("{}", control::send(&args.dir, &fault)?);
+    Ok(())
+}
