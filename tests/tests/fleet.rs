@@ -179,9 +179,14 @@ async fn throughput_follows_pool_size() {
     saturated.await.unwrap();
     assert!(max_waiting > 0, "pool-stats never showed a waiting request while pool 1 was saturated");
 
+    // Best of three per pool size: the least disturbed run on a shared machine.
     let mut took = Vec::new();
     for api in &apis {
-        took.push(two_hundred_holds(api).await.as_secs_f64());
+        let mut best = f64::INFINITY;
+        for _ in 0..3 {
+            best = best.min(two_hundred_holds(api).await.as_secs_f64());
+        }
+        took.push(best);
     }
     let [p1, p5, p10, p20] = took[..] else { unreachable!() };
     eprintln!(

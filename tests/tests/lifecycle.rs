@@ -110,9 +110,22 @@ async fn sigterm_turns_readiness_off_lets_requests_finish_and_exits_zero() {
         (status, node.child().recent_output())
     });
     let deadline = Instant::now() + Duration::from_secs(5);
-    while api.get("/health/ready").await.status != StatusCode::SERVICE_UNAVAILABLE {
+    let draining = loop {
+        let ready = api.get("/health/ready").await;
+        if ready.status == StatusCode::SERVICE_UNAVAILABLE {
+            break ready;
+        }
         assert!(Instant::now() < deadline, "readiness never turned 503 after SIGTERM");
-    }
+    };
+    assert_eq!(
+        draining.headers["connection"], "close",
+        "a draining node asks clients to reconnect elsewhere"
+    );
+    assert_eq!(
+        api.get("/api/pool-stats").await.status,
+        StatusCode::OK,
+        "requests are still served while draining"
+    );
     let held = in_flight.await.unwrap();
     assert_eq!(held.status, StatusCode::OK, "the in-flight request finished: {:?}", held.body);
     let (status, output) = stopping.await.unwrap();

@@ -18,7 +18,7 @@
 //! | `IDEMPOTENCY_TTL_S` | `86400` | how long an idempotency key and its stored response are kept |
 //! | `LOCK_ORDER` | `request` | `request`: `/api/transfer` locks rows in request order (opposite transfers can deadlock); `sorted`: in key order (never deadlocks) |
 //! | `LAB_ENDPOINTS` | `true` | serve `/api/hold` and `/api/test-isolation` |
-//! | `SHUTDOWN_DRAIN_MS` | `0` | after SIGTERM, how long readiness answers 503 while requests are still served, before the listener closes (set it to your load balancer's probe period) |
+//! | `SHUTDOWN_DRAIN_MS` | `0` | after SIGTERM, how long readiness answers 503 while requests are still served (with `Connection: close`), before the listener closes: set it above your load balancer's probe period and its keep-alive timeout toward the nodes (nginx here: 4 s) |
 //! | `LOG_FORMAT` | `json` | `json` or `text` |
 //! | `RUST_LOG` | `info` | log filter |
 

@@ -47,6 +47,7 @@ impl Application {
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(app_state.clone())
+                .wrap(from_fn(routes::close_when_draining))
                 .wrap(from_fn(routes::record_metrics))
                 .wrap(DefaultHeaders::new().add(("X-Container-Id", container_id.as_str())))
                 .configure(routes::configure(lab))
@@ -70,8 +71,9 @@ impl Application {
         self.port
     }
 
-    /// Serves until SIGTERM or SIGINT; then readiness turns 503, after `SHUTDOWN_DRAIN_MS` the listener
-    /// closes, in-flight requests finish, and the pool closes.
+    /// Serves until SIGTERM or SIGINT. On SIGTERM readiness turns 503 and responses ask clients to close
+    /// their connections for `SHUTDOWN_DRAIN_MS`; then (at once on SIGINT) the listener closes, in-flight
+    /// requests finish, and the pool closes.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         let handle = self.server.handle();
         let draining = self.state.draining.clone();
@@ -79,12 +81,16 @@ impl Application {
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         tokio::spawn(async move {
-            tokio::select! {
-                _ = term.recv() => tracing::info!("SIGTERM: draining"),
-                _ = int.recv() => tracing::info!("SIGINT: draining"),
-            }
+            let drain = tokio::select! {
+                _ = term.recv() => drain,
+                _ = int.recv() => Duration::ZERO,
+            };
+            tracing::info!(drain_ms = drain.as_millis() as u64, "stopping: draining");
             draining.store(true, Ordering::Relaxed);
-            tokio::time::sleep(drain).await;
+            tokio::select! {
+                _ = tokio::time::sleep(drain) => {}
+                _ = int.recv() => tracing::info!("SIGINT: skipping the rest of the drain"),
+            }
             handle.stop(true).await;
         });
         self.server.await?;

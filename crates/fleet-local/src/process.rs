@@ -107,14 +107,19 @@ impl Child {
 
     /// Sends SIGTERM, waits up to `grace`, then sends SIGKILL; returns the exit status.
     pub fn terminate(&mut self, grace: Duration) -> anyhow::Result<ExitStatus> {
+        self.stop(Signal::SIGTERM, grace)
+    }
+
+    /// Sends `signal`, waits up to `grace`, then sends SIGKILL; returns the exit status.
+    pub fn stop(&mut self, signal: Signal, grace: Duration) -> anyhow::Result<ExitStatus> {
         if let Some(status) = self.try_status() {
             return Ok(status);
         }
-        if let Some(status) = signal_and_wait(&mut self.process, Signal::SIGTERM, grace)? {
+        if let Some(status) = signal_and_wait(&mut self.process, signal, grace)? {
             self.status = Some(status);
             return Ok(status);
         }
-        tracing::warn!(child.name = %self.name, grace_ms = grace.as_millis(), "child ignored SIGTERM; killing it");
+        tracing::warn!(child.name = %self.name, grace_ms = grace.as_millis(), "child ignored {signal}; killing it");
         self.kill()?;
         self.status.with_context(|| format!("{} has no exit status after SIGKILL", self.name))
     }

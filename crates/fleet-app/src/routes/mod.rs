@@ -127,6 +127,21 @@ pub async fn record_metrics(
     Ok(res)
 }
 
+/// While the node drains (after SIGTERM), asks every client to close its connection (`Connection:
+/// close`), so a load balancer drops its idle keep-alive connections to this node before the listener
+/// closes, and never sends a request down one that is being shut.
+pub async fn close_when_draining(
+    req: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let draining = req.app_data::<web::Data<AppState>>().map(|state| Arc::clone(&state.draining));
+    let mut res = next.call(req).await?;
+    if draining.is_some_and(|d| d.load(std::sync::atomic::Ordering::Relaxed)) {
+        res.response_mut().head_mut().set_connection_type(actix_web::http::ConnectionType::Close);
+    }
+    Ok(res)
+}
+
 /// Keeps the `method` label bounded: any method outside HTTP's standard set is `other`.
 fn bounded_method(method: &Method) -> &'static str {
     match *method {
