@@ -177,3 +177,32 @@ async fn metrics_pass_promtool_and_name_every_documented_family() {
     assert_eq!(fleet_tests::sample_value(&text, "fleet_bulk_insert_rows_total"), 1.0);
     assert_eq!(fleet_tests::sample_value(&text, "fleet_db_pool_max_connections"), 5.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exhausted_pool_sheds_load_with_503_pool_timeout_instead_of_queueing_forever() {
+    let app = TestApp::spawn(&[("POOL_SIZE", "1"), ("POOL_WAIT_TIMEOUT_MS", "300")]);
+    let holding = tokio::spawn({
+        let api = app.api.clone();
+        async move { api.hold(3000).await }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while app.api.get("/api/pool-stats").await.body["idleCount"] != 0 {
+        assert!(Instant::now() < deadline, "the hold never took the only connection");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let shed = app.api.increment("k").await;
+    assert_eq!(shed.status, StatusCode::SERVICE_UNAVAILABLE, "{:?}", shed.body);
+    assert_eq!(shed.code(), "pool_timeout");
+    assert_eq!(shed.headers["retry-after"], "1");
+    assert_eq!(holding.await.unwrap().status, StatusCode::OK);
+    assert_eq!(app.api.increment("k").await.body["value"], 1, "the shed request changed nothing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_connection_carries_the_statement_timeout() {
+    let app = TestApp::spawn(&[("STATEMENT_TIMEOUT_MS", "200")]);
+    let reply = app.api.hold(2000).await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{:?}", reply.body);
+    assert_eq!(reply.code(), "57014");
+    assert_eq!(app.api.hold(50).await.status, StatusCode::OK, "the connection is usable afterwards");
+}
