@@ -5,7 +5,8 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use fleet_local::{bins, Node};
-use fleet_tests::{node_bin, node_options, start_postgres, Api, TestApp};
+use fleet_tests::{node_bin, node_options, sample_value, start_postgres, Api, TestApp};
+use futures_util::future::join_all;
 use reqwest::StatusCode;
 
 #[test]
@@ -205,4 +206,53 @@ async fn every_connection_carries_the_statement_timeout() {
     assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{:?}", reply.body);
     assert_eq!(reply.code(), "57014");
     assert_eq!(app.api.hold(50).await.status, StatusCode::OK, "the connection is usable afterwards");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_killed_under_load_are_retried_unless_commit_was_in_flight() {
+    // 400 requests queue for 5 connections; let them wait (this test is about lost connections).
+    let app = TestApp::spawn(&[("INCREMENT_MODE", "transaction"), ("POOL_WAIT_TIMEOUT_MS", "30000")]);
+    let load = tokio::spawn({
+        let api = app.api.clone();
+        let keys: Vec<String> = (0..400).map(|i| format!("k{}", i % 10)).collect();
+        async move { join_all(keys.iter().map(|key| api.increment(key))).await }
+    });
+    // Terminate every pooled backend a few times while the increments run.
+    let mut killed = 0;
+    for _ in 0..5 {
+        if load.is_finished() {
+            break;
+        }
+        let out = app.sql(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity WHERE application_name = 'fleet-app/app-1'",
+        );
+        killed += out.parse::<i32>().unwrap();
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    let replies = load.await.unwrap();
+    assert!(killed > 0, "no backend was terminated");
+
+    // A connection lost before COMMIT is retried; one lost during COMMIT leaves the outcome unknown,
+    // and only that may fail (503, SQLSTATE 08007), never silently.
+    let ok = replies.iter().filter(|r| r.status == StatusCode::OK).count() as i64;
+    let unknown = replies.iter().filter(|r| r.code() == "08007").count() as i64;
+    assert_eq!(
+        ok + unknown,
+        400,
+        "{:?}",
+        replies.iter().find(|r| r.status != StatusCode::OK && r.code() != "08007")
+    );
+    let counted = app.sql_i64("SELECT sum(value) FROM counters");
+    assert!(
+        (ok..=ok + unknown).contains(&counted),
+        "{counted} counted for {ok} acknowledged + {unknown} unknown"
+    );
+    let metrics = app.api.metrics_text().await;
+    let retried = ["57P01", "08006"]
+        .iter()
+        .map(|code| {
+            sample_value(&metrics, &format!("fleet_db_transaction_retries_total{{sqlstate=\"{code}\"}}"))
+        })
+        .sum::<f64>();
+    assert!(retried > 0.0, "a connection lost before COMMIT was retried");
 }
