@@ -61,39 +61,26 @@ impl AppState {
 /// Registers every route. `lab` adds `/api/hold` and `/api/test-isolation`.
 pub fn configure(lab: bool) -> impl FnOnce(&mut web::ServiceConfig) {
     move |cfg| {
-        cfg.service(post("/api/increment", counters::increment))
-            .service(post("/api/transfer", counters::transfer))
-            .service(get("/api/counters/{key}", counters::get_counter))
-            .service(post("/api/bulk-insert", data::bulk_insert))
-            .service(get("/api/pool-stats", stats::pool_stats))
-            .service(get("/api/stats", stats::stats))
-            .service(get("/metrics", stats::metrics))
-            .service(get("/health", health::health))
-            .service(get("/health/live", health::live))
-            .service(get("/health/ready", health::ready));
+        cfg.service(only("/api/increment", web::post().to(counters::increment)))
+            .service(only("/api/transfer", web::post().to(counters::transfer)))
+            .service(only("/api/counters/{key}", web::get().to(counters::get_counter)))
+            .service(only("/api/bulk-insert", web::post().to(data::bulk_insert)))
+            .service(only("/api/pool-stats", web::get().to(stats::pool_stats)))
+            .service(only("/api/stats", web::get().to(stats::stats)))
+            .service(only("/metrics", web::get().to(stats::metrics)))
+            .service(only("/health", web::get().to(health::health)))
+            .service(only("/health/live", web::get().to(health::live)))
+            .service(only("/health/ready", web::get().to(health::ready)));
         if lab {
-            cfg.service(post("/api/hold", lab::hold));
-            cfg.service(post("/api/test-isolation", isolation::test_isolation));
+            cfg.service(only("/api/hold", web::post().to(lab::hold)));
+            cfg.service(only("/api/test-isolation", web::post().to(isolation::test_isolation)));
         }
     }
 }
 
-fn post<F, Args>(path: &str, handler: F) -> actix_web::Resource
-where
-    F: actix_web::Handler<Args>,
-    Args: actix_web::FromRequest + 'static,
-    F::Output: actix_web::Responder + 'static,
-{
-    web::resource(path).route(web::post().to(handler)).default_service(web::to(method_not_allowed))
-}
-
-fn get<F, Args>(path: &str, handler: F) -> actix_web::Resource
-where
-    F: actix_web::Handler<Args>,
-    Args: actix_web::FromRequest + 'static,
-    F::Output: actix_web::Responder + 'static,
-{
-    web::resource(path).route(web::get().to(handler)).default_service(web::to(method_not_allowed))
+/// `path` served by `route` alone; any other method gets the JSON 405.
+fn only(path: &str, route: actix_web::Route) -> actix_web::Resource {
+    web::resource(path).route(route).default_service(web::to(method_not_allowed))
 }
 
 /// The app's default service: any path no route matches.
