@@ -1,0 +1,169 @@
+//! Faults under load, through nginx on real fleets: a node stopped (SIGTERM) or killed (SIGKILL), PostgreSQL
+//! restarted or frozen, while clients increment counters; and the `fleetctl chaos` command line that does
+//! the same to a running `fleetctl up`. The load is fleetctl's own careful client (`fleetctl::chaos`).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Command, Output};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use fleet_tests::{fleetctl_bin, start_fleet};
+use fleetctl::chaos::{verify, RetryPolicy, Run, Verdict, Workload, WorkloadOptions};
+use serde_json::Value;
+
+/// Longest wait for the load to make progress after a fault: the fleet must recover within it.
+const PROGRESS_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Waits until the load has had `more` increments acknowledged since the call.
+fn wait_for_acks(load: &Workload, more: u64, what: &str) {
+    let target = load.tally().acknowledged + more;
+    let deadline = Instant::now() + PROGRESS_TIMEOUT;
+    while load.tally().acknowledged < target {
+        assert!(
+            Instant::now() < deadline,
+            "no progress {what} within {PROGRESS_TIMEOUT:?}: {:?}",
+            load.tally()
+        );
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Stops the load, checks every counter, and prints what happened (shown with `--nocapture`).
+fn finish(load: Workload, url: &str) -> (Run, Verdict) {
+    let run = load.stop();
+    let verdict = verify(url, &run).expect("read the counters back");
+    eprintln!(
+        "{:.1} s, {:?}; lost {}, duplicated {}, unresolved {}",
+        run.elapsed.as_secs_f64(),
+        run.tally,
+        verdict.lost,
+        verdict.duplicated,
+        verdict.unresolved
+    );
+    (run, verdict)
+}
+
+#[test]
+fn a_node_stopped_with_sigterm_under_load_fails_no_request_through_nginx() {
+    // The drain outlasts nginx's keep-alive toward the nodes (4 s), so no idle connection to the node is
+    // left in nginx's cache when its listener closes.
+    let mut fleet = start_fleet(3, 5, &[("SHUTDOWN_DRAIN_MS", "5000")]);
+    let mut options = WorkloadOptions::careful(&fleet.url(), "sigterm", 10, 8);
+    options.policy = RetryPolicy::no_retries();
+    let load = Workload::start(options).unwrap();
+    wait_for_acks(&load, 300, "before the stop");
+
+    fleet.stop_node(2).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while fleet.node(2).child().is_running() {
+        assert!(Instant::now() < deadline, "app-2 did not exit within 30 s of SIGTERM");
+        thread::sleep(Duration::from_millis(20));
+    }
+    wait_for_acks(&load, 300, "after app-2 exited");
+    let (run, verdict) = finish(load, &fleet.url());
+
+    assert!(run.tally.failures.is_empty(), "requests failed while app-2 stopped: {:?}", run.tally);
+    assert!(verdict.exactly_once() && verdict.unresolved == 0, "{verdict:?}");
+    let status = fleet.node(2).child().terminate(Duration::ZERO).unwrap();
+    assert_eq!(status.code(), Some(0), "app-2 drained and exited cleanly");
+    fleet.stop().unwrap();
+}
+
+#[test]
+fn a_killed_node_a_restarted_and_a_paused_database_lose_and_double_no_acknowledged_increment() {
+    let mut fleet = start_fleet(3, 5, &[]);
+    let load = Workload::start(WorkloadOptions::careful(&fleet.url(), "faults", 20, 16)).unwrap();
+    wait_for_acks(&load, 300, "before any fault");
+
+    fleet.kill_node(3).unwrap();
+    wait_for_acks(&load, 300, "after app-3 was killed");
+    fleet.restart_db().unwrap();
+    wait_for_acks(&load, 300, "after PostgreSQL restarted");
+    fleet.pause_db(Duration::from_secs(2)).unwrap();
+    wait_for_acks(&load, 300, "after PostgreSQL was paused for 2 s");
+    let (run, verdict) = finish(load, &fleet.url());
+
+    assert_eq!((verdict.lost, verdict.duplicated), (0, 0), "{verdict:?}");
+    assert_eq!(
+        (verdict.unresolved, verdict.rejected),
+        (0, 0),
+        "every increment was acknowledged: {verdict:?}"
+    );
+    assert!(run.tally.retries > 0, "the faults were felt and retried through: {:?}", run.tally);
+    assert_eq!(fleet.exited_components(), ["app-3"], "only the killed node is down");
+    fleet.stop().unwrap();
+}
+
+/// Runs `fleetctl` with `args` and `--dir dir`.
+fn fleetctl(dir: &Path, args: &[&str]) -> Output {
+    Command::new(fleetctl_bin()).args(args).arg("--dir").arg(dir).output().unwrap()
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn fleetctl_chaos_breaks_a_running_fleet_through_its_control_socket_and_chaos_run_reports_exactly_once() {
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path();
+    let mut up = Command::new(fleetctl_bin());
+    up.args(["up", "--nodes", "3", "--port", "0", "--no-prometheus", "--dir"])
+        .arg(dir)
+        .env("FLEET_APP_BIN", fleet_tests::node_bin());
+    let mut up = fleet_local::Child::spawn("fleetctl", up, !fleet_tests::test_log()).unwrap();
+    up.wait_for_line("fleet ready: http://127.0.0.1:", Duration::from_secs(90)).unwrap();
+    let socket = dir.join("control.sock");
+    assert!(up.wait_for_line("control: ", Duration::ZERO).unwrap().contains("control.sock"));
+
+    let killed = fleetctl(dir, &["chaos", "kill-node", "2"]);
+    assert!(killed.status.success(), "{}", stderr(&killed));
+    assert!(stdout(&killed).contains("killed app-2"), "{}", stdout(&killed));
+    up.wait_for_line("app-2 has exited", Duration::from_secs(10)).unwrap();
+
+    // Bad commands: clear errors, and nothing happens.
+    let again = fleetctl(dir, &["chaos", "kill-node", "2"]);
+    assert!(!again.status.success());
+    assert!(stderr(&again).contains("app-2 is not running"), "{}", stderr(&again));
+    let missing = fleetctl(dir, &["chaos", "stop-node", "9"]);
+    assert!(!missing.status.success());
+    assert!(stderr(&missing).contains("there is no node app-9"), "{}", stderr(&missing));
+    let negative = fleetctl(dir, &["chaos", "pause-db", "-3"]);
+    assert_eq!(negative.status.code(), Some(2), "a usage error");
+    let mut raw = UnixStream::connect(&socket).unwrap();
+    raw.write_all(b"explode now\n").unwrap();
+    let mut answer = String::new();
+    BufReader::new(raw).read_line(&mut answer).unwrap();
+    assert!(answer.starts_with("error unknown command \"explode now\""), "{answer}");
+    let elsewhere = tempfile::tempdir().unwrap();
+    let nowhere = fleetctl(elsewhere.path(), &["chaos", "restart-db"]);
+    assert!(!nowhere.status.success());
+    assert!(stderr(&nowhere).contains("no fleet is listening"), "{}", stderr(&nowhere));
+
+    let chaos = fleetctl(dir, &["chaos", "run", "--duration", "8s", "--concurrency", "8", "--json"]);
+    assert!(chaos.status.success(), "{}", stderr(&chaos));
+    let report: Value = serde_json::from_str(&stdout(&chaos)).expect("a JSON report");
+    let verdict = &report["verdict"];
+    assert_eq!((&verdict["lost"], &verdict["duplicated"]), (&0.into(), &0.into()), "{report:#}");
+    assert_eq!(verdict["unresolved"], 0, "{report:#}");
+    assert!(report["tally"]["acknowledged"].as_u64().unwrap() > 0, "{report:#}");
+    let faults: Vec<&str> =
+        report["faults"].as_array().unwrap().iter().map(|f| f["command"].as_str().unwrap()).collect();
+    assert_eq!(
+        faults,
+        ["kill-node 3", "restart-db", "pause-db 0.8"],
+        "app-1 is spared, app-2 was dead already"
+    );
+    assert!(report["faults"].as_array().unwrap().iter().all(|f| f["ok"] == true), "{report:#}");
+
+    let down = fleetctl(dir, &["down"]);
+    assert!(down.status.success(), "{}", stderr(&down));
+    assert!(!up.is_running());
+    assert!(!socket.exists(), "the control socket is removed on stop");
+}
