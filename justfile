@@ -5,6 +5,13 @@ up *ARGS:
     cargo build --release -q -p fleet-app
     cargo run --release -q -p fleetctl -- up {{ARGS}}
 
+# Benchmark the standard set into bench/latest/ (about 6 minutes on 2 cores): every workload at
+# 4 nodes × pool 5 beside pgbench and COPY, pool and node sweeps, nodes with one transaction per
+# increment as a baseline. ARGS go to `fleetctl bench` (see `--help`), e.g. `just bench --duration 5`.
+bench *ARGS:
+    cargo build --release -q -p fleet-app -p fleetctl
+    target/release/fleetctl bench --baseline-env INCREMENT_MODE=transaction {{ARGS}}
+
 # The whole test suite: unit tests and the integration suite against real processes.
 test *ARGS:
     cargo test --workspace {{ARGS}}

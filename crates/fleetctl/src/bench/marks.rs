@@ -1,5 +1,5 @@
 //! The marks inside a chart's axes: polylines with point markers and value labels (dashed for a
-//! reference line, whose label sits on the side away from the data), and labelled bars.
+//! reference line, labelled at its right end clear of the data), and labelled bars.
 
 use std::fmt::Write as _;
 
@@ -23,7 +23,7 @@ pub fn lines(svg: &mut String, plot: &Area, series: &[Series], x_ticks: &[f64], 
     let x_max = x_ticks.iter().copied().fold(0.0, f64::max).max(1.0) * 1.08;
     // 16 px between the y axis and x = 0, so the labels of points at small x clear the axis.
     let x = |v: f64| plot.x0 + 16.0 + v / x_max * (plot.x1 - plot.x0 - 16.0);
-    // The values at the right end of the solid series: an end label goes on the side away from them.
+    // The values at the right end of the solid series, which a dashed line's end label must clear.
     let right_ends: Vec<f64> =
         series.iter().filter(|s| !s.dashed).filter_map(|s| s.points.last().map(|p| p.1)).collect();
     for &t in x_ticks {
@@ -62,8 +62,11 @@ pub fn lines(svg: &mut String, plot: &Area, series: &[Series], x_ticks: &[f64], 
             }
         }
         if let (Some(label), Some(&(px, py))) = (&s.end_label, s.points.last()) {
-            let nearest = right_ends.iter().copied().min_by(|a, b| (a - py).abs().total_cmp(&(b - py).abs()));
-            let y = plot.y(py, y_max) + if nearest.is_some_and(|v| v > py) { 13.0 } else { -5.0 };
+            // Above the line, unless a solid series ends just above it there and there is room below.
+            let line_y = plot.y(py, y_max);
+            let crowded =
+                right_ends.iter().any(|&v| (line_y - 24.0..=line_y + 2.0).contains(&plot.y(v, y_max)));
+            let y = if crowded && line_y + 16.0 < plot.y0 { line_y + 13.0 } else { line_y - 5.0 };
             let _ = writeln!(
                 svg,
                 "<text x=\"{:.1}\" y=\"{y:.1}\" text-anchor=\"end\" font-size=\"10\" fill=\"{}\">{}</text>",

@@ -81,6 +81,9 @@ pub struct BenchArgs {
     /// Where results.json, results.md and the plots go.
     #[arg(long, default_value = "bench/latest")]
     out: PathBuf,
+    /// Run nothing: write results.md and the plots again from the results.json in --out.
+    #[arg(long)]
+    render_only: bool,
 }
 
 impl BenchArgs {
@@ -100,5 +103,8 @@ impl BenchArgs {
 /// Runs the benchmark and writes its results.
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     args.check()?;
-    run::run(&args)
+    match args.render_only {
+        true => run::render_again(&args.out),
+        false => run::run(&args),
+    }
 }

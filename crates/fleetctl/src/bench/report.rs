@@ -72,6 +72,17 @@ pub fn markdown(r: &Results, plots: &[(&str, &str)]) -> String {
         let target = format!("{} {}", if g.comparison == ">=" { "≥" } else { "≤" }, figure(g.target));
         let _ = writeln!(md, "| {} | {measured} | {target} | {} | {} |", g.goal, met_text(g), g.basis);
     }
+    let elsewhere: Vec<&Point> = r.points.iter().filter(|p| p.role != Role::Main).collect();
+    if let Some(worst) = elsewhere.iter().max_by_key(|p| p.node_rss_max()) {
+        let failures: u64 = elsewhere.iter().map(|p| p.failures()).sum();
+        let _ = writeln!(
+            md,
+            "\nAway from the main shape: {failures} non-2xx in all; the largest node RSS was {:.1} MB ({} on {}).",
+            worst.node_rss_max() as f64 / 1048576.0,
+            worst.workload,
+            worst.shape
+        );
+    }
     sweep(&mut md, r, "Pool-size sweep", |p| p.shape.nodes == s.main.nodes);
     sweep(&mut md, r, "Node-count sweep", |p| p.shape.pool_size == s.main.pool_size);
     if !plots.is_empty() {

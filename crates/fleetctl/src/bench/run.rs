@@ -64,7 +64,12 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
         opts.prometheus = false;
         opts.quiet = true;
         opts.durable = true;
-        opts.node_env = args.env.iter().chain(&step.env).cloned().collect();
+        // The fleet stops nginx before its nodes, so nodes have no balancer to drain for: no drain delay.
+        let no_drain = ("SHUTDOWN_DRAIN_MS".to_owned(), "0".to_owned());
+        opts.node_env = std::iter::once(no_drain)
+            .chain(args.env.iter().cloned())
+            .chain(step.env.iter().cloned())
+            .collect();
         let fleet = Fleet::start(opts).context("cannot start the fleet")?;
         let result = run_step(args, step, &fleet, &stop, &mut progress, &mut out);
         let stopped = fleet.stop();
@@ -265,6 +270,19 @@ fn summary(p: &Point) -> String {
         p.node_rss_max() as f64 / 1048576.0,
         p.driver_cpu_cores
     )
+}
+
+/// Judges the goals and writes results.json, results.md and the plots again from `dir/results.json`
+/// (after a change to the report).
+pub fn render_again(dir: &Path) -> anyhow::Result<()> {
+    let path = dir.join("results.json");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut results: Results =
+        serde_json::from_str(&text).with_context(|| format!("{} is not a bench result", path.display()))?;
+    results.goals = results::goals(&results.points, &results.ceilings);
+    write(dir, &results)?;
+    println!("results: {}", dir.join("results.md").display());
+    Ok(())
 }
 
 fn write(dir: &Path, results: &Results) -> anyhow::Result<()> {
