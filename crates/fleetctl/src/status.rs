@@ -78,7 +78,7 @@ pub fn status(dir: &Path, as_json: bool) -> anyhow::Result<()> {
             "{:<8} {:<24} {:>7}  {:<10} {:>5} {:>5} {:>5} {:>7}",
             node["name"].as_str().unwrap_or("?"),
             node["url"].as_str().unwrap_or("?"),
-            node["pid"],
+            show(node["pid"].as_u64()),
             node["health"]["status"].as_str().unwrap_or("unknown"),
             show(max),
             show(idle),
