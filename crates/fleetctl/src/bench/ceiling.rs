@@ -8,7 +8,15 @@ use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 use super::db::{checked, Db};
+use super::plan::Ceiling;
+use super::progress::Progress;
+use super::report::{ms, thousands};
 use super::requests::{key, row, HOT_KEY, KEY_COUNT, KEY_STEM};
+use super::results::Ceilings;
+use super::BenchArgs;
+
+/// Rows per psql `\copy` of the COPY ceiling.
+const COPY_ROWS: usize = 100_000;
 
 /// One pgbench run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -33,6 +41,57 @@ pub struct Copy {
     pub rows_per_s: f64,
     /// `data` grew by this many rows (must equal `rows`).
     pub table_delta: i64,
+}
+
+/// Measures one ceiling, with progress, into `ceilings`.
+pub fn measure(
+    args: &BenchArgs,
+    which: Ceiling,
+    db: &Db,
+    progress: &mut Progress,
+    ceilings: &mut Ceilings,
+) -> anyhow::Result<()> {
+    let clients = args.pgbench_clients;
+    let what = match which {
+        Ceiling::Hot => {
+            format!("ceiling: pgbench, one transaction per increment on {HOT_KEY}, {clients} clients")
+        }
+        Ceiling::Keys => {
+            format!("ceiling: pgbench, one transaction per increment on 1000 keys, {clients} clients")
+        }
+        Ceiling::Copy => format!("ceiling: psql \\copy of {COPY_ROWS} rows at a time"),
+    };
+    progress.begin(&format!("{what}, {} s", args.duration));
+    let summary = match which {
+        Ceiling::Hot | Ceiling::Keys => {
+            let result = pgbench(db, which == Ceiling::Hot, clients, args.duration)?;
+            let summary = format!(
+                "{} tps, {} transactions, {} failed, latency avg {}",
+                thousands(result.tps),
+                result.transactions,
+                result.failed,
+                result.latency_avg_ms.map_or("?".into(), ms)
+            );
+            match which {
+                Ceiling::Hot => ceilings.hot = Some(result),
+                _ => ceilings.keys = Some(result),
+            }
+            summary
+        }
+        Ceiling::Copy => {
+            let result = copy(db, COPY_ROWS, args.duration)?;
+            let summary = format!(
+                "{} rows/s ({} rows in {:.1} s)",
+                thousands(result.rows_per_s),
+                result.rows,
+                result.seconds
+            );
+            ceilings.copy = Some(result);
+            summary
+        }
+    };
+    progress.end(true, &summary);
+    Ok(())
 }
 
 /// The increment transaction a node runs, on counter `key_expr` (SQL), as a pgbench script.

@@ -16,13 +16,10 @@ use super::load::{self, Load};
 use super::plan::{self, Ceiling, Step, Workload};
 use super::progress::{mm_ss, Progress};
 use super::report::{self, ms, thousands};
-use super::requests::{key, Requests, HOT_KEY, KEY_COUNT};
+use super::requests::{key, Requests, KEY_COUNT};
 use super::results::{self, Ceilings, Check, Latency, Machine, Point, Results, Settings};
 use super::rss::Sampler;
 use super::BenchArgs;
-
-/// Rows per psql `\copy` of the COPY ceiling.
-const COPY_ROWS: usize = 100_000;
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let ceilings = args.ceilings.clone().unwrap_or_else(|| plan::default_ceilings(&args.workloads));
@@ -197,62 +194,12 @@ fn run_step(
         out.points.push(point);
         if let Some(c) = plan::Ceiling::of(workload).filter(|c| pending.contains(c)) {
             pending.retain(|&p| p != c);
-            measure_ceiling(args, c, &db, progress, &mut out.ceilings)?;
+            ceiling::measure(args, c, &db, progress, &mut out.ceilings)?;
         }
     }
     for c in pending {
-        measure_ceiling(args, c, &db, progress, &mut out.ceilings)?;
+        ceiling::measure(args, c, &db, progress, &mut out.ceilings)?;
     }
-    Ok(())
-}
-
-fn measure_ceiling(
-    args: &BenchArgs,
-    which: Ceiling,
-    db: &Db,
-    progress: &mut Progress,
-    ceilings: &mut Ceilings,
-) -> anyhow::Result<()> {
-    let clients = args.pgbench_clients;
-    let what = match which {
-        Ceiling::Hot => {
-            format!("ceiling: pgbench, one transaction per increment on {HOT_KEY}, {clients} clients")
-        }
-        Ceiling::Keys => {
-            format!("ceiling: pgbench, one transaction per increment on 1000 keys, {clients} clients")
-        }
-        Ceiling::Copy => format!("ceiling: psql \\copy of {COPY_ROWS} rows at a time"),
-    };
-    progress.begin(&format!("{what}, {} s", args.duration));
-    let summary = match which {
-        Ceiling::Hot | Ceiling::Keys => {
-            let result = ceiling::pgbench(db, which == Ceiling::Hot, clients, args.duration)?;
-            let summary = format!(
-                "{} tps, {} transactions, {} failed, latency avg {}",
-                thousands(result.tps),
-                result.transactions,
-                result.failed,
-                result.latency_avg_ms.map_or("?".into(), ms)
-            );
-            match which {
-                Ceiling::Hot => ceilings.hot = Some(result),
-                _ => ceilings.keys = Some(result),
-            }
-            summary
-        }
-        Ceiling::Copy => {
-            let result = ceiling::copy(db, COPY_ROWS, args.duration)?;
-            let summary = format!(
-                "{} rows/s ({} rows in {:.1} s)",
-                thousands(result.rows_per_s),
-                result.rows,
-                result.seconds
-            );
-            ceilings.copy = Some(result);
-            summary
-        }
-    };
-    progress.end(true, &summary);
     Ok(())
 }
 
