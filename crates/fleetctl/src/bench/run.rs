@@ -37,7 +37,10 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     let node_bin = crate::up::node_bin()?;
     std::fs::create_dir_all(&args.out).with_context(|| format!("cannot create {}", args.out.display()))?;
     let stop = Arc::new(AtomicBool::new(false));
+    // The first Ctrl-C stops the load and then the fleet cleanly; a second one exits at once (the
+    // fleet's processes die with us).
     for signal in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register_conditional_shutdown(signal, 130, Arc::clone(&stop))?;
         signal_hook::flag::register(signal, Arc::clone(&stop))?;
     }
 
