@@ -71,6 +71,30 @@ fn a_node_stopped_with_sigterm_under_load_fails_no_request_through_nginx() {
     fleet.stop().unwrap();
 }
 
+/// Asks PostgreSQL at `port` whether it speaks SSL (an 8-byte SSLRequest): any running server answers one
+/// byte at once. Returns whether it answered within `wait`.
+fn postgres_answers(port: u16, wait: Duration) -> bool {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream.set_read_timeout(Some(wait)).unwrap();
+    stream.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f]).unwrap();
+    let mut answer = [0u8; 1];
+    std::io::Read::read(&mut stream, &mut answer).is_ok_and(|n| n == 1)
+}
+
+#[test]
+fn a_paused_database_answers_nothing_until_it_is_resumed() {
+    let mut pg = fleet_tests::start_postgres();
+    assert!(postgres_answers(pg.port(), Duration::from_secs(10)));
+    pg.pause().unwrap();
+    assert!(pg.is_paused() && pg.pause().is_err(), "a second pause is refused");
+    assert!(!postgres_answers(pg.port(), Duration::from_millis(500)), "a frozen server answers nothing");
+    pg.resume().unwrap();
+    assert!(postgres_answers(pg.port(), Duration::from_secs(10)), "it answers again once resumed");
+    assert_eq!(pg.psql("SELECT 1").unwrap(), "1");
+    pg.pause().unwrap();
+    pg.stop().expect("a paused server is resumed to stop it");
+}
+
 #[test]
 fn a_killed_node_a_restarted_and_a_paused_database_lose_and_double_no_acknowledged_increment() {
     let mut fleet = start_fleet(3, 5, &[]);

@@ -99,16 +99,18 @@ impl Target {
             request = request.header("Idempotency-Key", key.clone());
         }
         self.runtime.block_on(async {
-            let response = request.send().await.map_err(|e| fail(format!("no answer: {e} for {case:?}")))?;
+            let response = request
+                .send()
+                .await
+                .map_err(|e| TestCaseError::fail(format!("no answer: {e} for {case:?}")))?;
             let status = response.status();
-            response.bytes().await.map_err(|e| fail(format!("broken answer: {e} for {case:?}")))?;
+            response
+                .bytes()
+                .await
+                .map_err(|e| TestCaseError::fail(format!("broken answer: {e} for {case:?}")))?;
             Ok(status)
         })
     }
-}
-
-fn fail(message: String) -> TestCaseError {
-    TestCaseError::fail(message)
 }
 
 /// Strings with what breaks naive code: NUL and other controls, quotes, backslashes, multi-byte and

@@ -1,5 +1,7 @@
 //! A whole local fleet: a private PostgreSQL, N `fleet-app` nodes, nginx in front and Prometheus
 //! scraping every node directly, all on loopback, all stopped in order by [`Fleet::stop`] or on drop.
+//! Its fault methods break it on purpose, as a crash or an operator would: [`Fleet::kill_node`],
+//! [`Fleet::stop_node`], [`Fleet::restart_db`], [`Fleet::pause_db`].
 
 use std::fs;
 use std::path::{Path, PathBuf};
