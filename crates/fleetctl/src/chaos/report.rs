@@ -81,3 +81,52 @@ pub fn failures(tally: &Tally) -> String {
     }
     tally.failures.iter().map(|(kind, n)| format!("{kind}: {n}")).collect::<Vec<_>>().join(", ")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::chaos::client::Failure;
+
+    #[test]
+    fn the_text_report_lists_failures_faults_and_the_verdict() {
+        let mut tally =
+            Tally { requests: 120, retries: 20, acknowledged: 100, replayed: 3, ..Tally::default() };
+        tally.failures.insert(Failure::Status(502), 4);
+        tally.failures.insert(Failure::Timeout, 1);
+        let report = Report {
+            url: "http://127.0.0.1:8080".to_owned(),
+            duration_s: 8.04,
+            concurrency: 16,
+            keys: 20,
+            tally,
+            faults: vec![
+                FaultRecord {
+                    at_s: 1.2,
+                    command: "kill-node 3".into(),
+                    ok: true,
+                    result: "killed app-3".into(),
+                },
+                FaultRecord { at_s: 2.8, command: "restart-db".into(), ok: false, result: "refused".into() },
+            ],
+            verdict: Verdict {
+                acknowledged: 100,
+                unresolved: 0,
+                rejected: 0,
+                lost: 0,
+                duplicated: 0,
+                keys: vec![],
+            },
+        };
+        let text = report.text();
+        for line in [
+            "chaos run against http://127.0.0.1:8080: 8.0 s, 16 clients, 20 counters",
+            "acknowledged   100 (3 as replays)",
+            "failures       http 502: 4, timeout: 1",
+            "1.2 s  kill-node 3    killed app-3",
+            "2.8 s  restart-db     FAILED: refused",
+            "\nlost: 0\nduplicated: 0\n",
+        ] {
+            assert!(text.contains(line), "{line:?} in:\n{text}");
+        }
+    }
+}
