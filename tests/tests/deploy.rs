@@ -91,7 +91,7 @@ fn nginx_accepts_the_compose_config() {
 #[test]
 fn nginx_accepts_the_local_config() {
     let dir = tempfile::tempdir().unwrap();
-    let conf = nginx::local_config(dir.path(), "127.0.0.1:8080", &loopback_nodes(4));
+    let conf = nginx::local_config(dir.path(), "127.0.0.1:8080", &loopback_nodes(4), &["app-2".to_owned()]);
     fs::write(dir.path().join("nginx.conf"), conf).unwrap();
     nginx_t(dir.path());
 }
@@ -414,7 +414,7 @@ async fn local_nginx_balances_pins_passes_escapes_and_skips_a_stopped_node() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port().unwrap();
     let conf = dir.path().join("nginx.conf");
-    fs::write(&conf, nginx::local_config(dir.path(), &format!("127.0.0.1:{port}"), &upstreams)).unwrap();
+    fs::write(&conf, nginx::local_config(dir.path(), &format!("127.0.0.1:{port}"), &upstreams, &[])).unwrap();
     let mut cmd = Command::new(nginx_bin().unwrap());
     cmd.arg("-c").arg(&conf).arg("-p").arg(dir.path());
     let mut nginx = Child::spawn("nginx", cmd, !test_log()).expect("start nginx");

@@ -15,7 +15,8 @@ use tempfile::TempDir;
 
 use crate::nginx::{self, Upstream};
 use crate::{
-    free_port, nginx_bin, prometheus, prometheus_bin, Child, Node, NodeOptions, Postgres, PostgresOptions,
+    free_port, nginx_bin, proctree, prometheus, prometheus_bin, Child, Node, NodeOptions, Postgres,
+    PostgresOptions,
 };
 
 /// Connections kept free for admins, migrations and the isolation lab's dedicated connections.
@@ -24,6 +25,11 @@ pub const ADMIN_HEADROOM: u32 = 10;
 pub const MAX_CONNECTIONS: u32 = 100;
 /// How long the fleet may take to answer through nginx once every node is ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// Each node's `SHUTDOWN_DRAIN_MS` unless the options say otherwise: above nginx's keep-alive timeout
+/// toward the nodes (4 s), so a SIGTERM'd node has left nginx's connection cache before its listener closes.
+const NODE_DRAIN_MS: &str = "5000";
+/// How long nginx may take to start new workers after a reload.
+const RELOAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a node gets to drain on SIGTERM before it is killed.
 const NODE_GRACE: Duration = Duration::from_secs(35);
 
@@ -88,6 +94,9 @@ pub struct Fleet {
     pg: Postgres,
     dir: PathBuf,
     port: u16,
+    upstreams: Vec<Upstream>,
+    /// Nodes taken out of nginx's round robin (before they were stopped).
+    out_of_rotation: Vec<String>,
     _temp_dir: Option<TempDir>,
 }
 
@@ -119,7 +128,10 @@ impl Fleet {
                     database_url: pg.url(),
                     pool_size: opts.pool_size,
                     port: 0,
-                    env: opts.node_env.clone(),
+                    env: [("SHUTDOWN_DRAIN_MS".to_owned(), NODE_DRAIN_MS.to_owned())]
+                        .into_iter()
+                        .chain(opts.node_env.iter().cloned())
+                        .collect(),
                     quiet: opts.quiet,
                 })
             })
@@ -140,7 +152,17 @@ impl Fleet {
             true => Some(start_prometheus(&dir.join("prometheus"), &upstreams, opts.quiet)?),
             false => None,
         };
-        let mut fleet = Fleet { nginx, prometheus, nodes, pg, dir, port, _temp_dir: temp_dir };
+        let mut fleet = Fleet {
+            nginx,
+            prometheus,
+            nodes,
+            pg,
+            dir,
+            port,
+            upstreams,
+            out_of_rotation: Vec::new(),
+            _temp_dir: temp_dir,
+        };
         fleet.wait_through_nginx()?;
         Ok(fleet)
     }
@@ -193,8 +215,9 @@ impl Fleet {
         if let Some((prometheus, _)) = &mut self.prometheus {
             prometheus.terminate(Duration::from_secs(10))?;
         }
+        // nginx is gone, so no drain delay is needed: SIGINT stops a node at once, after in-flight requests.
         for node in &mut self.nodes {
-            let status = node.child().terminate(NODE_GRACE)?;
+            let status = node.child().stop(nix::sys::signal::Signal::SIGINT, NODE_GRACE)?;
             if !status.success() && status.code().is_some() {
                 tracing::warn!(node = node.container_id(), %status, "node exited with an error");
             }
@@ -217,15 +240,41 @@ impl Fleet {
         self.running_node(n)?.child().kill()
     }
 
-    /// Fault injection: SIGTERM to node `n` (counting from 1), as an orchestrator stopping it would send;
-    /// returns at once. The node drains (readiness 503 for `SHUTDOWN_DRAIN_MS`, then it stops accepting
-    /// and finishes what it has) and exits; [`Fleet::exited_components`] reports it then.
+    /// Stops node `n` (counting from 1) the way an orchestrator does: first out of nginx's round robin
+    /// (config rewritten, nginx reloaded, and waited for until its new workers run), then SIGTERM; returns
+    /// at once. The node drains (readiness 503 for `SHUTDOWN_DRAIN_MS`, then it stops accepting and
+    /// finishes what it has) and exits; [`Fleet::exited_components`] reports it then. Without the first
+    /// step, requests that nginx sends on a connection the node accepted just as it closed its listener
+    /// would fail, and nginx never resends a POST.
     pub fn stop_node(&mut self, n: usize) -> anyhow::Result<()> {
+        let name = self.running_node(n)?.container_id().to_owned();
+        self.take_out_of_rotation(&name)?;
         let node = self.running_node(n)?;
         // An unreaped child keeps its PID, so this PID is still the node's even if it exited just now.
         let pid = Pid::from_raw(i32::try_from(node.pid()).context("PID out of range")?);
         signal::kill(pid, Signal::SIGTERM)
             .with_context(|| format!("cannot send SIGTERM to {}", node.container_id()))
+    }
+
+    /// Marks `name` down in nginx's round robin and reloads nginx; returns once the new workers run, so
+    /// no new request is sent to that node (its pinned route `/app-N/` stays).
+    fn take_out_of_rotation(&mut self, name: &str) -> anyhow::Result<()> {
+        self.out_of_rotation.push(name.to_owned());
+        let dir = self.dir.join("nginx");
+        write_nginx_config(&dir, self.port, &self.upstreams, &self.out_of_rotation)?;
+        let master = Pid::from_raw(i32::try_from(self.nginx.pid()).context("PID out of range")?);
+        let old_workers = proctree::descendants(master)?;
+        signal::kill(master, Signal::SIGHUP).context("cannot ask nginx to reload")?;
+        let deadline = Instant::now() + RELOAD_TIMEOUT;
+        while proctree::descendants(master)?.iter().all(|pid| old_workers.contains(pid)) {
+            ensure!(
+                self.nginx.is_running() && Instant::now() < deadline,
+                "nginx did not start new workers after a reload; its last output:\n{}",
+                self.nginx.recent_output()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
     }
 
     /// Fault injection: restarts PostgreSQL (fast shutdown, which ends every session, then a start on the
@@ -262,10 +311,22 @@ impl Fleet {
     }
 }
 
+/// Writes `dir/nginx.conf` for a fleet on `port`; returns its path.
+fn write_nginx_config(
+    dir: &Path,
+    port: u16,
+    upstreams: &[Upstream],
+    out_of_rotation: &[String],
+) -> anyhow::Result<PathBuf> {
+    let conf = dir.join("nginx.conf");
+    let text = nginx::local_config(dir, &format!("127.0.0.1:{port}"), upstreams, out_of_rotation);
+    fs::write(&conf, text).with_context(|| format!("cannot write {}", conf.display()))?;
+    Ok(conf)
+}
+
 fn start_nginx(dir: &Path, port: u16, upstreams: &[Upstream], quiet: bool) -> anyhow::Result<Child> {
     fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let conf = dir.join("nginx.conf");
-    fs::write(&conf, nginx::local_config(dir, &format!("127.0.0.1:{port}"), upstreams))?;
+    let conf = write_nginx_config(dir, port, upstreams, &[])?;
     let mut cmd = Command::new(nginx_bin()?);
     cmd.arg("-c").arg(&conf).arg("-p").arg(dir);
     let mut child = Child::spawn("nginx", cmd, quiet)?;

@@ -7,6 +7,7 @@ pub mod nginx;
 pub mod node;
 pub mod postgres;
 pub mod process;
+mod proctree;
 pub mod prometheus;
 
 pub use bins::{nginx_bin, postgres_bin, prometheus_bin};

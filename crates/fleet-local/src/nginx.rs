@@ -71,6 +71,12 @@ pub fn compose_upstreams() -> Vec<Upstream> {
 /// If a node's name is empty or has characters other than ASCII letters, digits, `-` and `_`
 /// (names come from code, never from users).
 pub fn site_config(listen: &str, nodes: &[Upstream]) -> String {
+    site(listen, nodes, &[])
+}
+
+/// [`site_config`], with the nodes named in `out_of_rotation` marked `down` in the round-robin upstream
+/// (their pinned routes stay): how a local fleet takes a node out before stopping it.
+fn site(listen: &str, nodes: &[Upstream], out_of_rotation: &[String]) -> String {
     for node in nodes {
         assert!(
             !node.name.is_empty() && node.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_".contains(c)),
@@ -85,8 +91,12 @@ pub fn site_config(listen: &str, nodes: &[Upstream]) -> String {
     out.push_str("# skipped for fail_timeout (passive health checks).\n");
     out.push_str("upstream fleet {\n");
     for node in nodes {
-        let _ =
-            writeln!(out, "    server {} max_fails={MAX_FAILS} fail_timeout={FAIL_TIMEOUT};", node.address);
+        let down = if out_of_rotation.contains(&node.name) { " down" } else { "" };
+        let _ = writeln!(
+            out,
+            "    server {} max_fails={MAX_FAILS} fail_timeout={FAIL_TIMEOUT}{down};",
+            node.address
+        );
     }
     let _ = writeln!(out, "    keepalive {KEEPALIVE_FLEET};");
     let _ = writeln!(out, "    keepalive_timeout {UPSTREAM_KEEPALIVE_TIMEOUT};\n}}");
@@ -155,7 +165,7 @@ const SITE_LOCATIONS: &str = r#"
 /// about its compiled-in error log before it reads this file) and for root: then workers run as
 /// `user root`, because the default worker user (`nobody`) cannot enter a private (0700) `dir` to buffer
 /// a large request body in its temp directories.
-pub fn local_config(dir: &Path, listen: &str, nodes: &[Upstream]) -> String {
+pub fn local_config(dir: &Path, listen: &str, nodes: &[Upstream], out_of_rotation: &[String]) -> String {
     let path = |name: &str| quote(&dir.join(name).to_string_lossy());
     let mut out = String::new();
     out.push_str("# A local fleet's nginx. Rendered by fleet_local::nginx::local_config.\n");
@@ -175,7 +185,7 @@ pub fn local_config(dir: &Path, listen: &str, nodes: &[Upstream]) -> String {
         let _ = writeln!(out, "    {temp}_temp_path {};", path(&format!("{temp}_temp")));
     }
     out.push('\n');
-    for line in site_config(listen, nodes).lines() {
+    for line in site(listen, nodes, out_of_rotation).lines() {
         match line {
             "" => out.push('\n'),
             _ => {
@@ -227,7 +237,11 @@ mod tests {
     #[test]
     fn the_local_config_keeps_every_file_inside_its_directory() {
         let dir = Path::new("/tmp/fleet dir/nginx");
-        let conf = local_config(dir, "127.0.0.1:8080", &[local(1)]);
+        let conf = local_config(dir, "127.0.0.1:8080", &[local(1), local(2)], &["app-2".to_owned()]);
+        assert!(
+            conf.contains(&format!("server {} max_fails=2 fail_timeout=5s down;", local(2).address)),
+            "{conf}"
+        );
         for directive in ["pid", "client_body_temp_path", "proxy_temp_path", "fastcgi_temp_path"] {
             let line = conf.lines().find(|l| l.trim_start().starts_with(directive)).unwrap();
             assert!(line.contains("\"/tmp/fleet dir/nginx/"), "{line}");

@@ -20,10 +20,9 @@ use tempfile::TempDir;
 use crate::bins::postgres_bin;
 use crate::process::{die_with_parent, signal_and_wait, wait_timeout};
 
-mod pause;
 mod setup;
 
-use crate::free_port;
+use crate::{free_port, proctree};
 pub use setup::PostgresOptions;
 use setup::{hand_over, settings};
 
@@ -188,7 +187,7 @@ impl Postgres {
     pub fn pause(&mut self) -> anyhow::Result<()> {
         ensure!(self.paused.is_none(), "PostgreSQL is already paused");
         let postmaster = self.postmaster_pid()?;
-        let descendants = pause::stop_tree(postmaster)?;
+        let descendants = proctree::stop_tree(postmaster)?;
         tracing::info!(port = self.port, processes = descendants.len() + 1, "PostgreSQL paused");
         self.paused = Some(descendants);
         Ok(())
@@ -200,7 +199,7 @@ impl Postgres {
         let Some(descendants) = self.paused.take() else {
             return Ok(());
         };
-        pause::continue_tree(self.postmaster_pid()?, &descendants);
+        proctree::continue_tree(self.postmaster_pid()?, &descendants);
         tracing::info!(port = self.port, "PostgreSQL resumed");
         Ok(())
     }

@@ -1,5 +1,5 @@
-//! Freezing a server's whole process tree with SIGSTOP and thawing it with SIGCONT, its members found
-//! through `/proc/<pid>/stat` (state and parent PID).
+//! Process trees read from `/proc/<pid>/stat` (state and parent PID): freezing a server's whole tree with
+//! SIGSTOP and thawing it with SIGCONT, and listing a process's descendants.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -18,7 +18,7 @@ const MAX_SCANS: usize = 5;
 
 /// Stops `root`, waits until it is stopped (so it forks nothing more), then stops every descendant and
 /// waits for each. Returns the descendants, deepest last. On error, whatever was stopped is continued.
-pub(super) fn stop_tree(root: Pid) -> anyhow::Result<Vec<Pid>> {
+pub(crate) fn stop_tree(root: Pid) -> anyhow::Result<Vec<Pid>> {
     kill(root, Signal::SIGSTOP).with_context(|| format!("cannot send SIGSTOP to the postmaster ({root})"))?;
     let mut descendants = Vec::new();
     let stopped = stop_descendants(root, &mut descendants);
@@ -52,7 +52,7 @@ fn stop_descendants(root: Pid, stopped: &mut Vec<Pid>) -> anyhow::Result<()> {
 /// SIGCONT to the descendants first, then to `root`: while `root` is stopped it reaps none of them, so
 /// none of their PIDs can have been reused by another process. Errors are logged: a process that has
 /// gone needs no thawing.
-pub(super) fn continue_tree(root: Pid, descendants: &[Pid]) {
+pub(crate) fn continue_tree(root: Pid, descendants: &[Pid]) {
     for &pid in descendants.iter().chain([&root]) {
         if let Err(error) = kill(pid, Signal::SIGCONT) {
             if error != Errno::ESRCH {
@@ -77,7 +77,7 @@ fn wait_until_stopped(pid: Pid) -> anyhow::Result<()> {
 }
 
 /// Every process whose chain of parents reaches `root`, `root` excluded.
-fn descendants(root: Pid) -> anyhow::Result<Vec<Pid>> {
+pub(crate) fn descendants(root: Pid) -> anyhow::Result<Vec<Pid>> {
     let mut children: BTreeMap<i32, Vec<i32>> = BTreeMap::new();
     for entry in fs::read_dir("/proc").context("cannot list /proc")? {
         let Some(pid) = entry?.file_name().to_str().and_then(|name| name.parse::<i32>().ok()) else {
