@@ -4,6 +4,7 @@
 
 mod bench;
 pub mod chaos;
+mod lab;
 mod state;
 mod status;
 mod up;
@@ -43,6 +44,21 @@ enum Command {
     /// Break a running fleet on purpose (kill or stop a node, restart or pause the database), or run a
     /// load through such faults and check that no acknowledged increment was lost or doubled.
     Chaos(chaos::ChaosArgs),
+    /// Run a lab experiment against a fleet or node.
+    Lab {
+        #[command(subcommand)]
+        experiment: Lab,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum Lab {
+    /// Run the isolation lab at all four levels and print the matrix (levels × phenomena).
+    Isolation {
+        /// The fleet (nginx) or a node.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        url: String,
+    },
 }
 
 /// Runs the command line; errors are printed and turn into a non-zero exit code.
@@ -53,6 +69,7 @@ pub fn main() -> ExitCode {
         Command::Down { dir } => status::down(&dir),
         Command::Bench(args) => bench::run(args),
         Command::Chaos(args) => chaos::run(args),
+        Command::Lab { experiment: Lab::Isolation { url } } => lab::print_isolation(&url),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
