@@ -292,3 +292,27 @@ async fn levels_are_checked_against_the_four_names_and_never_reach_sql() {
     let reply = Api::new(no_lab.url()).post("/api/test-isolation", &json!({})).await;
     assert_eq!(reply.status, StatusCode::NOT_FOUND, "LAB_ENDPOINTS=false removes the lab");
 }
+
+#[test]
+fn fleetctl_lab_isolation_prints_the_matrix_as_observed() {
+    let app = TestApp::spawn(&[]);
+    let out = std::process::Command::new(fleet_tests::fleetctl_bin())
+        .args(["lab", "isolation", "--url", &app.node.url()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8(out.stdout).unwrap();
+    let row =
+        |name: &str| text.lines().find(|l| l.starts_with(name)).unwrap_or_else(|| panic!("{name}: {text}"));
+    assert!(row("phenomenon").contains("SERIALIZABLE"));
+    // Write skew: possible up to REPEATABLE READ, prevented by SERIALIZABLE (PostgreSQL's table).
+    let skew = row("write skew");
+    assert_eq!(skew.matches("possible").count(), 3, "{skew}");
+    assert!(skew.contains("prevented (40001)"), "{skew}");
+
+    let bad = std::process::Command::new(fleet_tests::fleetctl_bin())
+        .args(["lab", "isolation", "--url", "http://127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success(), "no fleet at the URL is an error");
+}
