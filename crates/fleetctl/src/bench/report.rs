@@ -16,7 +16,7 @@ pub fn markdown(r: &Results, plots: &[(&str, &str)]) -> String {
         md,
         "`{}` — {} UTC, {:.0} s in all. Each point: {} s warm-up, then {} s measured with {} HTTP/1.1 \
          keep-alive connections through nginx (closed loop). PostgreSQL {} with fsync {}, on {} CPUs; load \
-         average {} before, {} after. Ceilings on the same PostgreSQL, right after their workload: pgbench \
+         average {} when it started ({} at the end, the run's own processes included). Ceilings on the same PostgreSQL, right after their workload: pgbench \
          ({} clients, `-M prepared`) and psql `\\copy`.\n",
         r.command,
         utc(r.started_unix_s),

@@ -183,10 +183,11 @@ pub fn nice_max(max: f64) -> f64 {
     (max * 1.15 / step).ceil() * step
 }
 
-/// 1, 2, 2.5 or 5 times a power of ten, at least `raw`.
+/// 1, 2 or 5 times a power of ten, at least `raw` (no 2.5: every tick then reads exactly with the
+/// decimals of its step, 2.5k never printed as 2k).
 pub fn nice_step(raw: f64) -> f64 {
     let magnitude = 10f64.powf(raw.max(f64::MIN_POSITIVE).log10().floor());
-    [1.0, 2.0, 2.5, 5.0, 10.0].iter().map(|m| m * magnitude).find(|&s| s >= raw).unwrap_or(10.0 * magnitude)
+    [1.0, 2.0, 5.0, 10.0].iter().map(|m| m * magnitude).find(|&s| s >= raw).unwrap_or(10.0 * magnitude)
 }
 
 /// `v` with a k/M suffix and as many decimals as `precision` (the spacing of the values shown) needs.
@@ -211,7 +212,8 @@ mod tests {
     #[test]
     fn axes_end_on_round_numbers_and_ticks_read_short() {
         assert_eq!(nice_step(0.7), 1.0);
-        assert_eq!(nice_step(2100.0), 2500.0);
+        assert_eq!(nice_step(2100.0), 5000.0);
+        assert_eq!(nice_step(0.3), 0.5);
         assert_eq!(nice_max(6894.0), 8000.0);
         assert_eq!(si(256_000.0, 50_000.0), "256k");
         assert_eq!(si(1500.0, 500.0), "1.5k");
