@@ -203,7 +203,7 @@ mod tests {
 
     const PGBENCH_15: &str = "\
 pgbench (15.18 (Debian 15.18-0+deb12u1))
-transaction type: /tmp/bench-x.sql
+transaction type: bench-x.sql
 scaling factor: 1
 query mode: prepared
 number of clients: 20
