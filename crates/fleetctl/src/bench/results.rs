@@ -183,7 +183,8 @@ pub fn goals(points: &[Point], ceilings: &Ceilings) -> Vec<Goal> {
             SEED_KEYS_RPS * tps / SEED_PGBENCH_KEYS_TPS,
             format!(
                 "the seed's {SEED_KEYS_RPS:.0} req/s beside pgbench's {SEED_PGBENCH_KEYS_TPS:.0} tps (the issue), \
-                 scaled by this run's pgbench"
+                 scaled by this run's pgbench{}",
+                ratio(Workload::Keys, Some(SEED_KEYS_RPS)).map_or(String::new(), |r| format!("; unscaled {r:.2}×"))
             ),
         ),
         None => (SEED_KEYS_RPS, format!("the seed's {SEED_KEYS_RPS:.0} req/s from the issue, unscaled")),
