@@ -43,7 +43,8 @@ fn a_tiny_bench_run_writes_results_whose_counts_match_the_database() {
     assert!(run.status.success(), "fleetctl bench failed:\n{stderr}");
     assert!(stderr.contains("[1/2]") && stderr.contains("left"), "no progress on stderr:\n{stderr}");
 
-    let results: Value = serde_json::from_str(&read(out.path(), "results.json")).expect("results.json is JSON");
+    let results: Value =
+        serde_json::from_str(&read(out.path(), "results.json")).expect("results.json is JSON");
     let points = results["points"].as_array().expect("points");
     assert_eq!(points.len(), 1, "{points:?}");
     let point = &points[0];
@@ -68,7 +69,8 @@ fn a_tiny_bench_run_writes_results_whose_counts_match_the_database() {
     assert!(check["increments_ok"].as_u64().unwrap() > 0, "{check}");
     assert_eq!(check["increments_ok"].as_i64(), check["counter_delta"].as_i64(), "{check}");
 
-    let measured: u64 = point["measured"]["status"].as_object().unwrap().values().map(|n| n.as_u64().unwrap()).sum();
+    let measured: u64 =
+        point["measured"]["status"].as_object().unwrap().values().map(|n| n.as_u64().unwrap()).sum();
     let rate = point["requests_per_s"].as_f64().unwrap();
     assert!((rate * 2.0 - measured as f64).abs() < 0.5, "{rate} req/s over 2 s is not {measured} answers");
     let latency = &point["latency_ms"];
@@ -76,7 +78,10 @@ fn a_tiny_bench_run_writes_results_whose_counts_match_the_database() {
     assert!(0.0 < p50 && p50 <= p99 && p99 <= max, "{latency}");
 
     let pgbench = &results["ceilings"]["keys"];
-    assert!(pgbench["transactions"].as_u64().unwrap() > 0 && pgbench["tps"].as_f64().unwrap() > 0.0, "{pgbench}");
+    assert!(
+        pgbench["transactions"].as_u64().unwrap() > 0 && pgbench["tps"].as_f64().unwrap() > 0.0,
+        "{pgbench}"
+    );
     assert_eq!(pgbench["failed"], 0, "{pgbench}");
     assert_eq!(pgbench["transactions"].as_i64(), pgbench["counter_delta"].as_i64(), "{pgbench}");
 
@@ -89,7 +94,10 @@ fn a_tiny_bench_run_writes_results_whose_counts_match_the_database() {
     assert_eq!(goal("the database holds")["met"], true);
 
     let md = read(out.path(), "results.md");
-    assert!(md.contains("| mixed") && md.contains(&format!("{rejected} (payload_too_large: {rejected})")), "{md}");
+    assert!(
+        md.contains("| mixed") && md.contains(&format!("{rejected} (payload_too_large: {rejected})")),
+        "{md}"
+    );
     let svg = read(out.path(), "latency.svg");
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"), "{svg}");
     assert_eq!(svg.matches("data-bar=").count(), 4, "p50, p90, p99, p99.9: {svg}");
