@@ -177,7 +177,10 @@ pub fn local_config(dir: &Path, listen: &str, nodes: &[Upstream], out_of_rotatio
     out.push_str("worker_processes auto;\n");
     let _ = writeln!(out, "pid {};", path("nginx.pid"));
     out.push_str("error_log stderr warn;\n\n");
-    out.push_str("events {\n    worker_connections 1024;\n}\n\n");
+    // A client connection and its upstream connection both count: room for thousands of concurrent
+    // clients (the load tests open a thousand at once), each worker allowed the descriptors for them.
+    out.push_str("worker_rlimit_nofile 16384;\n");
+    out.push_str("events {\n    worker_connections 8192;\n}\n\n");
     out.push_str("http {\n");
     out.push_str("    access_log off;\n");
     out.push_str("    default_type application/octet-stream;\n");

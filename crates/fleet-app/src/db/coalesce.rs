@@ -1,15 +1,25 @@
 //! Coalesced increments (`INCREMENT_MODE=coalesce`).
 //!
-//! A row lock serialises every transaction on a counter, so one transaction per increment caps a hot key
-//! at the database's transaction rate. Here the increments of one key that arrive while a transaction on
-//! that key is running wait for it to finish, then go together into the next one, which adds n under the
-//! same `SELECT … FOR UPDATE` and hands each waiting request its own value (new − n + 1 … new). The
-//! contract holds: n successful calls return each of their values once, and a failed transaction applies
-//! none of its increments and fails every request in it. At most one transaction per key runs per node;
-//! different keys run side by side, as many as the pool allows.
+//! One transaction per increment caps a node at the database's transaction rate, and a hot key at the
+//! rate one row lock can be passed on. So increments that arrive together share transactions, in two
+//! steps:
+//!
+//! 1. **Free counters, many keys at once.** Every increment queued while the node's previous batch ran
+//!    goes into one transaction that locks the counters it can get at once (`SELECT … FOR UPDATE SKIP
+//!    LOCKED`: it never waits for a lock, so it cannot deadlock or be held up by a busy key) and adds, to
+//!    each, the number of increments queued for it.
+//! 2. **The rest, one key at a time.** A counter that is missing, or locked by another transaction, goes
+//!    to a transaction of its own that creates it if needed and waits for its row lock. Increments of
+//!    that key arriving meanwhile join its next one, so at most one such transaction per key waits on a
+//!    node.
+//!
+//! Each request gets its own value: a transaction that adds n to a counter now at v hands out v − n + 1 …
+//! v. A failed transaction applies none of its increments. When a many-key batch fails, its keys are
+//! retried one key at a time, so a failure (a counter past i64) reaches only the requests of its own key;
+//! only a batch whose COMMIT was lost fails all its requests (08007: it may have committed).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::oneshot;
 
@@ -17,40 +27,41 @@ use super::{Counter, Db, DbError};
 
 type Reply = oneshot::Sender<Result<i64, Arc<DbError>>>;
 
-/// Batches concurrent increments of the same key into one transaction.
+/// Batches concurrent increments into shared transactions.
 #[derive(Debug, Clone)]
 pub struct Coalescer {
     db: Db,
-    /// A key is present while a batch for it runs; its list holds the requests waiting for the next one.
-    waiting: Arc<Mutex<HashMap<String, Vec<Reply>>>>,
+    state: Arc<Mutex<State>>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    /// Requests for the next many-key batch, by key.
+    queued: HashMap<String, Vec<Reply>>,
+    /// Whether a many-key batch is running (then new requests wait in `queued`).
+    batching: bool,
+    /// Keys with a transaction of their own running, and the requests waiting for the next one.
+    contended: HashMap<String, Vec<Reply>>,
 }
 
 impl Coalescer {
     pub fn new(db: Db) -> Self {
-        Coalescer { db, waiting: Arc::default() }
+        Coalescer { db, state: Arc::default() }
     }
 
-    /// Adds 1 to `key`, in the next transaction on `key`; returns this request's own new value.
+    /// Adds 1 to `key` in the node's next shared transaction; returns this request's own new value.
     #[tracing::instrument(skip_all, fields(counter.key = %key))]
     pub async fn increment(&self, key: &str) -> Result<Counter, DbError> {
         let (reply, value) = oneshot::channel();
-        let lead = {
-            let mut waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
-            match waiting.get_mut(key) {
-                Some(queue) => {
-                    queue.push(reply);
-                    false
-                }
-                None => {
-                    waiting.insert(key.to_owned(), vec![reply]);
-                    true
-                }
-            }
+        let start = {
+            let mut state = self.lock();
+            state.queued.entry(key.to_owned()).or_default().push(reply);
+            !std::mem::replace(&mut state.batching, true)
         };
-        if lead {
-            // The batches run in their own task (on this worker's thread), so a client that hangs up
-            // cannot cancel other requests' transaction halfway.
-            actix_web::rt::spawn(self.clone().run_batches(key.to_owned()));
+        if start {
+            // Batches run in their own task (on this worker's thread), so a client that hangs up cannot
+            // cancel other requests' transaction halfway.
+            actix_web::rt::spawn(self.clone().run_batches());
         }
         match value.await {
             Ok(Ok(value)) => Ok(Counter { key: key.to_owned(), value }),
@@ -59,32 +70,119 @@ impl Coalescer {
         }
     }
 
-    /// Runs one transaction after another for `key`, each taking every request queued so far, until none
-    /// is left.
-    async fn run_batches(self, key: String) {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Runs one many-key batch after another, each taking every request queued so far, until none is left.
+    async fn run_batches(self) {
+        let mut guard = Unfinished { coalescer: &self, runner: None, finished: false };
         loop {
             let batch = {
-                let mut waiting = self.waiting.lock().unwrap_or_else(PoisonError::into_inner);
-                let queue = waiting.get_mut(&key).map(std::mem::take).unwrap_or_default();
-                if queue.is_empty() {
-                    waiting.remove(&key);
+                let mut state = self.lock();
+                if state.queued.is_empty() {
+                    state.batching = false;
+                    guard.finished = true;
                     return;
                 }
-                queue
+                std::mem::take(&mut state.queued)
             };
-            let n = batch.len() as i64;
-            match self.db.add_to_counter(&key, n).await {
-                Ok(new_value) => {
-                    for (reply, value) in batch.into_iter().zip(new_value - n + 1..) {
-                        let _ = reply.send(Ok(value));
+            let (keys, counts): (Vec<String>, Vec<i64>) =
+                batch.iter().map(|(key, replies)| (key.clone(), replies.len() as i64)).unzip();
+            match self.db.add_to_free_counters(&keys, &counts).await {
+                Ok(values) => {
+                    for (key, replies) in batch {
+                        match values.get(&key) {
+                            Some(&value) => answer(replies, Ok(value)),
+                            None => self.contend(key, replies),
+                        }
                     }
+                }
+                Err(err) if matches!(err.sqlstate(), Some("08007")) => {
+                    let err = Arc::new(err);
+                    batch.into_values().for_each(|replies| answer(replies, Err(Arc::clone(&err))));
                 }
                 Err(err) => {
-                    let err = Arc::new(err);
-                    for reply in batch {
-                        let _ = reply.send(Err(Arc::clone(&err)));
-                    }
+                    tracing::debug!(error = %err, "many-key batch failed; retrying its keys one by one");
+                    batch.into_iter().for_each(|(key, replies)| self.contend(key, replies));
                 }
+            }
+        }
+    }
+
+    /// Queues `replies` for `key`'s own next transaction, starting its runner if none runs.
+    fn contend(&self, key: String, replies: Vec<Reply>) {
+        let mut state = self.lock();
+        if let Some(waiting) = state.contended.get_mut(&key) {
+            waiting.extend(replies);
+            return;
+        }
+        state.contended.insert(key.clone(), replies);
+        actix_web::rt::spawn(self.clone().run_key(key));
+    }
+
+    /// Runs one transaction after another for `key`, each taking every request queued for it so far.
+    async fn run_key(self, key: String) {
+        let mut guard = Unfinished { coalescer: &self, runner: Some(key.clone()), finished: false };
+        loop {
+            let replies = {
+                let mut state = self.lock();
+                let waiting = state.contended.get_mut(&key).map(std::mem::take).unwrap_or_default();
+                if waiting.is_empty() {
+                    state.contended.remove(&key);
+                    guard.finished = true;
+                    return;
+                }
+                waiting
+            };
+            let result = self.db.add_to_counter(&key, replies.len() as i64).await.map_err(Arc::new);
+            answer(replies, result);
+        }
+    }
+}
+
+/// If a runner's task ends without finishing (it panicked: a bug), clears its mark and drops the requests
+/// waiting for it (they answer 500), so the node keeps serving increments: the next request starts a new
+/// runner.
+struct Unfinished<'a> {
+    coalescer: &'a Coalescer,
+    /// `None`: the many-key runner; `Some(key)`: that key's runner.
+    runner: Option<String>,
+    finished: bool,
+}
+
+impl Drop for Unfinished<'_> {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        let mut state = self.coalescer.lock();
+        match &self.runner {
+            None => {
+                state.batching = false;
+                state.queued.clear();
+            }
+            Some(key) => {
+                state.contended.remove(key);
+            }
+        }
+    }
+}
+
+/// Hands each request its own value: the counter's new value `v` after adding `replies.len()` is shared
+/// out as v − n + 1 … v; or the same error to all.
+fn answer(replies: Vec<Reply>, result: Result<i64, Arc<DbError>>) {
+    match result {
+        Ok(new_value) => {
+            let first = new_value - replies.len() as i64 + 1;
+            // An inclusive range: `first..` would overflow computing the successor of i64::MAX.
+            for (reply, value) in replies.into_iter().zip(first..=new_value) {
+                let _ = reply.send(Ok(value));
+            }
+        }
+        Err(err) => {
+            for reply in replies {
+                let _ = reply.send(Err(Arc::clone(&err)));
             }
         }
     }

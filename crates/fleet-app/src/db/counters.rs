@@ -1,5 +1,7 @@
 //! Counters: increment under a row lock, transfer between two rows, read one.
 
+use std::collections::HashMap;
+
 use deadpool_postgres::GenericClient;
 use serde::Serialize;
 
@@ -79,6 +81,44 @@ impl Db {
             Written::Fresh { value, .. } => Ok(value),
             Written::Replayed(_) => unreachable!("no idempotency key, so nothing to replay"),
         }
+    }
+
+    /// Adds `counts[i]` to counter `keys[i]` for every counter that exists and is not locked by another
+    /// transaction, in one transaction that takes their row locks with `SELECT … FOR UPDATE SKIP LOCKED`
+    /// (so it never waits for a lock and cannot deadlock). Returns the new values of the counters it
+    /// updated; the others are untouched.
+    pub(super) async fn add_to_free_counters(
+        &self,
+        keys: &[String],
+        counts: &[i64],
+    ) -> Result<HashMap<String, i64>, DbError> {
+        let done = self
+            .transact(None, async |tx| {
+                let add = tx
+                    .prepare_cached(
+                        "WITH free AS (SELECT key FROM counters WHERE key = ANY($1) FOR UPDATE SKIP LOCKED) \
+                         UPDATE counters AS c SET value = c.value + d.n, last_modified = now() \
+                         FROM unnest($1::text[], $2::bigint[]) AS d(key, n) JOIN free ON free.key = d.key \
+                         WHERE c.key = d.key RETURNING c.key, c.value",
+                    )
+                    .await?;
+                let rows = tx.query(&add, &[&keys, &counts]).await?;
+                Ok(rows
+                    .iter()
+                    .map(|row| (row.get::<_, String>(0), row.get::<_, i64>(1)))
+                    .collect::<HashMap<_, _>>())
+            })
+            .await?;
+        let Written::Fresh { value: updated, .. } = done.value else {
+            unreachable!("no idempotency key, so nothing to replay")
+        };
+        let added: i64 =
+            keys.iter().zip(counts).filter(|(key, _)| updated.contains_key(*key)).map(|(_, n)| n).sum();
+        if added > 0 {
+            self.metrics.increments.inc_by(added.unsigned_abs());
+            self.metrics.increment_batch_size.observe(added as f64);
+        }
+        Ok(updated)
     }
 
     fn count_increments<T>(&self, written: &Written<T>, n: i64) {
