@@ -10,8 +10,8 @@
 //!    each, the number of increments queued for it.
 //! 2. **The rest, one key at a time.** A counter that is missing, or locked by another transaction, goes
 //!    to a transaction of its own that creates it if needed and waits for its row lock. Increments of
-//!    that key arriving meanwhile join its next one, so at most one such transaction per key waits on a
-//!    node.
+//!    that key arriving meanwhile join its next one (not a batch), so at most one such transaction per
+//!    key waits on a node, and a hot key is passed from node to node with many increments at a time.
 //!
 //! Each request gets its own value: a transaction that adds n to a counter now at v hands out v − n + 1 …
 //! v. A failed transaction applies none of its increments. When a many-key batch fails, its keys are
@@ -55,8 +55,15 @@ impl Coalescer {
         let (reply, value) = oneshot::channel();
         let start = {
             let mut state = self.lock();
-            state.queued.entry(key.to_owned()).or_default().push(reply);
-            !std::mem::replace(&mut state.batching, true)
+            // A key already waiting for its own transaction is busy: join that one rather than a batch
+            // that would only find its row locked.
+            if let Some(waiting) = state.contended.get_mut(key) {
+                waiting.push(reply);
+                false
+            } else {
+                state.queued.entry(key.to_owned()).or_default().push(reply);
+                !std::mem::replace(&mut state.batching, true)
+            }
         };
         if start {
             // Batches run in their own task (on this worker's thread), so a client that hangs up cannot
