@@ -137,3 +137,29 @@ async fn sorted_lock_order_never_deadlocks() {
     assert_eq!(app.sql_i64("SELECT sum(value) FROM counters"), 0);
     assert_eq!(app.api.metric(r#"fleet_db_errors_total{sqlstate="40P01"}"#).await, 0.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn increments_of_many_keys_share_transactions_and_each_value_is_handed_out_once() {
+    let app = TestApp::spawn(&[QUEUE_PATIENTLY]);
+    let keys: Vec<String> = (0..50).map(|i| format!("k{i}")).collect();
+    app.sql("INSERT INTO counters (key, value) SELECT 'k' || i, 100 FROM generate_series(0, 49) AS i");
+    let requests = keys.iter().flat_map(|key| (0..20).map(move |_| key));
+    let replies = join_all(requests.map(|key| app.api.increment(key))).await;
+
+    assert!(
+        replies.iter().all(|r| r.status == StatusCode::OK),
+        "{:?}",
+        replies.iter().find(|r| r.status != StatusCode::OK)
+    );
+    for key in &keys {
+        let values: BTreeSet<i64> = replies
+            .iter()
+            .filter(|r| r.body["key"] == key.as_str())
+            .map(|r| r.body["value"].as_i64().unwrap())
+            .collect();
+        assert_eq!(values, (101..=120).collect::<BTreeSet<_>>(), "values of {key}");
+    }
+    assert_eq!(app.sql_i64("SELECT sum(value) FROM counters"), 50 * 120);
+    let transactions = app.api.metric("fleet_increment_batch_size_count").await;
+    assert!(transactions < 1000.0, "1000 increments took {transactions} transactions");
+}
