@@ -85,20 +85,26 @@ async fn first_touches_of_fresh_keys_never_fail() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_hundred_thousand_rows_go_in_one_atomic_bulk_insert_with_ids_in_input_order() {
+async fn bulk_inserts_small_and_large_store_every_row_with_its_id_in_input_order() {
     let app = TestApp::spawn(&[]);
-    let rows: Vec<String> = (0..100_000).map(|i| format!("row-{i}")).collect();
-    let reply = app.api.bulk_insert(&rows).await;
+    // 4,000 rows take the UNNEST path, 100,000 the binary COPY path.
+    for (batch, size) in [(0, 4_000), (1, 100_000)] {
+        let rows: Vec<String> = (0..size).map(|i| format!("b{batch}-row-{i}")).collect();
+        let reply = app.api.bulk_insert(&rows).await;
 
-    assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
-    assert_eq!(reply.body["count"], 100_000);
-    let ids: Vec<i64> = reply.body["ids"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
-    assert_eq!(ids.len(), 100_000);
-    // Row i of the request must be the row whose id is ids[i].
-    let stored = app.sql("SELECT string_agg(id::text || '=' || content, ',' ORDER BY id) FROM data");
-    let expected: Vec<String> = ids.iter().zip(&rows).map(|(id, row)| format!("{id}={row}")).collect();
-    assert_eq!(stored, expected.join(","));
-    assert_eq!(app.sql_i64("SELECT count(*) FROM data WHERE container_id = 'app-1'"), 100_000);
+        assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
+        assert_eq!(reply.body["count"], size);
+        let ids: Vec<i64> =
+            reply.body["ids"].as_array().unwrap().iter().map(|v| v.as_i64().unwrap()).collect();
+        assert_eq!(ids.len(), size);
+        // Row i of the request must be the row whose id is ids[i].
+        let stored = app.sql(&format!(
+            "SELECT string_agg(id::text || '=' || content, ',' ORDER BY id) FROM data WHERE content LIKE 'b{batch}-%'"
+        ));
+        let expected: Vec<String> = ids.iter().zip(&rows).map(|(id, row)| format!("{id}={row}")).collect();
+        assert_eq!(stored, expected.join(","), "batch of {size}");
+    }
+    assert_eq!(app.sql_i64("SELECT count(*) FROM data WHERE container_id = 'app-1'"), 104_000);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
