@@ -13,7 +13,7 @@
 //! | `BULK_MAX_ROWS` | `100000` | most rows one `/api/bulk-insert` takes (more: 413) |
 //! | `BODY_LIMIT_BYTES` | `33554432` (32 MiB) | largest request body (more: 413) |
 //! | `RETRY_MAX_ATTEMPTS` | `5` | attempts for a transaction that hits a deadlock (40P01) or serialization failure (40001) |
-//! | `INCREMENT_MODE` | `coalesce` | `coalesce`: concurrent increments of one key share one transaction (see `db::Coalescer`); `transaction`: one transaction per request |
+//! | `INCREMENT_MODE` | `coalesce` | `coalesce`: concurrent increments share transactions (see `db::Coalescer`); `transaction`: one transaction per request |
 //! | `RETRY_DEADLINE_MS` | `10000` | no retry starts after a request has spent this long on its transaction |
 //! | `IDEMPOTENCY_TTL_S` | `86400` | how long an idempotency key and its stored response are kept |
 //! | `LOCK_ORDER` | `request` | `request`: `/api/transfer` locks rows in request order (opposite transfers can deadlock); `sorted`: in key order (never deadlocks) |
@@ -79,7 +79,7 @@ pub struct Config {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum IncrementMode {
-    /// Concurrent increments of one key on this node share one `SELECT … FOR UPDATE` transaction.
+    /// Concurrent increments on this node share transactions (see `db::Coalescer`).
     #[default]
     Coalesce,
     /// One transaction per request.
