@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 
-use fleet_tests::TestApp;
+use fleet_tests::{Reply, TestApp};
 use futures_util::future::join_all;
 use reqwest::StatusCode;
 
@@ -11,6 +11,20 @@ use reqwest::StatusCode;
 /// longer than the default 2 s and be shed with 503 `pool_timeout`, which is right but not what these
 /// tests are about (lost updates and creation races), so they let requests queue.
 const QUEUE_PATIENTLY: (&str, &str) = ("POOL_WAIT_TIMEOUT_MS", "30000");
+
+/// Every key's successful replies carry exactly the values of `expected`, each once.
+fn assert_each_key_got(replies: &[Reply], keys: &[String], expected: std::ops::RangeInclusive<i64>) {
+    for key in keys {
+        let values: Vec<i64> = replies
+            .iter()
+            .filter(|r| r.body["key"] == key.as_str())
+            .map(|r| r.body["value"].as_i64().unwrap())
+            .collect();
+        let distinct: BTreeSet<i64> = values.iter().copied().collect();
+        assert_eq!(distinct.len(), values.len(), "{key} handed out a value twice: {values:?}");
+        assert_eq!(distinct, expected.clone().collect::<BTreeSet<_>>(), "values of {key}");
+    }
+}
 
 /// 1000 concurrent increments of one key on a node in `mode`: every value 1..1000 exactly once.
 /// Returns how many transactions committed them (the batch-size histogram's count).
@@ -72,14 +86,7 @@ async fn first_touches_of_fresh_keys_never_fail() {
 
     let failures: Vec<_> = replies.iter().filter(|r| r.status != StatusCode::OK).collect();
     assert!(failures.is_empty(), "{} failed, first: {:?}", failures.len(), failures.first());
-    for key in &keys {
-        let values: BTreeSet<i64> = replies
-            .iter()
-            .filter(|r| r.body["key"] == key.as_str())
-            .map(|r| r.body["value"].as_i64().unwrap())
-            .collect();
-        assert_eq!(values, (1..=50).collect::<BTreeSet<_>>(), "values of {key}");
-    }
+    assert_each_key_got(&replies, &keys, 1..=50);
     assert_eq!(app.sql_i64("SELECT count(*) FROM counters WHERE value = 50"), 20);
     assert_eq!(app.api.metric(r#"fleet_db_errors_total{sqlstate="23505"}"#).await, 0.0);
 }
@@ -157,14 +164,7 @@ async fn increments_of_many_keys_share_transactions_and_each_value_is_handed_out
         "{:?}",
         replies.iter().find(|r| r.status != StatusCode::OK)
     );
-    for key in &keys {
-        let values: BTreeSet<i64> = replies
-            .iter()
-            .filter(|r| r.body["key"] == key.as_str())
-            .map(|r| r.body["value"].as_i64().unwrap())
-            .collect();
-        assert_eq!(values, (101..=120).collect::<BTreeSet<_>>(), "values of {key}");
-    }
+    assert_each_key_got(&replies, &keys, 101..=120);
     assert_eq!(app.sql_i64("SELECT sum(value) FROM counters"), 50 * 120);
     let transactions = app.api.metric("fleet_increment_batch_size_count").await;
     assert!(transactions < 1000.0, "1000 increments took {transactions} transactions");

@@ -137,15 +137,7 @@ async fn drive(load: &Load<'_>) -> anyhow::Result<Outcome> {
     let host = load.addr.to_string();
     let connections = (0..load.connections).map(|i| connection(load, i as u64, window, &host));
     let results = futures_util::future::join_all(connections).await;
-    let mut outcome = Outcome {
-        warmup: Counts::default(),
-        measured: Counts::default(),
-        tail: Counts::default(),
-        latency_us: new_histogram()?,
-        window: load.duration,
-        driver_cpu: Duration::ZERO,
-        wall: Duration::ZERO,
-    };
+    let mut outcome = Outcome::empty(load.duration)?;
     for result in results {
         let one = result?;
         outcome.warmup.merge(&one.warmup);
@@ -164,6 +156,21 @@ fn thread_cpu() -> anyhow::Result<Duration> {
     Ok(Duration::from_micros(micros(usage.user_time()) + micros(usage.system_time())))
 }
 
+impl Outcome {
+    /// Nothing counted yet, for a measuring window of `window`.
+    fn empty(window: Duration) -> anyhow::Result<Self> {
+        Ok(Outcome {
+            warmup: Counts::default(),
+            measured: Counts::default(),
+            tail: Counts::default(),
+            latency_us: new_histogram()?,
+            window,
+            driver_cpu: Duration::ZERO,
+            wall: Duration::ZERO,
+        })
+    }
+}
+
 fn new_histogram() -> anyhow::Result<Histogram<u64>> {
     Histogram::new_with_bounds(1, MAX_LATENCY_US, 3).context("create a latency histogram")
 }
@@ -177,15 +184,7 @@ async fn connection(
     host: &str,
 ) -> anyhow::Result<Outcome> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    let mut out = Outcome {
-        warmup: Counts::default(),
-        measured: Counts::default(),
-        tail: Counts::default(),
-        latency_us: new_histogram()?,
-        window: load.duration,
-        driver_cpu: Duration::ZERO,
-        wall: Duration::ZERO,
-    };
+    let mut out = Outcome::empty(load.duration)?;
     let mut sender: Option<SendRequest<Full<bytes::Bytes>>> = None;
     let phase = |at: Instant| match at {
         at if at < measure_from => Phase::Warmup,
