@@ -26,7 +26,7 @@ pub fn container_id() -> &'static str {
 }
 
 /// Seconds a client should wait before retrying a 503.
-const RETRY_AFTER_S: &str = "1";
+pub const RETRY_AFTER_S: &str = "1";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {

@@ -68,19 +68,18 @@ impl Db {
                 Ok(Counter { key: key.to_owned(), value: increment_in(tx, key, 1).await? })
             })
             .await?;
-        self.count_increments(&done.value, 1);
+        if let Written::Fresh { .. } = done.value {
+            self.record_increments(1);
+        }
         Ok(done)
     }
 
     /// Adds `n` increments to counter `key` in one transaction that holds the row lock; returns the new
     /// value. All or nothing: a failure applies none of them.
     pub(super) async fn add_to_counter(&self, key: &str, n: i64) -> Result<i64, DbError> {
-        let done = self.transact(None, async |tx| increment_in(tx, key, n).await).await?;
-        self.count_increments(&done.value, n);
-        match done.value {
-            Written::Fresh { value, .. } => Ok(value),
-            Written::Replayed(_) => unreachable!("no idempotency key, so nothing to replay"),
-        }
+        let value = self.transact_plain(async |tx| increment_in(tx, key, n).await).await?;
+        self.record_increments(n);
+        Ok(value)
     }
 
     /// Adds `counts[i]` to counter `keys[i]` for every counter that exists and is not locked by another
@@ -92,8 +91,8 @@ impl Db {
         keys: &[String],
         counts: &[i64],
     ) -> Result<HashMap<String, i64>, DbError> {
-        let done = self
-            .transact(None, async |tx| {
+        let updated = self
+            .transact_plain(async |tx| {
                 let add = tx
                     .prepare_cached(
                         "WITH free AS (SELECT key FROM counters WHERE key = ANY($1) FOR UPDATE SKIP LOCKED) \
@@ -109,20 +108,15 @@ impl Db {
                     .collect::<HashMap<_, _>>())
             })
             .await?;
-        let Written::Fresh { value: updated, .. } = done.value else {
-            unreachable!("no idempotency key, so nothing to replay")
-        };
         let added: i64 =
             keys.iter().zip(counts).filter(|(key, _)| updated.contains_key(*key)).map(|(_, n)| n).sum();
-        if added > 0 {
-            self.metrics.increments.inc_by(added.unsigned_abs());
-            self.metrics.increment_batch_size.observe(added as f64);
-        }
+        self.record_increments(added);
         Ok(updated)
     }
 
-    fn count_increments<T>(&self, written: &Written<T>, n: i64) {
-        if let Written::Fresh { .. } = written {
+    /// Counts `n` increments committed by one transaction (none: nothing to count).
+    fn record_increments(&self, n: i64) {
+        if n > 0 {
             self.metrics.increments.inc_by(n.unsigned_abs());
             self.metrics.increment_batch_size.observe(n as f64);
         }

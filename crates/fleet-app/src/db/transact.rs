@@ -31,6 +31,17 @@ impl<T> std::fmt::Debug for Once<'_, T> {
 }
 
 impl Db {
+    /// [`Db::transact`] without an idempotency key: the write's own result.
+    pub(super) async fn transact_plain<T>(
+        &self,
+        write: impl AsyncFn(&Transaction<'_>) -> Result<T, DbError>,
+    ) -> Result<T, DbError> {
+        match self.transact(None, write).await?.value {
+            Written::Fresh { value, .. } => Ok(value),
+            Written::Replayed(_) => unreachable!("no idempotency key, so nothing to replay"),
+        }
+    }
+
     /// Runs `write` in a transaction (see [`Db::retrying`]). With `once`, the transaction first claims the
     /// idempotency key, and stores the rendered response before it commits; a key already completed gives
     /// back its stored response and writes nothing.

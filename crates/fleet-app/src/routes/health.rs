@@ -40,6 +40,6 @@ pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
 
 fn unhealthy(state: &AppState, err: &ApiError) -> HttpResponse {
     HttpResponse::ServiceUnavailable()
-        .insert_header((actix_web::http::header::RETRY_AFTER, "1"))
+        .insert_header((actix_web::http::header::RETRY_AFTER, crate::errors::RETRY_AFTER_S))
         .json(json!({"status": "unhealthy", "error": err.to_string(), "container": state.container_id}))
 }

@@ -98,10 +98,12 @@ pub async fn record_metrics(
     next: Next<impl MessageBody>,
 ) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
     let start = Instant::now();
-    let metrics = req.app_data::<web::Data<AppState>>().map(|state| state.metrics.clone());
+    // One Arc clone, not a copy of every metric handle.
+    let state = req.app_data::<web::Data<AppState>>().cloned();
     let method = bounded_method(req.method());
     let res = next.call(req).await?;
-    if let Some(metrics) = metrics {
+    if let Some(state) = state {
+        let metrics = &state.metrics;
         let route = res.request().match_pattern().unwrap_or_else(|| "unmatched".to_owned());
         let status = res.status();
         metrics.http_requests.with_label_values(&[route.as_str(), method, status.as_str()]).inc();
