@@ -202,6 +202,26 @@ fn millis_since(start: Instant) -> f64 {
     (start.elapsed().as_secs_f64() * 1_000_000.0).round() / 1000.0
 }
 
+/// Reads a JSON number that is a whole number into an integer type: `10`, and also `10.0` or `1e1`, which
+/// JSON Schema counts as integers too. Fractions, and numbers out of `T`'s range or past 2^53 written as
+/// floats (where a float cannot be exact), are refused.
+fn whole_number<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: TryFrom<i64> + TryFrom<u64>,
+{
+    use serde::de::{Deserialize, Error};
+    let number = serde_json::Number::deserialize(deserializer)?;
+    let exact = |f: f64| f.fract() == 0.0 && f.abs() <= 2f64.powi(53);
+    let value = match (number.as_u64(), number.as_i64(), number.as_f64()) {
+        (Some(n), _, _) => T::try_from(n).ok(),
+        (None, Some(n), _) => T::try_from(n).ok(),
+        (None, None, Some(f)) if exact(f) => T::try_from(f as i64).ok(),
+        _ => None,
+    };
+    value.ok_or_else(|| D::Error::custom(format!("expected a whole number in range, got {number}")))
+}
+
 /// Checks a string field: `max_chars` at most (when given), never empty when bounded, and no NUL
 /// (PostgreSQL text cannot hold one).
 fn check_text(field: &str, value: &str, max_chars: Option<usize>) -> Result<(), ApiError> {
@@ -232,5 +252,22 @@ mod tests {
         assert!(check_text("key", "a\0b", Some(255)).is_err());
         assert!(check_text("data[0]", "", None).is_ok());
         assert!(check_text("data[0]", "\0", None).is_err());
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    struct Whole {
+        #[serde(deserialize_with = "whole_number")]
+        n: u16,
+    }
+
+    #[test]
+    fn whole_numbers_are_read_whatever_their_notation() {
+        let n = |json: &str| serde_json::from_str::<Whole>(json).map(|w| w.n).map_err(|e| e.to_string());
+        assert_eq!(n(r#"{"n": 10}"#), Ok(10));
+        assert_eq!(n(r#"{"n": 10.0}"#), Ok(10));
+        assert_eq!(n(r#"{"n": 1e1}"#), Ok(10));
+        for refused in ["1.5", "-1", "65536", "1e300", "\"10\"", "null"] {
+            assert!(n(&format!(r#"{{"n": {refused}}}"#)).is_err(), "{refused}");
+        }
     }
 }
