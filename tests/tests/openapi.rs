@@ -11,10 +11,6 @@ use fleet_app::routes::{routes, OPENAPI};
 use fleet_tests::TestApp;
 use serde_json::{json, Value};
 
-/// Generated cases per operation and phase: enough to reach every status, few enough for seconds.
-const EXAMPLES: &str = "25";
-/// Schemathesis's concurrent workers: at most this many requests in flight, within the node's pool of 5.
-const WORKERS: &str = "4";
 /// A run that takes longer than this has hung; it is killed and the test fails.
 const RUN_DEADLINE: Duration = Duration::from_secs(600);
 /// Every check `schemathesis run --checks` names except `max_response_time`, a speed threshold, which
@@ -176,7 +172,8 @@ impl Tables {
     }
 }
 
-/// Runs Schemathesis against `app`'s `/openapi.json` with `extra` options; fails the test (with its
+/// Runs Schemathesis against `app`'s `/openapi.json` with `extra` options (and the settings of
+/// `tests/schemathesis.toml`, the hooks of `tests/schemathesis_hooks.py`); fails the test (with its
 /// report) unless every check passed. Returns the HTTP archive of every request it sent.
 fn schemathesis(app: &TestApp, dir: &Path, name: &str, extra: &[&str]) -> Value {
     let har = dir.join(format!("{name}.har"));
@@ -186,8 +183,7 @@ fn schemathesis(app: &TestApp, dir: &Path, name: &str, extra: &[&str]) -> Value 
         .arg(repo().join("tests/schemathesis.toml"))
         .arg("run")
         .arg(format!("{}/openapi.json", app.api.url))
-        .args(["--checks", CHECKS, "--max-examples", EXAMPLES, "--workers", WORKERS])
-        .args(["--request-timeout", "30", "--generation-database", "none", "--no-color"])
+        .args(["--checks", CHECKS, "--no-color"])
         .args(["--report", "har", "--report-har-path"])
         .arg(&har)
         .args(extra)
@@ -217,6 +213,8 @@ fn schemathesis(app: &TestApp, dir: &Path, name: &str, extra: &[&str]) -> Value 
         Some(status) => panic!("schemathesis {name} failed ({status}):\n{log}"),
         None => panic!("schemathesis {name} did not end within {RUN_DEADLINE:?}:\n{log}"),
     }
+    let summary = log.find("SUMMARY").map_or(log.as_str(), |at| &log[at..]);
+    eprintln!("{summary}");
     assert!(log.contains("Test cases:"), "schemathesis {name} ran:\n{log}");
     let har = std::fs::read_to_string(&har).expect("the HAR report");
     serde_json::from_str(&har).expect("the HAR report is JSON")
@@ -228,18 +226,18 @@ struct Exchange {
     method: String,
     path: String,
     status: u64,
+    /// The request's `Content-Type`, `""` when none.
+    content_type: String,
     keyed: bool,
     replayed: bool,
     body: Value,
 }
 
 fn read_har(har: &Value) -> Vec<Exchange> {
-    let has = |headers: &Value, name: &str| {
-        headers
-            .as_array()
-            .into_iter()
-            .flatten()
-            .any(|h| h["name"].as_str().is_some_and(|n| n.eq_ignore_ascii_case(name)))
+    let header = |headers: &Value, name: &str| {
+        let mut all = headers.as_array().into_iter().flatten();
+        let found = all.find(|h| h["name"].as_str().is_some_and(|n| n.eq_ignore_ascii_case(name)))?;
+        Some(found["value"].as_str().unwrap_or_default().to_owned())
     };
     let entries = har["log"]["entries"].as_array().expect("HAR entries");
     entries
@@ -253,8 +251,9 @@ fn read_har(har: &Value) -> Vec<Exchange> {
                 method: request["method"].as_str().unwrap_or_default().to_owned(),
                 path: path.split('?').next().unwrap_or_default().to_owned(),
                 status: response["status"].as_u64().unwrap_or_default(),
-                keyed: has(&request["headers"], "Idempotency-Key"),
-                replayed: has(&response["headers"], "Idempotent-Replayed"),
+                content_type: header(&request["headers"], "Content-Type").unwrap_or_default(),
+                keyed: header(&request["headers"], "Idempotency-Key").is_some(),
+                replayed: header(&response["headers"], "Idempotent-Replayed").is_some(),
                 body: response["content"]["text"]
                     .as_str()
                     .and_then(|t| serde_json::from_str(t).ok())
@@ -332,13 +331,30 @@ fn schemathesis_finds_no_fault_and_refused_requests_change_no_data() {
     assert_eq!(actual(&tables), expected_from(&exchanges), "the tables hold exactly what the 2xx writes did");
     assert!(!tables.counters.is_empty() && tables.data_rows > 0, "the run wrote: {tables:?}");
 
-    // Invalid data only: every request is refused and no table changes at all.
-    let har = schemathesis(&app, dir.path(), "negative", &["--mode", "negative"]);
-    let exchanges = read_har(&har);
-    let accepted: Vec<&Exchange> =
-        exchanges.iter().filter(|e| e.method == "POST" && (200..300).contains(&e.status)).collect();
-    eprintln!("{} negative requests, {} POSTs accepted", exchanges.len(), accepted.len());
-    assert!(exchanges.len() > 100, "the negative run sent requests: {}", exchanges.len());
-    assert_eq!(Tables::read(&app), tables, "invalid requests changed the tables");
+    // Invalid data only: every write is refused, and the tables stay as they were. Schemathesis also sends
+    // valid bodies under undocumented media types (`application/xml` …), which the node reads as JSON,
+    // as the document says: those are the only writes it may accept.
+    let negative = ["--mode", "negative", "--include-method", "POST", "--phases", "coverage,fuzzing"];
+    let har = schemathesis(&app, dir.path(), "negative", &negative);
+    let negative = read_har(&har);
+    let documented_type = |e: &Exchange| {
+        let media = e.content_type.split(';').next().unwrap_or_default().trim().to_ascii_lowercase();
+        media == "application/json" || media == "text/plain"
+    };
+    let accepted: Vec<&Exchange> = negative
+        .iter()
+        .filter(|e| e.method == "POST" && (200..300).contains(&e.status) && documented_type(e))
+        .collect();
+    eprintln!("{} requests of invalid data, {} accepted", negative.len(), accepted.len());
+    assert!(negative.len() > 100, "the negative run sent requests: {}", negative.len());
+    // The isolation lab's body is optional, so a request without one is valid even here.
+    let writes: Vec<&&Exchange> = accepted.iter().filter(|e| e.path != "/api/test-isolation").collect();
+    assert!(writes.is_empty(), "invalid writes were accepted: {writes:#?}");
+    let both: Vec<Exchange> = exchanges.into_iter().chain(negative).collect();
+    assert_eq!(
+        actual(&Tables::read(&app)),
+        expected_from(&both),
+        "only the accepted writes changed the tables"
+    );
     assert!(app.node.child().is_running(), "the node survived");
 }
