@@ -321,7 +321,7 @@ fn schemathesis_finds_no_fault_and_refused_requests_change_no_data() {
     let mut statuses = BTreeMap::<u64, u32>::new();
     exchanges.iter().for_each(|e| *statuses.entry(e.status).or_default() += 1);
     eprintln!("{} requests; statuses: {statuses:?}", exchanges.len());
-    for status in [200, 400, 404, 405] {
+    for status in [200, 400, 405] {
         assert!(statuses.contains_key(&status), "Schemathesis reached {status}: {statuses:?}");
     }
     let writes = |path: &str| exchanges.iter().filter(|e| e.path == path && e.status == 200).count();
