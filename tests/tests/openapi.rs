@@ -315,6 +315,9 @@ fn schemathesis_finds_no_fault_and_refused_requests_change_no_data() {
     let version = Command::new(&bin).arg("--version").output().expect("schemathesis --version");
     eprintln!("{}", String::from_utf8_lossy(&version.stdout).trim());
 
+    let served = tokio::runtime::Runtime::new().unwrap().block_on(app.api.get("/openapi.json"));
+    assert_eq!((served.status.as_u16(), &served.body), (200, &document()), "the node serves the document");
+
     // Every phase, valid and invalid data: nothing but what the 2xx writes did is in the tables.
     let har = schemathesis(&app, dir.path(), "all", &[]);
     let exchanges = read_har(&har);
