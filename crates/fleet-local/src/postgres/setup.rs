@@ -67,7 +67,7 @@ pub(super) fn settings(opts: &PostgresOptions, dir: &Path) -> Vec<(String, Strin
 
 /// A free TCP port on 127.0.0.1 (free now: another process may take it before the server binds it).
 /// Gives `dir` to `user` (the server writes there) after checking that `user` can reach it.
-pub(super) fn hand_over(dir: &Path, user: &User) -> anyhow::Result<()> {
+pub(crate) fn hand_over(dir: &Path, user: &User) -> anyhow::Result<()> {
     for ancestor in dir.ancestors().skip(1) {
         let meta =
             fs::metadata(ancestor).with_context(|| format!("cannot inspect {}", ancestor.display()))?;
