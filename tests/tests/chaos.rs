@@ -9,8 +9,8 @@ use std::process::{Command, Output};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use fleet_tests::{fleetctl_bin, start_fleet};
-use fleetctl::chaos::{verify, RetryPolicy, Run, Verdict, Workload, WorkloadOptions};
+use fleet_tests::{fleetctl_bin, start_fleet, TestApp};
+use fleetctl::chaos::{verify, Increment, Outcome, RetryPolicy, Run, Verdict, Workload, WorkloadOptions};
 use serde_json::Value;
 
 /// Longest wait for the load to make progress after a fault: the fleet must recover within it.
@@ -190,4 +190,34 @@ fn fleetctl_chaos_breaks_a_running_fleet_through_its_control_socket_and_chaos_ru
     assert!(down.status.success(), "{}", stderr(&down));
     assert!(!up.is_running());
     assert!(!socket.exists(), "the control socket is removed on stop");
+}
+
+#[test]
+fn the_verdict_catches_an_acknowledged_increment_lost_and_one_applied_unacknowledged() {
+    let app = TestApp::spawn(&[]);
+    let load = Workload::start(WorkloadOptions::careful(&app.api.url, "verdict", 2, 4)).unwrap();
+    wait_for_acks(&load, 100, "on a quiet node");
+    let (mut run, verdict) = finish(load, &app.api.url);
+    verdict.judge().expect("a run without faults is exactly once");
+
+    // The record of a run claims an acknowledgement the database does not hold: lost.
+    let key = run.options.keys[0].clone();
+    let top = app.sql_i64(&format!("SELECT value FROM counters WHERE key = '{key}'"));
+    let forged = Increment {
+        key: key.clone(),
+        outcome: Outcome::Acked { value: top + 1, replayed: false },
+        attempts: 1,
+    };
+    run.increments.push(forged);
+    let lost = verify(&app.api.url, &run).unwrap();
+    assert_eq!((lost.lost, lost.duplicated), (1, 0));
+    let error = lost.judge().unwrap_err().to_string();
+    assert!(error.contains("1 acknowledged increments lost"), "{error}");
+    run.increments.pop();
+
+    // The database holds an increment nobody was told about: applied twice, as far as clients know.
+    app.sql(&format!("UPDATE counters SET value = value + 1 WHERE key = '{key}'"));
+    let doubled = verify(&app.api.url, &run).unwrap();
+    assert_eq!((doubled.lost, doubled.duplicated), (0, 1));
+    assert!(doubled.judge().unwrap_err().to_string().contains("1 duplicated"));
 }
