@@ -120,6 +120,31 @@ fn a_killed_node_a_restarted_and_a_paused_database_lose_and_double_no_acknowledg
     fleet.stop().unwrap();
 }
 
+#[test]
+fn plain_clients_on_the_coalesced_path_through_faults_are_told_the_truth() {
+    // No idempotency key and no retry, as most clients: every increment is coalesced, so this is the
+    // default path under the same faults. Every 200 must be in the database, and the database may hold
+    // nothing beyond the 200s and the answers that said the outcome is unknown (08007, or no answer).
+    let mut fleet = start_fleet(3, 5, &[]);
+    let mut options = WorkloadOptions::careful(&fleet.url(), "plain", 20, 32);
+    options.policy = RetryPolicy::plain();
+    let load = Workload::start(options).unwrap();
+    wait_for_acks(&load, 300, "before any fault");
+
+    fleet.kill_node(3).unwrap();
+    wait_for_acks(&load, 300, "after app-3 was killed");
+    fleet.restart_db().unwrap();
+    wait_for_acks(&load, 300, "after PostgreSQL restarted");
+    fleet.pause_db(Duration::from_secs(2)).unwrap();
+    wait_for_acks(&load, 300, "after PostgreSQL was paused for 2 s");
+    let (run, verdict) = finish(load, &fleet.url());
+
+    assert_eq!((verdict.lost, verdict.duplicated), (0, 0), "{verdict:?}");
+    assert_eq!(run.tally.retries, 0, "a plain client never retries");
+    assert!(run.tally.failed_requests() > 0, "the faults were felt: {:?}", run.tally);
+    fleet.stop().unwrap();
+}
+
 /// Runs `fleetctl` with `args` and `--dir dir`.
 fn fleetctl(dir: &Path, args: &[&str]) -> Output {
     Command::new(fleetctl_bin()).args(args).arg("--dir").arg(dir).output().unwrap()
