@@ -1,11 +1,15 @@
 //! `JsonBody<T>`: the request body parsed as JSON whatever the Content-Type says, within
 //! `BODY_LIMIT_BYTES`, with every failure an `ApiError`.
 
+use std::future::Future;
+use std::marker::PhantomData;
+
 use actix_web::dev::Payload;
+use actix_web::web::Bytes;
 use actix_web::{web, FromRequest, HttpRequest};
 use futures_util::future::LocalBoxFuture;
 use futures_util::StreamExt;
-use serde::de::DeserializeOwned;
+use serde::de::{DeserializeOwned, DeserializeSeed};
 use serde_json::error::Category;
 
 use super::AppState;
@@ -20,34 +24,54 @@ impl<T: DeserializeOwned + 'static> FromRequest for JsonBody<T> {
     type Future = LocalBoxFuture<'static, Result<Self, ApiError>>;
 
     fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
-        let limit = req.app_data::<web::Data<AppState>>().map_or(usize::MAX, |state| state.body_limit_bytes);
-        let declared = req
-            .headers()
-            .get(actix_web::http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
-        let mut payload = payload.take();
-        Box::pin(async move {
-            let too_large =
-                || ApiError::PayloadTooLarge(format!("request body is larger than {limit} bytes"));
-            if declared.is_some_and(|len| len > limit) {
+        let body = read_body(req, payload);
+        Box::pin(async move { parse(&body.await?).map(JsonBody) })
+    }
+}
+
+/// The whole body, within `BODY_LIMIT_BYTES` (413 beyond, before reading it when Content-Length says
+/// so). Its buffer is allocated once, at the declared length.
+pub(super) fn read_body(
+    req: &HttpRequest,
+    payload: &mut Payload,
+) -> impl Future<Output = Result<Bytes, ApiError>> + 'static {
+    let limit = req.app_data::<web::Data<AppState>>().map_or(usize::MAX, |state| state.body_limit_bytes);
+    let declared = req
+        .headers()
+        .get(actix_web::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
+    let mut payload = payload.take();
+    async move {
+        let too_large = || ApiError::PayloadTooLarge(format!("request body is larger than {limit} bytes"));
+        if declared.is_some_and(|len| len > limit) {
+            return Err(too_large());
+        }
+        let mut body = web::BytesMut::with_capacity(declared.unwrap_or(0));
+        while let Some(chunk) = payload.next().await {
+            let chunk =
+                chunk.map_err(|e| ApiError::InvalidRequest(format!("could not read the body: {e}")))?;
+            if body.len() + chunk.len() > limit {
                 return Err(too_large());
             }
-            let mut body = web::BytesMut::new();
-            while let Some(chunk) = payload.next().await {
-                let chunk =
-                    chunk.map_err(|e| ApiError::InvalidRequest(format!("could not read the body: {e}")))?;
-                if body.len() + chunk.len() > limit {
-                    return Err(too_large());
-                }
-                body.extend_from_slice(&chunk);
-            }
-            parse(&body).map(JsonBody)
-        })
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body.freeze())
     }
 }
 
 fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body).map_err(|e| match e.classify() {
+    parse_with(body, PhantomData::<T>)
+}
+
+/// Parses `body` as one JSON value with `seed`: a syntax error is `invalid_json`, a value of the wrong
+/// shape `invalid_request`.
+pub(super) fn parse_with<'de, S: DeserializeSeed<'de>>(
+    body: &'de [u8],
+    seed: S,
+) -> Result<S::Value, ApiError> {
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    let value = seed.deserialize(&mut deserializer).and_then(|value| deserializer.end().map(|()| value));
+    value.map_err(|e| match e.classify() {
         Category::Data => ApiError::InvalidRequest(format!("invalid request body: {e}")),
         Category::Syntax | Category::Eof | Category::Io => ApiError::InvalidJson(e.to_string()),
     })

@@ -8,6 +8,7 @@ mod health;
 mod isolation;
 mod lab;
 mod once;
+mod rows;
 mod stats;
 
 use std::sync::atomic::AtomicBool;
@@ -37,6 +38,7 @@ pub struct AppState {
     pub metrics: Metrics,
     pub container_id: String,
     pub bulk_max_rows: usize,
+    pub bulk_max_row_bytes: usize,
     pub body_limit_bytes: usize,
     pub started: Instant,
     /// Set on SIGTERM: readiness answers 503 from then on.
@@ -51,6 +53,7 @@ impl AppState {
             metrics,
             container_id: config.container_id.clone(),
             bulk_max_rows: config.bulk_max_rows,
+            bulk_max_row_bytes: config.bulk_max_row_bytes,
             body_limit_bytes: config.body_limit_bytes,
             started: Instant::now(),
             draining: Arc::new(AtomicBool::new(false)),
