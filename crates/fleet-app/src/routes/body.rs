@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::marker::PhantomData;
+use std::sync::Arc;
 
 use actix_web::dev::Payload;
 use actix_web::web::Bytes;
@@ -11,6 +12,7 @@ use futures_util::future::LocalBoxFuture;
 use futures_util::StreamExt;
 use serde::de::{DeserializeOwned, DeserializeSeed};
 use serde_json::error::Category;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::AppState;
 use crate::errors::ApiError;
@@ -25,27 +27,77 @@ impl<T: DeserializeOwned + 'static> FromRequest for JsonBody<T> {
 
     fn from_request(req: &HttpRequest, payload: &mut Payload) -> Self::Future {
         let body = read_body(req, payload);
-        Box::pin(async move { parse(&body.await?).map(JsonBody) })
+        Box::pin(async move { parse(&body.await?.bytes).map(JsonBody) })
     }
 }
 
+/// Bodies up to this size are read without drawing on the [`BodyBudget`]: a thousand at once are 64 MiB.
+const SMALL_BODY_BYTES: usize = 64 * 1024;
+/// How many maximum-size bodies (`BODY_LIMIT_BYTES`) a node holds at once.
+const MAX_SIZE_BODIES_AT_ONCE: usize = 4;
+
+/// The bytes of large bodies a node holds at once, shared by all its requests: 4 × `BODY_LIMIT_BYTES`.
+/// A large body waits for its share before it is read (its bytes wait in the kernel meanwhile, which
+/// slows its sender down), and a bulk insert holds the share until it is answered, as its parsed rows
+/// are about as large. So however many clients send large bodies at once, a node's memory stays bounded.
+#[derive(Debug, Clone)]
+pub struct BodyBudget {
+    kib: Arc<Semaphore>,
+}
+
+impl BodyBudget {
+    pub fn new(body_limit_bytes: usize) -> Self {
+        let kib = kib(body_limit_bytes).saturating_mul(MAX_SIZE_BODIES_AT_ONCE).min(Semaphore::MAX_PERMITS);
+        BodyBudget { kib: Arc::new(Semaphore::new(kib)) }
+    }
+
+    /// Waits for `bytes` of the budget, unless the body is small.
+    async fn reserve(&self, bytes: usize) -> Option<OwnedSemaphorePermit> {
+        if bytes <= SMALL_BODY_BYTES {
+            return None;
+        }
+        // At most the limit's share: never more than the budget holds.
+        let kib = u32::try_from(kib(bytes)).unwrap_or(u32::MAX);
+        Some(Arc::clone(&self.kib).acquire_many_owned(kib).await.expect("the budget is never closed"))
+    }
+}
+
+fn kib(bytes: usize) -> usize {
+    bytes.div_ceil(1024)
+}
+
+/// A request body and its share of the node's [`BodyBudget`] (none for a small body).
+#[derive(Debug)]
+pub(super) struct Body {
+    pub bytes: Bytes,
+    pub share: Option<OwnedSemaphorePermit>,
+}
+
 /// The whole body, within `BODY_LIMIT_BYTES` (413 beyond, before reading it when Content-Length says
-/// so). Its buffer is allocated once, at the declared length.
+/// so), once the node's [`BodyBudget`] has room for it. Its buffer is allocated once, at the declared
+/// length.
 pub(super) fn read_body(
     req: &HttpRequest,
     payload: &mut Payload,
-) -> impl Future<Output = Result<Bytes, ApiError>> + 'static {
-    let limit = req.app_data::<web::Data<AppState>>().map_or(usize::MAX, |state| state.body_limit_bytes);
+) -> impl Future<Output = Result<Body, ApiError>> + 'static {
+    let state = req.app_data::<web::Data<AppState>>().cloned();
     let declared = req
         .headers()
         .get(actix_web::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok()?.parse::<usize>().ok());
     let mut payload = payload.take();
     async move {
+        let limit = state.as_ref().map_or(usize::MAX, |state| state.body_limit_bytes);
         let too_large = || ApiError::PayloadTooLarge(format!("request body is larger than {limit} bytes"));
         if declared.is_some_and(|len| len > limit) {
             return Err(too_large());
         }
+        let budget = state.as_ref().map(|state| &state.body_budget);
+        let reserve = async |bytes| match budget {
+            Some(budget) => budget.reserve(bytes).await,
+            None => None,
+        };
+        let mut share = reserve(declared.unwrap_or(0)).await;
         let mut body = web::BytesMut::with_capacity(declared.unwrap_or(0));
         while let Some(chunk) = payload.next().await {
             let chunk =
@@ -53,10 +105,25 @@ pub(super) fn read_body(
             if body.len() + chunk.len() > limit {
                 return Err(too_large());
             }
+            if share.is_none() && body.len() + chunk.len() > SMALL_BODY_BYTES {
+                // Sent without a length, and no longer small: it may grow to the limit.
+                share = reserve(limit).await;
+            }
             body.extend_from_slice(&chunk);
         }
-        Ok(body.freeze())
+        Ok(Body { bytes: body.freeze(), share })
     }
+}
+
+/// Runs `work` on actix's blocking thread pool: CPU work on megabytes (parsing, hashing) done on the
+/// worker itself would hold up every other request the worker serves, their open transactions included.
+pub(super) async fn off_worker<R: Send + 'static>(
+    work: impl FnOnce() -> R + Send + 'static,
+) -> Result<R, ApiError> {
+    web::block(work).await.map_err(|e| {
+        tracing::error!(error = %e, "blocking task failed");
+        ApiError::Internal
+    })
 }
 
 fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {

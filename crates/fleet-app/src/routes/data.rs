@@ -6,6 +6,7 @@ use actix_web::{web, HttpResponse};
 use serde::Serialize;
 use serde_json::json;
 
+use super::body::off_worker;
 use super::once::{respond, IdempotencyHeader};
 use super::rows::BulkRows;
 use super::{millis_since, AppState};
@@ -23,7 +24,7 @@ struct Fingerprinted<'a> {
 pub async fn bulk_insert(
     state: web::Data<AppState>,
     IdempotencyHeader(idempotency_key): IdempotencyHeader,
-    BulkRows(rows): BulkRows,
+    BulkRows { rows, share: _held_until_answered }: BulkRows,
 ) -> Result<HttpResponse, ApiError> {
     let start = Instant::now();
     if rows.is_empty() {
@@ -38,8 +39,17 @@ pub async fn bulk_insert(
             "container": state.container_id,
         })
     };
-    let key =
-        idempotency_key.map(|k| IdempotencyKey::new(&k, "/api/bulk-insert", &Fingerprinted { data: &rows }));
+    let (rows, key) = match idempotency_key {
+        None => (rows, None),
+        // Hashing megabytes takes a while: off the worker, like the parse (see `BulkRows`).
+        Some(k) => {
+            off_worker(move || {
+                let key = IdempotencyKey::new(&k, "/api/bulk-insert", &Fingerprinted { data: &rows });
+                (rows, Some(key))
+            })
+            .await?
+        }
+    };
     let once = key.as_ref().map(|key| Once { key, render: &render });
     Ok(respond(state.db.bulk_insert(&rows, once.as_ref()).await?, render))
 }

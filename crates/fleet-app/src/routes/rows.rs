@@ -11,15 +11,20 @@ use actix_web::{web, FromRequest, HttpRequest};
 use futures_util::future::LocalBoxFuture;
 use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
+use tokio::sync::OwnedSemaphorePermit;
 
-use super::body::{parse_with, read_body};
+use super::body::{off_worker, parse_with, read_body};
 use super::{check_text, AppState};
 use crate::errors::ApiError;
 
 /// The strings of `{"data": ["…", …]}`, at most `BULK_MAX_ROWS` of at most `BULK_MAX_ROW_BYTES` each,
-/// none holding NUL. Other fields are ignored.
+/// none holding NUL. Other fields are ignored. Holds the body's share of the node's body budget (see
+/// `BodyBudget`) as long as the rows live.
 #[derive(Debug)]
-pub struct BulkRows(pub Vec<String>);
+pub struct BulkRows {
+    pub rows: Vec<String>,
+    pub share: Option<OwnedSemaphorePermit>,
+}
 
 /// What a body may hold.
 #[derive(Debug, Clone, Copy)]
@@ -38,7 +43,13 @@ impl FromRequest for BulkRows {
             |state| Limits { max_rows: state.bulk_max_rows, max_row_bytes: state.bulk_max_row_bytes },
         );
         let body = read_body(req, payload);
-        Box::pin(async move { parse(&body.await?, limits).map(BulkRows) })
+        Box::pin(async move {
+            let body = body.await?;
+            let (bytes, share) = (body.bytes, body.share);
+            // Parsing megabytes takes a while: off the worker.
+            let rows = off_worker(move || parse(&bytes, limits)).await??;
+            Ok(BulkRows { rows, share })
+        })
     }
 }
 
