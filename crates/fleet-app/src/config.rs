@@ -14,7 +14,7 @@
 //! | `IDLE_IN_TRANSACTION_TIMEOUT_MS` | `5000` | `idle_in_transaction_session_timeout` on every connection: PostgreSQL ends a session whose open transaction waits this long for the node's next statement (a node cut off mid-transaction), which frees its row locks. The node sends a transaction's statements back to back, so only a lost node ever reaches it |
 //! | `BULK_MAX_ROWS` | `100000` | most rows one `/api/bulk-insert` takes (more: 413) |
 //! | `BULK_MAX_ROW_BYTES` | `65536` (64 KiB) | longest row (in bytes of UTF-8) one `/api/bulk-insert` takes (longer: 413); rows are checked while the body is parsed |
-//! | `BODY_LIMIT_BYTES` | `16777216` (16 MiB) | largest request body (more: 413): `BULK_MAX_ROWS` rows of up to 160 bytes each (the benchmark's rows are 64), and what a node holds per request in flight: 8 maximum-size bulk inserts at once peak a node at about 245 MB (`tests/tests/hostile.rs`) |
+//! | `BODY_LIMIT_BYTES` | `16777216` (16 MiB) | largest request body (more: 413): `BULK_MAX_ROWS` rows of up to 160 bytes each (the benchmark's rows are 64), and what a node holds per request in flight. Bodies above 64 KiB share a budget of 4 × this per node (see `routes::body::BodyBudget`), so memory stays bounded however many arrive at once |
 //! | `RETRY_MAX_ATTEMPTS` | `5` | attempts for a transaction that hits a deadlock (40P01) or serialization failure (40001) |
 //! | `INCREMENT_MODE` | `coalesce` | `coalesce`: concurrent increments share transactions (see `db::Coalescer`); `transaction`: one transaction per request |
 //! | `RETRY_DEADLINE_MS` | `10000` | no retry starts after a request has spent this long on its transaction |
