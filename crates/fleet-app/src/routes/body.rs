@@ -1,5 +1,6 @@
 //! `JsonBody<T>`: the request body parsed as JSON whatever the Content-Type says, within
-//! `BODY_LIMIT_BYTES`, with every failure an `ApiError`.
+//! `BODY_LIMIT_BYTES`, with every failure an `ApiError`; and what other body extractors share: reading
+//! a body within the node's [`BodyBudget`], parsing it with a serde seed, CPU work off the worker.
 
 use std::future::Future;
 use std::marker::PhantomData;
