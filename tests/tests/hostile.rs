@@ -220,3 +220,31 @@ async fn a_network_that_stops_mid_transaction_gets_503_in_time_and_postgres_free
     let c = api.get("/api/counters/c").await;
     assert_eq!(c.body["value"], 51, "every acknowledged increment applied once, none of the refused ones");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_that_outlasts_the_attempt_deadline_is_an_unknown_outcome_08007() {
+    let app = TestApp::spawn(&[
+        ("INCREMENT_MODE", "transaction"),
+        ("POOL_WAIT_TIMEOUT_MS", "1000"),
+        ("DB_ATTEMPT_TIMEOUT_MS", "1000"),
+    ]);
+    assert_eq!(app.api.increment("k").await.status, StatusCode::OK);
+    // A deferred trigger makes COMMIT itself take 4 s: the node has sent it when its deadline passes.
+    app.sql(
+        "CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN PERFORM pg_sleep(4); RETURN NULL; END $$; \
+         CREATE CONSTRAINT TRIGGER slow_commit AFTER UPDATE ON counters \
+         DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit()",
+    );
+    let pooled = app.api.get("/api/pool-stats").await.body["totalCount"].as_i64().unwrap();
+    let reply = app.api.increment("k").await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{:?}", reply.body);
+    assert_eq!(reply.code(), "08007", "COMMIT was sent: the outcome is unknown, {:?}", reply.body);
+    let after = app.api.get("/api/pool-stats").await.body["totalCount"].as_i64().unwrap();
+    assert_eq!(after, pooled - 1, "the connection of the abandoned attempt left the pool");
+
+    // Here it did commit, once the trigger finished: 08007 told the client to find out, not to assume.
+    let admin = connect(&app.pg.admin_url()).await;
+    let value = "SELECT value FROM counters WHERE key = 'k'";
+    assert_eq!(poll(&admin, value, Duration::from_secs(15), |v| v == 2).await, 2);
+}
