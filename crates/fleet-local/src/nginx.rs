@@ -30,9 +30,9 @@ const PROXY_CONNECT_TIMEOUT: &str = "1s";
 /// Longest wait for a node's answer: above the node's `STATEMENT_TIMEOUT_MS` (60 s) plus its
 /// `POOL_WAIT_TIMEOUT_MS` (2 s), so the node's own timeout (and error body) always comes first.
 const PROXY_READ_TIMEOUT: &str = "65s";
-/// The node's default `BODY_LIMIT_BYTES` (32 MiB; nginx's `m` is MiB): larger bodies get nginx's 413,
+/// The node's default `BODY_LIMIT_BYTES` (16 MiB; nginx's `m` is MiB): larger bodies get nginx's 413,
 /// smaller ones reach the node, which answers with its own JSON errors.
-const CLIENT_MAX_BODY_SIZE: &str = "32m";
+const CLIENT_MAX_BODY_SIZE: &str = "16m";
 
 /// One backend node as nginx and Prometheus see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
