@@ -23,7 +23,7 @@ use crate::process::{die_with_parent, signal_and_wait, wait_timeout};
 mod setup;
 
 use crate::{free_port, proctree};
-pub use setup::PostgresOptions;
+pub use setup::{PostgresOptions, DEADLOCK_TIMEOUT};
 use setup::{hand_over, settings};
 
 /// The superuser created by initdb.
