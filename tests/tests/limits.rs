@@ -186,35 +186,51 @@ async fn a_many_key_batch_that_finds_the_pool_empty_is_not_retried_key_by_key() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_while_a_coalesced_increment_waits_on_another_worker_answers_it_and_exits_zero() {
+async fn sigterm_while_a_coalesced_increment_waits_for_a_runner_started_on_an_idle_worker_answers_it() {
+    // One connection, so batches wait for it (LAB_MAX_CONNECTIONS=1 lets a hold take it).
     let pg = start_postgres();
-    let mut node = Node::spawn(node_options(&pg, "app-1", &[])).unwrap();
-    let api = Api::new(node.url());
-    assert_eq!(api.increment("s").await.body["value"], 1);
+    let env = [("POOL_SIZE", "1"), ("LAB_MAX_CONNECTIONS", "1"), ("POOL_WAIT_TIMEOUT_MS", "20000")];
+    let mut node = Node::spawn(node_options(&pg, "app-1", &env)).unwrap();
+    let url = node.url();
+    // Every client below is its own connection, closed when it is dropped. The node hands connections
+    // to its two workers in turn, so the hold, client 1 and client 2 land on alternate workers.
+    let setup = Api::new(&url);
+    assert_eq!(setup.increment("s").await.status, StatusCode::OK);
+    assert_eq!(setup.increment("x").await.status, StatusCode::OK);
+    drop(setup);
     let holder = lock_row(&pg, "s").await;
+    let hold = tokio::spawn({
+        let api = Api::new(&url);
+        async move { api.hold(1500).await }
+    });
+    wait_for_sql(&pg, "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep%'", 1, "hold").await;
 
-    // Client 1 starts the key's runner (on its worker, today) and leaves; client 2, on the next
-    // connection (the node hands connections to its two workers in turn: the other worker), waits for
-    // that runner. So the runner's worker has no open connection when SIGTERM comes.
-    let client1 = Api::new(node.url());
-    let first = tokio::spawn(async move { client1.increment("s").await });
-    wait_for_sql(&pg, LOCK_WAITERS, 1, "client 1's increment waits for the row").await;
-    let client2 = Api::new(node.url());
-    let second = tokio::spawn(async move { client2.increment("s").await });
+    // Client 1's increment starts the batch runner on its worker, which waits for the connection;
+    // client 2's (on the other worker) queues for the runner's next batch meanwhile.
+    let first = tokio::spawn({
+        let api = Api::new(&url);
+        async move { api.increment("x").await }
+    });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    first.abort();
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = tokio::spawn({
+        let api = Api::new(&url);
+        async move { api.increment("s").await }
+    });
+    assert_eq!(hold.await.unwrap().status, StatusCode::OK);
+    // Client 1 is answered and gone; the runner goes on to client 2's key, locked by the test.
+    assert_eq!(first.await.unwrap().body["value"], 2);
+    wait_for_sql(&pg, LOCK_WAITERS, 1, "client 2's increment waits for the row").await;
 
     let pid = node.pid();
     let stopping = tokio::task::spawn_blocking(move || node.child().terminate(Duration::from_secs(20)));
-    // Let the idle worker stop (nothing to observe from outside while the others wait), then free the row.
+    // Let client 1's idle worker stop (nothing to observe from outside while the other waits).
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert!(std::path::Path::new(&format!("/proc/{pid}")).exists(), "the node waits for its request");
+    assert!(std::path::Path::new(&format!("/proc/{pid}")).exists(), "the node waits for client 2");
     holder.batch_execute("COMMIT").await.unwrap();
 
     let second = second.await.unwrap();
     assert_eq!(second.status, StatusCode::OK, "{:?}", second.body);
-    assert_eq!(second.body["value"], 3, "client 1's increment (started before it left) took 2");
+    assert_eq!(second.body["value"], 2);
     assert!(stopping.await.unwrap().unwrap().success(), "the node exits 0");
-    assert_eq!(pg.psql("SELECT value FROM counters WHERE key = 's'").unwrap(), "3");
+    assert_eq!(pg.psql("SELECT value FROM counters WHERE key = 's'").unwrap(), "2");
 }
