@@ -214,7 +214,13 @@ pub async fn opposite_transfers(apis: &[Api], a: &str, b: &str, total: i64, conc
 /// it, `b` the opposite. `values` are the counters' values read back from the database.
 pub fn assert_transfers_applied_exactly_once(sent: &[Sent], values: (i64, i64)) {
     let failed: Vec<&Sent> = sent.iter().filter(|s| s.reply.status != StatusCode::OK).collect();
-    assert!(failed.is_empty(), "{} of {} transfers failed, first: {:?}", failed.len(), sent.len(), failed.first());
+    assert!(
+        failed.is_empty(),
+        "{} of {} transfers failed, first: {:?}",
+        failed.len(),
+        sent.len(),
+        failed.first()
+    );
     let net: i64 = sent.iter().map(|s| s.into_first).sum();
     assert_eq!(values, (net, -net), "each counter holds exactly the net of the acknowledged transfers");
 }

@@ -132,7 +132,11 @@ async fn a_thousand_opposite_transfers_200_at_once_on_one_pair_all_succeed_and_d
     let retried = app.api.metric(r#"fleet_db_transaction_retries_total{sqlstate="40P01"}"#).await;
     assert!(retried > 0.0, "opposite lock orders met in PostgreSQL: 40P01 occurred and was retried");
     let attempts: u64 = sent.iter().map(|s| s.reply.body["attempts"].as_u64().unwrap()).sum();
-    assert_eq!(attempts - sent.len() as u64, retried as u64, "every retry is counted, and reported in attempts");
+    assert_eq!(
+        attempts - sent.len() as u64,
+        retried as u64,
+        "every retry is counted, and reported in attempts"
+    );
     assert_eq!(app.api.metric(r#"fleet_db_errors_total{sqlstate="40P01"}"#).await, retried);
     // Ordinary traffic on other keys kept its connections meanwhile (the gates hold two per counter).
     assert_eq!(app.api.increment("other").await.status, StatusCode::OK);

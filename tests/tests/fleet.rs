@@ -52,6 +52,21 @@ async fn the_fleet_proves_the_seeds_claims_through_nginx() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
+    // nginx rate-limits the lab endpoints per client: a burst of 60 holds gets its own 429s (no
+    // X-Container-Id: no node saw them) beyond the burst it allows, while other routes are not limited.
+    let holds = join_all((0..60).map(|_| api.hold(1))).await;
+    let by_nginx = holds
+        .iter()
+        .filter(|r| r.status == StatusCode::TOO_MANY_REQUESTS && !r.headers.contains_key("x-container-id"));
+    assert!(
+        by_nginx.count() > 0,
+        "nginx limited the burst: {:?}",
+        holds.iter().map(|r| r.status).collect::<Vec<_>>()
+    );
+    assert!(holds.iter().any(|r| r.status == StatusCode::OK), "the first of the burst went through");
+    let ordinary = join_all((0..60).map(|_| api.get("/api/pool-stats"))).await;
+    assert!(ordinary.iter().all(|r| r.status == StatusCode::OK), "ordinary routes are not rate-limited");
+
     // One node killed: /api/* keeps answering from the others.
     fleet.node(3).child().kill().unwrap();
     let replies = join_all((0..100).map(|_| api.increment("after-kill"))).await;
@@ -102,7 +117,10 @@ async fn a_thousand_opposite_transfers_200_at_once_all_succeed_through_nginx_and
     fleet_tests::assert_transfers_applied_exactly_once(&sent, values);
     assert!(sent.iter().all(|s| s.reply.body["container"] == "app-2"));
     let on_one_node = app2.metric(r#"fleet_db_transaction_retries_total{sqlstate="40P01"}"#).await - before;
-    assert!(on_one_node > 0.0, "one node's opposite transfers met in PostgreSQL, deadlocked and were retried");
+    assert!(
+        on_one_node > 0.0,
+        "one node's opposite transfers met in PostgreSQL, deadlocked and were retried"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -77,7 +77,10 @@ async fn forty_concurrent_holds_get_429_beyond_the_lab_share_at_once_and_ordinar
         assert_eq!(reply.headers["retry-after"], "1");
     }
     let first_hold_done = held.iter().map(|(_, at)| *at).min().unwrap();
-    assert!(refused.iter().all(|(_, at)| *at < first_hold_done), "the excess was refused at once, not queued");
+    assert!(
+        refused.iter().all(|(_, at)| *at < first_hold_done),
+        "the excess was refused at once, not queued"
+    );
     assert!(served_at < first_hold_done, "ordinary requests finished while the holds ran");
     assert_eq!(app.sql_i64("SELECT sum(value) FROM counters WHERE key LIKE 'k%'"), 200);
 }
@@ -135,10 +138,11 @@ async fn a_coalesced_increment_whose_client_left_before_its_transaction_takes_no
         async move { api.increment("gap").await }
     });
     let impatient = reqwest::Client::builder().timeout(Duration::from_millis(300)).build().unwrap();
-    let left = join_all((0..5).map(|_| {
-        impatient.post(format!("{}/api/increment", app.api.url)).body(r#"{"key": "gap"}"#).send()
-    }))
-    .await;
+    let left =
+        join_all((0..5).map(|_| {
+            impatient.post(format!("{}/api/increment", app.api.url)).body(r#"{"key": "gap"}"#).send()
+        }))
+        .await;
     assert!(left.iter().all(|r| r.as_ref().is_err_and(|e| e.is_timeout())), "the impatient clients left");
     drop(impatient);
     // Give the node a moment to see the closed connections (nothing to observe: they are just gone).
@@ -155,11 +159,8 @@ async fn a_coalesced_increment_whose_client_left_before_its_transaction_takes_no
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_many_key_batch_that_finds_the_pool_empty_is_not_retried_key_by_key() {
     // One connection, held by the lab on purpose (LAB_MAX_CONNECTIONS=1 gives up the reserved one).
-    let app = TestApp::spawn(&[
-        ("POOL_SIZE", "1"),
-        ("LAB_MAX_CONNECTIONS", "1"),
-        ("POOL_WAIT_TIMEOUT_MS", "1000"),
-    ]);
+    let app =
+        TestApp::spawn(&[("POOL_SIZE", "1"), ("LAB_MAX_CONNECTIONS", "1"), ("POOL_WAIT_TIMEOUT_MS", "1000")]);
     let keys: Vec<String> = (0..50).map(|i| format!("k{i}")).collect();
     app.sql("INSERT INTO counters (key, value) SELECT 'k' || i, 0 FROM generate_series(0, 49) AS i");
     let hold = tokio::spawn({
@@ -177,7 +178,11 @@ async fn a_many_key_batch_that_finds_the_pool_empty_is_not_retried_key_by_key() 
     let checkouts = app.api.metric("fleet_db_pool_wait_seconds_count").await;
     let replies = join_all(keys.iter().map(|key| app.api.increment(key))).await;
     let waited = app.api.metric("fleet_db_pool_wait_seconds_count").await - checkouts;
-    assert!(replies.iter().all(|r| r.code() == "pool_timeout"), "{:?}", replies.iter().find(|r| r.code() != "pool_timeout"));
+    assert!(
+        replies.iter().all(|r| r.code() == "pool_timeout"),
+        "{:?}",
+        replies.iter().find(|r| r.code() != "pool_timeout")
+    );
     // A handful of batches each waited once; split key by key, each of the 50 keys would wait again.
     assert!(waited < keys.len() as f64, "50 increments waited for the pool {waited} times");
     assert!(!hold.is_finished(), "every increment was answered while the connection was held");
@@ -203,7 +208,8 @@ async fn sigterm_while_a_coalesced_increment_waits_for_a_runner_started_on_an_id
         let api = Api::new(&url);
         async move { api.hold(1500).await }
     });
-    wait_for_sql(&pg, "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep%'", 1, "hold").await;
+    wait_for_sql(&pg, "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep%'", 1, "hold")
+        .await;
 
     // Client 1's increment starts the batch runner on its worker, which waits for the connection;
     // client 2's (on the other worker) queues for the runner's next batch meanwhile.

@@ -12,7 +12,7 @@ pub mod prometheus;
 
 pub use bins::{nginx_bin, postgres_bin, prometheus_bin};
 pub use node::{Node, NodeOptions};
-pub use postgres::{Postgres, PostgresOptions};
+pub use postgres::{Postgres, PostgresOptions, DEADLOCK_TIMEOUT};
 pub use process::Child;
 
 /// A port on 127.0.0.1 that was free a moment ago (the OS picks it; a race with another process

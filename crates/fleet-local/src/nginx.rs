@@ -121,7 +121,10 @@ fn site(listen: &str, nodes: &[Upstream], out_of_rotation: &[String]) -> String 
     let _ = writeln!(out, "    proxy_connect_timeout {PROXY_CONNECT_TIMEOUT};");
     let _ = writeln!(out, "    proxy_read_timeout {PROXY_READ_TIMEOUT};");
     out.push_str("    proxy_next_upstream error timeout;\n");
-    let _ = writeln!(out, "\n    # The lab endpoints only (others have no $fleet_lab_client): see limit_req_zone.");
+    let _ = writeln!(
+        out,
+        "\n    # The lab endpoints only (others have no $fleet_lab_client): see limit_req_zone."
+    );
     let _ = writeln!(out, "    limit_req zone=fleet_lab burst={LAB_BURST} nodelay;");
     out.push_str("    limit_req_status 429;\n");
     out.push_str(SITE_LOCATIONS);

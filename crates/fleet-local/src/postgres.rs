@@ -23,8 +23,8 @@ use crate::process::{die_with_parent, signal_and_wait, wait_timeout};
 mod setup;
 
 use crate::{free_port, proctree};
-pub use setup::{PostgresOptions, DEADLOCK_TIMEOUT};
 use setup::{hand_over, settings};
+pub use setup::{PostgresOptions, DEADLOCK_TIMEOUT};
 
 /// The superuser created by initdb.
 pub const ADMIN_USER: &str = "postgres";

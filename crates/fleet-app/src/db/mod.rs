@@ -257,7 +257,10 @@ impl Db {
                     let sqlstate = err.sqlstate().unwrap_or("none");
                     self.metrics.transaction_retries.with_label_values(&[sqlstate]).inc();
                     tracing::debug!(db.sqlstate = sqlstate, retry.attempt = attempts, "retrying transaction");
-                    tokio::time::sleep(backoff(attempts).min(deadline.saturating_duration_since(Instant::now()))).await;
+                    tokio::time::sleep(
+                        backoff(attempts).min(deadline.saturating_duration_since(Instant::now())),
+                    )
+                    .await;
                 }
                 Err(err) => return Err(err),
             }

@@ -61,7 +61,9 @@ pub fn measure(
             format!("ceiling: pgbench, one transaction per increment on 1000 keys, {clients} clients")
         }
         Ceiling::Copy => format!("ceiling: psql \\copy of {COPY_ROWS} rows at a time"),
-        Ceiling::Pair => format!("ceiling: pgbench, the transfer in key order on one pair, {clients} clients"),
+        Ceiling::Pair => {
+            format!("ceiling: pgbench, the transfer in key order on one pair, {clients} clients")
+        }
         Ceiling::Pairs => {
             format!("ceiling: pgbench, the transfer in key order on 1000 pairs, {clients} clients")
         }

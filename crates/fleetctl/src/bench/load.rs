@@ -176,7 +176,8 @@ impl Outcome {
             measured: Counts::default(),
             tail: Counts::default(),
             latency_us: new_histogram()?,
-            attempts: Histogram::new_with_bounds(1, MAX_ATTEMPTS, 3).context("create an attempts histogram")?,
+            attempts: Histogram::new_with_bounds(1, MAX_ATTEMPTS, 3)
+                .context("create an attempts histogram")?,
             window,
             driver_cpu: Duration::ZERO,
             wall: Duration::ZERO,

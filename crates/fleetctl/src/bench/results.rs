@@ -345,11 +345,8 @@ mod tests {
         failing.tail.status.insert(503, 2);
         let points =
             [point(Workload::Hot, Role::Main, 3400.0), point(Workload::Keys, Role::Main, 4830.0), failing];
-        let ceilings = Ceilings {
-            hot: Some(pgbench(1700.0)),
-            keys: Some(pgbench(3450.0)),
-            ..Ceilings::default()
-        };
+        let ceilings =
+            Ceilings { hot: Some(pgbench(1700.0)), keys: Some(pgbench(3450.0)), ..Ceilings::default() };
         let goals = goals(&points, &ceilings);
         let find = |prefix: &str| goals.iter().find(|g| g.goal.starts_with(prefix)).unwrap();
         assert_eq!((find("one hot key").measured, find("one hot key").met), (Some(2.0), Some(true)));
