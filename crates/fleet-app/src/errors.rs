@@ -173,8 +173,12 @@ impl ApiError {
                     ApiError::Internal
                 }
             },
-            // A batch that ended without an answer may have sent its COMMIT: the outcome is unknown.
-            DbError::CommitUnknown(_) | DbError::BatchLost => ApiError::CommitUnknown,
+            DbError::CommitUnknown(_) => ApiError::CommitUnknown,
+            // A batch that ended without an answer (its runner died: a bug) may have sent its COMMIT.
+            DbError::BatchLost => {
+                tracing::error!(error = %err, "coalesced batch lost; its outcome is unknown");
+                ApiError::CommitUnknown
+            }
             DbError::DeadlinePassed => ApiError::DeadlineExceeded,
             DbError::IdempotencyKeyReused => ApiError::IdempotencyKeyReused,
             DbError::IdempotencyKeyInUse => ApiError::IdempotencyKeyInUse,

@@ -43,9 +43,10 @@ impl Default for PostgresOptions {
 /// transfers deadlock by design (`LOCK_ORDER=request`), and every deadlock stalls both rows (and every
 /// request queued for them) until the check runs: at 1 s a hot pair manages about one transfer a second.
 /// The check is cheap at this scale (a node sends at most two transactions per row, so a few dozen
-/// waiters at most), and the app's transactions hold a row lock for well under a millisecond, so an
-/// ordinary wait rarely reaches 20 ms: the check runs almost only when there is a cycle to find. The same
-/// value is in docker-compose.yml's postgres `command:`.
+/// waiters at most), and the app's transactions hold a row lock for a few milliseconds at most under the
+/// benchmark's load, so an ordinary wait rarely reaches 20 ms: the check runs almost only when there is a
+/// cycle to find. Much lower would check ordinary waits for nothing; much higher would cost every deadlock
+/// that much of both rows' time. The same value is in docker-compose.yml's postgres `command:`.
 pub const DEADLOCK_TIMEOUT: &str = "20ms";
 
 /// The server settings passed as `-c name=value`.

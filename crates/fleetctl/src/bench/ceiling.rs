@@ -282,7 +282,7 @@ tps = 6894.374529 (without initial connection time)
         assert!(pairs.starts_with("\\set p random(1, 1000)\n\\set d random(0, 1)\nBEGIN;"), "{pairs}");
         let a = pairs.find("'bench-t' || :p || 'a' FOR UPDATE").unwrap();
         let b = pairs.find("'bench-t' || :p || 'b' FOR UPDATE").unwrap();
-        let update = pairs.find("UPDATE").unwrap();
+        let update = pairs.find("UPDATE counters").unwrap();
         assert!(a < b && b < update, "{pairs}");
         assert!(transfer_script(true).contains("WHERE key = 'bench-t0' || 'a' FOR UPDATE"));
     }
