@@ -235,8 +235,10 @@ impl Db {
     }
 
     /// Runs `attempt` (given its number, from 1) until it succeeds, fails with an error that is not safe
-    /// to retry (see `DbError::is_retryable`), or fails after `deadline` (then it is the answer); with
-    /// `RETRY_MAX_ATTEMPTS` set, also after that many attempts. Between attempts it sleeps a random time
+    /// to retry (see `DbError::is_retryable`), or fails after `deadline` (then it is the answer). A
+    /// deadlock or serialization failure is retried as long as the deadline allows (with
+    /// `RETRY_MAX_ATTEMPTS` set, at most that many attempts); a broken connection [`CONNECTION_ATTEMPTS`]
+    /// times at most. Between attempts it sleeps a random time
     /// up to an exponentially growing bound (full jitter), never past the deadline. Every retry is
     /// counted in `fleet_db_transaction_retries_total{sqlstate}`.
     async fn retrying<T>(
@@ -244,16 +246,23 @@ impl Db {
         deadline: Instant,
         mut attempt: impl AsyncFnMut(u32) -> Result<T, DbError>,
     ) -> Result<Retried<T>, DbError> {
-        let mut attempts = 0;
+        let (mut attempts, mut broken) = (0, 0);
         loop {
             attempts += 1;
-            match self.observed(attempt(attempts)).await {
+            let result = self.observed(attempt(attempts)).await;
+            let again = match &result {
+                Ok(_) => false,
+                Err(err) if matches!(err.sqlstate(), Some("40001" | "40P01")) => {
+                    self.retry_max_attempts == 0 || attempts < self.retry_max_attempts
+                }
+                Err(err) => {
+                    broken += 1;
+                    err.is_retryable() && broken < CONNECTION_ATTEMPTS
+                }
+            };
+            match result {
                 Ok(value) => return Ok(Retried { value, attempts }),
-                Err(err)
-                    if err.is_retryable()
-                        && (self.retry_max_attempts == 0 || attempts < self.retry_max_attempts)
-                        && Instant::now() < deadline =>
-                {
+                Err(err) if again && Instant::now() < deadline => {
                     let sqlstate = err.sqlstate().unwrap_or("none");
                     self.metrics.transaction_retries.with_label_values(&[sqlstate]).inc();
                     tracing::debug!(db.sqlstate = sqlstate, retry.attempt = attempts, "retrying transaction");
@@ -267,6 +276,11 @@ impl Db {
         }
     }
 }
+
+/// Attempts for a transaction whose connection broke before COMMIT. The next checkout replaces a broken
+/// pooled connection, so a retry usually succeeds at once; while the database is down every attempt fails
+/// as fast as the first, and retrying until the deadline would only delay the 503.
+const CONNECTION_ATTEMPTS: u32 = 5;
 
 /// The longest pause between two attempts. Short: a retried transfer keeps its place at its rows' gates
 /// while it sleeps, so a long pause would stall the requests queued behind it.
