@@ -186,3 +186,43 @@ impl TestApp {
         out.parse().unwrap_or_else(|_| panic!("{query} returned {out:?}, not an integer"))
     }
 }
+
+/// One acknowledged transfer between two counters: how much it moved into the first counter (negative:
+/// out of it), and the answer.
+#[derive(Debug)]
+pub struct Sent {
+    pub into_first: i64,
+    pub reply: Reply,
+}
+
+/// `total` transfers between counters `a` and `b`, alternating directions, `concurrency` in flight at
+/// once, the i-th sent through `apis[i % apis.len()]` with amount i + 1: every amount is distinct, so a
+/// transfer lost or applied twice changes the totals in a way no other mix of transfers can undo.
+pub async fn opposite_transfers(apis: &[Api], a: &str, b: &str, total: i64, concurrency: usize) -> Vec<Sent> {
+    use futures_util::StreamExt;
+    futures_util::stream::iter(0..total)
+        .map(|i| {
+            let api = &apis[i as usize % apis.len()];
+            let amount = i + 1;
+            let (from, to, into_first) = if i % 2 == 0 { (a, b, -amount) } else { (b, a, amount) };
+            async move { Sent { into_first, reply: api.transfer(from, to, amount).await } }
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await
+}
+
+/// Every transfer answered 200, and the two counters hold exactly the net of them: `a` what moved into
+/// it, `b` the opposite. `values` are the counters' values read back from the database.
+pub fn assert_transfers_applied_exactly_once(sent: &[Sent], values: (i64, i64)) {
+    let failed: Vec<&Sent> = sent.iter().filter(|s| s.reply.status != StatusCode::OK).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} transfers failed, first: {:?}",
+        failed.len(),
+        sent.len(),
+        failed.first()
+    );
+    let net: i64 = sent.iter().map(|s| s.into_first).sum();
+    assert_eq!(values, (net, -net), "each counter holds exactly the net of the acknowledged transfers");
+}

@@ -60,6 +60,15 @@ fn golden(path: &str, rendered: &str) {
     }
 }
 
+#[test]
+fn compose_postgres_runs_with_the_local_launchers_deadlock_timeout() {
+    let setting = format!("\"deadlock_timeout={}\"", fleet_local::DEADLOCK_TIMEOUT);
+    assert!(
+        read("docker-compose.yml").contains(&setting),
+        "docker-compose.yml's postgres command sets {setting}"
+    );
+}
+
 // ---- nginx -t ----
 
 #[test]

@@ -194,7 +194,9 @@ async fn metrics_pass_promtool_and_name_every_documented_family() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_exhausted_pool_sheds_load_with_503_pool_timeout_instead_of_queueing_forever() {
-    let app = TestApp::spawn(&[("POOL_SIZE", "1"), ("POOL_WAIT_TIMEOUT_MS", "300")]);
+    // The hold may take the only connection: LAB_MAX_CONNECTIONS=1 gives up the one the lab leaves.
+    let app =
+        TestApp::spawn(&[("POOL_SIZE", "1"), ("POOL_WAIT_TIMEOUT_MS", "300"), ("LAB_MAX_CONNECTIONS", "1")]);
     let holding = tokio::spawn({
         let api = app.api.clone();
         async move { api.hold(3000).await }

@@ -15,12 +15,13 @@
 //! | `BULK_MAX_ROWS` | `100000` | most rows one `/api/bulk-insert` takes (more: 413) |
 //! | `BULK_MAX_ROW_BYTES` | `65536` (64 KiB) | longest row (in bytes of UTF-8) one `/api/bulk-insert` takes (longer: 413); rows are checked while the body is parsed |
 //! | `BODY_LIMIT_BYTES` | `16777216` (16 MiB) | largest request body (more: 413): `BULK_MAX_ROWS` rows of up to 160 bytes each (the benchmark's rows are 64), and what a node holds per request in flight. Bodies above 64 KiB share a budget of 4 × this per node (see `routes::body::BodyBudget`), so memory stays bounded however many arrive at once |
-//! | `RETRY_MAX_ATTEMPTS` | `5` | attempts for a transaction that hits a deadlock (40P01) or serialization failure (40001) |
+//! | `RETRY_MAX_ATTEMPTS` | `0` (no limit) | most attempts for a transaction that hits a deadlock (40P01) or serialization failure (40001); `0`: as many as fit before `RETRY_DEADLINE_MS`, which is what bounds a request's wait (set a count only to see 409 sooner in experiments) |
 //! | `INCREMENT_MODE` | `coalesce` | `coalesce`: concurrent increments share transactions (see `db::Coalescer`); `transaction`: one transaction per request |
-//! | `RETRY_DEADLINE_MS` | `10000` | no retry starts after a request has spent this long on its transaction |
+//! | `RETRY_DEADLINE_MS` | `10000` | a write's deadline: waiting for a busy counter (without a connection) and its attempts share it; no attempt starts after it (the last error is the answer) |
 //! | `IDEMPOTENCY_TTL_S` | `86400` | how long an idempotency key and its stored response are kept |
 //! | `LOCK_ORDER` | `request` | `request`: `/api/transfer` locks rows in request order (opposite transfers can deadlock); `sorted`: in key order (never deadlocks) |
 //! | `LAB_ENDPOINTS` | `true` | serve `/api/hold` and `/api/test-isolation` |
+//! | `LAB_MAX_CONNECTIONS` | `POOL_SIZE − 1` | connections the lab endpoints may use at once, pooled (a hold: 1) or their own (an isolation run: 4); beyond it they answer 429 `lab_busy`. Below `POOL_SIZE`, ordinary traffic always keeps a pooled connection; a larger value gives that up (the pool-size experiments do, to queue holds in the pool) |
 //! | `SHUTDOWN_DRAIN_MS` | `0` | after SIGTERM, how long readiness answers 503 while requests are still served (with `Connection: close`), before the listener closes: set it above your load balancer's probe period and its keep-alive timeout toward the nodes (nginx here: 4 s) |
 //! | `LOG_FORMAT` | `json` | `json` or `text` |
 //! | `RUST_LOG` | `info` | log filter |
@@ -85,6 +86,9 @@ pub struct Config {
     pub lock_order: LockOrder,
     #[serde(default = "default_true")]
     pub lab_endpoints: bool,
+    /// Unset: `POOL_SIZE − 1`; see [`Config::lab_max_connections`].
+    #[serde(rename = "lab_max_connections")]
+    pub lab_max_connections_setting: Option<usize>,
     #[serde(default)]
     pub shutdown_drain_ms: u64,
     #[serde(default)]
@@ -161,7 +165,6 @@ impl Config {
             ("BULK_MAX_ROWS", self.bulk_max_rows as u64),
             ("BULK_MAX_ROW_BYTES", self.bulk_max_row_bytes as u64),
             ("BODY_LIMIT_BYTES", self.body_limit_bytes as u64),
-            ("RETRY_MAX_ATTEMPTS", u64::from(self.retry_max_attempts)),
             ("RETRY_DEADLINE_MS", self.retry_deadline_ms),
             ("IDEMPOTENCY_TTL_S", self.idempotency_ttl_s),
         ];
@@ -202,6 +205,11 @@ impl Config {
             .keepalives_retries(KEEPALIVE_RETRIES)
             .tcp_user_timeout(self.db_attempt_timeout());
         Ok(pg)
+    }
+
+    /// `LAB_MAX_CONNECTIONS`, or `POOL_SIZE − 1` when unset.
+    pub fn lab_max_connections(&self) -> usize {
+        self.lab_max_connections_setting.unwrap_or(self.pool_size - 1)
     }
 
     pub fn pool_wait_timeout(&self) -> Duration {
@@ -273,7 +281,7 @@ fn default_body_limit_bytes() -> usize {
     16 * 1024 * 1024
 }
 fn default_retry_max_attempts() -> u32 {
-    5
+    0
 }
 fn default_retry_deadline_ms() -> u64 {
     10_000
@@ -306,6 +314,8 @@ mod tests {
         assert_eq!(config.lock_order, LockOrder::Request);
         assert_eq!(config.increment_mode, IncrementMode::Coalesce);
         assert!(config.lab_endpoints);
+        assert_eq!(config.retry_max_attempts, 0, "retries are bounded by the deadline alone");
+        assert_eq!(config.lab_max_connections(), 4, "the lab leaves ordinary traffic a connection");
     }
 
     #[test]

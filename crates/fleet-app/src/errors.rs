@@ -25,7 +25,7 @@ pub fn container_id() -> &'static str {
     CONTAINER_ID.get().map_or("unknown", String::as_str)
 }
 
-/// Seconds a client should wait before retrying a 503.
+/// Seconds a client should wait before retrying a 503 or a 429.
 pub const RETRY_AFTER_S: &str = "1";
 
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +72,12 @@ pub enum ApiError {
     /// 503: the statement ran past `statement_timeout`.
     #[error("the database did not answer in time")]
     StatementTimeout,
+    /// 429: the lab endpoints already use their share of the node's connections.
+    #[error("{0}")]
+    LabBusy(String),
+    /// 503: the request's deadline (`RETRY_DEADLINE_MS`) passed while it waited for a busy counter.
+    #[error("the request's deadline passed while it waited for a busy counter; retry later")]
+    DeadlineExceeded,
     /// 503: the node is shutting down.
     #[error("this node is shutting down")]
     Draining,
@@ -96,6 +102,8 @@ impl ApiError {
             ApiError::CommitUnknown => "08007",
             ApiError::IdempotencyKeyInUse => "idempotency_key_in_use",
             ApiError::IdempotencyKeyReused => "idempotency_key_reused",
+            ApiError::LabBusy(_) => "lab_busy",
+            ApiError::DeadlineExceeded => "deadline_exceeded",
             ApiError::Internal => "internal",
         }
     }
@@ -115,7 +123,9 @@ impl ResponseError for ApiError {
             | ApiError::DatabaseUnavailable
             | ApiError::StatementTimeout
             | ApiError::CommitUnknown
+            | ApiError::DeadlineExceeded
             | ApiError::Draining => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::LabBusy(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -123,7 +133,7 @@ impl ResponseError for ApiError {
     fn error_response(&self) -> HttpResponse {
         let status = self.status_code();
         let mut response = HttpResponse::build(status);
-        if status == StatusCode::SERVICE_UNAVAILABLE {
+        if matches!(status, StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS) {
             response.insert_header((header::RETRY_AFTER, RETRY_AFTER_S));
         }
         response.json(json!({
@@ -165,9 +175,15 @@ impl ApiError {
             },
             DbError::CommitUnknown(_) | DbError::CommitTimedOut => ApiError::CommitUnknown,
             DbError::AttemptTimedOut => ApiError::DatabaseUnavailable,
+            // A batch that ended without an answer (its runner died: a bug) may have sent its COMMIT.
+            DbError::BatchLost => {
+                tracing::error!(error = %err, "coalesced batch lost; its outcome is unknown");
+                ApiError::CommitUnknown
+            }
+            DbError::DeadlinePassed => ApiError::DeadlineExceeded,
             DbError::IdempotencyKeyReused => ApiError::IdempotencyKeyReused,
             DbError::IdempotencyKeyInUse => ApiError::IdempotencyKeyInUse,
-            DbError::Pool(_) | DbError::BatchLost => {
+            DbError::Pool(_) => {
                 tracing::error!(error = %err, "database layer error");
                 ApiError::Internal
             }
@@ -178,7 +194,7 @@ impl ApiError {
 impl From<LabError> for ApiError {
     fn from(err: LabError) -> Self {
         match err {
-            LabError::Busy => ApiError::PoolTimeout,
+            LabError::Busy => ApiError::LabBusy(err.to_string()),
             LabError::TimedOut => ApiError::StatementTimeout,
             LabError::Db(err) => err.into(),
         }

@@ -15,7 +15,7 @@ pub mod prometheus;
 pub use bins::{etcd_bin, nginx_bin, patroni_bin, postgres_bin, prometheus_bin};
 pub use node::{Node, NodeOptions};
 pub use patroni::{MemberStatus, PatroniCluster, PatroniOptions};
-pub use postgres::{Postgres, PostgresOptions};
+pub use postgres::{Postgres, PostgresOptions, DEADLOCK_TIMEOUT};
 pub use process::Child;
 
 /// A port on 127.0.0.1 that was free a moment ago (the OS picks it; a race with another process

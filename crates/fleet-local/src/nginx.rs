@@ -34,6 +34,12 @@ const PROXY_READ_TIMEOUT: &str = "65s";
 /// smaller ones reach the node, which answers with its own JSON errors.
 const CLIENT_MAX_BODY_SIZE: &str = "16m";
 
+/// The lab endpoints (`/api/hold`, `/api/test-isolation`, round robin or pinned) per client address:
+/// each request holds database connections on purpose, so a client gets a short burst and then this
+/// rate; beyond it nginx answers 429 itself. The nodes bound them too (`LAB_MAX_CONNECTIONS`).
+const LAB_RATE: &str = "5r/s";
+const LAB_BURST: u32 = 20;
+
 /// One backend node as nginx and Prometheus see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upstream {
@@ -85,6 +91,8 @@ fn site(listen: &str, nodes: &[Upstream], out_of_rotation: &[String]) -> String 
         );
     }
     let mut out = String::from(SITE_HEADER);
+    out.push_str(LAB_LIMIT_HEADER);
+    let _ = writeln!(out, "limit_req_zone $fleet_lab_client zone=fleet_lab:1m rate={LAB_RATE};");
     out.push_str(
         "\n# Round robin over every node. A node that fails max_fails times within fail_timeout is\n",
     );
@@ -113,6 +121,12 @@ fn site(listen: &str, nodes: &[Upstream], out_of_rotation: &[String]) -> String 
     let _ = writeln!(out, "    proxy_connect_timeout {PROXY_CONNECT_TIMEOUT};");
     let _ = writeln!(out, "    proxy_read_timeout {PROXY_READ_TIMEOUT};");
     out.push_str("    proxy_next_upstream error timeout;\n");
+    let _ = writeln!(
+        out,
+        "\n    # The lab endpoints only (others have no $fleet_lab_client): see limit_req_zone."
+    );
+    let _ = writeln!(out, "    limit_req zone=fleet_lab burst={LAB_BURST} nodelay;");
+    out.push_str("    limit_req_status 429;\n");
     out.push_str(SITE_LOCATIONS);
     for node in nodes {
         let _ = writeln!(out, "\n    location /{}/ {{", node.name);
@@ -131,6 +145,16 @@ const SITE_HEADER: &str = r#"# The fleet behind nginx. Rendered by fleet_local::
 map $request_uri $fleet_pinned_uri {
     default $request_uri;
     ~^/+[^/]+(/.*)$ $1;
+}
+"#;
+
+/// Which requests the lab rate limit counts: the lab endpoints, keyed by client address (an empty key is
+/// not counted).
+const LAB_LIMIT_HEADER: &str = r#"
+# The lab endpoints hold database connections on purpose: rate-limited per client address.
+map $uri $fleet_lab_client {
+    default "";
+    ~^(/app-[^/]+)?/api/(hold|test-isolation)$ $binary_remote_addr;
 }
 "#;
 

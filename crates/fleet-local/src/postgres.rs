@@ -25,7 +25,7 @@ mod setup;
 use crate::{free_port, proctree};
 pub(crate) use setup::hand_over;
 use setup::settings;
-pub use setup::PostgresOptions;
+pub use setup::{PostgresOptions, DEADLOCK_TIMEOUT};
 
 /// The superuser created by initdb.
 pub const ADMIN_USER: &str = "postgres";

@@ -14,14 +14,25 @@
 //!    key waits on a node, and a hot key is passed from node to node with many increments at a time.
 //!
 //! Each request gets its own value: a transaction that adds n to a counter now at v hands out v − n + 1 …
-//! v. A failed transaction applies none of its increments. When a many-key batch fails, its keys are
-//! retried one key at a time, so a failure (a counter past i64) reaches only the requests of its own key;
-//! only a batch whose COMMIT was lost fails all its requests (08007: it may have committed).
+//! v. A failed transaction applies none of its increments. When a many-key batch fails with an error tied
+//! to one row (a counter past i64: SQLSTATE class 22 or 23), its keys are retried one key at a time, so
+//! that failure reaches only the requests of its own key; any other failure (a pool timeout, a lost
+//! connection, a lost COMMIT: 08007) is every request's answer at once, so no request waits twice.
+//!
+//! A request whose client went away before its transaction started is dropped from it and takes no
+//! value, so the callers who stayed see no gap.
+//!
+//! Runners run on the runtime that built the coalescer (the node's main one), never on an HTTP worker's:
+//! on shutdown a worker with no open connections stops at once, and would take with it a runner that
+//! requests on other workers are waiting for.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use tokio::sync::oneshot;
+use std::future::Future;
+use std::pin::Pin;
+
+use tokio::sync::{mpsc, oneshot};
 
 use super::{Counter, Db, DbError};
 
@@ -32,7 +43,12 @@ type Reply = oneshot::Sender<Result<i64, Arc<DbError>>>;
 pub struct Coalescer {
     db: Db,
     state: Arc<Mutex<State>>,
+    /// Starts runners on the node's main thread, which lives until the node has stopped.
+    runners: mpsc::UnboundedSender<StartRunner>,
 }
+
+/// Builds a runner's future on the thread that runs it (the future itself is not `Send`).
+type StartRunner = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()>>> + Send>;
 
 #[derive(Debug, Default)]
 struct State {
@@ -45,8 +61,24 @@ struct State {
 }
 
 impl Coalescer {
+    /// Must be called on the node's main actix thread, which outlives the HTTP workers: runners run there.
     pub fn new(db: Db) -> Self {
-        Coalescer { db, state: Arc::default() }
+        let (runners, mut starts) = mpsc::unbounded_channel::<StartRunner>();
+        actix_web::rt::spawn(async move {
+            while let Some(start) = starts.recv().await {
+                actix_web::rt::spawn(start());
+            }
+        });
+        Coalescer { db, state: Arc::default(), runners }
+    }
+
+    /// Runs `runner` on the main thread.
+    fn spawn(&self, runner: impl FnOnce(Coalescer) -> Pin<Box<dyn Future<Output = ()>>> + Send + 'static) {
+        let coalescer = self.clone();
+        if self.runners.send(Box::new(move || runner(coalescer))).is_err() {
+            // The main thread is gone: the node is exiting, and the waiting requests get 08007.
+            tracing::warn!("coalescing runner not started: the node is stopping");
+        }
     }
 
     /// Adds 1 to `key` in the node's next shared transaction; returns this request's own new value.
@@ -66,9 +98,9 @@ impl Coalescer {
             }
         };
         if start {
-            // Batches run in their own task (on this worker's thread), so a client that hangs up cannot
-            // cancel other requests' transaction halfway.
-            actix_web::rt::spawn(self.clone().run_batches());
+            // Batches run in their own task, so a client that hangs up cannot cancel other requests'
+            // transaction halfway.
+            self.spawn(|coalescer| Box::pin(coalescer.run_batches()));
         }
         match value.await {
             Ok(Ok(value)) => Ok(Counter { key: key.to_owned(), value }),
@@ -94,6 +126,10 @@ impl Coalescer {
                 }
                 std::mem::take(&mut state.queued)
             };
+            let batch = still_waiting(batch);
+            if batch.is_empty() {
+                continue;
+            }
             let (keys, counts): (Vec<String>, Vec<i64>) =
                 batch.iter().map(|(key, replies)| (key.clone(), replies.len() as i64)).unzip();
             match self.db.add_to_free_counters(&keys, &counts).await {
@@ -105,17 +141,13 @@ impl Coalescer {
                         }
                     }
                 }
-                // Lost COMMIT, or a passed deadline: nothing tied to one key, and splitting would make
-                // each request wait once more.
-                Err(err)
-                    if matches!(err.sqlstate(), Some("08007")) || matches!(err, DbError::AttemptTimedOut) =>
-                {
-                    let err = Arc::new(err);
-                    batch.into_values().for_each(|replies| answer(replies, Err(Arc::clone(&err))));
+                Err(err) if err.is_row_error() && batch.len() > 1 => {
+                    tracing::debug!(error = %err, "many-key batch failed on a row; retrying its keys one by one");
+                    batch.into_iter().for_each(|(key, replies)| self.contend(key, replies));
                 }
                 Err(err) => {
-                    tracing::debug!(error = %err, "many-key batch failed; retrying its keys one by one");
-                    batch.into_iter().for_each(|(key, replies)| self.contend(key, replies));
+                    let err = Arc::new(err);
+                    batch.into_values().for_each(|replies| answer(replies, Err(Arc::clone(&err))));
                 }
             }
         }
@@ -129,7 +161,7 @@ impl Coalescer {
             return;
         }
         state.contended.insert(key.clone(), replies);
-        actix_web::rt::spawn(self.clone().run_key(key));
+        self.spawn(move |coalescer| Box::pin(coalescer.run_key(key)));
     }
 
     /// Runs one transaction after another for `key`, each taking every request queued for it so far.
@@ -138,7 +170,8 @@ impl Coalescer {
         loop {
             let replies = {
                 let mut state = self.lock();
-                let waiting = state.contended.get_mut(&key).map(std::mem::take).unwrap_or_default();
+                let mut waiting = state.contended.get_mut(&key).map(std::mem::take).unwrap_or_default();
+                waiting.retain(|reply| !reply.is_closed());
                 if waiting.is_empty() {
                     state.contended.remove(&key);
                     guard.finished = true;
@@ -178,6 +211,17 @@ impl Drop for Unfinished<'_> {
             }
         }
     }
+}
+
+/// The batch without the requests whose client went away (their handler was dropped): they take no value.
+fn still_waiting(batch: HashMap<String, Vec<Reply>>) -> HashMap<String, Vec<Reply>> {
+    batch
+        .into_iter()
+        .filter_map(|(key, mut replies)| {
+            replies.retain(|reply| !reply.is_closed());
+            (!replies.is_empty()).then_some((key, replies))
+        })
+        .collect()
 }
 
 /// Hands each request its own value: the counter's new value `v` after adding `replies.len()` is shared

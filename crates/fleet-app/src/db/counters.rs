@@ -64,7 +64,7 @@ impl Db {
         once: Option<&Once<'_, Counter>>,
     ) -> Result<Retried<Written<Counter>>, DbError> {
         let done = self
-            .transact(once, async |tx| {
+            .transact_locking(once, &[key], async |tx| {
                 Ok(Counter { key: key.to_owned(), value: increment_in(tx, key, 1).await? })
             })
             .await?;
@@ -123,7 +123,9 @@ impl Db {
     }
 
     /// Moves `amount` from one counter to another in one transaction, locking both rows in request order
-    /// (or key order with `LOCK_ORDER=sorted`); deadlocks are retried. With `once`, at most once per key.
+    /// (or key order with `LOCK_ORDER=sorted`); deadlocks are retried until `RETRY_DEADLINE_MS`. Only
+    /// [`gate::ROW_WAITERS_PER_NODE`](super::gate::ROW_WAITERS_PER_NODE) of a node's requests on the same
+    /// counter hold a connection at once; the others wait without one. With `once`, at most once per key.
     #[tracing::instrument(skip_all, fields(transfer.from = %from, transfer.to = %to, transfer.amount = amount))]
     pub async fn transfer(
         &self,
@@ -136,12 +138,14 @@ impl Db {
             LockOrder::Sorted if to < from => [to, from],
             _ => [from, to],
         };
-        self.transact(once, async |tx| {
+        self.transact_locking(once, &lock_order, async |tx| {
             for key in lock_order {
                 lock_counter(tx, key).await?;
             }
-            let from_value = add(tx, from, -amount).await?;
-            let to_value = add(tx, to, amount).await?;
+            // Both updates sent at once (tokio-postgres pipelines the queries of one connection polled
+            // together; PostgreSQL runs them in order): the rows stay locked a round trip less. The locks
+            // are not pipelined: a round trip between them is the window in which opposite transfers meet.
+            let (from_value, to_value) = tokio::try_join!(add(tx, from, -amount), add(tx, to, amount))?;
             Ok(Transfer {
                 from: Counter { key: from.to_owned(), value: from_value },
                 to: Counter { key: to.to_owned(), value: to_value },

@@ -4,6 +4,7 @@ mod coalesce;
 mod counters;
 mod data;
 mod deadline;
+mod gate;
 pub mod idempotency;
 pub mod isolation;
 mod lab;
@@ -16,9 +17,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::{
-    Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime, Status, Timeouts,
+    Connect, Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime, Status, Timeouts,
 };
+use futures_util::future::BoxFuture;
 use rand::Rng;
+use tokio::task::JoinHandle;
 use tokio_postgres::NoTls;
 
 use crate::config::{Config, LockOrder};
@@ -28,7 +31,7 @@ use deadline::Conn;
 pub use coalesce::Coalescer;
 pub use counters::{Counter, Transfer};
 pub use idempotency::{IdempotencyKey, StoredResponse};
-pub use stats::{DatabaseStats, Health};
+pub use stats::{DatabaseStats, Health, STATS_MAX_AGE};
 pub use transact::{Once, Written};
 
 #[derive(Debug, thiserror::Error)]
@@ -55,9 +58,12 @@ pub enum DbError {
     /// An attempt ran past its deadline after sending COMMIT: the outcome is unknown.
     #[error("the database did not answer COMMIT within the attempt's deadline")]
     CommitTimedOut,
-    /// A coalesced batch ended without answering (its task died): a bug, never expected.
+    /// A coalesced batch ended without answering (its task died): whether it committed is unknown.
     #[error("the coalesced batch ended without an answer")]
     BatchLost,
+    /// The request's deadline (`RETRY_DEADLINE_MS`) passed while it waited for its rows' gates.
+    #[error("the request's deadline passed while it waited for a busy counter")]
+    DeadlinePassed,
 }
 
 impl DbError {
@@ -72,11 +78,11 @@ impl DbError {
             DbError::Pool(PoolError::Backend(e)) => e.code().map(|c| c.code()).or(Some("08006")),
             DbError::Pool(_) => None,
             DbError::Shared(inner) => inner.sqlstate(),
-            DbError::CommitUnknown(_) | DbError::CommitTimedOut => Some("08007"),
+            DbError::CommitUnknown(_) | DbError::CommitTimedOut | DbError::BatchLost => Some("08007"),
             DbError::AttemptTimedOut
-            | DbError::BatchLost
             | DbError::IdempotencyKeyReused
-            | DbError::IdempotencyKeyInUse => None,
+            | DbError::IdempotencyKeyInUse
+            | DbError::DeadlinePassed => None,
         }
     }
 
@@ -87,17 +93,29 @@ impl DbError {
             DbError::Pool(_) => true,
             DbError::Shared(inner) => inner.is_connection_error(),
             DbError::CommitUnknown(_) | DbError::AttemptTimedOut | DbError::CommitTimedOut => true,
-            DbError::BatchLost | DbError::IdempotencyKeyReused | DbError::IdempotencyKeyInUse => false,
+            DbError::BatchLost
+            | DbError::IdempotencyKeyReused
+            | DbError::IdempotencyKeyInUse
+            | DbError::DeadlinePassed => false,
         }
     }
 
-    /// An error from sending COMMIT: a lost connection there leaves the outcome unknown.
+    /// An error from sending COMMIT. Only an answer from the server with a SQLSTATE (say 40001, or a
+    /// deferred constraint) says the transaction rolled back; any other error (no SQLSTATE: a lost or
+    /// timed-out connection, a protocol error) or a connection-class one (08xxx, 57P0x) leaves the
+    /// outcome unknown.
     pub(super) fn at_commit(err: tokio_postgres::Error) -> DbError {
-        let err = DbError::Postgres(err);
-        match err {
-            DbError::Postgres(e) if err_is_connection(&e) => DbError::CommitUnknown(e),
-            err => err,
+        if err.code().is_none() || err_is_connection(&err) {
+            DbError::CommitUnknown(err)
+        } else {
+            DbError::Postgres(err)
         }
+    }
+
+    /// An error tied to one row's data (class 22, data exception: a counter past i64; class 23,
+    /// integrity): the only kind that may be one key's fault in a many-key batch.
+    pub(super) fn is_row_error(&self) -> bool {
+        matches!(self.sqlstate(), Some(code) if code.starts_with("22") || code.starts_with("23"))
     }
 
     /// Safe to run again: PostgreSQL aborted the transaction (deadlock, serialization failure), or the
@@ -123,19 +141,48 @@ fn err_is_connection(e: &tokio_postgres::Error) -> bool {
         || (e.code().is_none() && std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>()))
 }
 
+/// Opens pooled connections and runs their I/O tasks on the runtime that built the pool (the node's
+/// main one), not on the HTTP worker that first needed the connection: on shutdown a worker with no open
+/// connections stops at once, and would end the connection, and the request on another worker using it.
+struct ConnectOnMain {
+    runtime: tokio::runtime::Handle,
+}
+
+impl Connect for ConnectOnMain {
+    fn connect(
+        &self,
+        pg: &tokio_postgres::Config,
+    ) -> BoxFuture<'_, Result<(tokio_postgres::Client, JoinHandle<()>), tokio_postgres::Error>> {
+        let pg = pg.clone();
+        Box::pin(async move {
+            let (client, connection) = pg.connect(NoTls).await?;
+            let task = self.runtime.spawn(async move {
+                if let Err(e) = connection.await {
+                    tracing::warn!(error = %e, "database connection ended with an error");
+                }
+            });
+            Ok((client, task))
+        })
+    }
+}
+
 /// The pool and the settings every query needs.
 #[derive(Debug, Clone)]
 pub struct Db {
     pool: Pool,
     metrics: Metrics,
     container_id: String,
+    /// 0: no limit but the deadline.
     retry_max_attempts: u32,
     retry_deadline: Duration,
     /// `POOL_WAIT_TIMEOUT_MS` and `DB_ATTEMPT_TIMEOUT_MS`: together, one attempt's deadline.
     pool_wait: Duration,
     attempt_timeout: Duration,
     lock_order: LockOrder,
+    gates: gate::RowGates,
     isolation: isolation::IsolationLab,
+    lab: lab::LabBudget,
+    stats: stats::StatsSnapshot,
 }
 
 /// A value and the number of attempts it took.
@@ -148,9 +195,9 @@ pub struct Retried<T> {
 impl Db {
     /// Builds the pool; no connection is opened until the first checkout.
     pub fn new(config: &Config, metrics: Metrics) -> anyhow::Result<Self> {
-        let manager = Manager::from_config(
+        let manager = Manager::from_connect(
             config.pg_config()?,
-            NoTls,
+            ConnectOnMain { runtime: tokio::runtime::Handle::current() },
             ManagerConfig { recycling_method: RecyclingMethod::Fast },
         );
         let wait = Some(config.pool_wait_timeout());
@@ -168,7 +215,10 @@ impl Db {
             pool_wait: config.pool_wait_timeout(),
             attempt_timeout: config.db_attempt_timeout(),
             lock_order: config.lock_order,
+            gates: gate::RowGates::default(),
             isolation: isolation::IsolationLab::new(config.pg_config()?),
+            lab: lab::LabBudget::new(config.lab_max_connections()),
+            stats: stats::StatsSnapshot::default(),
         })
     }
 
@@ -209,29 +259,47 @@ impl Db {
         result
     }
 
+    /// When a request that starts now must have started its last attempt (`RETRY_DEADLINE_MS`).
+    fn deadline(&self) -> Instant {
+        Instant::now() + self.retry_deadline
+    }
+
     /// Runs `attempt` (given its number, from 1) until it succeeds, fails with an error that is not safe
-    /// to retry (see `DbError::is_retryable`), has been tried `RETRY_MAX_ATTEMPTS` times, or has run past
-    /// `RETRY_DEADLINE_MS`. Between attempts it sleeps a random time up to an exponentially growing bound
-    /// (full jitter). Every retry is counted in `fleet_db_transaction_retries_total{sqlstate}`.
+    /// to retry (see `DbError::is_retryable`), or fails after `deadline` (then it is the answer). A
+    /// deadlock or serialization failure is retried as long as the deadline allows (with
+    /// `RETRY_MAX_ATTEMPTS` set, at most that many attempts); a broken connection [`CONNECTION_ATTEMPTS`]
+    /// times at most. Between attempts it sleeps a random time
+    /// up to an exponentially growing bound (full jitter), never past the deadline. Every retry is
+    /// counted in `fleet_db_transaction_retries_total{sqlstate}`.
     async fn retrying<T>(
         &self,
+        deadline: Instant,
         mut attempt: impl AsyncFnMut(u32) -> Result<T, DbError>,
     ) -> Result<Retried<T>, DbError> {
-        let start = Instant::now();
-        let mut attempts = 0;
+        let (mut attempts, mut broken) = (0, 0);
         loop {
             attempts += 1;
-            match self.observed(attempt(attempts)).await {
+            let result = self.observed(attempt(attempts)).await;
+            let again = match &result {
+                Ok(_) => false,
+                Err(err) if matches!(err.sqlstate(), Some("40001" | "40P01")) => {
+                    self.retry_max_attempts == 0 || attempts < self.retry_max_attempts
+                }
+                Err(err) => {
+                    broken += 1;
+                    err.is_retryable() && broken < CONNECTION_ATTEMPTS
+                }
+            };
+            match result {
                 Ok(value) => return Ok(Retried { value, attempts }),
-                Err(err)
-                    if err.is_retryable()
-                        && attempts < self.retry_max_attempts
-                        && start.elapsed() < self.retry_deadline =>
-                {
+                Err(err) if again && Instant::now() < deadline => {
                     let sqlstate = err.sqlstate().unwrap_or("none");
                     self.metrics.transaction_retries.with_label_values(&[sqlstate]).inc();
                     tracing::debug!(db.sqlstate = sqlstate, retry.attempt = attempts, "retrying transaction");
-                    tokio::time::sleep(backoff(attempts)).await;
+                    tokio::time::sleep(
+                        backoff(attempts).min(deadline.saturating_duration_since(Instant::now())),
+                    )
+                    .await;
                 }
                 Err(err) => return Err(err),
             }
@@ -239,9 +307,18 @@ impl Db {
     }
 }
 
-/// Full-jitter backoff: uniform in [0, min(5 ms × 2^attempt, 500 ms)].
+/// Attempts for a transaction whose connection broke before COMMIT. The next checkout replaces a broken
+/// pooled connection, so a retry usually succeeds at once; while the database is down every attempt fails
+/// as fast as the first, and retrying until the deadline would only delay the 503.
+const CONNECTION_ATTEMPTS: u32 = 5;
+
+/// The longest pause between two attempts. Short: a retried transfer keeps its place at its rows' gates
+/// while it sleeps, so a long pause would stall the requests queued behind it.
+const BACKOFF_CAP_MS: u64 = 100;
+
+/// Full-jitter backoff: uniform in [0, min(5 ms × 2^attempt, `BACKOFF_CAP_MS`)].
 fn backoff(attempt: u32) -> Duration {
-    let cap_ms = (5u64 << attempt.min(10)).min(500);
+    let cap_ms = (5u64 << attempt.min(10)).min(BACKOFF_CAP_MS);
     Duration::from_micros(rand::rng().random_range(0..=cap_ms * 1000))
 }
 
@@ -252,9 +329,9 @@ mod tests {
     #[test]
     fn backoff_grows_and_is_capped() {
         for attempt in 1..20 {
-            let cap = Duration::from_millis((5u64 << attempt.min(10)).min(500));
+            let cap = Duration::from_millis((5u64 << attempt.min(10)).min(BACKOFF_CAP_MS));
             assert!(backoff(attempt) <= cap);
         }
-        assert!((0..100).map(|_| backoff(12)).any(|d| d > Duration::from_millis(250)));
+        assert!((0..100).map(|_| backoff(12)).any(|d| d > Duration::from_millis(BACKOFF_CAP_MS / 2)));
     }
 }

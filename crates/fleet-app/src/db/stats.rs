@@ -1,11 +1,23 @@
 //! Health probes and the seed's statistics.
 
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
 use serde::Serialize;
 
 use super::{Db, DbError};
 
+/// How old the statistics `/api/stats` answers with may be. Counting `data` scans the whole table, so a
+/// node counts at most once per this period, whatever the request rate; callers in between get the
+/// last count and its age.
+pub const STATS_MAX_AGE: Duration = Duration::from_secs(5);
+
+/// The last count and when it was taken. One refresh at a time: callers that find it stale while
+/// another refreshes wait for that one (holding no connection) instead of counting again.
+pub(super) type StatsSnapshot = Arc<tokio::sync::Mutex<Option<(Instant, DatabaseStats)>>>;
+
 /// What `/api/stats` reports about the database.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct DatabaseStats {
     pub total_records: i64,
     pub total_counters: i64,
@@ -30,7 +42,22 @@ impl Db {
         .await
     }
 
-    pub async fn stats(&self) -> Result<DatabaseStats, DbError> {
+    /// The database's statistics as counted at most [`STATS_MAX_AGE`] ago, and how long ago.
+    pub async fn stats(&self) -> Result<(DatabaseStats, Duration), DbError> {
+        let mut snapshot = self.stats.lock().await;
+        if let Some((taken, stats)) = snapshot.as_ref() {
+            if taken.elapsed() < STATS_MAX_AGE {
+                return Ok((stats.clone(), taken.elapsed()));
+            }
+        }
+        let taken = Instant::now();
+        let stats = self.count_stats().await?;
+        *snapshot = Some((taken, stats.clone()));
+        Ok((stats, taken.elapsed()))
+    }
+
+    /// Counts everything `/api/stats` reports: a scan of `data`.
+    async fn count_stats(&self) -> Result<DatabaseStats, DbError> {
         self.observed(async {
             let client = self.client().await?;
             let select = client

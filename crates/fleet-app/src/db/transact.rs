@@ -44,18 +44,34 @@ impl Db {
         }
     }
 
-    /// Runs `write` in a transaction (see [`Db::retrying`]). With `once`, the transaction first claims the
-    /// idempotency key, and stores the rendered response before it commits; a key already completed gives
-    /// back its stored response and writes nothing.
+    /// [`Db::transact_locking`] for a write that locks no counter.
     pub(super) async fn transact<T>(
         &self,
         once: Option<&Once<'_, T>>,
         write: impl AsyncFn(&Transaction<'_>) -> Result<T, DbError>,
     ) -> Result<Retried<Written<T>>, DbError> {
+        self.transact_locking(once, &[], write).await
+    }
+
+    /// Runs `write` in a transaction (see [`Db::retrying`]), after passing the node's gates of the
+    /// counters it will lock (`counters`; see `db::gate`), so a busy counter is waited for without a
+    /// pooled connection. Waiting and every attempt share one deadline, `RETRY_DEADLINE_MS`. With
+    /// `once`, the transaction first claims the idempotency key, and stores the rendered response before
+    /// it commits; a key already completed gives back its stored response and writes nothing.
+    pub(super) async fn transact_locking<T>(
+        &self,
+        once: Option<&Once<'_, T>>,
+        counters: &[&str],
+        write: impl AsyncFn(&Transaction<'_>) -> Result<T, DbError>,
+    ) -> Result<Retried<Written<T>>, DbError> {
+        let deadline = self.deadline();
+        let _passes = tokio::time::timeout_at(deadline.into(), self.gates.pass(counters))
+            .await
+            .map_err(|_| DbError::DeadlinePassed)?;
         // Whether the current attempt sent COMMIT: if its deadline passes after that, the outcome is unknown.
         let commit_sent = AtomicBool::new(false);
         let done = self
-            .retrying(async |attempt| {
+            .retrying(deadline, async |attempt| {
                 commit_sent.store(false, Ordering::Relaxed);
                 let mut client = self.client().await?;
                 let tx = client.transaction().await?;

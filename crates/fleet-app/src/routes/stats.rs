@@ -4,6 +4,7 @@ use actix_web::{web, HttpResponse};
 use serde_json::json;
 
 use super::AppState;
+use crate::db::STATS_MAX_AGE;
 use crate::errors::ApiError;
 
 pub async fn pool_stats(state: web::Data<AppState>) -> HttpResponse {
@@ -18,11 +19,15 @@ pub async fn pool_stats(state: web::Data<AppState>) -> HttpResponse {
 }
 
 pub async fn stats(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
-    let database = state.db.stats().await?;
+    let (database, age) = state.db.stats().await?;
     let pool = state.db.status();
     Ok(HttpResponse::Ok().json(json!({
         "container": state.container_id,
         "database": database,
+        // The counts are a snapshot: taken at most `STATS_MAX_AGE` ago, shared by every caller meanwhile.
+        "databaseSource": "snapshot",
+        "databaseAgeMs": age.as_millis() as u64,
+        "databaseMaxAgeMs": STATS_MAX_AGE.as_millis() as u64,
         "pool": {
             "maxSize": pool.max_size,
             "totalCount": pool.size,

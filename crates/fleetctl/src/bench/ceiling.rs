@@ -11,7 +11,7 @@ use super::db::{checked, Db};
 use super::plan::Ceiling;
 use super::progress::Progress;
 use super::report::{ms, thousands};
-use super::requests::{key, row, HOT_KEY, KEY_COUNT, KEY_STEM};
+use super::requests::{key, pair, row, HOT_KEY, KEY_COUNT, KEY_STEM, PAIR_COUNT, PAIR_STEM};
 use super::results::Ceilings;
 use super::BenchArgs;
 
@@ -29,7 +29,8 @@ pub struct Pgbench {
     /// Failed transactions (pgbench 15 and later report them; 0 when not reported).
     pub failed: u64,
     pub latency_avg_ms: Option<f64>,
-    /// The benchmark counters' sum grew by this much while pgbench ran (must equal `transactions`).
+    /// The benchmark counters' sum grew by this much while pgbench ran (must equal `transactions` for
+    /// increments, 0 for transfers).
     pub counter_delta: i64,
 }
 
@@ -60,11 +61,17 @@ pub fn measure(
             format!("ceiling: pgbench, one transaction per increment on 1000 keys, {clients} clients")
         }
         Ceiling::Copy => format!("ceiling: psql \\copy of {COPY_ROWS} rows at a time"),
+        Ceiling::Pair => {
+            format!("ceiling: pgbench, the transfer in key order on one pair, {clients} clients")
+        }
+        Ceiling::Pairs => {
+            format!("ceiling: pgbench, the transfer in key order on 1000 pairs, {clients} clients")
+        }
     };
     progress.begin(&format!("{what}, {} s", args.duration));
     let summary = match which {
-        Ceiling::Hot | Ceiling::Keys => {
-            let result = pgbench(db, which == Ceiling::Hot, clients, args.duration)?;
+        Ceiling::Hot | Ceiling::Keys | Ceiling::Pair | Ceiling::Pairs => {
+            let result = pgbench(db, which, clients, args.duration)?;
             let summary = format!(
                 "{} tps, {} transactions, {} failed, latency avg {}",
                 thousands(result.tps),
@@ -74,7 +81,9 @@ pub fn measure(
             );
             match which {
                 Ceiling::Hot => ceilings.hot = Some(result),
-                _ => ceilings.keys = Some(result),
+                Ceiling::Keys => ceilings.keys = Some(result),
+                Ceiling::Pair => ceilings.pair = Some(result),
+                _ => ceilings.pairs = Some(result),
             }
             summary
         }
@@ -108,15 +117,38 @@ pub fn increment_script(hot: bool) -> String {
     )
 }
 
-/// pgbench on the increment transaction (`hot`: the one key; else one of the 1000) for `seconds`.
-pub fn pgbench(db: &Db, hot: bool, clients: u32, seconds: u64) -> anyhow::Result<Pgbench> {
-    let keys: Vec<String> = match hot {
-        true => vec![HOT_KEY.to_owned()],
-        false => (1..=KEY_COUNT).map(key).collect(),
+/// The transfer a node runs (lock both rows, take 1 from one and give it to the other), but with the
+/// rows locked in key order, so it never deadlocks: on the hot pair (`hot`), else on one of the 1000
+/// pairs; each transaction in a random direction.
+pub fn transfer_script(hot: bool) -> String {
+    let (set, pair) = match hot {
+        true => (String::new(), format!("'{PAIR_STEM}0'")),
+        false => (format!("\\set p random(1, {PAIR_COUNT})\n"), format!("'{PAIR_STEM}' || :p")),
+    };
+    let (a, b) = (format!("{pair} || 'a'"), format!("{pair} || 'b'"));
+    format!(
+        "{set}\\set d random(0, 1)\n\
+         BEGIN;\n\
+         SELECT value FROM counters WHERE key = {a} FOR UPDATE;\n\
+         SELECT value FROM counters WHERE key = {b} FOR UPDATE;\n\
+         UPDATE counters SET value = value - (2 * :d - 1), last_modified = now() WHERE key = {a} RETURNING value;\n\
+         UPDATE counters SET value = value + (2 * :d - 1), last_modified = now() WHERE key = {b} RETURNING value;\n\
+         COMMIT;\n"
+    )
+}
+
+/// pgbench on one ceiling's transaction and counters for `seconds`.
+pub fn pgbench(db: &Db, which: Ceiling, clients: u32, seconds: u64) -> anyhow::Result<Pgbench> {
+    let (script_text, keys): (String, Vec<String>) = match which {
+        Ceiling::Hot => (increment_script(true), vec![HOT_KEY.to_owned()]),
+        Ceiling::Keys => (increment_script(false), (1..=KEY_COUNT).map(key).collect()),
+        Ceiling::Pair => (transfer_script(true), pair(0).to_vec()),
+        Ceiling::Pairs => (transfer_script(false), (1..=PAIR_COUNT).flat_map(pair).collect()),
+        Ceiling::Copy => anyhow::bail!("COPY is not a pgbench ceiling"),
     };
     db.ensure_counters(&keys)?;
     let mut script = tempfile::Builder::new().prefix("bench-").suffix(".sql").tempfile()?;
-    script.write_all(increment_script(hot).as_bytes())?;
+    script.write_all(script_text.as_bytes())?;
     let before = db.snapshot()?;
     let threads = clients.min(std::thread::available_parallelism().map_or(1, |n| n.get() as u32));
     let output = db
@@ -242,6 +274,17 @@ tps = 6894.374529 (without initial connection time)
         assert!(keys.starts_with("\\set k random(1, 1000)\nBEGIN;"), "{keys}");
         assert!(keys.contains("WHERE key = 'bench-k' || :k FOR UPDATE"), "{keys}");
         assert!(increment_script(true).contains("WHERE key = 'bench-hot' FOR UPDATE"));
+    }
+
+    #[test]
+    fn the_transfer_ceiling_locks_both_rows_in_key_order_before_it_moves_one() {
+        let pairs = transfer_script(false);
+        assert!(pairs.starts_with("\\set p random(1, 1000)\n\\set d random(0, 1)\nBEGIN;"), "{pairs}");
+        let a = pairs.find("'bench-t' || :p || 'a' FOR UPDATE").unwrap();
+        let b = pairs.find("'bench-t' || :p || 'b' FOR UPDATE").unwrap();
+        let update = pairs.find("UPDATE counters").unwrap();
+        assert!(a < b && b < update, "{pairs}");
+        assert!(transfer_script(true).contains("WHERE key = 'bench-t0' || 'a' FOR UPDATE"));
     }
 
     #[test]

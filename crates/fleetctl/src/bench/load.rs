@@ -35,6 +35,8 @@ use super::requests::{Kind, Requests};
 
 /// Largest latency the histogram holds, in microseconds (larger ones are clamped to it).
 const MAX_LATENCY_US: u64 = 120_000_000;
+/// Most attempts the histogram holds (larger counts are clamped to it).
+const MAX_ATTEMPTS: u64 = 100_000;
 /// Pause before reconnecting after a failed connect, so a dead nginx is not hammered.
 const RECONNECT_PAUSE: Duration = Duration::from_millis(20);
 
@@ -62,6 +64,11 @@ pub struct Counts {
     /// 2xx increments and the rows of 2xx bulk inserts: what the database must now hold.
     pub increments_ok: u64,
     pub rows_ok: u64,
+    /// 2xx transfers, and the attempts they took in all (`attempts` of each answer).
+    #[serde(default)]
+    pub transfers_ok: u64,
+    #[serde(default)]
+    pub transfer_attempts: u64,
 }
 
 impl Counts {
@@ -85,6 +92,8 @@ impl Counts {
         self.transport_errors += other.transport_errors;
         self.increments_ok += other.increments_ok;
         self.rows_ok += other.rows_ok;
+        self.transfers_ok += other.transfers_ok;
+        self.transfer_attempts += other.transfer_attempts;
     }
 }
 
@@ -96,6 +105,8 @@ pub struct Outcome {
     pub tail: Counts,
     /// Latency of the measured window's answers, in microseconds.
     pub latency_us: Histogram<u64>,
+    /// Attempts of the measured window's 2xx transfers.
+    pub attempts: Histogram<u64>,
     /// The measured window's length.
     pub window: Duration,
     /// CPU time the driver's thread used (user + system) over the whole run, warm-up and tail included.
@@ -144,6 +155,7 @@ async fn drive(load: &Load<'_>) -> anyhow::Result<Outcome> {
         outcome.measured.merge(&one.measured);
         outcome.tail.merge(&one.tail);
         outcome.latency_us.add(&one.latency_us).context("merge latency histograms")?;
+        outcome.attempts.add(&one.attempts).context("merge attempt histograms")?;
     }
     Ok(outcome)
 }
@@ -164,6 +176,8 @@ impl Outcome {
             measured: Counts::default(),
             tail: Counts::default(),
             latency_us: new_histogram()?,
+            attempts: Histogram::new_with_bounds(1, MAX_ATTEMPTS, 3)
+                .context("create an attempts histogram")?,
             window,
             driver_cpu: Duration::ZERO,
             wall: Duration::ZERO,
@@ -239,6 +253,14 @@ async fn connection(
             match outgoing.kind {
                 Kind::Increment => counts.increments_ok += 1,
                 Kind::Insert(rows) => counts.rows_ok += rows,
+                Kind::Transfer => {
+                    let attempts = attempts(&body);
+                    counts.transfers_ok += 1;
+                    counts.transfer_attempts += attempts;
+                    if phase(done) == Phase::Measured {
+                        out.attempts.saturating_record(attempts);
+                    }
+                }
                 Kind::Read => {}
             }
         } else {
@@ -282,6 +304,11 @@ pub fn error_code(body: &[u8]) -> String {
         .ok()
         .and_then(|v| v["code"].as_str().map(str::to_owned))
         .unwrap_or_else(|| "?".to_owned())
+}
+
+/// The `attempts` of a transfer's answer (1 if it has none).
+fn attempts(body: &[u8]) -> u64 {
+    serde_json::from_slice::<serde_json::Value>(body).ok().and_then(|v| v["attempts"].as_u64()).unwrap_or(1)
 }
 
 #[cfg(test)]

@@ -31,7 +31,7 @@ use plan::{parse_shape, Ceiling, Shape, Workload};
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     /// Workloads, all run at the main shape (--at).
-    #[arg(long, value_delimiter = ',', default_value = "hot,keys,bulk,mixed")]
+    #[arg(long, value_delimiter = ',', default_value = "hot,keys,bulk,mixed,pair,pairs")]
     workloads: Vec<Workload>,
     /// Node counts of the node sweep (at the main pool size).
     #[arg(long, value_delimiter = ',', default_value = "1,2,4")]

@@ -20,10 +20,16 @@ pub enum Workload {
     Bulk,
     /// 60 % increments over the 1000 keys, 30 % counter reads, 10 % bulk inserts of a tenth of `--bulk-rows`.
     Mixed,
+    /// `POST /api/transfer` of 1 between the two counters of one pair, each request in a random
+    /// direction: opposite lock orders on the same two rows (40P01 with the default `LOCK_ORDER`).
+    Pair,
+    /// `POST /api/transfer` of 1 within one of 1000 pairs drawn per request, in a random direction.
+    Pairs,
 }
 
 impl Workload {
-    pub const ALL: [Workload; 4] = [Workload::Hot, Workload::Keys, Workload::Bulk, Workload::Mixed];
+    pub const ALL: [Workload; 6] =
+        [Workload::Hot, Workload::Keys, Workload::Bulk, Workload::Mixed, Workload::Pair, Workload::Pairs];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -31,6 +37,8 @@ impl Workload {
             Workload::Keys => "keys",
             Workload::Bulk => "bulk",
             Workload::Mixed => "mixed",
+            Workload::Pair => "pair",
+            Workload::Pairs => "pairs",
         }
     }
 
@@ -41,7 +49,14 @@ impl Workload {
             Workload::Keys => "increment, 1000 keys",
             Workload::Bulk => "bulk insert",
             Workload::Mixed => "mixed (60 % increment, 30 % read, 10 % bulk)",
+            Workload::Pair => "transfer, one hot pair, opposite directions",
+            Workload::Pairs => "transfer, 1000 pairs",
         }
+    }
+
+    /// Whether it sends transfers (whose answers carry `attempts`).
+    pub fn transfers(self) -> bool {
+        matches!(self, Workload::Pair | Workload::Pairs)
     }
 
     /// Whether its throughput is counted in rows (bulk) rather than requests.
@@ -96,6 +111,10 @@ pub enum Ceiling {
     Keys,
     /// psql `\copy` into `data`.
     Copy,
+    /// pgbench, the transfer a node runs, on the hot pair, with both rows locked in key order.
+    Pair,
+    /// pgbench, the same, on a pair drawn from 1000.
+    Pairs,
 }
 
 impl Ceiling {
@@ -106,6 +125,8 @@ impl Ceiling {
             Workload::Keys => Some(Ceiling::Keys),
             Workload::Bulk => Some(Ceiling::Copy),
             Workload::Mixed => None,
+            Workload::Pair => Some(Ceiling::Pair),
+            Workload::Pairs => Some(Ceiling::Pairs),
         }
     }
 }

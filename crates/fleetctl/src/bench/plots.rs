@@ -149,6 +149,9 @@ fn ceiling(r: &Results, workload: Workload) -> Option<(f64, String)> {
             c.copy.as_ref().map(|p| (p.rows_per_s, format!("COPY {} rows/s", thousands(p.rows_per_s))))
         }
         Workload::Mixed => None,
+        Workload::Pair | Workload::Pairs => {
+            c.transfers(workload).map(|p| (p.tps, format!("pgbench {} tps (key order)", thousands(p.tps))))
+        }
     }
 }
 

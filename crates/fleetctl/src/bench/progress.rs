@@ -107,8 +107,8 @@ mod tests {
             step(vec![Workload::Keys], vec![]),
         ];
         let progress = Progress::new(&steps, Duration::from_secs(12), Duration::from_secs(10));
-        assert_eq!(progress.total, 7);
-        assert_eq!(progress.planned(), Duration::from_secs_f64(2.0 * 6.0 + 5.0 * 12.5 + 2.0 * 12.0));
+        assert_eq!(progress.total, 9);
+        assert_eq!(progress.planned(), Duration::from_secs_f64(2.0 * 6.0 + 7.0 * 12.5 + 2.0 * 12.0));
         assert_eq!(mm_ss(61.4), "1:01");
     }
 }

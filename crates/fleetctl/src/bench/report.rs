@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 
 use super::plan::{Role, Workload};
-use super::results::{Goal, Point, Results, Settings, Unit};
+use super::results::{Goal, Point, Results, Settings, Transfers, Unit};
 
 /// The report; `plots` are the `(file, caption)` of the figures written next to it.
 pub fn markdown(r: &Results, plots: &[(&str, &str)]) -> String {
@@ -61,6 +61,7 @@ pub fn markdown(r: &Results, plots: &[(&str, &str)]) -> String {
             failures(point),
         );
     }
+    transfers(&mut md, r);
     md.push_str("\n## Goals\n\n| goal | measured | target | met? | against |\n|---|--:|--:|---|---|\n");
     for g in &r.goals {
         let figure = |v: f64| match g.unit {
@@ -93,6 +94,31 @@ pub fn markdown(r: &Results, plots: &[(&str, &str)]) -> String {
     }
     md.push_str("Raw figures, every status and error code, and the consistency checks: `results.json`.\n");
     md
+}
+
+/// The transfer workloads' own figures: deadlocks the nodes retried, and attempts per transfer.
+fn transfers(md: &mut String, r: &Results) {
+    let points: Vec<(&Point, &Transfers)> =
+        r.points.iter().filter_map(|p| Some((p, p.transfers.as_ref()?))).collect();
+    if points.is_empty() {
+        return;
+    }
+    md.push_str("\n## Transfers\n\n");
+    md.push_str("| workload | nodes × pool | transfers/s | 40P01/s (retried) | attempts p50 | attempts p99 | non-2xx |\n");
+    md.push_str("|---|---|--:|--:|--:|--:|--:|\n");
+    for (p, t) in points {
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            p.workload.title(),
+            p.shape,
+            thousands(t.transfers_per_s),
+            thousands(t.deadlocks_per_s),
+            t.attempts_p50,
+            t.attempts_p99,
+            failures(p)
+        );
+    }
 }
 
 /// The sweep's points (role main or sweep, passing `filter`), by workload then shape.
@@ -141,6 +167,11 @@ fn ceiling_of(r: &Results, workload: Workload) -> (String, Option<&Goal>) {
             goal("bulk insert"),
         ),
         Workload::Mixed => ("—".into(), None),
+        Workload::Pair | Workload::Pairs => (
+            c.transfers(workload)
+                .map_or("—".into(), |p| format!("pgbench {} tps (key order)", thousands(p.tps))),
+            goal("opposite transfers").filter(|_| workload == Workload::Pair),
+        ),
     }
 }
 
@@ -163,6 +194,7 @@ fn ceiling_value(r: &Results, workload: Workload) -> Option<f64> {
         Workload::Keys => c.keys.as_ref().map(|p| p.tps),
         Workload::Bulk => c.copy.as_ref().map(|p| p.rows_per_s),
         Workload::Mixed => None,
+        Workload::Pair | Workload::Pairs => c.transfers(workload).map(|p| p.tps),
     }
 }
 

@@ -18,6 +18,16 @@ pub const KEY_PREFIX: &str = "bench-";
 /// The `keys` set's counters are this followed by 1 … 1000.
 pub const KEY_STEM: &str = "bench-k";
 
+/// How many pairs `pairs` spreads over; pair 0 is `pair`'s hot pair.
+pub const PAIR_COUNT: u32 = 1000;
+/// Pair `i`'s counters are this followed by `i`, then `a` or `b`.
+pub const PAIR_STEM: &str = "bench-t";
+
+/// The two counters of pair `i` (0 is the hot pair, 1 … 1000 the `pairs` set), in key order.
+pub fn pair(i: u32) -> [String; 2] {
+    [format!("{PAIR_STEM}{i}a"), format!("{PAIR_STEM}{i}b")]
+}
+
 /// Counter `i` of the `keys` set (1-based, like pgbench's `random(1, 1000)`).
 pub fn key(i: u32) -> String {
     format!("{KEY_STEM}{i}")
@@ -35,6 +45,8 @@ pub enum Kind {
     Read,
     /// A bulk insert of this many rows.
     Insert(u64),
+    /// A transfer: the counters' sum stays the same.
+    Transfer,
 }
 
 /// One request to send.
@@ -55,6 +67,8 @@ pub struct Requests {
     reads: Vec<Outgoing>,
     bulk: Outgoing,
     small_bulk: Outgoing,
+    /// Pair `i`'s transfers, a→b and b→a (pair 0: the hot pair; built only for the transfer workloads).
+    transfers: Vec<[Outgoing; 2]>,
 }
 
 impl Requests {
@@ -86,6 +100,19 @@ impl Requests {
                 .collect(),
             bulk: bulk(bulk_rows),
             small_bulk: bulk((bulk_rows / 10).max(1)),
+            transfers: match workload.transfers() {
+                true => (0..=PAIR_COUNT)
+                    .map(|i| {
+                        let [a, b] = pair(i);
+                        let transfer = |from: &str, to: &str| {
+                            let body = json!({ "from": from, "to": to, "amount": 1 });
+                            post("/api/transfer", body, Kind::Transfer)
+                        };
+                        [transfer(&a, &b), transfer(&b, &a)]
+                    })
+                    .collect(),
+                false => Vec::new(),
+            },
         }
     }
 
@@ -100,6 +127,10 @@ impl Requests {
                 6..9 => &self.reads[any_key(rng)],
                 _ => &self.small_bulk,
             },
+            Workload::Pair => &self.transfers[0][rng.random_range(0..2)],
+            Workload::Pairs => {
+                &self.transfers[rng.random_range(1..=PAIR_COUNT as usize)][rng.random_range(0..2)]
+            }
         }
     }
 }
@@ -128,6 +159,7 @@ mod tests {
                     assert_eq!(rows, 100);
                     counts[2] += 1;
                 }
+                Kind::Transfer => unreachable!("mixed sends no transfers"),
             }
         }
         assert!((5700..6300).contains(&counts[0]), "{counts:?}");

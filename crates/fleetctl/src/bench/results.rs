@@ -72,6 +72,22 @@ pub struct Point {
     pub driver_cpu_cores: f64,
     /// What the answers claim against what the database holds afterwards.
     pub check: Check,
+    /// The transfer workloads' own figures.
+    #[serde(default)]
+    pub transfers: Option<Transfers>,
+}
+
+/// What a transfer workload's measured window saw.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Transfers {
+    /// 2xx transfers per second.
+    pub transfers_per_s: f64,
+    /// Deadlocks the nodes detected and retried per second (`fleet_db_transaction_retries_total
+    /// {sqlstate="40P01"}` over every node, before and after the load, warm-up and tail included).
+    pub deadlocks_per_s: f64,
+    /// Attempts per 2xx transfer (its answer's `attempts`), median and 99th percentile.
+    pub attempts_p50: u64,
+    pub attempts_p99: u64,
 }
 
 impl Point {
@@ -135,11 +151,27 @@ impl Check {
     }
 }
 
+impl Ceilings {
+    /// The pgbench ceiling of a transfer workload.
+    pub fn transfers(&self, workload: Workload) -> Option<&Pgbench> {
+        match workload {
+            Workload::Pair => self.pair.as_ref(),
+            Workload::Pairs => self.pairs.as_ref(),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Ceilings {
     pub hot: Option<Pgbench>,
     pub keys: Option<Pgbench>,
     pub copy: Option<Copy>,
+    /// The transfer ceilings (transfers keep the counters' sum: `counter_delta` must be 0).
+    #[serde(default)]
+    pub pair: Option<Pgbench>,
+    #[serde(default)]
+    pub pairs: Option<Pgbench>,
 }
 
 /// One of the goals.
@@ -178,6 +210,7 @@ pub fn goals(points: &[Point], ceilings: &Ceilings) -> Vec<Goal> {
     let hot_tps = ceilings.hot.as_ref().map(|c| c.tps);
     let keys_tps = ceilings.keys.as_ref().map(|c| c.tps);
     let copy_rate = ceilings.copy.as_ref().map(|c| c.rows_per_s);
+    let pair_tps = ceilings.pair.as_ref().map(|c| c.tps);
     let (seed_rps, seed_basis) = match keys_tps {
         Some(tps) => (
             SEED_KEYS_RPS * tps / SEED_PGBENCH_KEYS_TPS,
@@ -200,7 +233,8 @@ pub fn goals(points: &[Point], ceilings: &Ceilings) -> Vec<Goal> {
             .chain(&ceilings.keys)
             .filter(|c| c.transactions as i64 != c.counter_delta)
             .count()
-        + ceilings.copy.iter().filter(|c| c.rows as i64 != c.table_delta).count();
+        + ceilings.copy.iter().filter(|c| c.rows as i64 != c.table_delta).count()
+        + ceilings.pair.iter().chain(&ceilings.pairs).filter(|c| c.counter_delta != 0).count();
     vec![
         goal(
             "one hot key ≥ 2× the database's one-transaction-per-increment ceiling",
@@ -235,6 +269,14 @@ pub fn goals(points: &[Point], ceilings: &Ceilings) -> Vec<Goal> {
             "psql \\copy".into(),
         ),
         goal(
+            "opposite transfers on one pair ≥ 0.5× pgbench's transfer with rows locked in key order",
+            ratio(Workload::Pair, pair_tps),
+            Unit::Ratio,
+            true,
+            0.5,
+            "pgbench, the hot pair, key order".into(),
+        ),
+        goal(
             "zero non-2xx responses in every workload",
             (!at_main.is_empty()).then_some(failures as f64),
             Unit::Count,
@@ -256,7 +298,8 @@ pub fn goals(points: &[Point], ceilings: &Ceilings) -> Vec<Goal> {
             Unit::Count,
             false,
             0.0,
-            "points and ceilings whose 2xx increments ≠ counter growth or 2xx rows ≠ new rows".into(),
+            "points and ceilings whose 2xx increments ≠ counter growth (transfers: ≠ 0) or 2xx rows ≠ new rows"
+                .into(),
         ),
     ]
 }
@@ -280,6 +323,7 @@ mod tests {
             node_rss_bytes: vec![12 << 20, 31 << 20],
             driver_cpu_cores: 0.1,
             check: Check::default(),
+            transfers: None,
         }
     }
 
@@ -301,7 +345,8 @@ mod tests {
         failing.tail.status.insert(503, 2);
         let points =
             [point(Workload::Hot, Role::Main, 3400.0), point(Workload::Keys, Role::Main, 4830.0), failing];
-        let ceilings = Ceilings { hot: Some(pgbench(1700.0)), keys: Some(pgbench(3450.0)), copy: None };
+        let ceilings =
+            Ceilings { hot: Some(pgbench(1700.0)), keys: Some(pgbench(3450.0)), ..Ceilings::default() };
         let goals = goals(&points, &ceilings);
         let find = |prefix: &str| goals.iter().find(|g| g.goal.starts_with(prefix)).unwrap();
         assert_eq!((find("one hot key").measured, find("one hot key").met), (Some(2.0), Some(true)));

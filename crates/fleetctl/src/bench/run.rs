@@ -17,7 +17,7 @@ use super::plan::{self, Ceiling, Step, Workload};
 use super::progress::{mm_ss, Progress};
 use super::report::{self, ms, thousands};
 use super::requests::{key, Requests, KEY_COUNT};
-use super::results::{self, Ceilings, Check, Latency, Machine, Point, Results, Settings};
+use super::results::{self, Ceilings, Check, Latency, Machine, Point, Results, Settings, Transfers};
 use super::rss::Sampler;
 use super::BenchArgs;
 
@@ -156,6 +156,7 @@ fn run_step(
             args.connections
         ));
         let before = db.snapshot()?;
+        let deadlocks_before = deadlocks_retried(fleet)?;
         let requests = Requests::new(workload, args.bulk_rows);
         let sampler = Sampler::start(pids.clone());
         let outcome = load::run(&Load {
@@ -171,8 +172,15 @@ fn run_step(
             bail!("interrupted");
         }
         let after = db.snapshot()?;
+        let deadlocks = deadlocks_retried(fleet)? - deadlocks_before;
         let total = outcome.total();
         let window = outcome.window.as_secs_f64();
+        let transfers = workload.transfers().then(|| Transfers {
+            transfers_per_s: outcome.measured.transfers_ok as f64 / window,
+            deadlocks_per_s: deadlocks / outcome.wall.as_secs_f64().max(1e-9),
+            attempts_p50: outcome.attempts.value_at_quantile(0.50),
+            attempts_p99: outcome.attempts.value_at_quantile(0.99),
+        });
         let point = Point {
             workload,
             shape: step.shape,
@@ -192,6 +200,7 @@ fn run_step(
                 rows_ok: total.rows_ok,
                 rows_delta: after.rows - before.rows,
             },
+            transfers,
         };
         progress.end(false, &summary(&point));
         out.points.push(point);
@@ -206,14 +215,37 @@ fn run_step(
     Ok(())
 }
 
+/// The deadlocks every node of `fleet` has detected and retried so far
+/// (`fleet_db_transaction_retries_total{sqlstate="40P01"}`, read from each node directly).
+fn deadlocks_retried(fleet: &Fleet) -> anyhow::Result<f64> {
+    const SAMPLE: &str = r#"fleet_db_transaction_retries_total{sqlstate="40P01"} "#;
+    let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(10)).build();
+    let mut total = 0.0;
+    for node in fleet.nodes() {
+        let url = format!("{}/metrics", node.url());
+        let text = agent.get(&url).call().with_context(|| format!("GET {url}"))?.into_string()?;
+        total += text.lines().find_map(|l| l.strip_prefix(SAMPLE)?.trim().parse::<f64>().ok()).unwrap_or(0.0);
+    }
+    Ok(total)
+}
+
 fn summary(p: &Point) -> String {
     let throughput = match p.rows_per_s {
         Some(rows) => format!("{} req/s, {} rows/s", thousands(p.requests_per_s), thousands(rows)),
         None => format!("{} req/s", thousands(p.requests_per_s)),
     };
     let check = if p.check.holds() { "database agrees" } else { "DATABASE DISAGREES (see results.json)" };
+    let transfers = p.transfers.as_ref().map_or(String::new(), |t| {
+        format!(
+            ", {} transfers/s, {} 40P01/s, attempts p50 {} p99 {}",
+            thousands(t.transfers_per_s),
+            thousands(t.deadlocks_per_s),
+            t.attempts_p50,
+            t.attempts_p99
+        )
+    });
     format!(
-        "{throughput}, p50 {}, p99 {}, non-2xx {}, node RSS ≤ {:.1} MB, driver {:.2} cores, {check}",
+        "{throughput}{transfers}, p50 {}, p99 {}, non-2xx {}, node RSS ≤ {:.1} MB, driver {:.2} cores, {check}",
         ms(p.latency_ms.p50),
         ms(p.latency_ms.p99),
         p.failures(),

@@ -13,11 +13,9 @@ mod script;
 mod session;
 mod skew;
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Serialize, Serializer};
-use tokio::sync::Semaphore;
 use tokio_postgres::IsolationLevel;
 
 use super::{Db, DbError};
@@ -25,11 +23,10 @@ use run::Lab;
 
 pub use report::{LabRow, Mechanism, Observed, PgError, Scenario, Step, StepOutcome};
 
-/// One isolation run at a time per node: with its 4 dedicated connections, a node uses at most
-/// `POOL_SIZE + 4` connections (4 nodes: 4 × (5 + 4) = 36 of PostgreSQL's 100).
-const RUNS_PER_NODE: usize = 1;
-/// How long a call waits for this node's lab slot before 503.
-const SLOT_WAIT: Duration = Duration::from_secs(10);
+/// The dedicated connections one run opens (three scenario sessions and the observer), all counted in
+/// the lab's budget (`LAB_MAX_CONNECTIONS`): with the default `POOL_SIZE − 1` = 4, one run at a time,
+/// and a node uses at most `POOL_SIZE + 4` connections (4 nodes: 4 × (5 + 4) = 36 of PostgreSQL's 100).
+const CONNECTIONS: u32 = 4;
 /// The whole run, all four levels; each step is also bounded by the sessions' lock and statement timeouts.
 const RUN_DEADLINE: Duration = Duration::from_secs(30);
 
@@ -169,8 +166,11 @@ fn derive(name: &'static str, names: &[&'static str], scenarios: &[Scenario]) ->
 /// Why a run gave no report.
 #[derive(Debug, thiserror::Error)]
 pub enum LabError {
-    /// Another run held this node's lab slot for longer than `SLOT_WAIT`.
-    #[error("another isolation run is in progress on this node")]
+    /// The lab endpoints already use their share of this node's connections (`LAB_MAX_CONNECTIONS`).
+    #[error(
+        "the lab endpoints are using their share of this node's connections (LAB_MAX_CONNECTIONS); \
+         retry later"
+    )]
     Busy,
     /// A step waited past the lab's `lock_timeout`/`statement_timeout`, or the run past its deadline.
     #[error("the isolation run did not finish in time")]
@@ -179,17 +179,16 @@ pub enum LabError {
     Db(#[from] DbError),
 }
 
-/// The lab's settings: its own connection config (never the pool's connections) and its slot.
+/// The lab's own connection config (never the pool's connections).
 #[derive(Debug, Clone)]
 pub struct IsolationLab {
     pg: tokio_postgres::Config,
-    slots: Arc<Semaphore>,
 }
 
 impl IsolationLab {
     /// `pg` is the node's connection config; the lab adds its own timeouts and application name.
     pub fn new(pg: tokio_postgres::Config) -> Self {
-        IsolationLab { pg: session::lab_config(&pg), slots: Arc::new(Semaphore::new(RUNS_PER_NODE)) }
+        IsolationLab { pg: session::lab_config(&pg) }
     }
 }
 
@@ -197,10 +196,7 @@ impl Db {
     /// Runs every scenario at each of `levels`, in order, and reports what PostgreSQL did.
     #[tracing::instrument(skip_all, fields(isolation.levels = levels.len()))]
     pub async fn test_isolation(&self, levels: &[Level]) -> Result<Vec<LevelReport>, LabError> {
-        let _slot = match tokio::time::timeout(SLOT_WAIT, self.isolation.slots.acquire()).await {
-            Ok(Ok(slot)) => slot,
-            _ => return Err(LabError::Busy),
-        };
+        let _share = self.lab.take(CONNECTIONS)?;
         let start = Instant::now();
         let mut lab = self.observed(Lab::open(&self.isolation.pg)).await?;
         let opened = start.elapsed();
