@@ -63,6 +63,7 @@ pub fn node_options(pg: &Postgres, id: &str, env: &[(&str, &str)]) -> NodeOption
         port: 0,
         env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         quiet: !test_log(),
+        log_file: None,
     }
 }
 

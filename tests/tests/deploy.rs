@@ -35,6 +35,7 @@ fn the_compose_prometheus_config_is_the_rendering_of_the_compose_topology() {
         COMPOSE_SCRAPE_INTERVAL,
         &[COMPOSE_RULES],
         prometheus::COMPOSE_SELF_ADDRESS,
+        prometheus::COMPOSE_EXPORTER_ADDRESS,
     );
     golden("deploy/prometheus/prometheus.yml", &rendered);
 }
@@ -131,7 +132,7 @@ fn promtool_accepts_a_local_prometheus_config() {
     let rules = repo().join("deploy/prometheus/rules.yml");
     for rule_files in [vec![rules.to_str().unwrap()], vec![]] {
         let config = dir.path().join("prometheus.yml");
-        fs::write(&config, prometheus::config(&loopback_nodes(3), "1s", &rule_files, "127.0.0.1:9090"))
+        fs::write(&config, prometheus::config(&loopback_nodes(3), "1s", &rule_files, "127.0.0.1:9090", "127.0.0.1:9187"))
             .unwrap();
         let output = promtool(&["check", "config"], &config);
         assert!(rule_files.is_empty() || output.contains("SUCCESS: 1 rule files found"), "{output}");

@@ -1,7 +1,8 @@
-//! Start and stop a private local fleet: a PostgreSQL cluster, fleet-app nodes (and later nginx and
-//! Prometheus), as child processes on loopback. Used by `fleetctl up` and by the integration tests.
+//! Start and stop a private local fleet: a PostgreSQL cluster, fleet-app nodes, nginx, Prometheus and
+//! PostgreSQL's exporter, as child processes on loopback. Used by `fleetctl up` and by the integration tests.
 
 pub mod bins;
+pub mod exporter;
 pub mod fleet;
 pub mod nginx;
 pub mod node;
@@ -10,7 +11,7 @@ pub mod process;
 mod proctree;
 pub mod prometheus;
 
-pub use bins::{nginx_bin, postgres_bin, prometheus_bin};
+pub use bins::{exporter_bin, nginx_bin, postgres_bin, prometheus_bin};
 pub use node::{Node, NodeOptions};
 pub use postgres::{Postgres, PostgresOptions};
 pub use process::Child;

@@ -1,11 +1,14 @@
 //! A private PostgreSQL cluster on loopback: initdb, start, fast stop, start again, pause and resume, psql.
 //!
-//! Layout of the cluster directory: `data/` (PGDATA), `server.log` (the server's stderr, appended on
-//! every start) and the Unix socket `.s.PGSQL.<port>`. TCP listens on 127.0.0.1 only and requires
-//! passwords (scram-sha-256); the socket (inside a directory only its owner can enter) trusts.
+//! Layout of the cluster directory: `data/` (PGDATA), `pgpass` (the cluster's passwords, random per
+//! cluster, in libpq's password-file format, mode 0600), `server.log` (the server's stderr, appended on
+//! every start, unless the options name another file) and the Unix socket `.s.PGSQL.<port>`. TCP
+//! listens on 127.0.0.1 only and requires passwords (scram-sha-256); the socket (inside a directory
+//! only its owner can enter) trusts.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom};
+use std::fs::{self, File};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -18,22 +21,20 @@ use nix::unistd::{Pid, User};
 use tempfile::TempDir;
 
 use crate::bins::postgres_bin;
-use crate::process::{die_with_parent, signal_and_wait, wait_timeout};
+use crate::process::{die_with_parent, open_log, signal_and_wait, wait_timeout};
 
+mod credentials;
 mod setup;
 
 use crate::{free_port, proctree};
-pub use setup::PostgresOptions;
+use credentials::Credentials;
+pub use setup::{check_reachable, server_user, PostgresOptions};
 use setup::{hand_over, settings};
 
 /// The superuser created by initdb.
 pub const ADMIN_USER: &str = "postgres";
-/// The superuser's password (a throwaway loopback-only cluster: a constant keeps reused dirs usable).
-pub const ADMIN_PASSWORD: &str = "postgres";
 /// The application's role, owner of [`APP_DATABASE`].
 pub const APP_USER: &str = "appuser";
-/// The application role's password.
-pub const APP_PASSWORD: &str = "apppass";
 /// The application's database.
 pub const APP_DATABASE: &str = "appdb";
 
@@ -61,6 +62,10 @@ pub struct Postgres {
     settings: Vec<(String, String)>,
     /// The user the server runs as when we are root (PostgreSQL refuses to run as root).
     run_as: Option<User>,
+    /// The superuser's and the application role's passwords (also in `<dir>/pgpass`).
+    credentials: Credentials,
+    /// Where the server's output goes.
+    log_file: PathBuf,
     postmaster: Option<std::process::Child>,
     /// While paused ([`Postgres::pause`]): the postmaster's descendants that got SIGSTOP.
     paused: Option<Vec<Pid>>,
@@ -72,14 +77,7 @@ impl Postgres {
     /// Creates the cluster (initdb, unless `dir` already holds one), starts it on 127.0.0.1, waits
     /// until it accepts connections, and makes sure role [`APP_USER`] and database [`APP_DATABASE`] exist.
     pub fn start(opts: PostgresOptions) -> anyhow::Result<Postgres> {
-        let run_as = if nix::unistd::geteuid().is_root() {
-            let user = User::from_name(ADMIN_USER)
-                .context("cannot look up the `postgres` user")?
-                .context("running as root, PostgreSQL must run as the `postgres` user, which does not exist (install the Debian package `postgresql`)")?;
-            Some(user)
-        } else {
-            None
-        };
+        let run_as = server_user()?;
         let (dir, temp_dir) = match &opts.dir {
             Some(dir) => {
                 fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -97,17 +95,25 @@ impl Postgres {
         if let Some(user) = &run_as {
             hand_over(&dir, user)?;
         }
+        let data_dir = dir.join("data");
+        let initialised = data_dir.join("PG_VERSION").exists();
+        let credentials = match initialised {
+            true => Credentials::read(&dir)?,
+            false => Credentials::create(&dir)?,
+        };
         let mut postgres = Postgres {
-            data_dir: dir.join("data"),
+            data_dir,
             settings: settings(&opts, &dir),
+            log_file: opts.log_file.clone().unwrap_or_else(|| dir.join("server.log")),
             dir,
             port: 0,
             run_as,
+            credentials,
             postmaster: None,
             paused: None,
             temp_dir,
         };
-        if !postgres.data_dir.join("PG_VERSION").exists() {
+        if !initialised {
             postgres.initdb(opts.durable)?;
         }
         postgres.start_on(opts.port)?;
@@ -116,14 +122,25 @@ impl Postgres {
         Ok(postgres)
     }
 
-    /// The application's URL: `postgres://appuser:apppass@127.0.0.1:PORT/appdb`.
+    /// The application's URL, password included: `postgres://appuser:PASSWORD@127.0.0.1:PORT/appdb`.
+    /// A secret: for printing, see [`Postgres::display_url`].
     pub fn url(&self) -> String {
-        format!("postgres://{APP_USER}:{APP_PASSWORD}@127.0.0.1:{}/{APP_DATABASE}", self.port)
+        format!("postgres://{APP_USER}:{}@127.0.0.1:{}/{APP_DATABASE}", self.credentials.app, self.port)
     }
 
-    /// The superuser's URL, to the application's database.
+    /// The application's URL without its password: `postgres://appuser@127.0.0.1:PORT/appdb`.
+    pub fn display_url(&self) -> String {
+        format!("postgres://{APP_USER}@127.0.0.1:{}/{APP_DATABASE}", self.port)
+    }
+
+    /// The superuser's URL, to the application's database, password included (a secret).
     pub fn admin_url(&self) -> String {
-        format!("postgres://{ADMIN_USER}:{ADMIN_PASSWORD}@127.0.0.1:{}/{APP_DATABASE}", self.port)
+        format!("postgres://{ADMIN_USER}:{}@127.0.0.1:{}/{APP_DATABASE}", self.credentials.admin, self.port)
+    }
+
+    /// The file holding the cluster's passwords, in libpq's format (`PGPASSFILE=<it> psql …`), mode 0600.
+    pub fn password_file(&self) -> PathBuf {
+        credentials::path(&self.dir)
     }
 
     /// The TCP port on 127.0.0.1.
@@ -138,7 +155,7 @@ impl Postgres {
 
     /// The server's log file (its stderr, appended on every start).
     pub fn log_file(&self) -> PathBuf {
-        self.dir.join("server.log")
+        self.log_file.clone()
     }
 
     /// The postmaster's PID while it runs.
@@ -220,15 +237,25 @@ impl Postgres {
         self.psql_on(APP_DATABASE, sql)
     }
 
+    /// The SQL goes through psql's standard input, never its command line, which any local user can
+    /// read in `/proc` (a `CREATE ROLE … PASSWORD`).
     fn psql_on(&self, database: &str, sql: &str) -> anyhow::Result<String> {
-        let output = Command::new(postgres_bin("psql")?)
-            .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1"])
-            .args(["-p", &self.port.to_string(), "-U", ADMIN_USER, "-d", database, "-c", sql])
-            .env("PGPASSWORD", ADMIN_PASSWORD)
+        let mut psql = Command::new(postgres_bin("psql")?)
+            .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1"])
+            .args(["-p", &self.port.to_string(), "-U", ADMIN_USER, "-d", database])
+            .env("PGPASSWORD", &self.credentials.admin)
             .env("PGCONNECT_TIMEOUT", "10")
-            .stdin(Stdio::null())
-            .output()
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
             .context("cannot run psql")?;
+        let mut stdin = psql.stdin.take().context("psql's standard input")?;
+        // psql reads all of it before it answers, so the write cannot block on a full output pipe.
+        let written = stdin.write_all(sql.as_bytes());
+        drop(stdin);
+        let output = psql.wait_with_output().context("cannot run psql")?;
+        written.context("cannot send SQL to psql")?;
         if !output.status.success() {
             bail!(
                 "psql failed ({}) running {sql:?}: {}",
@@ -253,7 +280,14 @@ impl Postgres {
     fn initdb(&self, durable: bool) -> anyhow::Result<()> {
         // initdb reads the superuser's password from a file; it lives only as long as initdb runs.
         let password_file = self.dir.join("initdb-password");
-        fs::write(&password_file, ADMIN_PASSWORD).context("cannot write initdb's password file")?;
+        let _ = fs::remove_file(&password_file);
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&password_file)
+            .and_then(|mut file| file.write_all(self.credentials.admin.as_bytes()))
+            .context("cannot write initdb's password file")?;
         if let Some(user) = &self.run_as {
             std::os::unix::fs::chown(&password_file, Some(user.uid.as_raw()), Some(user.gid.as_raw()))
                 .context("cannot hand initdb's password file to the postgres user")?;
@@ -303,11 +337,7 @@ impl Postgres {
     }
 
     fn spawn_postmaster(&mut self) -> anyhow::Result<()> {
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_file())
-            .context("cannot open PostgreSQL's log file")?;
+        let log = open_log(&self.log_file)?;
         let mut cmd = self.command("postgres")?;
         cmd.arg("-D").arg(&self.data_dir).arg("-p").arg(self.port.to_string());
         for (name, value) in &self.settings {
@@ -356,11 +386,13 @@ impl Postgres {
 
     /// Creates [`APP_USER`] and [`APP_DATABASE`] unless they exist (a reused dir has them already).
     fn create_app_database(&self) -> anyhow::Result<()> {
+        // The password is hex digits (see `credentials`), so it needs no quoting.
         self.psql_on(
             "postgres",
             &format!(
                 "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{APP_USER}') THEN \
-                 CREATE ROLE {APP_USER} LOGIN PASSWORD '{APP_PASSWORD}'; END IF; END $$"
+                 CREATE ROLE {APP_USER} LOGIN PASSWORD '{}'; END IF; END $$",
+                self.credentials.app
             ),
         )?;
         let exists = self.psql_on(
