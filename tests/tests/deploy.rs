@@ -132,8 +132,11 @@ fn promtool_accepts_a_local_prometheus_config() {
     let rules = repo().join("deploy/prometheus/rules.yml");
     for rule_files in [vec![rules.to_str().unwrap()], vec![]] {
         let config = dir.path().join("prometheus.yml");
-        fs::write(&config, prometheus::config(&loopback_nodes(3), "1s", &rule_files, "127.0.0.1:9090", "127.0.0.1:9187"))
-            .unwrap();
+        fs::write(
+            &config,
+            prometheus::config(&loopback_nodes(3), "1s", &rule_files, "127.0.0.1:9090", "127.0.0.1:9187"),
+        )
+        .unwrap();
         let output = promtool(&["check", "config"], &config);
         assert!(rule_files.is_empty() || output.contains("SUCCESS: 1 rule files found"), "{output}");
     }

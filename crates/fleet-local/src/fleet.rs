@@ -183,8 +183,13 @@ impl Fleet {
             true => {
                 let exporter = exporter::start(&pg, &dir.join("prometheus"), &logs, opts.quiet)?;
                 let exporter_address = format!("127.0.0.1:{}", exporter.1);
-                let prometheus =
-                    start_prometheus(&dir.join("prometheus"), &upstreams, &exporter_address, &logs, opts.quiet)?;
+                let prometheus = start_prometheus(
+                    &dir.join("prometheus"),
+                    &upstreams,
+                    &exporter_address,
+                    &logs,
+                    opts.quiet,
+                )?;
                 (Some(prometheus), Some(exporter))
             }
             false => (None, None),
@@ -230,6 +235,11 @@ impl Fleet {
     /// The application's database URL without its password.
     pub fn database_display_url(&self) -> String {
         self.pg.display_url()
+    }
+
+    /// The database cluster's directory: `<dir>/postgres` when kept, else a temp dir.
+    pub fn database_dir(&self) -> &Path {
+        self.pg.dir()
     }
 
     /// Where the database's passwords are (a libpq password file, mode 0600).
@@ -435,7 +445,10 @@ fn fresh_logs_dir(dir: &Path) -> anyhow::Result<PathBuf> {
     if logs.exists() {
         fs::remove_dir_all(&logs).with_context(|| format!("cannot clear {}", logs.display()))?;
     }
-    fs::DirBuilder::new().mode(0o700).create(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&logs)
+        .with_context(|| format!("cannot create {}", logs.display()))?;
     Ok(logs)
 }
 

@@ -148,6 +148,11 @@ impl Postgres {
         self.port
     }
 
+    /// The cluster directory (see the module's header).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// The data directory (PGDATA).
     pub fn data_dir(&self) -> &Path {
         &self.data_dir

@@ -85,7 +85,12 @@ mod tests {
             Upstream { name: "app-2".into(), address: "127.0.0.1:41002".into() },
         ];
         let yml = config(&nodes, "1s", &["/tmp/a dir/rules.yml"], "127.0.0.1:9999", "127.0.0.1:9187");
-        assert!(yml.contains("  - job_name: postgres\n    static_configs:\n      - targets: [\"127.0.0.1:9187\"]\n"), "{yml}");
+        assert!(
+            yml.contains(
+                "  - job_name: postgres\n    static_configs:\n      - targets: [\"127.0.0.1:9187\"]\n"
+            ),
+            "{yml}"
+        );
         assert!(yml.contains("  scrape_interval: 1s\n"), "{yml}");
         assert!(yml.contains("  - \"/tmp/a dir/rules.yml\"\n"), "{yml}");
         for (i, node) in nodes.iter().enumerate() {

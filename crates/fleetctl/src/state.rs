@@ -1,4 +1,5 @@
-//! `fleet.json`: what a running `fleetctl up` tells `status` and `down` in other shells.
+//! `fleet.json`: what a running `fleetctl up` tells `status`, `top`, `logs` and `down` in other shells.
+//! It holds no secret: the database's passwords stay in their own 0600 file, named here.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -14,6 +15,10 @@ pub struct FleetState {
     pub url: String,
     pub prometheus: Option<String>,
     pub nodes: Vec<NodeState>,
+    /// PostgreSQL's TCP port on 127.0.0.1.
+    pub database_port: u16,
+    /// The libpq password file holding the superuser's and the application's passwords.
+    pub password_file: PathBuf,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -43,7 +43,8 @@ impl Credentials {
         let credentials = Credentials { admin: random_password()?, app: random_password()? };
         let path = path(dir);
         let _ = fs::remove_file(&path);
-        let text = format!("*:*:*:{ADMIN_USER}:{}\n*:*:*:{APP_USER}:{}\n", credentials.admin, credentials.app);
+        let text =
+            format!("*:*:*:{ADMIN_USER}:{}\n*:*:*:{APP_USER}:{}\n", credentials.admin, credentials.app);
         OpenOptions::new()
             .write(true)
             .create_new(true)
