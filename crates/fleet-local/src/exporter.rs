@@ -44,7 +44,10 @@ pub fn start(pg: &Postgres, dir: &Path, logs: &Path, quiet: bool) -> anyhow::Res
         .arg(format!("--extend.query-path={}", queries.display()))
         // The connection string holds the superuser's password: the environment (readable by us
         // only), never the command line.
-        .env("DATA_SOURCE_NAME", format!("{}?sslmode=disable", pg.admin_url()));
+        .env(
+            "DATA_SOURCE_NAME",
+            format!("{}?sslmode=disable&application_name=postgres-exporter", pg.admin_url()),
+        );
     let mut child =
         Child::spawn_logged("postgres-exporter", cmd, quiet, &logs.join("postgres-exporter.log"))?;
     child.wait_for_http(&format!("http://127.0.0.1:{port}/metrics"), Instant::now() + READY_TIMEOUT)?;
