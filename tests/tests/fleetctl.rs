@@ -72,12 +72,17 @@ async fn top_shows_a_nodes_lock_wait_and_its_blocker_and_the_data_outlives_fleet
     let (up, url) = fleetctl_up(&dir, &["--nodes", "2", "--no-prometheus"]);
     assert_eq!(Api::new(&url).get("/api/counters/held").await.body["value"], 2);
     assert_eq!(std::fs::read(dir.join("postgres/pgpass")).unwrap(), pgpass);
+    // Migrations found the schema in place, quietly.
+    let logs = fleetctl(&dir, &["logs"]);
+    assert!(logs.contains("schema up to date") && !logs.contains("NOTICE"), "{logs}");
     fleetctl(&dir, &["down"]);
     drop(up);
 
-    // --fresh starts over, with new passwords.
-    let (up, url) = fleetctl_up(&dir, &["--nodes", "2", "--no-prometheus", "--fresh"]);
+    // --fresh starts over, with new passwords; --verbose shows the children's output, prefixed.
+    let (up, url) = fleetctl_up(&dir, &["--nodes", "2", "--no-prometheus", "--fresh", "--verbose"]);
     assert_eq!(Api::new(&url).get("/api/counters/held").await.status, StatusCode::NOT_FOUND);
+    let output = up.recent_output();
+    assert!(output.contains("[app-2] ") && !output.contains('\x1b'), "{output}");
     assert_ne!(std::fs::read(dir.join("postgres/pgpass")).unwrap(), pgpass);
     fleetctl(&dir, &["down"]);
     drop(up);
