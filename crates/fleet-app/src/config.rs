@@ -20,6 +20,7 @@
 //! | `LAB_ENDPOINTS` | `true` | serve `/api/hold` and `/api/test-isolation` |
 //! | `SHUTDOWN_DRAIN_MS` | `0` | after SIGTERM, how long readiness answers 503 while requests are still served (with `Connection: close`), before the listener closes: set it above your load balancer's probe period and its keep-alive timeout toward the nodes (nginx here: 4 s) |
 //! | `LOG_FORMAT` | `json` | `json` or `text` |
+//! | `NO_COLOR` | unset | any non-empty value: `text` logs without colour codes (the local fleet sets it; read by the log subscriber) |
 //! | `RUST_LOG` | `info` | log filter |
 
 use std::fmt;

@@ -60,8 +60,8 @@ fn forget_database(dir: &std::path::Path) -> anyhow::Result<()> {
 
 /// One line per component, then the logs, the control socket and the database (without its password);
 /// `fleet ready: …` follows once fleet.json is written.
-fn print_summary(fleet: &mut Fleet, state: &FleetState, dir: &std::path::Path, control: &std::path::Path) {
-    let database_dir = fleet.database_dir().to_owned();
+fn print_summary(fleet: &Fleet, state: &FleetState, dir: &std::path::Path, control: &std::path::Path) {
+    let database_dir = fleet.database_dir();
     let kept = match database_dir.starts_with(fleet.dir()) {
         true => format!("data kept in {} (--fresh starts over)", database_dir.display()),
         false => "a throwaway cluster".to_owned(),
@@ -158,7 +158,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
         database_port: fleet.postgres().port(),
         password_file: fleet.password_file(),
     };
-    print_summary(&mut fleet, &state, &args.dir, control.path());
+    print_summary(&fleet, &state, &args.dir, control.path());
     state.write(fleet.dir())?;
     println!("fleet ready: {}", fleet.url());
 
