@@ -9,8 +9,8 @@ use std::process::{Command, Output};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use fleet_tests::{fleetctl_bin, start_fleet};
-use fleetctl::chaos::{verify, RetryPolicy, Run, Verdict, Workload, WorkloadOptions};
+use fleet_tests::{fleetctl_bin, start_fleet, TestApp};
+use fleetctl::chaos::{verify, Increment, Outcome, RetryPolicy, Run, Verdict, Workload, WorkloadOptions};
 use serde_json::Value;
 
 /// Longest wait for the load to make progress after a fault: the fleet must recover within it.
@@ -120,6 +120,31 @@ fn a_killed_node_a_restarted_and_a_paused_database_lose_and_double_no_acknowledg
     fleet.stop().unwrap();
 }
 
+#[test]
+fn plain_clients_on_the_coalesced_path_through_faults_are_told_the_truth() {
+    // No idempotency key and no retry, as most clients: every increment is coalesced, so this is the
+    // default path under the same faults. Every 200 must be in the database, and the database may hold
+    // nothing beyond the 200s and the answers that said the outcome is unknown (08007, or no answer).
+    let mut fleet = start_fleet(3, 5, &[]);
+    let mut options = WorkloadOptions::careful(&fleet.url(), "plain", 20, 32);
+    options.policy = RetryPolicy::plain();
+    let load = Workload::start(options).unwrap();
+    wait_for_acks(&load, 300, "before any fault");
+
+    fleet.kill_node(3).unwrap();
+    wait_for_acks(&load, 300, "after app-3 was killed");
+    fleet.restart_db().unwrap();
+    wait_for_acks(&load, 300, "after PostgreSQL restarted");
+    fleet.pause_db(Duration::from_secs(2)).unwrap();
+    wait_for_acks(&load, 300, "after PostgreSQL was paused for 2 s");
+    let (run, verdict) = finish(load, &fleet.url());
+
+    assert_eq!((verdict.lost, verdict.duplicated), (0, 0), "{verdict:?}");
+    assert_eq!(run.tally.retries, 0, "a plain client never retries");
+    assert!(run.tally.failed_requests() > 0, "the faults were felt: {:?}", run.tally);
+    fleet.stop().unwrap();
+}
+
 /// Runs `fleetctl` with `args` and `--dir dir`.
 fn fleetctl(dir: &Path, args: &[&str]) -> Output {
     Command::new(fleetctl_bin()).args(args).arg("--dir").arg(dir).output().unwrap()
@@ -190,4 +215,34 @@ fn fleetctl_chaos_breaks_a_running_fleet_through_its_control_socket_and_chaos_ru
     assert!(down.status.success(), "{}", stderr(&down));
     assert!(!up.is_running());
     assert!(!socket.exists(), "the control socket is removed on stop");
+}
+
+#[test]
+fn the_verdict_catches_an_acknowledged_increment_lost_and_one_applied_unacknowledged() {
+    let app = TestApp::spawn(&[]);
+    let load = Workload::start(WorkloadOptions::careful(&app.api.url, "verdict", 2, 4)).unwrap();
+    wait_for_acks(&load, 100, "on a quiet node");
+    let (mut run, verdict) = finish(load, &app.api.url);
+    verdict.judge().expect("a run without faults is exactly once");
+
+    // The record of a run claims an acknowledgement the database does not hold: lost.
+    let key = run.options.keys[0].clone();
+    let top = app.sql_i64(&format!("SELECT value FROM counters WHERE key = '{key}'"));
+    let forged = Increment {
+        key: key.clone(),
+        outcome: Outcome::Acked { value: top + 1, replayed: false },
+        attempts: 1,
+    };
+    run.increments.push(forged);
+    let lost = verify(&app.api.url, &run).unwrap();
+    assert_eq!((lost.lost, lost.duplicated), (1, 0));
+    let error = lost.judge().unwrap_err().to_string();
+    assert!(error.contains("1 acknowledged increments lost"), "{error}");
+    run.increments.pop();
+
+    // The database holds an increment nobody was told about: applied twice, as far as clients know.
+    app.sql(&format!("UPDATE counters SET value = value + 1 WHERE key = '{key}'"));
+    let doubled = verify(&app.api.url, &run).unwrap();
+    assert_eq!((doubled.lost, doubled.duplicated), (0, 1));
+    assert!(doubled.judge().unwrap_err().to_string().contains("1 duplicated"));
 }

@@ -48,6 +48,7 @@ async fn a_repeated_write_on_any_node_returns_the_first_response_and_writes_once
     let first = post_once(&app.api, "/api/transfer", "tr-1", &transfer).await;
     let again = post_once(&other, "/api/transfer", "tr-1", &transfer).await;
     assert_eq!((first.status, again.status), (StatusCode::OK, StatusCode::OK));
+    assert!(!replayed(&first) && replayed(&again), "a repeated transfer is marked as a replay");
     assert_eq!(again.body, first.body);
     assert_eq!(
         app.sql(
@@ -59,7 +60,8 @@ async fn a_repeated_write_on_any_node_returns_the_first_response_and_writes_once
     let rows = json!({"data": ["x", "y", "z"]});
     let first = post_once(&app.api, "/api/bulk-insert", "bulk-1", &rows).await;
     let again = post_once(&other, "/api/bulk-insert", "bulk-1", &rows).await;
-    assert_eq!(again.body["ids"], first.body["ids"]);
+    assert!(!replayed(&first) && replayed(&again), "a repeated bulk insert is marked as a replay");
+    assert_eq!(again.body, first.body);
     assert_eq!(app.sql_i64("SELECT count(*) FROM data"), 3);
 }
 
@@ -110,4 +112,113 @@ async fn keys_expire_after_their_ttl_and_are_cleaned_up() {
     let reply = post_once(&app.api, "/api/increment", "short", &json!({"key": "e"})).await;
     assert!(!replayed(&reply), "an expired key is a new key");
     assert_eq!(reply.body["value"], 2);
+}
+
+/// Takes the row lock on counter `key` (created if missing) in a transaction of the test's own, as
+/// another client would; the lock is held until the returned client commits or is dropped.
+async fn lock_counter(app: &TestApp, key: &str) -> tokio_postgres::Client {
+    let (client, connection) =
+        tokio_postgres::connect(&app.pg.admin_url(), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    client
+        .batch_execute(&format!(
+            "INSERT INTO counters (key, value) VALUES ('{key}', 0) ON CONFLICT DO NOTHING; \
+             BEGIN; SELECT value FROM counters WHERE key = '{key}' FOR UPDATE"
+        ))
+        .await
+        .unwrap();
+    client
+}
+
+/// Waits until `n` sessions of the application wait for a lock.
+async fn until_lock_waiters(app: &TestApp, n: i64) {
+    let waiting =
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND usename = 'appuser'";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while app.sql_i64(waiting) < n {
+        assert!(Instant::now() < deadline, "never saw {n} sessions waiting for a lock");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeat_waits_for_a_slow_first_request_and_replays_its_response() {
+    let app = TestApp::spawn(&[]);
+    let locker = lock_counter(&app, "slow").await;
+    let body = json!({"from": "slow", "to": "fast", "amount": 7});
+    let first = tokio::spawn({
+        let (api, body) = (app.api.clone(), body.clone());
+        async move { post_once(&api, "/api/transfer", "wait-1", &body).await }
+    });
+    until_lock_waiters(&app, 1).await;
+    let repeat = tokio::spawn({
+        let (api, body) = (app.api.clone(), body.clone());
+        async move { post_once(&api, "/api/transfer", "wait-1", &body).await }
+    });
+    // The repeat waits for the first request's transaction, which holds the key.
+    until_lock_waiters(&app, 2).await;
+    assert!(!first.is_finished() && !repeat.is_finished(), "both wait while the row is locked");
+    locker.batch_execute("COMMIT").await.unwrap();
+    let (first, repeat) = (first.await.unwrap(), repeat.await.unwrap());
+    assert_eq!(
+        (first.status, repeat.status),
+        (StatusCode::OK, StatusCode::OK),
+        "{:?} {:?}",
+        first.body,
+        repeat.body
+    );
+    assert!(!replayed(&first) && replayed(&repeat), "the first wrote, the repeat replayed it");
+    assert_eq!(repeat.body, first.body);
+    assert_eq!(
+        app.sql("SELECT string_agg(key || '=' || value, ',' ORDER BY key) FROM counters"),
+        "fast=7,slow=-7",
+        "moved once"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeat_that_waits_too_long_for_the_first_gets_409_in_use_and_writes_nothing() {
+    let app = TestApp::spawn(&[]);
+    // The repeat goes to a node whose statement_timeout ends its wait for the key after a second.
+    let impatient = Node::spawn(node_options(&app.pg, "app-2", &[("STATEMENT_TIMEOUT_MS", "1000")])).unwrap();
+    let impatient = Api::new(impatient.url());
+    let locker = lock_counter(&app, "held").await;
+    let body = json!({"key": "held"});
+    let first = tokio::spawn({
+        let (api, body) = (app.api.clone(), body.clone());
+        async move { post_once(&api, "/api/increment", "in-use", &body).await }
+    });
+    until_lock_waiters(&app, 1).await;
+    let repeat = post_once(&impatient, "/api/increment", "in-use", &body).await;
+    assert_eq!(repeat.status, StatusCode::CONFLICT, "{:?}", repeat.body);
+    assert_eq!(repeat.code(), "idempotency_key_in_use");
+    assert!(!first.is_finished(), "the first request still waits for the row");
+    locker.batch_execute("COMMIT").await.unwrap();
+    let first = first.await.unwrap();
+    assert_eq!(first.status, StatusCode::OK, "{:?}", first.body);
+    let later = post_once(&impatient, "/api/increment", "in-use", &body).await;
+    assert!(replayed(&later), "once the first is done, a repeat replays it");
+    assert_eq!(later.body, first.body);
+    assert_eq!(app.sql_i64("SELECT value FROM counters WHERE key = 'held'"), 1, "incremented once");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleanup_deletes_only_keys_older_than_the_ttl() {
+    // A 10 s TTL: the node's cleanup runs every 10 s, first at start-up (before any key exists).
+    let app = TestApp::spawn(&[("IDEMPOTENCY_TTL_S", "10")]);
+    for key in ["old", "young"] {
+        let reply = post_once(&app.api, "/api/increment", key, &json!({"key": key})).await;
+        assert_eq!(reply.status, StatusCode::OK);
+    }
+    app.sql("UPDATE idempotency_keys SET created_at = now() - interval '1 hour' WHERE key = 'old'");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while app.sql_i64("SELECT count(*) FROM idempotency_keys WHERE key = 'old'") > 0 {
+        assert!(Instant::now() < deadline, "the expired key was never deleted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The run that deleted `old` came less than a TTL after `young` was stored: it must have kept it.
+    let young = app.sql("SELECT count(*) || ' ' || (now() - created_at < interval '10 s') FROM idempotency_keys WHERE key = 'young' GROUP BY created_at");
+    assert_eq!(young, "1 true", "a key younger than the TTL survives the cleanup");
+    let again = post_once(&app.api, "/api/increment", "young", &json!({"key": "young"})).await;
+    assert!(replayed(&again), "and still replays");
 }

@@ -25,10 +25,10 @@ const DOCUMENTED: [(&str, [&str; 5]); 4] = [
 const CONCURRENT_UPDATE: &str = "could not serialize access due to concurrent update";
 const READ_WRITE_DEPENDENCIES: &str = "could not serialize access due to read/write dependencies";
 
-async fn run_lab(api: &Api, body: Value) -> (Reply, Duration) {
-    let start = Instant::now();
-    let reply = api.post("/api/test-isolation", &body).await;
-    (reply, start.elapsed())
+/// Runs the lab. A 200 also means no step waited out the lab's lock or statement timeout (that is an
+/// error answer), so every blocked step was seen blocked, and released, as it happened.
+async fn run_lab(api: &Api, body: Value) -> Reply {
+    api.post("/api/test-isolation", &body).await
 }
 
 /// `level → [dirtyRead, nonRepeatableRead, …]` of an all-levels reply.
@@ -198,10 +198,9 @@ async fn assert_lab_left_nothing_behind(app_sql: impl Fn(&str) -> String) {
 async fn the_matrix_is_postgresqls_documented_table_three_runs_in_a_row() {
     let app = TestApp::spawn(&[]);
     for run in 1..=3 {
-        let (reply, took) = run_lab(&app.api, json!({})).await;
+        let reply = run_lab(&app.api, json!({})).await;
         assert_eq!(reply.status, StatusCode::OK, "run {run}: {:?}", reply.body);
         assert_eq!(matrix(&reply.body), documented(), "run {run}");
-        assert!(took < Duration::from_secs(5), "run {run} took {took:?}");
         for level in reply.body["levels"].as_array().unwrap() {
             assert_steps_follow_the_catalogue(level);
         }
@@ -212,7 +211,7 @@ async fn the_matrix_is_postgresqls_documented_table_three_runs_in_a_row() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_uncommitted_is_accepted_by_postgresql_and_behaves_as_read_committed() {
     let app = TestApp::spawn(&[]);
-    let (reply, _) = run_lab(&app.api, json!({ "level": "read_uncommitted" })).await;
+    let reply = run_lab(&app.api, json!({ "level": "read_uncommitted" })).await;
 
     assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
     assert_eq!(reply.body["level"], "READ UNCOMMITTED");
@@ -237,7 +236,7 @@ async fn four_nodes_running_the_lab_at_once_all_see_the_documented_table() {
 
     for round in 1..=2 {
         let replies = join_all(apis.iter().map(|api| run_lab(api, json!({})))).await;
-        for (node, (reply, took)) in replies.iter().enumerate() {
+        for (node, reply) in replies.iter().enumerate() {
             let node = node + 1;
             assert_eq!(reply.status, StatusCode::OK, "round {round}, app-{node}: {:?}", reply.body);
             assert_eq!(reply.body["container"], format!("app-{node}"));
@@ -245,7 +244,6 @@ async fn four_nodes_running_the_lab_at_once_all_see_the_documented_table() {
             for level in reply.body["levels"].as_array().unwrap() {
                 assert_steps_follow_the_catalogue(level);
             }
-            assert!(*took < Duration::from_secs(5), "round {round}, app-{node} took {took:?}");
         }
     }
     assert_lab_left_nothing_behind(|q| app.sql(q)).await;
@@ -261,7 +259,7 @@ async fn levels_are_checked_against_the_four_names_and_never_reach_sql() {
         json!(""),
     ];
     for level in bad {
-        let (reply, _) = run_lab(&app.api, json!({ "level": level })).await;
+        let reply = run_lab(&app.api, json!({ "level": level })).await;
         assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{level}: {:?}", reply.body);
         assert_eq!(reply.code(), "invalid_request", "{level}");
         let message = reply.body["error"].as_str().unwrap_or_default();
@@ -269,12 +267,12 @@ async fn levels_are_checked_against_the_four_names_and_never_reach_sql() {
             assert!(message.contains(name), "{level}: {message}");
         }
     }
-    let (reply, _) = run_lab(&app.api, json!({ "level": 42 })).await;
+    let reply = run_lab(&app.api, json!({ "level": 42 })).await;
     assert_eq!((reply.status, reply.code()), (StatusCode::BAD_REQUEST, "invalid_request"));
     assert_eq!(app.sql("SELECT count(*) FROM counters"), "0", "the counters table is intact");
 
     for spelling in ["serializable", "Repeatable_Read", "READ COMMITTED"] {
-        let (reply, _) = run_lab(&app.api, json!({ "level": spelling })).await;
+        let reply = run_lab(&app.api, json!({ "level": spelling })).await;
         assert_eq!(reply.status, StatusCode::OK, "{spelling}: {:?}", reply.body);
         assert_eq!(
             reply.body["level"].as_str().unwrap().replace(' ', "_"),

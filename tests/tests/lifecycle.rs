@@ -4,17 +4,30 @@ use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use fleet_app::db::migrations::MIGRATION_LOCK_KEY;
 use fleet_local::{bins, Node};
 use fleet_tests::{node_bin, node_options, sample_value, start_postgres, Api, TestApp};
 use futures_util::future::join_all;
 use reqwest::StatusCode;
 
-#[test]
-fn four_nodes_starting_at_once_on_an_empty_database_all_come_up() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn four_nodes_starting_at_once_on_an_empty_database_all_come_up() {
     let pg = start_postgres();
-    // Launched back to back, so all four run their migrations at the same instant.
+    // The test holds the migrations' advisory lock while the four nodes start, so all four are seen
+    // waiting for it at once: their migrations really overlap.
+    let (locker, connection) = tokio_postgres::connect(&pg.admin_url(), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    locker.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY]).await.unwrap();
     let mut nodes: Vec<Node> =
         (1..=4).map(|i| Node::launch(node_options(&pg, &format!("app-{i}"), &[])).unwrap()).collect();
+    let waiting =
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'advisory' AND usename = 'appuser'";
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while pg.psql(waiting).unwrap() != "4" {
+        assert!(Instant::now() < deadline, "the four nodes never all waited to migrate");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    locker.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_KEY]).await.unwrap();
     for node in &mut nodes {
         node.wait_ready().expect("every node comes up");
     }

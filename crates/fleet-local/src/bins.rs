@@ -6,6 +6,8 @@
 //! - `NGINX_BIN`: the path of the `nginx` binary.
 //! - `PROMETHEUS_BIN`: the path of the `prometheus` binary; `promtool` is looked for next to it.
 //! - `POSTGRES_EXPORTER_BIN`: the path of `prometheus-postgres-exporter`.
+//! - `ETCD_BIN`: the path of the `etcd` binary.
+//! - `PATRONI_BIN`: the path of the `patroni` program (its venv's `bin/`, where `patronictl` sits too).
 
 use std::ffi::{OsStr, OsString};
 use std::fs;
@@ -82,6 +84,34 @@ pub fn exporter_bin() -> anyhow::Result<PathBuf> {
     on_path(NAME, std::env::var_os("PATH").as_deref())
         .or_else(|| executable_in(Path::new("/usr/bin"), NAME))
         .with_context(|| not_found(NAME, NAME, "POSTGRES_EXPORTER_BIN (the binary)"))
+}
+
+/// Finds etcd: `$ETCD_BIN`, else PATH.
+pub fn etcd_bin() -> anyhow::Result<PathBuf> {
+    if let Some(path) = std::env::var_os("ETCD_BIN") {
+        return override_file(Path::new(&path), "ETCD_BIN");
+    }
+    on_path("etcd", std::env::var_os("PATH").as_deref())
+        .with_context(|| not_found("etcd", "etcd-server", "ETCD_BIN (the binary)"))
+}
+
+/// Where `scripts/install-patroni` builds Patroni's venv: outside any home directory, so that the
+/// `postgres` user (who runs it) can read it.
+pub const PATRONI_VENV: &str = "/opt/pgfleet/patroni";
+
+/// Finds `patroni`: `$PATRONI_BIN`, else the venv [`PATRONI_VENV`], else PATH.
+pub fn patroni_bin() -> anyhow::Result<PathBuf> {
+    if let Some(path) = std::env::var_os("PATRONI_BIN") {
+        return override_file(Path::new(&path), "PATRONI_BIN");
+    }
+    executable_in(&Path::new(PATRONI_VENV).join("bin"), "patroni")
+        .or_else(|| on_path("patroni", std::env::var_os("PATH").as_deref()))
+        .with_context(|| {
+            format!(
+                "cannot find `patroni`; run scripts/install-patroni (it builds a venv in {PATRONI_VENV} \
+                 from PyPI's `patroni`) or set PATRONI_BIN"
+            )
+        })
 }
 
 fn not_found(name: &str, package: &str, variable: &str) -> String {

@@ -19,7 +19,7 @@ use nix::unistd::Pid;
 use tempfile::TempDir;
 
 use crate::nginx::{self, Upstream};
-use crate::postgres::{check_reachable, server_user};
+use crate::postgres::{check_reachable, postgres_user};
 use crate::{
     exporter, free_port, nginx_bin, proctree, prometheus, prometheus_bin, Child, Node, NodeOptions, Postgres,
     PostgresOptions,
@@ -132,7 +132,7 @@ impl Fleet {
         };
         let logs = fresh_logs_dir(&dir)?;
         let mut warnings = Vec::new();
-        let database_dir = match (keep_database, server_user()?) {
+        let database_dir = match (keep_database, postgres_user()?) {
             (false, _) => None,
             (true, None) => Some(dir.join("postgres")),
             (true, Some(user)) => match check_reachable(&dir.join("postgres"), &user) {
@@ -426,7 +426,7 @@ pub fn prepare_dir(dir: &Path, keep_database: bool) -> anyhow::Result<PathBuf> {
         meta.mode() & 0o7777,
         dir.display()
     );
-    let (group, mode) = match (keep_database, server_user()?) {
+    let (group, mode) = match (keep_database, postgres_user()?) {
         (true, Some(user)) => (Some(user.gid.as_raw()), 0o710),
         _ => (None, 0o700),
     };
@@ -550,7 +550,7 @@ mod tests {
 
     #[test]
     fn a_kept_database_lets_only_the_postgres_group_enter_the_fleet_directory() {
-        let Some(postgres) = server_user().unwrap() else {
+        let Some(postgres) = postgres_user().unwrap() else {
             eprintln!("skipped: PostgreSQL runs as ourselves when we are not root");
             return;
         };

@@ -2,17 +2,20 @@
 //! PostgreSQL's exporter, as child processes on loopback. Used by `fleetctl up` and by the integration tests.
 
 pub mod bins;
+pub mod etcd;
 pub mod exporter;
 pub mod fleet;
 pub mod nginx;
 pub mod node;
+pub mod patroni;
 pub mod postgres;
 pub mod process;
 mod proctree;
 pub mod prometheus;
 
-pub use bins::{exporter_bin, nginx_bin, postgres_bin, prometheus_bin};
+pub use bins::{etcd_bin, exporter_bin, nginx_bin, patroni_bin, postgres_bin, prometheus_bin};
 pub use node::{Node, NodeOptions};
+pub use patroni::{MemberStatus, PatroniCluster, PatroniOptions};
 pub use postgres::{Postgres, PostgresOptions};
 pub use process::Child;
 

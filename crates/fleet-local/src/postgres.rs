@@ -28,8 +28,9 @@ mod setup;
 
 use crate::{free_port, proctree};
 use credentials::Credentials;
-pub use setup::{check_reachable, server_user, PostgresOptions};
-use setup::{hand_over, settings};
+pub(crate) use setup::hand_over;
+use setup::settings;
+pub use setup::{check_reachable, PostgresOptions};
 
 /// The superuser created by initdb.
 pub const ADMIN_USER: &str = "postgres";
@@ -73,11 +74,23 @@ pub struct Postgres {
     temp_dir: Option<TempDir>,
 }
 
+/// The user PostgreSQL must run as: `None` (ourselves) unless we are root, who must hand it to
+/// `postgres` (PostgreSQL refuses to run as root).
+pub(crate) fn postgres_user() -> anyhow::Result<Option<User>> {
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(None);
+    }
+    let user = User::from_name(ADMIN_USER)
+        .context("cannot look up the `postgres` user")?
+        .context("running as root, PostgreSQL must run as the `postgres` user, which does not exist (install the Debian package `postgresql`)")?;
+    Ok(Some(user))
+}
+
 impl Postgres {
     /// Creates the cluster (initdb, unless `dir` already holds one), starts it on 127.0.0.1, waits
     /// until it accepts connections, and makes sure role [`APP_USER`] and database [`APP_DATABASE`] exist.
     pub fn start(opts: PostgresOptions) -> anyhow::Result<Postgres> {
-        let run_as = server_user()?;
+        let run_as = postgres_user()?;
         let (dir, temp_dir) = match &opts.dir {
             Some(dir) => {
                 fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;

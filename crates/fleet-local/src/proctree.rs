@@ -63,7 +63,7 @@ pub(crate) fn continue_tree(root: Pid, descendants: &[Pid]) {
 }
 
 /// Waits until `pid` is stopped (`T`), or has exited.
-fn wait_until_stopped(pid: Pid) -> anyhow::Result<()> {
+pub(crate) fn wait_until_stopped(pid: Pid) -> anyhow::Result<()> {
     let deadline = Instant::now() + STOP_TIMEOUT;
     loop {
         match stat(pid) {

@@ -5,7 +5,7 @@
 use tokio_postgres::Client;
 
 /// Arbitrary but fixed: the advisory lock key that serialises migrations across the fleet.
-const MIGRATION_LOCK_KEY: i64 = 0x0070_6766_6c65_6574; // "pgfleet" in ASCII
+pub const MIGRATION_LOCK_KEY: i64 = 0x0070_6766_6c65_6574; // "pgfleet" in ASCII
 
 /// Each migration's version and SQL, in order. Never edit one that has shipped: add a new one.
 const MIGRATIONS: &[(i32, &str)] = &[

@@ -5,7 +5,7 @@ use actix_web::dev::Payload;
 use actix_web::{web, FromRequest, HttpRequest};
 use futures_util::future::LocalBoxFuture;
 use futures_util::StreamExt;
-use serde::de::DeserializeOwned;
+use serde::de::{DeserializeOwned, IgnoredAny};
 use serde_json::error::Category;
 
 use super::AppState;
@@ -46,7 +46,13 @@ impl<T: DeserializeOwned + 'static> FromRequest for JsonBody<T> {
     }
 }
 
+/// Every body is a JSON object: serde would also build a struct from an array (`["k"]`), which the
+/// contract refuses.
 fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let first = body.iter().find(|b| !matches!(b, b' ' | b'\t' | b'\n' | b'\r'));
+    if first.is_some_and(|&b| b != b'{') && serde_json::from_slice::<IgnoredAny>(body).is_ok() {
+        return Err(ApiError::InvalidRequest("the body must be a JSON object".to_owned()));
+    }
     serde_json::from_slice(body).map_err(|e| match e.classify() {
         Category::Data => ApiError::InvalidRequest(format!("invalid request body: {e}")),
         Category::Syntax | Category::Eof | Category::Io => ApiError::InvalidJson(e.to_string()),
@@ -72,5 +78,11 @@ mod tests {
         assert_eq!(missing.code(), "invalid_request");
         assert!(missing.to_string().contains("key"), "{missing}");
         assert!(parse::<Key>(br#"{"key": "k", "extra": true}"#).is_ok());
+        let array = parse::<Key>(br#" ["k"]"#).unwrap_err();
+        assert_eq!(
+            (array.code(), array.to_string().as_str()),
+            ("invalid_request", "the body must be a JSON object")
+        );
+        assert_eq!(parse::<Key>(b"[").unwrap_err().code(), "invalid_json");
     }
 }

@@ -49,6 +49,7 @@ pub async fn increment(
 pub struct TransferRequest {
     from: String,
     to: String,
+    #[serde(deserialize_with = "super::whole_number")]
     amount: i64,
 }
 

@@ -14,6 +14,7 @@ const MAX_HOLD_MS: u64 = 10_000;
 
 #[derive(Debug, Deserialize)]
 pub struct HoldRequest {
+    #[serde(deserialize_with = "super::whole_number")]
     ms: u64,
 }
 

@@ -58,29 +58,76 @@ impl AppState {
     }
 }
 
-/// Registers every route. `lab` adds `/api/hold` and `/api/test-isolation`.
+/// One route of the table: `method path`, served by `handler` (`lab`: only with `LAB_ENDPOINTS=true`).
+#[derive(Debug)]
+pub struct Endpoint {
+    pub method: Method,
+    pub path: &'static str,
+    pub lab: bool,
+    handler: Handler,
+}
+
+/// Adds the handler to a route already guarded by the endpoint's method.
+type Handler = fn(actix_web::Route) -> actix_web::Route;
+
+/// Every route the node serves: `configure` registers these, and the OpenAPI document (`OPENAPI`)
+/// describes exactly these (a test checks both ways).
+pub static ROUTES: &[Endpoint] = &[
+    post("/api/increment", |r| r.to(counters::increment)),
+    post("/api/transfer", |r| r.to(counters::transfer)),
+    get("/api/counters/{key}", |r| r.to(counters::get_counter)),
+    post("/api/bulk-insert", |r| r.to(data::bulk_insert)),
+    get("/api/pool-stats", |r| r.to(stats::pool_stats)),
+    get("/api/stats", |r| r.to(stats::stats)),
+    get("/metrics", |r| r.to(stats::metrics)),
+    get("/health", |r| r.to(health::health)),
+    get("/health/live", |r| r.to(health::live)),
+    get("/health/ready", |r| r.to(health::ready)),
+    get("/openapi.json", |r| r.to(openapi)),
+    lab_post("/api/hold", |r| r.to(lab::hold)),
+    lab_post("/api/test-isolation", |r| r.to(isolation::test_isolation)),
+];
+
+const fn get(path: &'static str, handler: Handler) -> Endpoint {
+    Endpoint { method: Method::GET, path, lab: false, handler }
+}
+
+const fn post(path: &'static str, handler: Handler) -> Endpoint {
+    Endpoint { method: Method::POST, path, lab: false, handler }
+}
+
+const fn lab_post(path: &'static str, handler: Handler) -> Endpoint {
+    Endpoint { method: Method::POST, path, lab: true, handler }
+}
+
+/// The OpenAPI 3.1 document of this API, served at `GET /openapi.json` (`docs/openapi.json` is a copy).
+pub const OPENAPI: &str = include_str!("../../openapi.json");
+
+/// The routes served with `LAB_ENDPOINTS=lab`.
+pub fn routes(lab: bool) -> impl Iterator<Item = &'static Endpoint> {
+    ROUTES.iter().filter(move |endpoint| lab || !endpoint.lab)
+}
+
+/// Registers every route of `routes(lab)`.
 pub fn configure(lab: bool) -> impl FnOnce(&mut web::ServiceConfig) {
     move |cfg| {
-        cfg.service(only("/api/increment", web::post().to(counters::increment)))
-            .service(only("/api/transfer", web::post().to(counters::transfer)))
-            .service(only("/api/counters/{key}", web::get().to(counters::get_counter)))
-            .service(only("/api/bulk-insert", web::post().to(data::bulk_insert)))
-            .service(only("/api/pool-stats", web::get().to(stats::pool_stats)))
-            .service(only("/api/stats", web::get().to(stats::stats)))
-            .service(only("/metrics", web::get().to(stats::metrics)))
-            .service(only("/health", web::get().to(health::health)))
-            .service(only("/health/live", web::get().to(health::live)))
-            .service(only("/health/ready", web::get().to(health::ready)));
-        if lab {
-            cfg.service(only("/api/hold", web::post().to(lab::hold)));
-            cfg.service(only("/api/test-isolation", web::post().to(isolation::test_isolation)));
+        for endpoint in routes(lab) {
+            cfg.service(endpoint.resource());
         }
     }
 }
 
-/// `path` served by `route` alone; any other method gets the JSON 405.
-fn only(path: &str, route: actix_web::Route) -> actix_web::Resource {
-    web::resource(path).route(route).default_service(web::to(method_not_allowed))
+impl Endpoint {
+    /// `path` served by this route alone; any other method gets the JSON 405 with `Allow`.
+    fn resource(&'static self) -> actix_web::Resource {
+        let route = (self.handler)(web::method(self.method.clone()));
+        let allow = self.method.as_str();
+        web::resource(self.path).route(route).default_service(web::to(move || method_not_allowed(allow)))
+    }
+}
+
+async fn openapi() -> HttpResponse {
+    HttpResponse::Ok().content_type("application/json").body(OPENAPI)
 }
 
 /// The app's default service: any path no route matches.
@@ -88,8 +135,13 @@ pub async fn not_found() -> Result<HttpResponse, ApiError> {
     Err(ApiError::NotFound("no such route".to_owned()))
 }
 
-async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
-    Err(ApiError::MethodNotAllowed)
+/// 405, naming the one method the path serves in `Allow`.
+async fn method_not_allowed(allow: &'static str) -> HttpResponse {
+    let mut response = actix_web::ResponseError::error_response(&ApiError::MethodNotAllowed);
+    response
+        .headers_mut()
+        .insert(actix_web::http::header::ALLOW, actix_web::http::header::HeaderValue::from_static(allow));
+    response
 }
 
 /// Counts and times every request by route pattern (`unmatched` for unknown paths), method and status.
@@ -150,6 +202,26 @@ fn millis_since(start: Instant) -> f64 {
     (start.elapsed().as_secs_f64() * 1_000_000.0).round() / 1000.0
 }
 
+/// Reads a JSON number that is a whole number into an integer type: `10`, and also `10.0` or `1e1`, which
+/// JSON Schema counts as integers too. Fractions, and numbers out of `T`'s range or past 2^53 written as
+/// floats (where a float cannot be exact), are refused.
+fn whole_number<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: TryFrom<i64> + TryFrom<u64>,
+{
+    use serde::de::{Deserialize, Error};
+    let number = serde_json::Number::deserialize(deserializer)?;
+    let exact = |f: f64| f.fract() == 0.0 && f.abs() <= 2f64.powi(53);
+    let value = match (number.as_u64(), number.as_i64(), number.as_f64()) {
+        (Some(n), _, _) => T::try_from(n).ok(),
+        (None, Some(n), _) => T::try_from(n).ok(),
+        (None, None, Some(f)) if exact(f) => T::try_from(f as i64).ok(),
+        _ => None,
+    };
+    value.ok_or_else(|| D::Error::custom(format!("expected a whole number in range, got {number}")))
+}
+
 /// Checks a string field: `max_chars` at most (when given), never empty when bounded, and no NUL
 /// (PostgreSQL text cannot hold one).
 fn check_text(field: &str, value: &str, max_chars: Option<usize>) -> Result<(), ApiError> {
@@ -180,5 +252,22 @@ mod tests {
         assert!(check_text("key", "a\0b", Some(255)).is_err());
         assert!(check_text("data[0]", "", None).is_ok());
         assert!(check_text("data[0]", "\0", None).is_err());
+    }
+
+    #[derive(Debug, serde::Deserialize)]
+    struct Whole {
+        #[serde(deserialize_with = "whole_number")]
+        n: u16,
+    }
+
+    #[test]
+    fn whole_numbers_are_read_whatever_their_notation() {
+        let n = |json: &str| serde_json::from_str::<Whole>(json).map(|w| w.n).map_err(|e| e.to_string());
+        assert_eq!(n(r#"{"n": 10}"#), Ok(10));
+        assert_eq!(n(r#"{"n": 10.0}"#), Ok(10));
+        assert_eq!(n(r#"{"n": 1e1}"#), Ok(10));
+        for refused in ["1.5", "-1", "65536", "1e300", "\"10\"", "null"] {
+            assert!(n(&format!(r#"{{"n": {refused}}}"#)).is_err(), "{refused}");
+        }
     }
 }

@@ -68,20 +68,8 @@ pub(super) fn settings(opts: &PostgresOptions, dir: &Path) -> Vec<(String, Strin
     settings
 }
 
-/// The user PostgreSQL runs as: `postgres` when we are root (PostgreSQL refuses to run as root),
-/// else `None` (ourselves).
-pub fn server_user() -> anyhow::Result<Option<User>> {
-    if !nix::unistd::geteuid().is_root() {
-        return Ok(None);
-    }
-    let user = User::from_name(super::ADMIN_USER)
-        .context("cannot look up the `postgres` user")?
-        .context("running as root, PostgreSQL must run as the `postgres` user, which does not exist (install the Debian package `postgresql`)")?;
-    Ok(Some(user))
-}
-
 /// Gives `dir` to `user` (the server writes there) after checking that `user` can reach it.
-pub(super) fn hand_over(dir: &Path, user: &User) -> anyhow::Result<()> {
+pub(crate) fn hand_over(dir: &Path, user: &User) -> anyhow::Result<()> {
     check_reachable(dir, user)?;
     if fs::metadata(dir).map(|m| m.uid()).ok() != Some(user.uid.as_raw()) {
         std::os::unix::fs::chown(dir, Some(user.uid.as_raw()), Some(user.gid.as_raw()))

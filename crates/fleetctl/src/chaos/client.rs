@@ -2,6 +2,11 @@
 //! key, until the fleet acknowledges it or the deadline passes. Retried: 5xx, 409 (the first attempt is
 //! still running), 429, connection errors and timeouts, after a jittered exponential backoff that honours
 //! `Retry-After`. Any other 4xx is final: retrying a request the fleet refuses cannot help.
+//!
+//! The same client with [`RetryPolicy::plain`] is what most clients are: no key, one attempt, so every
+//! increment takes the default (coalesced) path. Its failures are then judged by the API's contract: an
+//! error answer changed nothing, except 08007 (the COMMIT's outcome is unknown) and a broken or missing
+//! answer (the node may have committed and died before answering), which may or may not have applied.
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -29,6 +34,8 @@ pub struct RetryPolicy {
     pub max_backoff: Duration,
     /// How long one attempt may take, connecting included.
     pub request_timeout: Duration,
+    /// Send each increment with a fresh `Idempotency-Key` (so a retry is safe).
+    pub idempotency_keys: bool,
 }
 
 impl RetryPolicy {
@@ -39,12 +46,18 @@ impl RetryPolicy {
             base_backoff: Duration::from_millis(25),
             max_backoff: Duration::from_secs(1),
             request_timeout: Duration::from_secs(10),
+            idempotency_keys: true,
         }
     }
 
     /// One attempt per increment: every failure shows.
     pub fn no_retries() -> Self {
         RetryPolicy { max_attempts: 1, ..RetryPolicy::careful() }
+    }
+
+    /// A plain client: one attempt, no idempotency key.
+    pub fn plain() -> Self {
+        RetryPolicy { idempotency_keys: false, ..RetryPolicy::no_retries() }
     }
 
     /// The wait before retry number `retry` (1 = the first), at least `retry_after`.
@@ -61,6 +74,8 @@ impl RetryPolicy {
 pub enum Failure {
     /// An HTTP error status.
     Status(u16),
+    /// 503 with code 08007: the connection broke during COMMIT, so the write may have committed.
+    CommitUnknown,
     /// The connection could not be opened.
     Connect,
     /// The connection broke before a whole response arrived.
@@ -76,7 +91,22 @@ impl Failure {
     pub fn is_retryable(self) -> bool {
         match self {
             Failure::Status(status) => status >= 500 || status == 409 || status == 429,
-            Failure::Connect | Failure::Connection | Failure::Timeout | Failure::BadBody => true,
+            Failure::CommitUnknown
+            | Failure::Connect
+            | Failure::Connection
+            | Failure::Timeout
+            | Failure::BadBody => true,
+        }
+    }
+
+    /// Whether the write may have been applied all the same: the answer says the outcome is unknown, or
+    /// there was no whole answer from the node (nginx's 502 and 504 included). Any other error answer
+    /// changed nothing, and a refused connection sent nothing.
+    pub fn may_have_applied(self) -> bool {
+        match self {
+            Failure::Status(status) => matches!(status, 502 | 504),
+            Failure::CommitUnknown | Failure::Connection | Failure::Timeout | Failure::BadBody => true,
+            Failure::Connect => false,
         }
     }
 }
@@ -85,6 +115,7 @@ impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Failure::Status(status) => write!(f, "http {status}"),
+            Failure::CommitUnknown => f.write_str("http 503 08007"),
             Failure::Connect => f.write_str("connect error"),
             Failure::Connection => f.write_str("connection error"),
             Failure::Timeout => f.write_str("timeout"),
@@ -195,11 +226,13 @@ impl CarefulClient {
             if attempts > 1 {
                 stats.retries.fetch_add(1, Ordering::Relaxed);
             }
-            let request = self
+            let mut request = self
                 .agent
                 .post(&format!("{}/api/increment", self.url))
-                .set(IDEMPOTENCY_KEY, &idempotency_key)
                 .set("Content-Type", "application/json");
+            if self.policy.idempotency_keys {
+                request = request.set(IDEMPOTENCY_KEY, &idempotency_key);
+            }
             let (failure, retry_after) = match acknowledgement(request.send_string(&body)) {
                 Ok((value, replayed)) => {
                     stats.acked.fetch_add(1, Ordering::Relaxed);
@@ -211,6 +244,13 @@ impl CarefulClient {
                 Err(failed) => failed,
             };
             stats.failed(failure);
+            if !self.policy.idempotency_keys && attempts >= self.policy.max_attempts {
+                break if failure.may_have_applied() {
+                    Outcome::Unresolved(failure)
+                } else {
+                    Outcome::Rejected(failure)
+                };
+            }
             if !failure.is_retryable() {
                 break Outcome::Rejected(failure);
             }
@@ -250,7 +290,16 @@ impl CarefulClient {
 fn acknowledgement(
     result: Result<ureq::Response, ureq::Error>,
 ) -> Result<(i64, bool), (Failure, Option<Duration>)> {
-    let response = result.map_err(|error| classify(&error))?;
+    let response = match result {
+        Err(ureq::Error::Status(503, response)) => {
+            let retry_after = retry_after(&response);
+            let code = response.into_json::<Value>().ok().and_then(|b| b["code"].as_str().map(str::to_owned));
+            let failure =
+                if code.as_deref() == Some("08007") { Failure::CommitUnknown } else { Failure::Status(503) };
+            return Err((failure, retry_after));
+        }
+        result => result.map_err(|error| classify(&error))?,
+    };
     let replayed = response.header(REPLAYED).is_some_and(|v| v.eq_ignore_ascii_case("true"));
     let body: Value = response.into_json().map_err(|_| (Failure::BadBody, None))?;
     let value = body["value"].as_i64().ok_or((Failure::BadBody, None))?;
@@ -260,11 +309,7 @@ fn acknowledgement(
 /// The kind of a failed attempt, and the server's `Retry-After`, if it sent one.
 fn classify(error: &ureq::Error) -> (Failure, Option<Duration>) {
     match error {
-        ureq::Error::Status(status, response) => {
-            let retry_after =
-                response.header("Retry-After").and_then(|s| s.trim().parse().ok()).map(Duration::from_secs);
-            (Failure::Status(*status), retry_after)
-        }
+        ureq::Error::Status(status, response) => (Failure::Status(*status), retry_after(response)),
         ureq::Error::Transport(transport) => {
             let failure = match transport.kind() {
                 ureq::ErrorKind::ConnectionFailed | ureq::ErrorKind::Dns => Failure::Connect,
@@ -274,6 +319,10 @@ fn classify(error: &ureq::Error) -> (Failure, Option<Duration>) {
             (failure, None)
         }
     }
+}
+
+fn retry_after(response: &ureq::Response) -> Option<Duration> {
+    response.header("Retry-After").and_then(|s| s.trim().parse().ok()).map(Duration::from_secs)
 }
 
 fn is_timeout(transport: &ureq::Transport) -> bool {
@@ -312,6 +361,17 @@ mod tests {
             assert!(!Failure::Status(status).is_retryable(), "{status}");
         }
         assert!(Failure::Connect.is_retryable() && Failure::Timeout.is_retryable());
+    }
+
+    #[test]
+    fn only_an_unknown_outcome_or_a_missing_answer_may_have_applied() {
+        for failure in [Failure::CommitUnknown, Failure::Status(502), Failure::Status(504), Failure::Timeout]
+        {
+            assert!(failure.may_have_applied(), "{failure}");
+        }
+        for failure in [Failure::Status(503), Failure::Status(500), Failure::Status(409), Failure::Connect] {
+            assert!(!failure.may_have_applied(), "{failure}");
+        }
     }
 
     #[test]

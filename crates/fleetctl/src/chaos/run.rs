@@ -98,14 +98,7 @@ pub fn run(dir: &Path, args: RunArgs) -> anyhow::Result<()> {
     } else {
         print!("{}", report.text());
     }
-    let verdict = &report.verdict;
-    ensure!(
-        verdict.exactly_once(),
-        "{} acknowledged increments lost, {} duplicated",
-        verdict.lost,
-        verdict.duplicated
-    );
-    Ok(())
+    report.verdict.judge()
 }
 
 /// The faults of a run over `duration` on the live nodes `live` (numbers, ascending): a crash of the last

@@ -46,6 +46,17 @@ impl Verdict {
     pub fn exactly_once(&self) -> bool {
         self.lost == 0 && self.duplicated == 0
     }
+
+    /// `Ok` when nothing was lost or duplicated; otherwise the error `fleetctl chaos run` exits with.
+    pub fn judge(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            self.exactly_once(),
+            "{} acknowledged increments lost, {} duplicated",
+            self.lost,
+            self.duplicated
+        );
+        Ok(())
+    }
 }
 
 /// Reads every counter of `run` through `url` and checks it against the acknowledgements.

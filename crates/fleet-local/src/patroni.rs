@@ -1,0 +1,622 @@
+//! A PostgreSQL cluster run by Patroni on loopback: one etcd, N members (pg-1 … pg-N), each a Patroni
+//! process that starts, stops, promotes and demotes its own PostgreSQL, with synchronous replication
+//! (`synchronous_mode`), so an acknowledged write survives losing the primary.
+//!
+//! Layout of the cluster directory: `etcd/` (the store), and per member `pg-N/` with `patroni.yml`
+//! (0600: it holds the passwords), `data/` (PGDATA), `pgpass` and the Unix socket. Patroni and
+//! PostgreSQL run as the `postgres` user when we are root. Patroni detaches its postmaster (it survives
+//! Patroni's death, by design): every stop here ends both, and dropping the cluster does too.
+
+mod config;
+
+use std::fs;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::{Pid, User};
+use serde_json::Value;
+use tempfile::TempDir;
+
+use config::{ClusterPlan, MemberPlace};
+pub use config::{Secrets, LOOP_WAIT_S, RETRY_TIMEOUT_S, TTL_S};
+
+use crate::bins::{patroni_bin, postgres_bin};
+use crate::etcd::Etcd;
+use crate::postgres::{hand_over, postgres_user, ADMIN_USER, APP_DATABASE, APP_USER};
+use crate::{free_port, proctree, Child};
+
+/// Patroni's cluster name (its key prefix in etcd).
+const SCOPE: &str = "pgfleet";
+/// How long a new cluster may take to have a leader and every replica streaming.
+const READY_TIMEOUT: Duration = Duration::from_secs(180);
+/// How long Patroni gets to stop its PostgreSQL on SIGTERM before both are killed.
+const STOP_GRACE: Duration = Duration::from_secs(30);
+/// How often the cluster's state is polled while waiting.
+const POLL_INTERVAL: Duration = Duration::from_millis(200);
+
+/// How to create a [`PatroniCluster`].
+#[derive(Debug, Clone)]
+pub struct PatroniOptions {
+    /// The cluster directory; `None` = a fresh temporary directory, removed on drop.
+    pub dir: Option<PathBuf>,
+    /// Members (1 = a primary alone; 3 = a primary and two replicas).
+    pub members: usize,
+    pub max_connections: u32,
+    /// `false`: fsync and full_page_writes off (tests).
+    pub durable: bool,
+    /// More PostgreSQL parameters for every member.
+    pub parameters: Vec<(String, String)>,
+    /// Hide the children's output (it is still kept for error messages).
+    pub quiet: bool,
+}
+
+impl Default for PatroniOptions {
+    fn default() -> Self {
+        PatroniOptions {
+            dir: None,
+            members: 3,
+            max_connections: 100,
+            durable: false,
+            parameters: Vec::new(),
+            quiet: true,
+        }
+    }
+}
+
+/// One member as Patroni's REST API reports it (`GET /cluster`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberStatus {
+    pub name: String,
+    /// `leader`, `sync_standby`, `replica` (Patroni's words).
+    pub role: String,
+    /// `running`, `streaming`, `starting`, `stopped` …
+    pub state: String,
+    pub timeline: Option<u64>,
+    /// Bytes of WAL the member is behind the leader (`None` for the leader, or when unknown).
+    pub lag_bytes: Option<u64>,
+    pub port: u16,
+}
+
+impl MemberStatus {
+    pub fn is_leader(&self) -> bool {
+        self.role == "leader" && self.state == "running"
+    }
+
+    /// A replica that streams WAL from the leader.
+    pub fn is_streaming_replica(&self) -> bool {
+        matches!(self.role.as_str(), "replica" | "sync_standby") && self.state == "streaming"
+    }
+}
+
+struct Member {
+    name: String,
+    dir: PathBuf,
+    pg_port: u16,
+    api_port: u16,
+    patroni: Option<Child>,
+    /// The startup process [`PatroniCluster::pause_replay`] stopped.
+    replay_paused: Option<Pid>,
+}
+
+impl std::fmt::Debug for Member {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Member")
+            .field("name", &self.name)
+            .field("pg_port", &self.pg_port)
+            .field("api_port", &self.api_port)
+            .field("running", &self.patroni.is_some())
+            .finish()
+    }
+}
+
+impl Member {
+    fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    /// The postmaster's PID from `postmaster.pid`, if that process still runs.
+    fn postmaster(&self) -> Option<Pid> {
+        let text = fs::read_to_string(self.data_dir().join("postmaster.pid")).ok()?;
+        let pid = Pid::from_raw(text.lines().next()?.trim().parse().ok()?);
+        kill(pid, None).is_ok().then_some(pid)
+    }
+}
+
+/// A running Patroni cluster, owned by this process: dropping it stops every member and etcd, and
+/// removes the temporary directory, if it made one.
+#[derive(Debug)]
+pub struct PatroniCluster {
+    members: Vec<Member>,
+    secrets: Secrets,
+    run_as: Option<User>,
+    quiet: bool,
+    http: ureq::Agent,
+    etcd: Option<Etcd>,
+    temp_dir: Option<TempDir>,
+}
+
+impl PatroniCluster {
+    /// Starts etcd and every member, waits until there is a leader and every other member streams
+    /// from it, then creates the application's role and database on the leader.
+    pub fn start(opts: PatroniOptions) -> anyhow::Result<PatroniCluster> {
+        ensure!(opts.members >= 1, "a cluster needs at least one member");
+        let run_as = postgres_user()?;
+        let (dir, temp_dir) = match &opts.dir {
+            Some(dir) => {
+                fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+                (dir.canonicalize().with_context(|| format!("cannot resolve {}", dir.display()))?, None)
+            }
+            None => {
+                let temp = tempfile::Builder::new()
+                    .prefix("pgfleet-ha-")
+                    .tempdir()
+                    .context("cannot create a temporary directory for the cluster")?;
+                (temp.path().to_owned(), Some(temp))
+            }
+        };
+        let etcd = Etcd::start(&dir, opts.quiet)?;
+        let secrets = Secrets::random()?;
+        // Patroni runs every server tool from one directory (pg_controldata, pg_rewind …): the real one,
+        // not a directory of symlinks to a few of them.
+        let postgres =
+            fs::canonicalize(postgres_bin("postgres")?).context("cannot resolve postgres's path")?;
+        let bin_dir = postgres.parent().context("postgres has no directory")?.to_owned();
+        let etcd_address = etcd.address();
+        let plan = ClusterPlan {
+            scope: SCOPE,
+            etcd: &etcd_address,
+            bin_dir: &bin_dir,
+            max_connections: opts.max_connections,
+            durable: opts.durable,
+            parameters: &opts.parameters,
+            secrets: &secrets,
+        };
+        let mut members = Vec::new();
+        for n in 1..=opts.members {
+            let name = format!("pg-{n}");
+            let member_dir = dir.join(&name);
+            fs::create_dir_all(&member_dir)
+                .with_context(|| format!("cannot create {}", member_dir.display()))?;
+            fs::set_permissions(&member_dir, fs::Permissions::from_mode(0o700))?;
+            let member = Member {
+                name,
+                dir: member_dir,
+                pg_port: free_port()?,
+                api_port: free_port()?,
+                patroni: None,
+                replay_paused: None,
+            };
+            let place = MemberPlace {
+                name: &member.name,
+                dir: &member.dir,
+                pg_port: member.pg_port,
+                api_port: member.api_port,
+            };
+            let config_file = member.dir.join("patroni.yml");
+            fs::write(&config_file, config::render(&plan, &place))
+                .with_context(|| format!("cannot write {}", config_file.display()))?;
+            fs::set_permissions(&config_file, fs::Permissions::from_mode(0o600))?;
+            if let Some(user) = &run_as {
+                hand_over(&member.dir, user)?;
+                std::os::unix::fs::chown(&config_file, Some(user.uid.as_raw()), Some(user.gid.as_raw()))?;
+            }
+            members.push(member);
+        }
+        let http = ureq::AgentBuilder::new()
+            .timeout_connect(Duration::from_secs(1))
+            .timeout(Duration::from_secs(5))
+            .build();
+        let mut cluster =
+            PatroniCluster { members, secrets, run_as, quiet: opts.quiet, http, etcd: Some(etcd), temp_dir };
+        // The first member bootstraps the cluster; the others then clone it.
+        for n in 0..cluster.members.len() {
+            cluster.spawn(n)?;
+            if n == 0 {
+                cluster.wait_for_primary(None)?;
+            }
+        }
+        cluster.wait_until_whole()?;
+        cluster.create_app_database()?;
+        tracing::info!(members = cluster.members.len(), dir = %dir.display(), "Patroni cluster ready");
+        Ok(cluster)
+    }
+
+    fn spawn(&mut self, n: usize) -> anyhow::Result<()> {
+        let member = &self.members[n];
+        let mut cmd = Command::new(patroni_bin()?);
+        cmd.arg(member.dir.join("patroni.yml")).current_dir(&member.dir).env("PYTHONUNBUFFERED", "1");
+        if let Some(user) = &self.run_as {
+            cmd.uid(user.uid.as_raw()).gid(user.gid.as_raw()).env("HOME", &member.dir);
+        }
+        let child = Child::spawn(&member.name, cmd, self.quiet)?;
+        self.members[n].patroni = Some(child);
+        Ok(())
+    }
+
+    fn index(&self, name: &str) -> anyhow::Result<usize> {
+        self.members.iter().position(|m| m.name == name).with_context(|| format!("no member called {name}"))
+    }
+
+    /// Every member's name, in order (pg-1 …).
+    pub fn member_names(&self) -> Vec<String> {
+        self.members.iter().map(|m| m.name.clone()).collect()
+    }
+
+    /// The members as Patroni reports them, asked of the first member whose REST API answers.
+    pub fn status(&self) -> anyhow::Result<Vec<MemberStatus>> {
+        let mut last_error = None;
+        for member in self.members.iter().filter(|m| m.patroni.is_some()) {
+            match self.http.get(&format!("http://127.0.0.1:{}/cluster", member.api_port)).call() {
+                Ok(response) => {
+                    let body: Value = response.into_json().context("Patroni's /cluster is not JSON")?;
+                    return parse_cluster(&body);
+                }
+                Err(error) => last_error = Some(error),
+            }
+        }
+        match last_error {
+            Some(error) => Err(error).context("no member's REST API answers"),
+            None => bail!("no member is running"),
+        }
+    }
+
+    /// Waits until a member other than `not` (if given) leads and its PostgreSQL accepts writes
+    /// (Patroni reports the new leader a moment before its promotion ends); returns its name.
+    pub fn wait_for_primary(&mut self, not: Option<&str>) -> anyhow::Result<String> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            self.wait_until("a member leads", |members| {
+                members.iter().any(|m| m.is_leader() && Some(m.name.as_str()) != not)
+            })?;
+            if let Ok(leader) = self.leader() {
+                if Some(leader.as_str()) != not
+                    && self.psql_on(&leader, "postgres", "SELECT pg_is_in_recovery()").is_ok_and(|r| r == "f")
+                {
+                    return Ok(leader);
+                }
+            }
+            if Instant::now() >= deadline {
+                bail!("no member accepted writes within {READY_TIMEOUT:?}");
+            }
+            thread::sleep(POLL_INTERVAL);
+        }
+    }
+
+    /// The current leader's name.
+    pub fn leader(&self) -> anyhow::Result<String> {
+        let members = self.status()?;
+        members.iter().find(|m| m.is_leader()).map(|m| m.name.clone()).context("the cluster has no leader")
+    }
+
+    /// Waits until `done` holds for the members Patroni reports, failing with their last state after
+    /// [`READY_TIMEOUT`] (or early, with its output, when a member's Patroni exits).
+    pub fn wait_until(&mut self, what: &str, done: impl Fn(&[MemberStatus]) -> bool) -> anyhow::Result<()> {
+        let deadline = Instant::now() + READY_TIMEOUT;
+        loop {
+            let last = self.status();
+            if let Ok(members) = &last {
+                if done(members) {
+                    return Ok(());
+                }
+            }
+            for member in &mut self.members {
+                if let Some(child) = member.patroni.as_mut() {
+                    if !child.is_running() {
+                        bail!(
+                            "{}'s Patroni exited; its last output:\n{}",
+                            member.name,
+                            child.recent_output()
+                        );
+                    }
+                }
+            }
+            if Instant::now() >= deadline {
+                bail!("timed out after {READY_TIMEOUT:?} waiting until {what}; members: {last:?}");
+            }
+            thread::sleep(POLL_INTERVAL);
+        }
+    }
+
+    /// Waits until every running member is up: one leader, the others streaming, one of them the
+    /// synchronous standby (with more than one member).
+    pub fn wait_until_whole(&mut self) -> anyhow::Result<()> {
+        let running = self.members.iter().filter(|m| m.patroni.is_some()).count();
+        self.wait_until("the cluster is whole", |members| {
+            let leaders = members.iter().filter(|m| m.is_leader()).count();
+            let replicas = members.iter().filter(|m| m.is_streaming_replica()).count();
+            let sync = members.iter().any(|m| m.role == "sync_standby" && m.state == "streaming");
+            leaders == 1 && replicas + 1 == running && (running == 1 || sync)
+        })
+    }
+
+    /// The application's URL for writes: every member, `target_session_attrs=read-write` (libpq and
+    /// tokio-postgres both try the hosts in turn until one accepts writes: the primary).
+    pub fn url(&self) -> String {
+        self.app_url("target_session_attrs=read-write")
+    }
+
+    /// The application's URL for reads: every member, `target_session_attrs=read-only` (a replica),
+    /// hosts tried in random order to spread the load.
+    pub fn read_url(&self) -> String {
+        self.app_url("target_session_attrs=read-only&load_balance_hosts=random")
+    }
+
+    /// [`PatroniCluster::url`] without its password, for printing.
+    pub fn url_redacted(&self) -> String {
+        self.url().replace(&self.secrets.app, "****")
+    }
+
+    fn app_url(&self, params: &str) -> String {
+        let hosts: Vec<String> = self.members.iter().map(|m| format!("127.0.0.1:{}", m.pg_port)).collect();
+        format!("postgres://{APP_USER}:{}@{}/{APP_DATABASE}?{params}", self.secrets.app, hosts.join(","))
+    }
+
+    /// A member's PostgreSQL port on 127.0.0.1.
+    pub fn port(&self, name: &str) -> anyhow::Result<u16> {
+        Ok(self.members[self.index(name)?].pg_port)
+    }
+
+    /// The superuser's URL to one member's application database.
+    pub fn admin_url(&self, name: &str) -> anyhow::Result<String> {
+        Ok(format!(
+            "postgres://{ADMIN_USER}:{}@127.0.0.1:{}/{APP_DATABASE}",
+            self.secrets.superuser,
+            self.port(name)?
+        ))
+    }
+
+    /// Runs `sql` as the superuser on member `name`'s application database (`psql -X -A -t`); returns its
+    /// output, trimmed.
+    pub fn psql(&self, name: &str, sql: &str) -> anyhow::Result<String> {
+        self.psql_on(name, APP_DATABASE, sql)
+    }
+
+    fn psql_on(&self, name: &str, database: &str, sql: &str) -> anyhow::Result<String> {
+        let port = self.port(name)?;
+        let output = Command::new(postgres_bin("psql")?)
+            .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1"])
+            .args(["-p", &port.to_string(), "-U", ADMIN_USER, "-d", database, "-c", sql])
+            .env("PGPASSWORD", &self.secrets.superuser)
+            .env("PGCONNECT_TIMEOUT", "10")
+            .stdin(Stdio::null())
+            .output()
+            .context("cannot run psql")?;
+        if !output.status.success() {
+            bail!(
+                "psql on {name} failed ({}) running {sql:?}: {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+    }
+
+    /// Creates the application's role (no superuser) and database on the leader, unless they exist.
+    fn create_app_database(&self) -> anyhow::Result<()> {
+        let leader = self.leader()?;
+        let password = &self.secrets.app;
+        self.psql_on(
+            &leader,
+            "postgres",
+            &format!(
+                "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{APP_USER}') THEN \
+                 CREATE ROLE {APP_USER} LOGIN PASSWORD '{password}'; END IF; END $$"
+            ),
+        )?;
+        let exists = self.psql_on(
+            &leader,
+            "postgres",
+            &format!("SELECT count(*) FROM pg_database WHERE datname = '{APP_DATABASE}'"),
+        )?;
+        if exists == "0" {
+            self.psql_on(&leader, "postgres", &format!("CREATE DATABASE {APP_DATABASE} OWNER {APP_USER}"))?;
+        }
+        Ok(())
+    }
+
+    /// SIGKILL to member `name`'s Patroni and to its PostgreSQL's whole process tree, as when its
+    /// machine dies: no shutdown, no handing over. It stays down until [`PatroniCluster::start_member`].
+    pub fn kill_member(&mut self, name: &str) -> anyhow::Result<()> {
+        self.resume_replay(name)?;
+        let n = self.index(name)?;
+        let member = &mut self.members[n];
+        if let Some(mut patroni) = member.patroni.take() {
+            patroni.kill()?;
+        }
+        if let Some(postmaster) = member.postmaster() {
+            kill_tree(postmaster);
+        }
+        tracing::info!(member = name, "member killed");
+        Ok(())
+    }
+
+    /// Stops member `name` cleanly: SIGTERM to Patroni, which stops its PostgreSQL (a leader hands its
+    /// lock back first); both are killed if that takes longer than 30 s.
+    pub fn stop_member(&mut self, name: &str) -> anyhow::Result<()> {
+        self.resume_replay(name)?;
+        let n = self.index(name)?;
+        let member = &mut self.members[n];
+        if let Some(mut patroni) = member.patroni.take() {
+            patroni.terminate(STOP_GRACE)?;
+        }
+        if let Some(postmaster) = member.postmaster() {
+            tracing::warn!(member = name, "PostgreSQL outlived its Patroni; killing it");
+            kill_tree(postmaster);
+        }
+        Ok(())
+    }
+
+    /// Starts a stopped or killed member again; it rejoins as a replica (rewound if it diverged).
+    pub fn start_member(&mut self, name: &str) -> anyhow::Result<()> {
+        let n = self.index(name)?;
+        if self.members[n].patroni.is_none() {
+            self.spawn(n)?;
+        }
+        Ok(())
+    }
+
+    /// A planned switchover through Patroni's REST API: the leader hands over to `candidate` (or to a
+    /// synchronous standby Patroni picks); returns once the new leader runs.
+    pub fn switchover(&mut self, candidate: Option<&str>) -> anyhow::Result<String> {
+        let leader = self.leader()?;
+        let api_port = self.members[self.index(&leader)?].api_port;
+        let mut body = serde_json::json!({ "leader": leader });
+        if let Some(candidate) = candidate {
+            body["candidate"] = candidate.into();
+        }
+        let auth = format!("Basic {}", base64(&format!("patroni:{}", self.secrets.rest_api)));
+        self.http
+            .post(&format!("http://127.0.0.1:{api_port}/switchover"))
+            .set("Authorization", &auth)
+            .send_json(body)
+            .map_err(|e| match e {
+                ureq::Error::Status(code, response) => {
+                    anyhow::anyhow!(
+                        "switchover refused ({code}): {}",
+                        response.into_string().unwrap_or_default()
+                    )
+                }
+                other => anyhow::Error::new(other),
+            })?;
+        let new = self.wait_for_primary(Some(&leader))?;
+        if let Some(candidate) = candidate {
+            ensure!(new == candidate, "{new} leads after a switchover to {candidate}");
+        }
+        Ok(new)
+    }
+
+    /// Pauses WAL replay on replica `name`: SIGSTOP to its startup (recovery) process, so it keeps
+    /// receiving WAL and answering queries while what it shows falls behind, as a replica under heavy
+    /// load does. (`pg_wal_replay_pause()` does not last: Patroni resumes paused replay on its next
+    /// loop.) Undone by [`PatroniCluster::resume_replay`], which stopping the member calls first.
+    pub fn pause_replay(&mut self, name: &str) -> anyhow::Result<()> {
+        let n = self.index(name)?;
+        let member = &mut self.members[n];
+        ensure!(member.replay_paused.is_none(), "{name}'s replay is already paused");
+        let postmaster =
+            member.postmaster().with_context(|| format!("{name}'s PostgreSQL is not running"))?;
+        let startup = proctree::descendants(postmaster)?
+            .into_iter()
+            .find(|pid| {
+                fs::read_to_string(format!("/proc/{pid}/cmdline")).is_ok_and(|cmd| cmd.contains("startup"))
+            })
+            .with_context(|| format!("{name} has no startup process: it is not a replica"))?;
+        kill(startup, Signal::SIGSTOP).with_context(|| format!("cannot stop {name}'s startup process"))?;
+        proctree::wait_until_stopped(startup)?;
+        member.replay_paused = Some(startup);
+        tracing::info!(member = name, "WAL replay paused");
+        Ok(())
+    }
+
+    /// Resumes WAL replay paused by [`PatroniCluster::pause_replay`]; does nothing if it is not paused.
+    pub fn resume_replay(&mut self, name: &str) -> anyhow::Result<()> {
+        let n = self.index(name)?;
+        if let Some(startup) = self.members[n].replay_paused.take() {
+            let _ = kill(startup, Signal::SIGCONT);
+            tracing::info!(member = name, "WAL replay resumed");
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PatroniCluster {
+    fn drop(&mut self) {
+        let names = self.member_names();
+        for name in names.iter().rev() {
+            if let Err(error) = self.stop_member(name) {
+                tracing::warn!(member = %name, error = %format!("{error:#}"), "cannot stop member");
+            }
+        }
+        drop(self.etcd.take());
+        if let Some(temp_dir) = self.temp_dir.take() {
+            let path = temp_dir.path().to_owned();
+            if let Err(error) = temp_dir.close() {
+                tracing::warn!(dir = %path.display(), %error, "cannot remove the cluster's temporary directory");
+            }
+        }
+    }
+}
+
+/// SIGKILL to `root` and every descendant (a postmaster's backends and helpers).
+fn kill_tree(root: Pid) {
+    let descendants = proctree::descendants(root).unwrap_or_default();
+    for pid in std::iter::once(root).chain(descendants) {
+        let _ = kill(pid, Signal::SIGKILL);
+    }
+    // The postmaster is not our child (Patroni detached it): wait until it is gone, not reaped.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while kill(root, None).is_ok() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The members of Patroni's `GET /cluster` answer.
+fn parse_cluster(body: &Value) -> anyhow::Result<Vec<MemberStatus>> {
+    let members = body["members"].as_array().context("Patroni's /cluster has no members")?;
+    members
+        .iter()
+        .map(|m| {
+            Ok(MemberStatus {
+                name: m["name"].as_str().context("a member without a name")?.to_owned(),
+                role: m["role"].as_str().unwrap_or_default().to_owned(),
+                state: m["state"].as_str().unwrap_or_default().to_owned(),
+                timeline: m["timeline"].as_u64(),
+                lag_bytes: m["lag"].as_u64(),
+                port: m["port"].as_u64().and_then(|p| u16::try_from(p).ok()).unwrap_or_default(),
+            })
+        })
+        .collect()
+}
+
+/// Standard base64 (for a Basic authorization header).
+fn base64(text: &str) -> String {
+    const ALPHABET: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::new();
+    for chunk in text.as_bytes().chunks(3) {
+        let b = [chunk[0], *chunk.get(1).unwrap_or(&0), *chunk.get(2).unwrap_or(&0)];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn base64_matches_the_rfc_examples() {
+        assert_eq!(base64("f"), "Zg==");
+        assert_eq!(base64("fo"), "Zm8=");
+        assert_eq!(base64("foo"), "Zm9v");
+        assert_eq!(base64("foobar"), "Zm9vYmFy");
+    }
+
+    #[test]
+    fn cluster_answers_are_parsed() {
+        let body = serde_json::json!({"members": [
+            {"name": "pg-1", "role": "leader", "state": "running", "port": 5433, "timeline": 2},
+            {"name": "pg-2", "role": "sync_standby", "state": "streaming", "port": 5434, "timeline": 2, "lag": 0},
+            {"name": "pg-3", "role": "replica", "state": "stopped", "port": 5435, "lag": "unknown"},
+        ]});
+        let members = parse_cluster(&body).unwrap();
+        assert!(members[0].is_leader());
+        assert!(members[1].is_streaming_replica());
+        assert_eq!(members[1].lag_bytes, Some(0));
+        assert!(!members[2].is_streaming_replica());
+        assert_eq!(members[2].lag_bytes, None);
+        assert_eq!(members[2].timeline, None);
+    }
+}

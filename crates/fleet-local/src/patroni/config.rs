@@ -1,0 +1,209 @@
+//! A member's Patroni configuration (YAML), and the cluster's secrets.
+
+use std::fmt::Write as _;
+use std::fs::File;
+use std::io::Read;
+use std::path::Path;
+
+use anyhow::Context;
+
+/// Patroni's leader lock lives this long (s) without renewal before a replica may take over: its
+/// minimum (20), so a killed primary is replaced fast.
+pub const TTL_S: u32 = 20;
+/// How often each member's Patroni runs its loop (s): its minimum, so a switchover or a new leader is
+/// seen within a second.
+pub const LOOP_WAIT_S: u32 = 1;
+/// How long Patroni retries the store and PostgreSQL before it gives up on them (s); Patroni requires
+/// `loop_wait + 2 × retry_timeout ≤ ttl`.
+pub const RETRY_TIMEOUT_S: u32 = 5;
+const _: () = assert!(LOOP_WAIT_S + 2 * RETRY_TIMEOUT_S <= TTL_S, "Patroni refuses these timings");
+
+/// The cluster's credentials, random per cluster.
+#[derive(Clone)]
+pub struct Secrets {
+    pub superuser: String,
+    pub replication: String,
+    pub app: String,
+    /// For Patroni's REST API endpoints that change the cluster (switchover, restart …).
+    pub rest_api: String,
+}
+
+impl std::fmt::Debug for Secrets {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secrets(redacted)")
+    }
+}
+
+impl Secrets {
+    pub fn random() -> anyhow::Result<Secrets> {
+        Ok(Secrets {
+            superuser: random_password()?,
+            replication: random_password()?,
+            app: random_password()?,
+            rest_api: random_password()?,
+        })
+    }
+}
+
+/// 128 random bits, hex-encoded (safe in URLs, YAML and SQL literals).
+fn random_password() -> anyhow::Result<String> {
+    let mut bytes = [0u8; 16];
+    File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .context("cannot read /dev/urandom")?;
+    Ok(bytes.iter().fold(String::new(), |mut hex, b| {
+        let _ = write!(hex, "{b:02x}");
+        hex
+    }))
+}
+
+/// Where one member runs.
+#[derive(Debug, Clone)]
+pub struct MemberPlace<'a> {
+    pub name: &'a str,
+    pub dir: &'a Path,
+    pub pg_port: u16,
+    pub api_port: u16,
+}
+
+/// What every member's configuration shares.
+#[derive(Debug, Clone)]
+pub struct ClusterPlan<'a> {
+    pub scope: &'a str,
+    pub etcd: &'a str,
+    pub bin_dir: &'a Path,
+    pub max_connections: u32,
+    /// `false`: fsync, synchronous_commit's local flush and full_page_writes off (tests).
+    pub durable: bool,
+    /// More PostgreSQL parameters, applied last.
+    pub parameters: &'a [(String, String)],
+    pub secrets: &'a Secrets,
+}
+
+/// The YAML of one member. Every value is ours (ports, paths, generated passwords): nothing from a user.
+pub fn render(plan: &ClusterPlan<'_>, member: &MemberPlace<'_>) -> String {
+    let mut parameters = vec![
+        ("max_connections", plan.max_connections.to_string()),
+        ("wal_level", "replica".to_owned()),
+        ("hot_standby", "on".to_owned()),
+        ("wal_log_hints", "on".to_owned()),
+        ("max_wal_senders", "10".to_owned()),
+        ("max_replication_slots", "10".to_owned()),
+        // Replicas report replay progress every second, so lag is seen within one.
+        ("wal_receiver_status_interval", "1s".to_owned()),
+        ("hot_standby_feedback", "on".to_owned()),
+    ];
+    if !plan.durable {
+        parameters.push(("fsync", "off".to_owned()));
+        parameters.push(("full_page_writes", "off".to_owned()));
+    }
+    let mut params = String::new();
+    for (name, value) in parameters
+        .iter()
+        .map(|(n, v)| (*n, v.as_str()))
+        .chain(plan.parameters.iter().map(|(n, v)| (n.as_str(), v.as_str())))
+    {
+        let _ = writeln!(params, "        {name}: '{value}'");
+    }
+    let dir = member.dir.display();
+    let Secrets { superuser, replication, rest_api, .. } = plan.secrets;
+    format!(
+        r#"scope: {scope}
+name: {name}
+log:
+  level: WARNING
+  format: '%(asctime)s %(levelname)s: %(message)s'
+restapi:
+  listen: 127.0.0.1:{api_port}
+  connect_address: 127.0.0.1:{api_port}
+  authentication:
+    username: patroni
+    password: '{rest_api}'
+etcd3:
+  hosts: {etcd}
+bootstrap:
+  dcs:
+    ttl: {TTL_S}
+    loop_wait: {LOOP_WAIT_S}
+    retry_timeout: {RETRY_TIMEOUT_S}
+    maximum_lag_on_failover: 1048576
+    synchronous_mode: true
+    postgresql:
+      use_pg_rewind: true
+      remove_data_directory_on_rewind_failure: true
+      remove_data_directory_on_diverged_timelines: true
+      parameters:
+{params}  initdb:
+    - encoding: UTF8
+    - locale: C
+    - auth-host: scram-sha-256
+    - auth-local: trust
+  pg_hba:
+    - local all all trust
+    - host replication replicator 127.0.0.1/32 scram-sha-256
+    - host all all 127.0.0.1/32 scram-sha-256
+postgresql:
+  listen: 127.0.0.1:{pg_port}
+  connect_address: 127.0.0.1:{pg_port}
+  data_dir: {dir}/data
+  bin_dir: {bin_dir}
+  pgpass: {dir}/pgpass
+  basebackup:
+    - checkpoint: fast
+  authentication:
+    superuser:
+      username: postgres
+      password: '{superuser}'
+    replication:
+      username: replicator
+      password: '{replication}'
+  parameters:
+    unix_socket_directories: '{dir}'
+    logging_collector: 'off'
+"#,
+        scope = plan.scope,
+        name = member.name,
+        api_port = member.api_port,
+        etcd = plan.etcd,
+        pg_port = member.pg_port,
+        bin_dir = plan.bin_dir.display(),
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_are_random_hex() {
+        let (a, b) = (random_password().unwrap(), random_password().unwrap());
+        assert_eq!(a.len(), 32);
+        assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn a_member_config_names_its_ports_and_synchronous_mode() {
+        let secrets = Secrets::random().unwrap();
+        let extra = [("deadlock_timeout".to_owned(), "100ms".to_owned())];
+        let plan = ClusterPlan {
+            scope: "pgfleet",
+            etcd: "127.0.0.1:2379",
+            bin_dir: Path::new("/usr/lib/postgresql/15/bin"),
+            max_connections: 100,
+            durable: false,
+            parameters: &extra,
+            secrets: &secrets,
+        };
+        let member =
+            MemberPlace { name: "pg-2", dir: Path::new("/tmp/x/pg-2"), pg_port: 5433, api_port: 8009 };
+        let yaml = render(&plan, &member);
+        assert!(yaml.contains("name: pg-2\n"));
+        assert!(yaml.contains("listen: 127.0.0.1:5433"));
+        assert!(yaml.contains("listen: 127.0.0.1:8009"));
+        assert!(yaml.contains("synchronous_mode: true"));
+        assert!(yaml.contains("        deadlock_timeout: '100ms'\n"));
+        assert!(yaml.contains("        fsync: 'off'\n"));
+        assert!(yaml.contains(&secrets.superuser));
+    }
+}
