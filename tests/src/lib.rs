@@ -4,6 +4,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub mod proxy;
+
 use anyhow::Context;
 use fleet_local::fleet::{Fleet, FleetOptions};
 use fleet_local::{Node, NodeOptions, Postgres, PostgresOptions};

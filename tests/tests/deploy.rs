@@ -263,6 +263,120 @@ fn the_node_image_is_built_in_stages_and_runs_unprivileged_with_a_healthcheck() 
     }
 }
 
+#[test]
+fn compose_requires_its_secrets_and_publishes_only_nginx() {
+    // Every variable is required (`${NAME:?message}`): no default, so no default password.
+    let text = read("docker-compose.yml");
+    let uses: Vec<&str> = text.split("${").skip(1).map(|rest| rest.split('}').next().unwrap()).collect();
+    assert!(!uses.is_empty());
+    for variable in &uses {
+        let (name, message) =
+            variable.split_once(":?").unwrap_or_else(|| panic!("${{{variable}}} is optional"));
+        assert!(
+            name.chars().all(|c| c.is_ascii_uppercase() || c == '_') && !message.is_empty(),
+            "{variable}"
+        );
+    }
+    for weak in ["apppass", "admin/admin", ":-"] {
+        assert!(!text.contains(weak), "docker-compose.yml holds {weak:?}");
+    }
+
+    // Only nginx listens beyond the host; Prometheus has no lifecycle API (no remote shutdown or reload).
+    let compose = compose();
+    for (name, service) in compose["services"].as_object().unwrap() {
+        for port in service["ports"].as_array().into_iter().flatten() {
+            let port = port.as_str().expect("short port syntax");
+            assert!(
+                name == "nginx" || port.starts_with("127.0.0.1:"),
+                "{name} publishes {port} to every interface"
+            );
+        }
+    }
+    let prometheus = compose["services"]["prometheus"]["command"].to_string();
+    assert!(!prometheus.contains("--web.enable-lifecycle"), "{prometheus}");
+    let grafana = &compose["services"]["grafana"]["environment"];
+    assert!(grafana["GF_SECURITY_ADMIN_PASSWORD"].as_str().unwrap().contains(":?"), "{grafana}");
+}
+
+#[test]
+fn in_compose_the_app_connects_as_its_own_role_created_by_the_init_script() {
+    let compose = compose();
+    let postgres = &compose["services"]["postgres"];
+    let (db, node) = (&postgres["environment"], &compose["services"]["app-1"]["environment"]);
+    assert_ne!(db["POSTGRES_USER"], node["POSTGRES_USER"], "the app must not connect as the superuser");
+    assert_ne!(db["POSTGRES_PASSWORD"], node["POSTGRES_PASSWORD"], "the superuser's password is its own");
+    assert_eq!(db["APP_DB_USER"], node["POSTGRES_USER"]);
+    assert_eq!(db["APP_DB_PASSWORD"], node["POSTGRES_PASSWORD"]);
+    assert_eq!(db["APP_DB_NAME"], node["POSTGRES_DB"]);
+    let init =
+        mounts(postgres).into_iter().find(|(source, _)| source == "./deploy/postgres/create-app-role.sh");
+    let (_, target) = init.expect("postgres mounts the init script");
+    assert!(target.starts_with("/docker-entrypoint-initdb.d/") && target.ends_with(".sh"), "{target}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_compose_init_script_creates_an_unprivileged_role_that_migrates_its_own_database() {
+    let pg = start_postgres();
+    // As the image runs it: psql on the server's Unix socket as the superuser. The password has quotes
+    // and a psql variable in it, to show that nothing is spliced into SQL text.
+    let (user, password, database) = ("fleet_app", r#"it's "quoted" :app_user"#, "fleet db");
+    let socket_dir = pg.data_dir().parent().unwrap().to_owned();
+    let psql_dir = fleet_local::postgres_bin("psql").unwrap().parent().unwrap().to_owned();
+    let path = format!("{}:{}", psql_dir.display(), std::env::var("PATH").unwrap_or_default());
+    let mut script = Command::new("sh");
+    script
+        .arg(repo().join("deploy/postgres/create-app-role.sh"))
+        .env("PATH", path)
+        .env("PGHOST", &socket_dir);
+    script.env("PGPORT", pg.port().to_string()).env("POSTGRES_USER", fleet_local::postgres::ADMIN_USER);
+    script.env("APP_DB_USER", user).env("APP_DB_PASSWORD", password).env("APP_DB_NAME", database);
+    run(&mut script);
+
+    let mut config = tokio_postgres::Config::new();
+    config.host("127.0.0.1").port(pg.port()).user(user).password(password).dbname(database);
+    let (app, connection) = config.connect(tokio_postgres::NoTls).await.expect("the app role logs in");
+    tokio::spawn(connection);
+    let role = app
+        .query_one(
+            "SELECT rolsuper, rolcreaterole, rolcreatedb FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!((role.get(0), role.get(1), role.get(2)), (false, false, false));
+    for sql in ["CREATE ROLE intruder", "SELECT rolpassword FROM pg_authid", "CREATE DATABASE other"] {
+        let err = app.batch_execute(sql).await.expect_err(sql);
+        assert_eq!(
+            err.code(),
+            Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE),
+            "{sql}: {err}"
+        );
+    }
+
+    // The node migrates as that role; every table is the role's own.
+    let migrate = Command::new(fleet_tests::node_bin())
+        .arg("migrate")
+        .env_clear()
+        .envs([("POSTGRES_HOST", "127.0.0.1"), ("POSTGRES_USER", user), ("POSTGRES_PASSWORD", password)])
+        .envs([("POSTGRES_DB", database), ("LOG_FORMAT", "text")])
+        .env("POSTGRES_PORT", pg.port().to_string())
+        .output()
+        .unwrap();
+    assert!(migrate.status.success(), "{}", String::from_utf8_lossy(&migrate.stderr));
+    let owners = "SELECT count(*), count(*) FILTER (WHERE tableowner = current_user) FROM pg_tables \
+                  WHERE schemaname = 'public'";
+    let row = app.query_one(owners, &[]).await.unwrap();
+    let (tables, owned): (i64, i64) = (row.get(0), row.get(1));
+    assert!(tables >= 2 && owned == tables, "{owned} of {tables} tables are the app role's");
+
+    // Other roles may not connect to its database.
+    pg.psql("CREATE ROLE bystander LOGIN PASSWORD 'bystander'").unwrap();
+    let mut other = config.clone();
+    other.user("bystander").password("bystander");
+    let err = other.connect(tokio_postgres::NoTls).await.map(drop).expect_err("bystander connects");
+    assert_eq!(err.code(), Some(&tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE), "{err:?}");
+}
+
 /// docker-compose.yml as JSON, with YAML merge keys (`<<: *node`) applied as Compose applies them.
 fn compose() -> Value {
     let mut compose: serde_norway::Value = serde_norway::from_str(&read("docker-compose.yml")).unwrap();

@@ -112,8 +112,8 @@ async fn nginx_answers_its_own_errors_as_json_in_the_apis_shape() {
         assert_eq!(reply.body["container"], "nginx");
         assert!(!reply.body["error"].as_str().unwrap_or_default().is_empty(), "{:?}", reply.body);
     };
-    // Two bytes over nginx's client_max_body_size (32 MiB), on both kinds of route.
-    let oversized = || format!("{{\"data\": [\"{}\"]}}", "x".repeat(32 * 1024 * 1024 - 11));
+    // Two bytes over nginx's client_max_body_size (16 MiB), on both kinds of route.
+    let oversized = || format!("{{\"data\": [\"{}\"]}}", "x".repeat(16 * 1024 * 1024 - 11));
     for path in ["/api/bulk-insert", "/app-1/api/bulk-insert"] {
         let reply = Api::new(fleet.url()).post_raw(path, oversized()).await;
         expect_json_error(&reply, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large");

@@ -83,11 +83,23 @@ async fn malformed_bodies_are_rejected_with_a_clear_400_and_change_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_requests_get_413_naming_the_limit_and_insert_nothing() {
-    let app = TestApp::spawn(&[("BULK_MAX_ROWS", "1000"), ("BODY_LIMIT_BYTES", "65536")]);
+    let app = TestApp::spawn(&[
+        ("BULK_MAX_ROWS", "1000"),
+        ("BODY_LIMIT_BYTES", "65536"),
+        ("BULK_MAX_ROW_BYTES", "4096"),
+    ]);
     let rows: Vec<String> = (0..1001).map(|i| i.to_string()).collect();
     let reply = app.api.bulk_insert(&rows).await;
     assert_error(&reply, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "1001 rows");
     assert!(reply.body["error"].as_str().unwrap().contains("1000"), "{:?}", reply.body);
+
+    let reply = app.api.bulk_insert(&["ok".to_owned(), "x".repeat(4097), "ok".to_owned()]).await;
+    assert_error(&reply, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "a 4097-byte row");
+    let message = reply.body["error"].as_str().unwrap();
+    assert!(message.contains("data[1]") && message.contains("4096 (BULK_MAX_ROW_BYTES)"), "{message}");
+    assert_eq!(table_counts(&app), "0/0", "no row of a refused body is inserted");
+    assert_eq!(app.api.bulk_insert(&["é".repeat(2048)]).await.status, StatusCode::OK, "4096 bytes fit");
+    app.sql("TRUNCATE data");
 
     let big = json!({ "data": ["x".repeat(70_000)] }).to_string();
     let reply = app.api.post_raw("/api/bulk-insert", big).await;

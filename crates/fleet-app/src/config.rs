@@ -10,8 +10,11 @@
 //! | `POOL_SIZE` | `5` | connections in this node's pool. Size the fleet so that `nodes × POOL_SIZE ≤ max_connections − headroom`: with PostgreSQL's default 100 and 10 kept for admins, 4 nodes × 5 = 20 leaves room for 18 nodes. |
 //! | `POOL_WAIT_TIMEOUT_MS` | `2000` | how long a request waits for (or to open) a connection before 503 |
 //! | `STATEMENT_TIMEOUT_MS` | `60000` | `statement_timeout` set on every connection |
+//! | `DB_ATTEMPT_TIMEOUT_MS` | `30000` | the client-side deadline of one database attempt (a transaction, or a query) once it has its connection: a request whose database stops answering (a stalled server, a blackholed network) gets 503 within `POOL_WAIT_TIMEOUT_MS` + this, and the connection is closed, never reused. Also the connections' TCP user timeout (unacknowledged data for longer closes the connection); TCP keepalives probe idle connections after 10 s, every 2 s, 3 times |
+//! | `IDLE_IN_TRANSACTION_TIMEOUT_MS` | `5000` | `idle_in_transaction_session_timeout` on every connection: PostgreSQL ends a session whose open transaction waits this long for the node's next statement (a node cut off mid-transaction), which frees its row locks. The node sends a transaction's statements back to back, so only a lost node ever reaches it |
 //! | `BULK_MAX_ROWS` | `100000` | most rows one `/api/bulk-insert` takes (more: 413) |
-//! | `BODY_LIMIT_BYTES` | `33554432` (32 MiB) | largest request body (more: 413) |
+//! | `BULK_MAX_ROW_BYTES` | `65536` (64 KiB) | longest row (in bytes of UTF-8) one `/api/bulk-insert` takes (longer: 413); rows are checked while the body is parsed |
+//! | `BODY_LIMIT_BYTES` | `16777216` (16 MiB) | largest request body (more: 413): `BULK_MAX_ROWS` rows of up to 160 bytes each (the benchmark's rows are 64), and what a node holds per request in flight. Bodies above 64 KiB share a budget of 4 × this per node (see `routes::body::BodyBudget`), so memory stays bounded however many arrive at once |
 //! | `RETRY_MAX_ATTEMPTS` | `5` | attempts for a transaction that hits a deadlock (40P01) or serialization failure (40001) |
 //! | `INCREMENT_MODE` | `coalesce` | `coalesce`: concurrent increments share transactions (see `db::Coalescer`); `transaction`: one transaction per request |
 //! | `RETRY_DEADLINE_MS` | `10000` | no retry starts after a request has spent this long on its transaction |
@@ -28,6 +31,13 @@ use std::time::Duration;
 
 use anyhow::bail;
 use serde::Deserialize;
+
+/// An idle connection is probed after this long without traffic …
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
+/// … then every this long, …
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+/// … and closed after this many unanswered probes (a dead peer is noticed within 16 s).
+const KEEPALIVE_RETRIES: u32 = 3;
 
 /// Every setting of a node. Secrets are redacted in `Debug`.
 #[derive(Debug, Clone, Deserialize)]
@@ -54,8 +64,14 @@ pub struct Config {
     pub pool_wait_timeout_ms: u64,
     #[serde(default = "default_statement_timeout_ms")]
     pub statement_timeout_ms: u64,
+    #[serde(default = "default_db_attempt_timeout_ms")]
+    pub db_attempt_timeout_ms: u64,
+    #[serde(default = "default_idle_in_transaction_timeout_ms")]
+    pub idle_in_transaction_timeout_ms: u64,
     #[serde(default = "default_bulk_max_rows")]
     pub bulk_max_rows: usize,
+    #[serde(default = "default_bulk_max_row_bytes")]
+    pub bulk_max_row_bytes: usize,
     #[serde(default = "default_body_limit_bytes")]
     pub body_limit_bytes: usize,
     #[serde(default = "default_retry_max_attempts")]
@@ -141,7 +157,10 @@ impl Config {
             ("POOL_SIZE", self.pool_size as u64),
             ("POOL_WAIT_TIMEOUT_MS", self.pool_wait_timeout_ms),
             ("STATEMENT_TIMEOUT_MS", self.statement_timeout_ms),
+            ("DB_ATTEMPT_TIMEOUT_MS", self.db_attempt_timeout_ms),
+            ("IDLE_IN_TRANSACTION_TIMEOUT_MS", self.idle_in_transaction_timeout_ms),
             ("BULK_MAX_ROWS", self.bulk_max_rows as u64),
+            ("BULK_MAX_ROW_BYTES", self.bulk_max_row_bytes as u64),
             ("BODY_LIMIT_BYTES", self.body_limit_bytes as u64),
             ("RETRY_MAX_ATTEMPTS", u64::from(self.retry_max_attempts)),
             ("RETRY_DEADLINE_MS", self.retry_deadline_ms),
@@ -153,7 +172,8 @@ impl Config {
         self.pg_config().map(drop)
     }
 
-    /// The connection settings for PostgreSQL, with `statement_timeout` and `application_name` set.
+    /// The connection settings for PostgreSQL: `statement_timeout`, `idle_in_transaction_session_timeout`
+    /// and `application_name` set for the session, TCP keepalives and user timeout on the socket.
     pub fn pg_config(&self) -> anyhow::Result<tokio_postgres::Config> {
         let mut pg = match &self.database_url {
             Some(url) => url.expose().parse::<tokio_postgres::Config>().map_err(|_| {
@@ -172,13 +192,26 @@ impl Config {
             }
         };
         pg.application_name(format!("fleet-app/{}", self.container_id))
-            .options(format!("-c statement_timeout={}", self.statement_timeout_ms))
-            .connect_timeout(self.pool_wait_timeout());
+            .options(format!(
+                "-c statement_timeout={} -c idle_in_transaction_session_timeout={}",
+                self.statement_timeout_ms, self.idle_in_transaction_timeout_ms
+            ))
+            .connect_timeout(self.pool_wait_timeout())
+            .keepalives(true)
+            .keepalives_idle(KEEPALIVE_IDLE)
+            .keepalives_interval(KEEPALIVE_INTERVAL)
+            .keepalives_retries(KEEPALIVE_RETRIES)
+            .tcp_user_timeout(self.db_attempt_timeout());
         Ok(pg)
     }
 
     pub fn pool_wait_timeout(&self) -> Duration {
         Duration::from_millis(self.pool_wait_timeout_ms)
+    }
+
+    /// `DB_ATTEMPT_TIMEOUT_MS`.
+    pub fn db_attempt_timeout(&self) -> Duration {
+        Duration::from_millis(self.db_attempt_timeout_ms)
     }
 
     /// `host:port` to bind.
@@ -222,11 +255,23 @@ fn default_pool_wait_timeout_ms() -> u64 {
 fn default_statement_timeout_ms() -> u64 {
     60_000
 }
+/// Half of `STATEMENT_TIMEOUT_MS`, and 4× the longest attempt measured: 100,000-row inserts, five at
+/// once on two cores, with a debug build (7.6 s).
+fn default_db_attempt_timeout_ms() -> u64 {
+    30_000
+}
+fn default_idle_in_transaction_timeout_ms() -> u64 {
+    5_000
+}
 fn default_bulk_max_rows() -> usize {
     100_000
 }
+fn default_bulk_max_row_bytes() -> usize {
+    64 * 1024
+}
+/// 100,000 rows (`BULK_MAX_ROWS`) of up to 160 bytes each, quoted and separated (`"…",`).
 fn default_body_limit_bytes() -> usize {
-    32 * 1024 * 1024
+    16 * 1024 * 1024
 }
 fn default_retry_max_attempts() -> u32 {
     5
@@ -257,6 +302,8 @@ mod tests {
         assert_eq!(config.port, 3000);
         assert_eq!(config.pool_size, 5);
         assert_eq!(config.bulk_max_rows, 100_000);
+        assert_eq!(config.body_limit_bytes, 16 * 1024 * 1024);
+        assert!(config.body_limit_bytes >= config.bulk_max_rows * (160 + 3), "100,000 rows of 160 bytes fit");
         assert_eq!(config.lock_order, LockOrder::Request);
         assert_eq!(config.increment_mode, IncrementMode::Coalesce);
         assert!(config.lab_endpoints);
@@ -272,6 +319,21 @@ mod tests {
         assert!(err.contains("random"), "{err}");
         let err = parse(&[("DATABASE_URL", "postgres://a:b@host:notaport/db")]).unwrap_err().to_string();
         assert!(err.contains("DATABASE_URL"), "{err}");
+    }
+
+    #[test]
+    fn connections_carry_the_server_side_timeouts_and_tcp_deadlines() {
+        let config =
+            parse(&[("IDLE_IN_TRANSACTION_TIMEOUT_MS", "1234"), ("DB_ATTEMPT_TIMEOUT_MS", "4321")]).unwrap();
+        let pg = config.pg_config().unwrap();
+        let options = pg.get_options().unwrap();
+        assert!(options.contains("-c statement_timeout=60000"), "{options}");
+        assert!(options.contains("-c idle_in_transaction_session_timeout=1234"), "{options}");
+        assert_eq!(pg.get_tcp_user_timeout(), Some(&Duration::from_millis(4321)));
+        assert!(pg.get_keepalives());
+        assert_eq!(pg.get_keepalives_idle(), KEEPALIVE_IDLE);
+        let err = parse(&[("DB_ATTEMPT_TIMEOUT_MS", "0")]).unwrap_err().to_string();
+        assert!(err.contains("DB_ATTEMPT_TIMEOUT_MS"), "{err}");
     }
 
     #[test]

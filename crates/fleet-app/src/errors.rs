@@ -163,7 +163,8 @@ impl ApiError {
                     ApiError::Internal
                 }
             },
-            DbError::CommitUnknown(_) => ApiError::CommitUnknown,
+            DbError::CommitUnknown(_) | DbError::CommitTimedOut => ApiError::CommitUnknown,
+            DbError::AttemptTimedOut => ApiError::DatabaseUnavailable,
             DbError::IdempotencyKeyReused => ApiError::IdempotencyKeyReused,
             DbError::IdempotencyKeyInUse => ApiError::IdempotencyKeyInUse,
             DbError::Pool(_) | DbError::BatchLost => {

@@ -30,9 +30,9 @@ const PROXY_CONNECT_TIMEOUT: &str = "1s";
 /// Longest wait for a node's answer: above the node's `STATEMENT_TIMEOUT_MS` (60 s) plus its
 /// `POOL_WAIT_TIMEOUT_MS` (2 s), so the node's own timeout (and error body) always comes first.
 const PROXY_READ_TIMEOUT: &str = "65s";
-/// The node's default `BODY_LIMIT_BYTES` (32 MiB; nginx's `m` is MiB): larger bodies get nginx's 413,
+/// The node's default `BODY_LIMIT_BYTES` (16 MiB; nginx's `m` is MiB): larger bodies get nginx's 413,
 /// smaller ones reach the node, which answers with its own JSON errors.
-const CLIENT_MAX_BODY_SIZE: &str = "32m";
+const CLIENT_MAX_BODY_SIZE: &str = "16m";
 
 /// The errors nginx answers itself (a body too large, a node down or too slow, a request nginx cannot
 /// parse), each in the API's error shape: status, `code`, message. A node's own errors pass through
@@ -43,7 +43,7 @@ const NGINX_ERRORS: &[(u16, &str, &str)] = &[
     (405, "method_not_allowed", "method not allowed"),
     (408, "request_timeout", "the request took too long to arrive"),
     // The limit is CLIENT_MAX_BODY_SIZE.
-    (413, "payload_too_large", "the request body is larger than 32 MiB"),
+    (413, "payload_too_large", "the request body is larger than 16 MiB"),
     (414, "uri_too_long", "the request URI is too long"),
     (431, "headers_too_large", "the request headers are too large"),
     (494, "headers_too_large", "the request headers are too large"),
@@ -304,6 +304,9 @@ mod tests {
             assert_eq!((json["success"].as_bool(), json["code"].as_str()), (Some(false), Some(*code)));
             assert_eq!(json["container"], "nginx");
         }
+        let too_large = NGINX_ERRORS.iter().find(|(status, _, _)| *status == 413).unwrap().2;
+        let limit = format!("{} MiB", CLIENT_MAX_BODY_SIZE.trim_end_matches('m'));
+        assert!(too_large.ends_with(&limit), "{too_large} names nginx's limit {CLIENT_MAX_BODY_SIZE}");
     }
 
     #[test]

@@ -15,6 +15,11 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// What the node prints once bound, followed by its address: `fleet-app listening on http://127.0.0.1:43567`.
 const LISTENING: &str = "listening on http://";
 
+/// glibc's allocator, left to itself, raises its mmap threshold after freeing a large block, so later
+/// multi-megabyte request bodies come from the heap and stay resident once freed; a fixed threshold
+/// returns them to the system (deploy/Dockerfile sets the same).
+const MALLOC_MMAP_THRESHOLD: (&str, &str) = ("MALLOC_MMAP_THRESHOLD_", "131072");
+
 /// How to run a node.
 #[derive(Clone)]
 pub struct NodeOptions {
@@ -77,7 +82,8 @@ impl Node {
             .env("POOL_SIZE", opts.pool_size.to_string())
             .env("PORT", opts.port.to_string())
             .env("HOST", "127.0.0.1")
-            .env("LOG_FORMAT", "text");
+            .env("LOG_FORMAT", "text")
+            .env(MALLOC_MMAP_THRESHOLD.0, MALLOC_MMAP_THRESHOLD.1);
         // Colour codes only where they are shown as colours: our terminal, and no file.
         if opts.quiet || opts.log_file.is_some() || !std::io::stderr().is_terminal() {
             cmd.env("NO_COLOR", "1");

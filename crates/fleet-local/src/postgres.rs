@@ -402,14 +402,17 @@ impl Postgres {
         }
     }
 
-    /// Creates [`APP_USER`] and [`APP_DATABASE`] unless they exist (a reused dir has them already).
+    /// Creates [`APP_USER`] and [`APP_DATABASE`] unless they exist (a reused dir has them already). The
+    /// role is no superuser and cannot create roles or databases; it owns its database, so the tables
+    /// it migrates are its own and nothing outside that database is.
     fn create_app_database(&self) -> anyhow::Result<()> {
         // The password is hex digits (see `credentials`), so it needs no quoting.
         self.psql_on(
             "postgres",
             &format!(
                 "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{APP_USER}') THEN \
-                 CREATE ROLE {APP_USER} LOGIN PASSWORD '{}'; END IF; END $$",
+                 CREATE ROLE {APP_USER} LOGIN PASSWORD '{}' NOSUPERUSER NOCREATEDB NOCREATEROLE; \
+                 END IF; END $$",
                 self.credentials.app
             ),
         )?;

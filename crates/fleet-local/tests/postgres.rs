@@ -39,12 +39,50 @@ fn the_app_role_needs_its_password_over_tcp() {
     assert!(String::from_utf8_lossy(&output.stderr).contains("password authentication failed"));
 }
 
+#[test]
+fn the_app_role_is_no_superuser_and_owns_only_its_database() {
+    let postgres = Postgres::start(PostgresOptions::default()).unwrap();
+    let url = postgres.url();
+    let role = "SELECT rolsuper, rolcreaterole, rolcreatedb, rolreplication, rolbypassrls \
+                FROM pg_roles WHERE rolname = current_user";
+    assert_eq!(psql_as_app(&url, role), "f|f|f|f|f");
+    for (sql, refusal) in [
+        ("CREATE ROLE intruder LOGIN", "permission denied to create role"),
+        ("SELECT rolpassword FROM pg_authid", "permission denied for table pg_authid"),
+        ("CREATE DATABASE other", "permission denied to create database"),
+        ("ALTER ROLE appuser SUPERUSER", "must be superuser"),
+    ] {
+        let stderr = psql_as_app_fails(&url, sql);
+        assert!(stderr.contains(refusal), "{sql}: {stderr}");
+    }
+    // It owns its database (so it can migrate its own tables) and nothing else.
+    let owned = "SELECT string_agg(datname, ',') FROM pg_database WHERE datdba = \
+                 (SELECT oid FROM pg_roles WHERE rolname = current_user)";
+    assert_eq!(psql_as_app(&url, owned), "appdb");
+    psql_as_app(&url, "CREATE TABLE mine (n int)");
+    let tables = "SELECT string_agg(tablename || ':' || tableowner, ',') FROM pg_tables \
+                  WHERE schemaname NOT IN ('pg_catalog', 'information_schema')";
+    assert_eq!(psql_as_app(&url, tables), "mine:appuser");
+}
+
 /// Runs `sql` with psql as the application role, authenticating with the password in `url`.
 fn psql_as_app(url: &str, sql: &str) -> String {
-    let output = Command::new(postgres_bin("psql").unwrap())
-        .args(["-X", "-A", "-t", "-w", "-d", url, "-c", sql])
-        .output()
-        .unwrap();
+    let output = psql(url, sql);
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     String::from_utf8_lossy(&output.stdout).trim().to_owned()
+}
+
+/// Runs `sql` as [`psql_as_app`] does, asserting that it fails; returns psql's error output.
+fn psql_as_app_fails(url: &str, sql: &str) -> String {
+    let output = psql(url, sql);
+    assert!(!output.status.success(), "{sql} succeeded");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn psql(url: &str, sql: &str) -> std::process::Output {
+    let psql = postgres_bin("psql").unwrap();
+    Command::new(psql)
+        .args(["-X", "-A", "-t", "-w", "-v", "ON_ERROR_STOP=1", "-d", url, "-c", sql])
+        .output()
+        .unwrap()
 }

@@ -105,7 +105,11 @@ impl Coalescer {
                         }
                     }
                 }
-                Err(err) if matches!(err.sqlstate(), Some("08007")) => {
+                // Lost COMMIT, or a passed deadline: nothing tied to one key, and splitting would make
+                // each request wait once more.
+                Err(err)
+                    if matches!(err.sqlstate(), Some("08007")) || matches!(err, DbError::AttemptTimedOut) =>
+                {
                     let err = Arc::new(err);
                     batch.into_values().for_each(|replies| answer(replies, Err(Arc::clone(&err))));
                 }

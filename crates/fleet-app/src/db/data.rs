@@ -59,11 +59,13 @@ impl Db {
                 if rows.len() < COPY_FROM_ROWS {
                     return insert_unnest(tx, rows, &self.container_id).await;
                 }
+                // One array, not one result row per id.
                 let draw = tx
-                    .prepare_cached("SELECT nextval('data_id_seq') FROM generate_series(1, $1::bigint)")
+                    .prepare_cached(
+                        "SELECT array_agg(nextval('data_id_seq')) FROM generate_series(1, $1::bigint)",
+                    )
                     .await?;
-                let mut ids: Vec<i64> =
-                    tx.query(&draw, &[&(rows.len() as i64)]).await?.iter().map(|row| row.get(0)).collect();
+                let mut ids: Vec<i64> = tx.query_one(&draw, &[&(rows.len() as i64)]).await?.get(0);
                 ids.sort_unstable();
                 let sink =
                     tx.copy_in("COPY data (id, content, container_id) FROM STDIN (FORMAT binary)").await?;

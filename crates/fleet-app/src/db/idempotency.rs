@@ -10,6 +10,7 @@
 use std::time::Duration;
 
 use deadpool_postgres::GenericClient;
+use serde::Serialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
@@ -29,12 +30,13 @@ pub struct IdempotencyKey {
 
 impl IdempotencyKey {
     /// `key` (1–255 visible ASCII characters, checked by the caller) for the request `route` + `body`,
-    /// where `body` is the request re-serialised, so spacing and field order do not matter.
-    pub fn new(key: &str, route: &str, body: &Value) -> Self {
+    /// where `body` is the request re-serialised, so spacing and field order do not matter. The JSON is
+    /// written straight into the hash: a large body is never copied for its fingerprint.
+    pub fn new(key: &str, route: &str, body: &impl Serialize) -> Self {
         let mut hash = Sha256::new();
         hash.update(route.as_bytes());
         hash.update([0]);
-        hash.update(body.to_string().as_bytes());
+        serde_json::to_writer(&mut hash, body).expect("serialising a request into a hash cannot fail");
         IdempotencyKey { key: key.to_owned(), fingerprint: hash.finalize().to_vec() }
     }
 
@@ -142,5 +144,16 @@ mod tests {
         assert_eq!(a.fingerprint, b.fingerprint);
         assert_ne!(a.fingerprint, c.fingerprint);
         assert_ne!(a.fingerprint, d.fingerprint);
+    }
+
+    #[test]
+    fn a_struct_and_the_same_json_value_have_one_fingerprint() {
+        #[derive(Serialize)]
+        struct Body<'a> {
+            data: &'a [&'a str],
+        }
+        let value = IdempotencyKey::new("k", "/api/bulk-insert", &json!({"data": ["a", "b"]}));
+        let typed = IdempotencyKey::new("k", "/api/bulk-insert", &Body { data: &["a", "b"] });
+        assert_eq!(value.fingerprint, typed.fingerprint);
     }
 }

@@ -3,6 +3,7 @@
 mod coalesce;
 mod counters;
 mod data;
+mod deadline;
 pub mod idempotency;
 pub mod isolation;
 mod lab;
@@ -15,13 +16,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::{
-    Manager, ManagerConfig, Object, Pool, PoolError, RecyclingMethod, Runtime, Status, Timeouts,
+    Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime, Status, Timeouts,
 };
 use rand::Rng;
 use tokio_postgres::NoTls;
 
 use crate::config::{Config, LockOrder};
 use crate::metrics::Metrics;
+use deadline::Conn;
 
 pub use coalesce::Coalescer;
 pub use counters::{Counter, Transfer};
@@ -47,6 +49,12 @@ pub enum DbError {
     /// The request that first used the idempotency key is still running.
     #[error("idempotency key in use by a request still running")]
     IdempotencyKeyInUse,
+    /// An attempt ran past its deadline (see [`deadline`]) before sending COMMIT: nothing committed.
+    #[error("the database did not answer within the attempt's deadline")]
+    AttemptTimedOut,
+    /// An attempt ran past its deadline after sending COMMIT: the outcome is unknown.
+    #[error("the database did not answer COMMIT within the attempt's deadline")]
+    CommitTimedOut,
     /// A coalesced batch ended without answering (its task died): a bug, never expected.
     #[error("the coalesced batch ended without an answer")]
     BatchLost,
@@ -64,8 +72,11 @@ impl DbError {
             DbError::Pool(PoolError::Backend(e)) => e.code().map(|c| c.code()).or(Some("08006")),
             DbError::Pool(_) => None,
             DbError::Shared(inner) => inner.sqlstate(),
-            DbError::CommitUnknown(_) => Some("08007"),
-            DbError::BatchLost | DbError::IdempotencyKeyReused | DbError::IdempotencyKeyInUse => None,
+            DbError::CommitUnknown(_) | DbError::CommitTimedOut => Some("08007"),
+            DbError::AttemptTimedOut
+            | DbError::BatchLost
+            | DbError::IdempotencyKeyReused
+            | DbError::IdempotencyKeyInUse => None,
         }
     }
 
@@ -75,7 +86,7 @@ impl DbError {
             DbError::Postgres(e) => err_is_connection(e),
             DbError::Pool(_) => true,
             DbError::Shared(inner) => inner.is_connection_error(),
-            DbError::CommitUnknown(_) => true,
+            DbError::CommitUnknown(_) | DbError::AttemptTimedOut | DbError::CommitTimedOut => true,
             DbError::BatchLost | DbError::IdempotencyKeyReused | DbError::IdempotencyKeyInUse => false,
         }
     }
@@ -91,10 +102,14 @@ impl DbError {
 
     /// Safe to run again: PostgreSQL aborted the transaction (deadlock, serialization failure), or the
     /// connection broke before COMMIT was sent (so nothing committed). Never after a lost COMMIT, and never
-    /// a pool timeout: that wait is already as long as a client is promised to wait.
+    /// a pool timeout or a passed attempt deadline: that wait is already as long as a client is promised
+    /// to wait.
     fn is_retryable(&self) -> bool {
         match self {
-            DbError::CommitUnknown(_) | DbError::Pool(PoolError::Timeout(_)) => false,
+            DbError::CommitUnknown(_)
+            | DbError::Pool(PoolError::Timeout(_))
+            | DbError::AttemptTimedOut
+            | DbError::CommitTimedOut => false,
             DbError::Shared(inner) => inner.is_retryable(),
             _ => matches!(self.sqlstate(), Some("40001" | "40P01")) || self.is_connection_error(),
         }
@@ -116,6 +131,9 @@ pub struct Db {
     container_id: String,
     retry_max_attempts: u32,
     retry_deadline: Duration,
+    /// `POOL_WAIT_TIMEOUT_MS` and `DB_ATTEMPT_TIMEOUT_MS`: together, one attempt's deadline.
+    pool_wait: Duration,
+    attempt_timeout: Duration,
     lock_order: LockOrder,
     isolation: isolation::IsolationLab,
 }
@@ -147,6 +165,8 @@ impl Db {
             container_id: config.container_id.clone(),
             retry_max_attempts: config.retry_max_attempts,
             retry_deadline: Duration::from_millis(config.retry_deadline_ms),
+            pool_wait: config.pool_wait_timeout(),
+            attempt_timeout: config.db_attempt_timeout(),
             lock_order: config.lock_order,
             isolation: isolation::IsolationLab::new(config.pg_config()?),
         })
@@ -161,16 +181,26 @@ impl Db {
     }
 
     /// A pooled connection; the wait is recorded in `fleet_db_pool_wait_seconds`.
-    async fn client(&self) -> Result<Object, DbError> {
+    async fn client(&self) -> Result<Conn, DbError> {
         let start = Instant::now();
         let client = self.pool.get().await;
         self.metrics.pool_wait.observe(start.elapsed().as_secs_f64());
-        Ok(client?)
+        Ok(Conn::new(client?))
     }
 
-    /// Runs `work`, counting its error (if any) in `fleet_db_errors_total`.
+    /// Runs `work` as one attempt within its deadline (see [`deadline`]), counting its error (if any)
+    /// in `fleet_db_errors_total`.
     async fn observed<T>(&self, work: impl Future<Output = Result<T, DbError>>) -> Result<T, DbError> {
-        let result = work.await;
+        self.observed_taking(Duration::ZERO, work).await
+    }
+
+    /// [`Db::observed`] for work that takes `extra` by design (a lab hold).
+    async fn observed_taking<T>(
+        &self,
+        extra: Duration,
+        work: impl Future<Output = Result<T, DbError>>,
+    ) -> Result<T, DbError> {
+        let result = self.within_deadline(extra, work).await;
         if let Err(err) = &result {
             if let Some(sqlstate) = err.sqlstate() {
                 self.metrics.db_errors.with_label_values(&[sqlstate]).inc();

@@ -1,6 +1,8 @@
 //! Write transactions: retried on deadlocks, serialization failures and lost connections (never after
 //! COMMIT was sent), and done once per idempotency key.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use deadpool_postgres::Transaction;
 use serde_json::Value;
 
@@ -50,27 +52,36 @@ impl Db {
         once: Option<&Once<'_, T>>,
         write: impl AsyncFn(&Transaction<'_>) -> Result<T, DbError>,
     ) -> Result<Retried<Written<T>>, DbError> {
-        self.retrying(async |attempt| {
-            let mut client = self.client().await?;
-            let tx = client.transaction().await?;
-            if let Some(once) = once {
-                if let Some(stored) = idempotency::claim(&tx, once.key).await? {
-                    return Ok(Written::Replayed(stored));
+        // Whether the current attempt sent COMMIT: if its deadline passes after that, the outcome is unknown.
+        let commit_sent = AtomicBool::new(false);
+        let done = self
+            .retrying(async |attempt| {
+                commit_sent.store(false, Ordering::Relaxed);
+                let mut client = self.client().await?;
+                let tx = client.transaction().await?;
+                if let Some(once) = once {
+                    if let Some(stored) = idempotency::claim(&tx, once.key).await? {
+                        return Ok(Written::Replayed(stored));
+                    }
                 }
-            }
-            let value = write(&tx).await?;
-            let stored = match once {
-                Some(once) => {
-                    let body = (once.render)(&value, attempt);
-                    idempotency::store(&tx, once.key, &StoredResponse { status: 200, body: body.clone() })
-                        .await?;
-                    Some(body)
-                }
-                None => None,
-            };
-            tx.commit().await.map_err(DbError::at_commit)?;
-            Ok(Written::Fresh { value, stored })
+                let value = write(&tx).await?;
+                let stored = match once {
+                    Some(once) => {
+                        let body = (once.render)(&value, attempt);
+                        let response = StoredResponse { status: 200, body: body.clone() };
+                        idempotency::store(&tx, once.key, &response).await?;
+                        Some(body)
+                    }
+                    None => None,
+                };
+                commit_sent.store(true, Ordering::Relaxed);
+                tx.commit().await.map_err(DbError::at_commit)?;
+                Ok(Written::Fresh { value, stored })
+            })
+            .await;
+        done.map_err(|err| match err {
+            DbError::AttemptTimedOut if commit_sent.load(Ordering::Relaxed) => DbError::CommitTimedOut,
+            err => err,
         })
-        .await
     }
 }

@@ -3,37 +3,32 @@
 use std::time::Instant;
 
 use actix_web::{web, HttpResponse};
-use serde::Deserialize;
+use serde::Serialize;
 use serde_json::json;
 
+use super::body::off_worker;
 use super::once::{respond, IdempotencyHeader};
-use super::{check_text, millis_since, AppState, JsonBody};
+use super::rows::BulkRows;
+use super::{millis_since, AppState};
 use crate::db::{IdempotencyKey, Once};
 use crate::errors::ApiError;
 
-#[derive(Debug, Deserialize)]
-pub struct BulkInsertRequest {
-    data: Vec<String>,
+/// What an idempotency key's fingerprint is taken of: the body as `{"data": [...]}`, serialised
+/// straight into the hash (no copy of the rows).
+#[derive(Serialize)]
+struct Fingerprinted<'a> {
+    data: &'a [String],
 }
 
+/// Rows are counted, measured and checked for NUL while the body is parsed (see [`BulkRows`]).
 pub async fn bulk_insert(
     state: web::Data<AppState>,
     IdempotencyHeader(idempotency_key): IdempotencyHeader,
-    JsonBody(req): JsonBody<BulkInsertRequest>,
+    BulkRows { rows, share: _held_until_answered }: BulkRows,
 ) -> Result<HttpResponse, ApiError> {
     let start = Instant::now();
-    let max = state.bulk_max_rows;
-    if req.data.is_empty() {
+    if rows.is_empty() {
         return Err(ApiError::InvalidRequest("data must hold at least one string".to_owned()));
-    }
-    if req.data.len() > max {
-        return Err(ApiError::PayloadTooLarge(format!(
-            "data holds {} rows; at most {max} (BULK_MAX_ROWS) are allowed",
-            req.data.len()
-        )));
-    }
-    for (i, content) in req.data.iter().enumerate() {
-        check_text(&format!("data[{i}]"), content, None)?;
     }
     let render = |ids: &Vec<i64>, _attempts: u32| {
         json!({
@@ -44,8 +39,17 @@ pub async fn bulk_insert(
             "container": state.container_id,
         })
     };
-    let key =
-        idempotency_key.map(|k| IdempotencyKey::new(&k, "/api/bulk-insert", &json!({ "data": req.data })));
+    let (rows, key) = match idempotency_key {
+        None => (rows, None),
+        // Hashing megabytes takes a while: off the worker, like the parse (see `BulkRows`).
+        Some(k) => {
+            off_worker(move || {
+                let key = IdempotencyKey::new(&k, "/api/bulk-insert", &Fingerprinted { data: &rows });
+                (rows, Some(key))
+            })
+            .await?
+        }
+    };
     let once = key.as_ref().map(|key| Once { key, render: &render });
-    Ok(respond(state.db.bulk_insert(&req.data, once.as_ref()).await?, render))
+    Ok(respond(state.db.bulk_insert(&rows, once.as_ref()).await?, render))
 }

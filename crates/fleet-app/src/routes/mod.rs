@@ -8,6 +8,7 @@ mod health;
 mod isolation;
 mod lab;
 mod once;
+mod rows;
 mod stats;
 
 use std::sync::atomic::AtomicBool;
@@ -20,7 +21,7 @@ use actix_web::http::Method;
 use actix_web::middleware::Next;
 use actix_web::{web, HttpResponse};
 
-pub use body::JsonBody;
+pub use body::{BodyBudget, JsonBody};
 
 use crate::config::Config;
 use crate::config::IncrementMode;
@@ -37,7 +38,10 @@ pub struct AppState {
     pub metrics: Metrics,
     pub container_id: String,
     pub bulk_max_rows: usize,
+    pub bulk_max_row_bytes: usize,
     pub body_limit_bytes: usize,
+    /// Shared by every request with a large body.
+    pub body_budget: BodyBudget,
     pub started: Instant,
     /// Set on SIGTERM: readiness answers 503 from then on.
     pub draining: Arc<AtomicBool>,
@@ -51,7 +55,9 @@ impl AppState {
             metrics,
             container_id: config.container_id.clone(),
             bulk_max_rows: config.bulk_max_rows,
+            bulk_max_row_bytes: config.bulk_max_row_bytes,
             body_limit_bytes: config.body_limit_bytes,
+            body_budget: BodyBudget::new(config.body_limit_bytes),
             started: Instant::now(),
             draining: Arc::new(AtomicBool::new(false)),
         }

@@ -1,0 +1,82 @@
+//! Per-attempt deadlines. One database attempt (a transaction, or a query, with its checkout) ends by
+//! `POOL_WAIT_TIMEOUT_MS + DB_ATTEMPT_TIMEOUT_MS` whatever the network does: past it, the attempt is
+//! abandoned with [`DbError::AttemptTimedOut`] and the connection it held is closed, never handed to
+//! another request, since whatever it waits for (a blackholed network, a stalled server) would stall
+//! that request too. PostgreSQL then ends the session's open transaction by itself
+//! (`idle_in_transaction_session_timeout`), freeing its locks.
+
+use std::future::Future;
+use std::ops::{Deref, DerefMut};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use deadpool_postgres::Object;
+
+use super::{Db, DbError};
+
+tokio::task_local! {
+    /// Set when the attempt running in this task was abandoned at its deadline.
+    static ABANDONED: Arc<AtomicBool>;
+}
+
+impl Db {
+    /// Runs `work` as one attempt, abandoning it at its deadline: `extra` is time the work needs by
+    /// design (a lab hold's sleep), on top of the pool wait and `DB_ATTEMPT_TIMEOUT_MS`.
+    pub(super) async fn within_deadline<T>(
+        &self,
+        extra: Duration,
+        work: impl Future<Output = Result<T, DbError>>,
+    ) -> Result<T, DbError> {
+        let deadline = Instant::now() + self.pool_wait + self.attempt_timeout + extra;
+        let abandoned = Arc::new(AtomicBool::new(false));
+        let mut attempt =
+            Box::pin(tokio::time::timeout_at(deadline.into(), ABANDONED.scope(Arc::clone(&abandoned), work)));
+        let result = attempt.as_mut().await;
+        if result.is_err() {
+            abandoned.store(true, Ordering::Relaxed);
+        }
+        // Dropping the attempt drops its connection, which sees the mark.
+        drop(attempt);
+        result.unwrap_or(Err(DbError::AttemptTimedOut))
+    }
+}
+
+/// A pooled connection checked out by an attempt. When its attempt was abandoned, it is closed instead
+/// of going back to the pool.
+#[derive(Debug)]
+pub(super) struct Conn {
+    object: Option<Object>,
+    abandoned: Option<Arc<AtomicBool>>,
+}
+
+impl Conn {
+    pub(super) fn new(object: Object) -> Self {
+        Conn { object: Some(object), abandoned: ABANDONED.try_with(Arc::clone).ok() }
+    }
+}
+
+impl Deref for Conn {
+    type Target = Object;
+
+    fn deref(&self) -> &Object {
+        self.object.as_ref().expect("a connection until dropped")
+    }
+}
+
+impl DerefMut for Conn {
+    fn deref_mut(&mut self) -> &mut Object {
+        self.object.as_mut().expect("a connection until dropped")
+    }
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        let abandoned = self.abandoned.as_ref().is_some_and(|a| a.load(Ordering::Relaxed));
+        if let (true, Some(object)) = (abandoned, self.object.take()) {
+            // Detached from the pool: dropping the client closes the connection.
+            drop(Object::take(object));
+            tracing::warn!("closed a database connection whose attempt ran past its deadline");
+        }
+    }
+}

@@ -1,0 +1,20 @@
+#!/bin/sh
+# Creates the application's role and database on the postgres image's first start (the image runs
+# every script in /docker-entrypoint-initdb.d as its superuser, POSTGRES_USER, on a fresh data volume).
+#
+# The role APP_DB_USER logs in with APP_DB_PASSWORD and is no superuser: it cannot create roles or
+# databases, nor read pg_authid. It owns its database APP_DB_NAME, so the schema it migrates
+# (`fleet-app` applies migrations at start-up, as this role) is its own, and nothing outside it is.
+# No other role but the superuser may connect to that database.
+#
+# The values go to psql as variables (:"name" quotes an identifier, :'name' a literal), never into SQL
+# text. Reading the SQL from stdin is what lets psql interpolate them.
+set -eu
+: "${APP_DB_USER:?set APP_DB_USER}" "${APP_DB_PASSWORD:?set APP_DB_PASSWORD}" "${APP_DB_NAME:?set APP_DB_NAME}"
+
+psql -v ON_ERROR_STOP=1 --no-psqlrc --username "${POSTGRES_USER:-postgres}" --dbname postgres \
+    -v app_user="$APP_DB_USER" -v app_password="$APP_DB_PASSWORD" -v app_db="$APP_DB_NAME" <<'SQL'
+CREATE ROLE :"app_user" LOGIN PASSWORD :'app_password' NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS;
+CREATE DATABASE :"app_db" OWNER :"app_user";
+REVOKE ALL ON DATABASE :"app_db" FROM PUBLIC;
+SQL

@@ -1,0 +1,250 @@
+//! Hostile clients: bodies built to exhaust a node's memory, and a network that stops forwarding.
+
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use fleet_local::{Node, Postgres};
+use fleet_tests::proxy::Proxy;
+use fleet_tests::{node_options, start_postgres, Api, TestApp};
+use futures_util::future::join_all;
+use reqwest::StatusCode;
+use serde_json::json;
+use tokio_postgres::{Client, NoTls};
+
+/// The node's defaults (see `fleet_app::config`): a test of what a user gets out of the box.
+const BODY_LIMIT_BYTES: usize = 16 * 1024 * 1024;
+const BULK_MAX_ROWS: usize = 100_000;
+/// How many maximum-size bodies a node holds at once, by design (its body budget, `routes::body`).
+const MAX_SIZE_BODIES_AT_ONCE: u64 = 4;
+/// What a `String` costs in a `Vec<String>`, its text aside.
+const STRING_BYTES: usize = 24;
+/// What a stored row costs beside its text: its `String` and the allocator's header, its id, and the
+/// id's JSON in the response and in the stored idempotent response.
+const ROW_BYTES: usize = 64;
+/// Allowance for the allocator's fragmentation and the HTTP machinery of the connections.
+const SLACK_BYTES: u64 = 32 * 1024 * 1024;
+
+/// A `/proc/<pid>/status` field in bytes (`VmHWM`: peak resident set; `VmRSS`: resident now).
+fn proc_status_bytes(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read the node's status");
+    let line = status.lines().find_map(|l| l.strip_prefix(field)?.strip_prefix(':')).expect(field);
+    let kib: u64 = line.trim().trim_end_matches("kB").trim().parse().expect("a size in kB");
+    kib * 1024
+}
+
+/// A body of exactly `BODY_LIMIT_BYTES`: `{"data":["","",…,""]}`, millions of empty rows.
+fn tiny_rows_body() -> String {
+    let (open, close) = (r#"{"data":["#, r#"""]}"#);
+    let rows = (BODY_LIMIT_BYTES - open.len() - close.len()) / 3;
+    let mut body = String::with_capacity(BODY_LIMIT_BYTES);
+    body.push_str(open);
+    body.push_str(&r#""","#.repeat(rows));
+    body.push_str(close);
+    body.push_str(&" ".repeat(BODY_LIMIT_BYTES - body.len()));
+    assert_eq!(body.len(), BODY_LIMIT_BYTES);
+    body
+}
+
+/// A body of at most `BODY_LIMIT_BYTES` holding `BULK_MAX_ROWS` rows of equal length, as long as fit.
+fn real_rows_body() -> String {
+    let overhead = r#"{"data":[]}"#.len();
+    let row_len = (BODY_LIMIT_BYTES - overhead) / BULK_MAX_ROWS - 3;
+    let rows: Vec<String> = (0..BULK_MAX_ROWS).map(|i| format!("{i:0>row_len$}")).collect();
+    let body = json!({ "data": rows }).to_string();
+    assert!(body.len() <= BODY_LIMIT_BYTES && body.len() > BODY_LIMIT_BYTES - BULK_MAX_ROWS * 3);
+    body
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn maximum_size_bodies_however_many_at_once_keep_the_nodes_memory_bounded() {
+    // Eight inserts of 100,000 rows take seconds each on a pool of 5: the last ones wait for longer than
+    // the default POOL_WAIT_TIMEOUT_MS, which is not what this test is about.
+    let app = TestApp::spawn(&[("POOL_WAIT_TIMEOUT_MS", "60000")]);
+    let pid = app.node.pid();
+    let baseline = proc_status_bytes(pid, "VmHWM");
+
+    // 32 bodies of tiny rows at once: each is refused once BULK_MAX_ROWS is passed, so a body in flight
+    // costs its bytes and at most BULK_MAX_ROWS + 1 empty strings, and at most four are in flight.
+    let body = Bytes::from(tiny_rows_body());
+    let replies = join_all((0..32).map(|_| app.api.post_raw("/api/bulk-insert", body.clone()))).await;
+    for reply in &replies {
+        assert_eq!(reply.status, StatusCode::PAYLOAD_TOO_LARGE, "{:?}", reply.body);
+        assert_eq!(reply.code(), "payload_too_large");
+        let message = reply.body["error"].as_str().unwrap();
+        assert!(message.contains("BULK_MAX_ROWS") && message.contains("100000"), "{message}");
+    }
+    let tiny_peak = proc_status_bytes(pid, "VmHWM");
+    let per_body = (BODY_LIMIT_BYTES + (BULK_MAX_ROWS + 1) * STRING_BYTES) as u64;
+    let bound = baseline + MAX_SIZE_BODIES_AT_ONCE * per_body + SLACK_BYTES;
+    eprintln!("32 bodies of tiny rows: VmHWM {baseline} → {tiny_peak} bytes (bound {bound})");
+    assert!(tiny_peak < bound, "peak RSS {tiny_peak} B passed {bound} B");
+    assert_eq!(app.sql_i64("SELECT count(*) FROM data"), 0);
+
+    // Eight bodies of real rows at once, each with its own Idempotency-Key: every one inserted. A body in
+    // flight costs its bytes, then its rows (a copy of the body's text at most) and their ids; the key's
+    // fingerprint is hashed from the rows without another copy.
+    let body = Bytes::from(real_rows_body());
+    let post = |i: usize| {
+        let request = app.api.http.post(format!("{}/api/bulk-insert", app.api.url));
+        request.header("Idempotency-Key", format!("bulk-{i}")).body(body.clone()).send()
+    };
+    let replies = join_all((0..8).map(post)).await;
+    for reply in replies {
+        let reply = reply.expect("a response");
+        let status = reply.status();
+        let reply: serde_json::Value = reply.json().await.unwrap();
+        assert_eq!((status, &reply["count"]), (StatusCode::OK, &json!(BULK_MAX_ROWS)), "{}", reply["error"]);
+    }
+    let real_peak = proc_status_bytes(pid, "VmHWM");
+    assert_eq!(app.sql_i64("SELECT count(*) FROM idempotency_keys"), 8);
+    let per_body = (2 * BODY_LIMIT_BYTES + BULK_MAX_ROWS * ROW_BYTES) as u64;
+    let bound = baseline + MAX_SIZE_BODIES_AT_ONCE * per_body + SLACK_BYTES;
+    eprintln!("8 bodies of real rows: VmHWM {baseline} → {real_peak} bytes (bound {bound})");
+    assert!(real_peak < bound, "peak RSS {real_peak} B passed {bound} B");
+    assert_eq!(app.sql_i64("SELECT count(*) FROM data"), 8 * BULK_MAX_ROWS as i64);
+}
+
+// ---- a network that stops forwarding ----
+
+const POOL_WAIT_TIMEOUT_MS: u64 = 1000;
+const DB_ATTEMPT_TIMEOUT_MS: u64 = 2000;
+const IDLE_IN_TRANSACTION_TIMEOUT_MS: u64 = 2000;
+/// What a request may take beyond its promise: scheduling on a loaded two-core machine.
+const SCHEDULING_SLACK: Duration = Duration::from_secs(3);
+
+/// A request answers by the attempt's deadline (`POOL_WAIT_TIMEOUT_MS + DB_ATTEMPT_TIMEOUT_MS`).
+fn promised() -> Duration {
+    Duration::from_millis(POOL_WAIT_TIMEOUT_MS + DB_ATTEMPT_TIMEOUT_MS) + SCHEDULING_SLACK
+}
+
+async fn connect(url: &str) -> Client {
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await.expect("a direct connection");
+    tokio::spawn(connection);
+    client
+}
+
+/// Polls `query` (one bigint) on `db` until `done` holds, for at most `within`; returns the last value.
+async fn poll(db: &Client, query: &str, within: Duration, done: impl Fn(i64) -> bool) -> i64 {
+    let deadline = Instant::now() + within;
+    loop {
+        let value: i64 = db.query_one(query, &[]).await.expect(query).get(0);
+        if done(value) || Instant::now() > deadline {
+            return value;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A node whose every database connection goes through `proxy`.
+async fn node_behind(pg: &Postgres, proxy: &Proxy) -> Node {
+    let timeouts = [
+        ("POOL_WAIT_TIMEOUT_MS", POOL_WAIT_TIMEOUT_MS.to_string()),
+        ("DB_ATTEMPT_TIMEOUT_MS", DB_ATTEMPT_TIMEOUT_MS.to_string()),
+        ("IDLE_IN_TRANSACTION_TIMEOUT_MS", IDLE_IN_TRANSACTION_TIMEOUT_MS.to_string()),
+    ];
+    let env: Vec<(&str, &str)> = timeouts.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut opts = node_options(pg, "app-1", &env);
+    let direct = format!("@127.0.0.1:{}/", pg.port());
+    opts.database_url = opts.database_url.replace(&direct, &format!("@{}/", proxy.addr()));
+    assert!(opts.database_url.contains(&proxy.addr().to_string()));
+    // Blocking while it starts, on a thread of its own: the proxy's tasks need the runtime meanwhile.
+    tokio::task::spawn_blocking(move || Node::spawn(opts)).await.unwrap().expect("a node behind the proxy")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_network_that_stops_mid_transaction_gets_503_in_time_and_postgres_frees_the_locks() {
+    let pg = start_postgres();
+    let proxy = Proxy::start(([127, 0, 0, 1], pg.port()).into()).await.unwrap();
+    let node = node_behind(&pg, &proxy).await;
+    let api = Api::new(node.url());
+    let admin = connect(&pg.admin_url()).await;
+    assert_eq!(api.transfer("a", "b", 1).await.status, StatusCode::OK);
+
+    // A direct session holds b's row lock, so a transfer a → b stops inside its transaction, holding a's.
+    admin.batch_execute("BEGIN; SELECT value FROM counters WHERE key = 'b' FOR UPDATE").await.unwrap();
+    let transfer = tokio::spawn({
+        let api = api.clone();
+        async move {
+            let start = Instant::now();
+            (api.transfer("a", "b", 5).await, start.elapsed())
+        }
+    });
+    let waiting = "SELECT coalesce(max(pid), 0)::bigint FROM pg_stat_activity \
+                   WHERE application_name = 'fleet-app/app-1' AND wait_event_type = 'Lock'";
+    let backend = poll(&admin, waiting, Duration::from_secs(30), |pid| pid != 0).await;
+    assert_ne!(backend, 0, "the node's transfer never waited for b's lock");
+    let pooled = api.get("/api/pool-stats").await.body["totalCount"].as_i64().unwrap();
+
+    // The network stops; then the lock is granted: the backend answers into the void and waits, idle
+    // in its transaction, holding both rows.
+    proxy.freeze();
+    admin.batch_execute("COMMIT").await.unwrap();
+    let (reply, took) = transfer.await.unwrap();
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{:?}", reply.body);
+    assert_eq!(reply.code(), "database_unavailable", "COMMIT was never sent: {:?}", reply.body);
+    assert!(reply.headers.contains_key("retry-after"));
+    assert!(took < promised(), "the transfer answered after {took:?}");
+    let after = api.get("/api/pool-stats").await.body["totalCount"].as_i64().unwrap();
+    assert_eq!(after, pooled - 1, "the timed-out connection left the pool");
+
+    // Requests that draw a pooled connection still on the frozen network answer in time as well; the
+    // coalescer moves on.
+    for path in ["/api/increment", "/api/counters/a"] {
+        let start = Instant::now();
+        let reply = if path == "/api/increment" { api.increment("c").await } else { api.get(path).await };
+        assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{path}: {:?}", reply.body);
+        assert!(start.elapsed() < promised(), "{path} answered after {:?}", start.elapsed());
+    }
+
+    // PostgreSQL ends the stranded session by itself and frees its row locks.
+    let alive = format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {backend}");
+    let within = Duration::from_millis(IDLE_IN_TRANSACTION_TIMEOUT_MS) + SCHEDULING_SLACK;
+    assert_eq!(poll(&admin, &alive, within, |n| n == 0).await, 0, "backend {backend} still runs");
+    let locks = format!("SELECT count(*) FROM pg_locks WHERE pid = {backend}");
+    assert_eq!(admin.query_one(&locks, &[]).await.unwrap().get::<_, i64>(0), 0);
+    let free = "BEGIN; SET LOCAL lock_timeout = '1s'; \
+                SELECT value FROM counters WHERE key IN ('a', 'b') FOR UPDATE; COMMIT";
+    admin.batch_execute(free).await.expect("both rows are free");
+    let values = "SELECT string_agg(key || '=' || value, ',' ORDER BY key) FROM counters";
+    assert_eq!(admin.query_one(values, &[]).await.unwrap().get::<_, String>(0), "a=-1,b=1");
+
+    // The network comes back: the node serves again without a restart.
+    proxy.thaw();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while api.increment("c").await.status != StatusCode::OK {
+        assert!(Instant::now() < deadline, "the node does not serve again");
+    }
+    let replies = join_all((0..50).map(|_| api.increment("c"))).await;
+    assert!(replies.iter().all(|r| r.status == StatusCode::OK), "{:?}", replies.iter().map(|r| r.status));
+    let c = api.get("/api/counters/c").await;
+    assert_eq!(c.body["value"], 51, "every acknowledged increment applied once, none of the refused ones");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_that_outlasts_the_attempt_deadline_is_an_unknown_outcome_08007() {
+    let app = TestApp::spawn(&[
+        ("INCREMENT_MODE", "transaction"),
+        ("POOL_WAIT_TIMEOUT_MS", "1000"),
+        ("DB_ATTEMPT_TIMEOUT_MS", "1000"),
+    ]);
+    assert_eq!(app.api.increment("k").await.status, StatusCode::OK);
+    // A deferred trigger makes COMMIT itself take 4 s: the node has sent it when its deadline passes.
+    app.sql(
+        "CREATE FUNCTION slow_commit() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN PERFORM pg_sleep(4); RETURN NULL; END $$; \
+         CREATE CONSTRAINT TRIGGER slow_commit AFTER UPDATE ON counters \
+         DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION slow_commit()",
+    );
+    let pooled = app.api.get("/api/pool-stats").await.body["totalCount"].as_i64().unwrap();
+    let reply = app.api.increment("k").await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{:?}", reply.body);
+    assert_eq!(reply.code(), "08007", "COMMIT was sent: the outcome is unknown, {:?}", reply.body);
+    let after = app.api.get("/api/pool-stats").await.body["totalCount"].as_i64().unwrap();
+    assert_eq!(after, pooled - 1, "the connection of the abandoned attempt left the pool");
+
+    // Here it did commit, once the trigger finished: 08007 told the client to find out, not to assume.
+    let admin = connect(&app.pg.admin_url()).await;
+    let value = "SELECT value FROM counters WHERE key = 'k'";
+    assert_eq!(poll(&admin, value, Duration::from_secs(15), |v| v == 2).await, 2);
+}
