@@ -1,9 +1,8 @@
 # pgfleet tasks. `just --list` shows them.
 
-# Start a local fleet (PostgreSQL, nodes, nginx, Prometheus) and run it until Ctrl-C.
+# Start a local fleet (PostgreSQL, nodes, nginx, Prometheus) and run it until Ctrl-C: the README's first command.
 up *ARGS:
-    cargo build --release -q -p fleet-app
-    cargo run --release -q -p fleetctl -- up {{ARGS}}
+    scripts/up {{ARGS}}
 
 # Benchmark the standard set into bench/latest/ (about 6 minutes on 2 cores): every workload at
 # 4 nodes × pool 5 beside pgbench and COPY, pool and node sweeps, nodes with one transaction per
@@ -12,11 +11,10 @@ bench *ARGS:
     cargo build --release -q -p fleet-app -p fleetctl
     target/release/fleetctl bench --baseline-env INCREMENT_MODE=transaction {{ARGS}}
 
-# The whole test suite: unit tests and the integration suite against real processes.
+# The whole test suite: unit tests and the integration suite against real processes (the README's second command).
 test *ARGS:
-    cargo test --workspace {{ARGS}}
+    scripts/test {{ARGS}}
 
 # Formatting and lints, warnings as errors.
 lint:
-    cargo fmt --all --check
-    cargo clippy --workspace --all-targets -- -D warnings
+    scripts/lint

@@ -33,6 +33,24 @@ pub fn fleetctl_bin() -> PathBuf {
     built_bin("test-fleetctl")
 }
 
+/// `fleetctl up --port 0 --dir <dir> <args>` as a child, once it has printed `fleet ready: <url>`;
+/// returns it and that URL.
+pub fn fleetctl_up(dir: &std::path::Path, args: &[&str]) -> (fleet_local::Child, String) {
+    let mut up = std::process::Command::new(fleetctl_bin());
+    up.args(["up", "--port", "0", "--dir"]).arg(dir).args(args).env("FLEET_APP_BIN", node_bin());
+    let up = fleet_local::Child::spawn("fleetctl", up, !test_log()).expect("start fleetctl up");
+    let ready = up.wait_for_line("fleet ready: http://127.0.0.1:", Duration::from_secs(90)).unwrap();
+    let url = ready.trim_start_matches("fleet ready: ").trim().to_owned();
+    (up, url)
+}
+
+/// Runs `fleetctl <args> --dir <dir>`, asserting it succeeds; returns its standard output.
+pub fn fleetctl(dir: &std::path::Path, args: &[&str]) -> String {
+    let out = std::process::Command::new(fleetctl_bin()).args(args).arg("--dir").arg(dir).output().unwrap();
+    assert!(out.status.success(), "fleetctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
 /// A fleet of `nodes` nodes with pool `pool_size` behind nginx on a free port, with Prometheus.
 pub fn start_fleet(nodes: u32, pool_size: u32, env: &[(&str, &str)]) -> Fleet {
     let mut opts = FleetOptions::new(node_bin());
@@ -65,6 +83,7 @@ pub fn node_options(pg: &Postgres, id: &str, env: &[(&str, &str)]) -> NodeOption
         port: 0,
         env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         quiet: !test_log(),
+        log_file: None,
     }
 }
 

@@ -35,8 +35,14 @@ fn the_compose_prometheus_config_is_the_rendering_of_the_compose_topology() {
         COMPOSE_SCRAPE_INTERVAL,
         &[COMPOSE_RULES],
         prometheus::COMPOSE_SELF_ADDRESS,
+        prometheus::COMPOSE_EXPORTER_ADDRESS,
     );
     golden("deploy/prometheus/prometheus.yml", &rendered);
+}
+
+#[test]
+fn the_compose_exporter_queries_are_the_local_fleets() {
+    golden("deploy/postgres-exporter/queries.yaml", fleet_local::exporter::QUERIES);
 }
 
 /// Asserts that the committed file `path` is `rendered`; with `UPDATE_GOLDEN=1`, writes it instead.
@@ -140,8 +146,11 @@ fn promtool_accepts_a_local_prometheus_config() {
     let rules = repo().join("deploy/prometheus/rules.yml");
     for rule_files in [vec![rules.to_str().unwrap()], vec![]] {
         let config = dir.path().join("prometheus.yml");
-        fs::write(&config, prometheus::config(&loopback_nodes(3), "1s", &rule_files, "127.0.0.1:9090"))
-            .unwrap();
+        fs::write(
+            &config,
+            prometheus::config(&loopback_nodes(3), "1s", &rule_files, "127.0.0.1:9090", "127.0.0.1:9187"),
+        )
+        .unwrap();
         let output = promtool(&["check", "config"], &config);
         assert!(rule_files.is_empty() || output.contains("SUCCESS: 1 rule files found"), "{output}");
     }
@@ -265,19 +274,22 @@ fn the_node_image_is_built_in_stages_and_runs_unprivileged_with_a_healthcheck() 
 
 #[test]
 fn compose_requires_its_secrets_and_publishes_only_nginx() {
-    // Every variable is required (`${NAME:?message}`): no default, so no default password.
+    // Every secret is required (`${NAME:?message}`): no default, so no default password. Plain
+    // settings (`${LAB_ENDPOINTS:-true}`) may have one.
     let text = read("docker-compose.yml");
     let uses: Vec<&str> = text.split("${").skip(1).map(|rest| rest.split('}').next().unwrap()).collect();
-    assert!(!uses.is_empty());
+    let secret = |name: &str| ["PASSWORD", "SECRET", "TOKEN"].iter().any(|s| name.contains(s));
+    assert!(uses.iter().any(|v| secret(v)), "compose takes its passwords from the environment");
     for variable in &uses {
-        let (name, message) =
-            variable.split_once(":?").unwrap_or_else(|| panic!("${{{variable}}} is optional"));
-        assert!(
-            name.chars().all(|c| c.is_ascii_uppercase() || c == '_') && !message.is_empty(),
-            "{variable}"
-        );
+        let name = variable.split([':', '-', '?']).next().unwrap();
+        assert!(name.chars().all(|c| c.is_ascii_uppercase() || c == '_'), "{variable}");
+        if secret(name) {
+            let (_, message) =
+                variable.split_once(":?").unwrap_or_else(|| panic!("the secret ${{{variable}}} is optional"));
+            assert!(!message.is_empty(), "{variable}");
+        }
     }
-    for weak in ["apppass", "admin/admin", ":-"] {
+    for weak in ["apppass", "admin/admin"] {
         assert!(!text.contains(weak), "docker-compose.yml holds {weak:?}");
     }
 
@@ -445,7 +457,14 @@ async fn the_dashboard_and_the_rules_query_only_metrics_a_node_exports() {
 
     let app = TestApp::spawn(&[]);
     assert_eq!(app.api.increment("k").await.status, StatusCode::OK);
-    let exported = exported_metrics(&app.api.metrics_text().await);
+    let mut exported = exported_metrics(&app.api.metrics_text().await);
+    // And what PostgreSQL's exporter exports, the fleet's own queries included.
+    let dir = tempfile::tempdir().unwrap();
+    let (_exporter, port) =
+        fleet_local::exporter::start(&app.pg, dir.path(), dir.path(), !test_log()).unwrap();
+    let from_postgres = exported_metrics(&Api::new(format!("http://127.0.0.1:{port}")).metrics_text().await);
+    assert!(from_postgres.contains(&("pg_up".to_owned(), "gauge".to_owned())), "{from_postgres:?}");
+    exported.extend(from_postgres);
 
     let used =
         |queries: &[String]| -> BTreeSet<String> { queries.iter().flat_map(|q| metric_names(q)).collect() };
@@ -459,13 +478,18 @@ async fn the_dashboard_and_the_rules_query_only_metrics_a_node_exports() {
         let known = exported.iter().any(|(n, kind)| {
             n == name || (histogram == Some(n.as_str()) && ["histogram", "summary"].contains(&kind.as_str()))
         });
-        assert!(known, "{name} is queried, but a node does not export it; it exports {exported:?}");
+        assert!(known, "{name} is queried, but neither a node nor the exporter exports it: {exported:?}");
     }
-    // The dashboard shows request rate, latency percentiles, errors and pool usage.
+    // The dashboard shows request rate, latency percentiles, errors and pool usage; the database's
+    // connections by state, lock waits, deadlocks and transaction rate.
     for metric in [
         "fleet_http_requests_total",
         "fleet_http_request_duration_seconds_bucket",
         "fleet_db_pool_connections",
+        "pg_stat_activity_count",
+        "pg_lock_waits_waiting",
+        "pg_stat_database_deadlocks",
+        "pg_stat_database_xact_commit",
     ] {
         assert!(dashboard_metrics.contains(metric), "the dashboard does not show {metric}");
     }
@@ -491,8 +515,8 @@ fn collect_queries(value: &Value, datasource: &Value, out: &mut Vec<String>) {
     }
 }
 
-/// The `fleet_*` and `process_*` metric names in a PromQL query (and recording-rule names, which hold
-/// a `:`), ignoring quoted label values.
+/// The `fleet_*`, `process_*` and `pg_*` metric names in a PromQL query (and recording-rule names,
+/// which hold a `:`), ignoring quoted label values.
 fn metric_names(query: &str) -> Vec<String> {
     let mut unquoted = String::new();
     let mut quote = None;
@@ -508,7 +532,7 @@ fn metric_names(query: &str) -> Vec<String> {
         .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_' || c == ':'))
         .filter(|token| {
             let recorded = token.contains(':') && token.starts_with(|c: char| c.is_ascii_alphabetic());
-            recorded || token.starts_with("fleet_") || token.starts_with("process_")
+            recorded || ["fleet_", "process_", "pg_"].iter().any(|prefix| token.starts_with(prefix))
         })
         .map(str::to_owned)
         .collect()

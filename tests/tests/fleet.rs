@@ -3,7 +3,7 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use fleet_tests::{node_options, start_fleet, start_postgres, Api};
+use fleet_tests::{fleetctl, fleetctl_up, node_options, start_fleet, start_postgres, Api};
 use futures_util::future::join_all;
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -45,10 +45,17 @@ async fn the_fleet_proves_the_seeds_claims_through_nginx() {
     loop {
         let up = prometheus.get("/api/v1/query?query=up%7Bjob%3D%22fleet-app%22%7D%20%3D%3D%201").await.body;
         let requests = prometheus.get("/api/v1/query?query=fleet_http_requests_total").await.body;
-        if containers_of(&up).len() == 4 && containers_of(&requests).len() == 4 {
+        // And PostgreSQL, through its exporter.
+        let pg_up =
+            prometheus.get("/api/v1/query?query=pg_up%7Bjob%3D%22postgres%22%7D%20%3D%3D%201").await.body;
+        let pg_seen = pg_up["data"]["result"].as_array().is_some_and(|series| series.len() == 1);
+        if containers_of(&up).len() == 4 && containers_of(&requests).len() == 4 && pg_seen {
             break;
         }
-        assert!(Instant::now() < deadline, "Prometheus never saw all four nodes up: {up} / {requests}");
+        assert!(
+            Instant::now() < deadline,
+            "Prometheus never saw all four nodes and PostgreSQL up: {up} / {requests} / {pg_up}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
@@ -121,6 +128,41 @@ async fn a_thousand_opposite_transfers_200_at_once_all_succeed_through_nginx_and
         on_one_node > 0.0,
         "one node's opposite transfers met in PostgreSQL, deadlocked and were retried"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_answers_its_own_errors_as_json_in_the_apis_shape() {
+    let mut fleet = start_fleet(2, 2, &[]);
+    let expect_json_error = |reply: &fleet_tests::Reply, status: StatusCode, code: &str| {
+        assert_eq!(reply.status, status, "{:?}", reply.body);
+        assert_eq!(reply.headers["content-type"], "application/json", "{:?}", reply.headers);
+        assert_eq!(reply.headers["x-container-id"], "nginx");
+        assert_eq!(reply.body["success"], false, "{:?}", reply.body);
+        assert_eq!(reply.code(), code, "{:?}", reply.body);
+        assert_eq!(reply.body["container"], "nginx");
+        assert!(!reply.body["error"].as_str().unwrap_or_default().is_empty(), "{:?}", reply.body);
+    };
+    // Two bytes over nginx's client_max_body_size (16 MiB), on both kinds of route.
+    let oversized = || format!("{{\"data\": [\"{}\"]}}", "x".repeat(16 * 1024 * 1024 - 11));
+    for path in ["/api/bulk-insert", "/app-1/api/bulk-insert"] {
+        let reply = Api::new(fleet.url()).post_raw(path, oversized()).await;
+        expect_json_error(&reply, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large");
+    }
+    let rows = Api::new(fleet.url()).get("/api/stats").await.body["database"]["total_records"].clone();
+    assert_eq!(rows, 0, "a refused body inserted nothing");
+
+    // A dead node pinned through /app-2/: nginx cannot reach it.
+    fleet.kill_node(2).unwrap();
+    let pinned = Api::new(format!("{}/app-2", fleet.url()));
+    for _ in 0..20 {
+        let reply = pinned.increment("k").await;
+        expect_json_error(&reply, StatusCode::BAD_GATEWAY, "node_unavailable");
+    }
+    // A node's own errors pass through as they are.
+    let reply = Api::new(fleet.url()).get("/api/counters/absent").await;
+    assert_eq!((reply.status, reply.body["container"].as_str()), (StatusCode::NOT_FOUND, Some("app-1")));
+    assert_eq!(Api::new(fleet.url()).get("/api/counters/k").await.status, StatusCode::NOT_FOUND);
+    fleet.stop().unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -230,27 +272,38 @@ async fn throughput_follows_pool_size() {
 
 #[test]
 fn fleetctl_up_prints_its_addresses_survives_a_crashed_node_and_down_leaves_nothing_behind() {
-    use std::process::Command;
+    use std::os::unix::fs::MetadataExt;
 
     let temp = tempfile::tempdir().unwrap();
-    let dir = temp.path().to_owned();
-    let mut up = Command::new(fleet_tests::fleetctl_bin());
-    up.args(["up", "--nodes", "2", "--port", "0", "--no-prometheus", "--dir"])
-        .arg(&dir)
-        .env("FLEET_APP_BIN", fleet_tests::node_bin());
-    let up = fleet_local::Child::spawn("fleetctl", up, !fleet_tests::test_log()).unwrap();
-    let ready = up.wait_for_line("fleet ready: http://127.0.0.1:", Duration::from_secs(60)).unwrap();
+    let dir = temp.path().join("fleet");
+    let (mut up, url) = fleetctl_up(&dir, &["--nodes", "2", "--no-prometheus"]);
     let database = up.wait_for_line("database: postgres://", Duration::from_secs(1)).unwrap();
-    assert!(database.contains("@127.0.0.1:"), "{database}");
-    let url = ready.trim_start_matches("fleet ready: ").trim().to_owned();
+    assert!(database.contains("postgres://appuser@127.0.0.1:"), "{database}");
 
-    let ctl = |args: &[&str]| {
-        let out =
-            Command::new(fleet_tests::fleetctl_bin()).args(args).arg("--dir").arg(&dir).output().unwrap();
-        assert!(out.status.success(), "fleetctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).unwrap()
-    };
-    let status: Value = serde_json::from_str(&ctl(&["status", "--json"])).unwrap();
+    // Quiet: one line per component and the summary, no child's log line, no colour code, no secret.
+    let output = up.recent_output();
+    let labels =
+        ["starting ", "postgres: ", "app-1: ", "app-2: ", "nginx: ", "logs: ", "control: ", "database: "];
+    for line in output.lines().take_while(|line| !line.starts_with("fleet ready: ")) {
+        assert!(labels.iter().any(|label| line.starts_with(label)), "unexpected line {line:?} in:\n{output}");
+    }
+    assert!(!output.contains('\x1b'), "{output}");
+    let pgpass = std::fs::read_to_string(dir.join("postgres/pgpass")).unwrap();
+    let passwords: Vec<&str> = pgpass.lines().map(|line| line.rsplit(':').next().unwrap()).collect();
+    assert_eq!(passwords.len(), 2, "{pgpass}");
+    for password in &passwords {
+        assert!(password.len() >= 32 && !output.contains(password), "a password was printed:\n{output}");
+    }
+    assert!(database.contains(&dir.join("postgres/pgpass").display().to_string()), "{database}");
+    // Nothing in the fleet directory is open to others.
+    for path in
+        [dir.clone(), dir.join("postgres/pgpass"), dir.join("control.sock"), dir.join("logs/app-1.log")]
+    {
+        let mode = std::fs::metadata(&path).unwrap().mode();
+        assert_eq!(mode & 0o007, 0, "{} is mode {:o}", path.display(), mode & 0o777);
+    }
+
+    let status: Value = serde_json::from_str(&fleetctl(&dir, &["status", "--json"])).unwrap();
     assert_eq!(status["url"], url.as_str());
     let nodes = status["nodes"].as_array().unwrap();
     assert_eq!(nodes.len(), 2);
@@ -258,20 +311,29 @@ fn fleetctl_up_prints_its_addresses_survives_a_crashed_node_and_down_leaves_noth
         nodes.iter().all(|n| n["health"]["status"] == "healthy" && n["pool"]["maxSize"] == 5),
         "{status}"
     );
-    let table = ctl(&["status"]);
+    let table = fleetctl(&dir, &["status"]);
     assert!(table.contains("app-1") && table.contains("healthy"), "{table}");
+
+    // The children's output is in their logs, plain text, without the migration NOTICE.
+    let node_log = fleetctl(&dir, &["logs", "app-1"]);
+    assert!(node_log.contains("listening on http://127.0.0.1:"), "{node_log}");
+    assert!(!node_log.contains('\x1b') && !node_log.contains("NOTICE"), "{node_log}");
+    let all = fleetctl(&dir, &["logs"]);
+    for prefix in ["[postgres] ", "[app-1] ", "[app-2] "] {
+        assert!(all.contains(prefix), "no {prefix:?} line in:\n{all}");
+    }
 
     // A crashed node does not stop the fleet, and does not stop `down` from cleaning up.
     let pids: Vec<i32> = nodes.iter().map(|n| n["pid"].as_i64().unwrap() as i32).collect();
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pids[1]), nix::sys::signal::Signal::SIGKILL).unwrap();
     up.wait_for_line("app-2 has exited", Duration::from_secs(10)).unwrap();
 
-    ctl(&["down"]);
-    let mut up = up;
+    fleetctl(&dir, &["down"]);
     assert!(!up.is_running(), "fleetctl up exited after down");
     for pid in pids {
         assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists(), "node PID {pid} is gone");
     }
-    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
-    assert!(left.is_empty(), "fleetctl left {left:?} in its directory");
+    let mut left: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+    left.sort();
+    assert_eq!(left, ["logs", "postgres"], "fleetctl left more than its logs and its database");
 }

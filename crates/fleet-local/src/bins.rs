@@ -5,6 +5,7 @@
 //! - `PG_BIN`: a directory holding `postgres`, `initdb`, `pg_ctl`, `psql`, `pgbench`, `pg_isready`.
 //! - `NGINX_BIN`: the path of the `nginx` binary.
 //! - `PROMETHEUS_BIN`: the path of the `prometheus` binary; `promtool` is looked for next to it.
+//! - `POSTGRES_EXPORTER_BIN`: the path of `prometheus-postgres-exporter`.
 //! - `ETCD_BIN`: the path of the `etcd` binary.
 //! - `PATRONI_BIN`: the path of the `patroni` program (its venv's `bin/`, where `patronictl` sits too).
 
@@ -72,6 +73,17 @@ pub fn prometheus_bin(name: &str) -> anyhow::Result<PathBuf> {
     }
     on_path(name, std::env::var_os("PATH").as_deref())
         .with_context(|| not_found(name, "prometheus", "PROMETHEUS_BIN (the prometheus binary)"))
+}
+
+/// Finds PostgreSQL's Prometheus exporter: `$POSTGRES_EXPORTER_BIN`, else `prometheus-postgres-exporter` on PATH.
+pub fn exporter_bin() -> anyhow::Result<PathBuf> {
+    const NAME: &str = "prometheus-postgres-exporter";
+    if let Some(path) = std::env::var_os("POSTGRES_EXPORTER_BIN") {
+        return override_file(Path::new(&path), "POSTGRES_EXPORTER_BIN");
+    }
+    on_path(NAME, std::env::var_os("PATH").as_deref())
+        .or_else(|| executable_in(Path::new("/usr/bin"), NAME))
+        .with_context(|| not_found(NAME, NAME, "POSTGRES_EXPORTER_BIN (the binary)"))
 }
 
 /// Finds etcd: `$ETCD_BIN`, else PATH.

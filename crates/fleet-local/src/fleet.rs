@@ -2,8 +2,13 @@
 //! scraping every node directly, all on loopback, all stopped in order by [`Fleet::stop`] or on drop.
 //! Its fault methods break it on purpose, as a crash or an operator would: [`Fleet::kill_node`],
 //! [`Fleet::stop_node`], [`Fleet::restart_db`], [`Fleet::pause_db`].
+//!
+//! Layout of the fleet directory (private: see [`prepare_dir`]): `logs/<component>.log` (every child's
+//! output, started afresh by each start), `postgres/` (the cluster, when kept), `nginx/` and
+//! `prometheus/` (configs and data, removed on stop).
 
 use std::fs;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -14,8 +19,9 @@ use nix::unistd::Pid;
 use tempfile::TempDir;
 
 use crate::nginx::{self, Upstream};
+use crate::postgres::{check_reachable, postgres_user};
 use crate::{
-    free_port, nginx_bin, proctree, prometheus, prometheus_bin, Child, Node, NodeOptions, Postgres,
+    exporter, free_port, nginx_bin, proctree, prometheus, prometheus_bin, Child, Node, NodeOptions, Postgres,
     PostgresOptions,
 };
 
@@ -42,11 +48,17 @@ pub struct FleetOptions {
     pub pool_size: u32,
     /// nginx's port on 127.0.0.1; 0 picks a free one.
     pub port: u16,
-    /// Where configs and logs go; `None` = a temp dir. Whatever the fleet writes there is removed on stop.
+    /// Where configs and logs go; `None` = a temp dir, removed on stop. A given directory is created
+    /// private (0700) or must already be ours and writable by us only; nginx's and Prometheus's files
+    /// there are removed on stop, the logs (and a kept database) stay.
     pub dir: Option<PathBuf>,
+    /// Keep the database in `<dir>/postgres` across starts (needs `dir`); otherwise it is a throwaway
+    /// cluster in a temp dir. If the `postgres` user cannot reach `dir` (we are root and an ancestor
+    /// is closed to it), the database is a throwaway one and [`Fleet::warnings`] says why.
+    pub keep_database: bool,
     /// More environment for every node (e.g. `SHUTDOWN_DRAIN_MS`).
     pub node_env: Vec<(String, String)>,
-    /// Start Prometheus too.
+    /// Start Prometheus, and PostgreSQL's exporter for it to scrape.
     pub prometheus: bool,
     /// Keep children's output off our stderr (it is still quoted in errors).
     pub quiet: bool,
@@ -63,6 +75,7 @@ impl FleetOptions {
             pool_size: 5,
             port: 8080,
             dir: None,
+            keep_database: false,
             node_env: Vec::new(),
             prometheus: true,
             quiet: false,
@@ -85,11 +98,13 @@ pub fn check_capacity(nodes: u32, pool_size: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A running fleet. Fields drop in order: nginx, Prometheus, nodes, then PostgreSQL and the temp dir.
+/// A running fleet. Fields drop in order: nginx, Prometheus, the exporter, nodes, then PostgreSQL and
+/// the temp dir.
 #[derive(Debug)]
 pub struct Fleet {
     nginx: Child,
     prometheus: Option<(Child, u16)>,
+    exporter: Option<(Child, u16)>,
     nodes: Vec<Node>,
     pg: Postgres,
     dir: PathBuf,
@@ -97,6 +112,8 @@ pub struct Fleet {
     upstreams: Vec<Upstream>,
     /// Nodes taken out of nginx's round robin (before they were stopped).
     out_of_rotation: Vec<String>,
+    /// What the user should know about how the fleet started (a database that could not be kept).
+    warnings: Vec<String>,
     _temp_dir: Option<TempDir>,
 }
 
@@ -105,19 +122,32 @@ impl Fleet {
     /// Prometheus, and returns once every node answers through nginx.
     pub fn start(opts: FleetOptions) -> anyhow::Result<Fleet> {
         check_capacity(opts.nodes, opts.pool_size)?;
+        let keep_database = opts.keep_database && opts.dir.is_some();
         let (dir, temp_dir) = match &opts.dir {
-            Some(dir) => {
-                fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-                (dir.canonicalize()?, None)
-            }
+            Some(dir) => (prepare_dir(dir, keep_database)?, None),
             None => {
                 let temp = tempfile::Builder::new().prefix("pgfleet-").tempdir()?;
                 (temp.path().to_owned(), Some(temp))
             }
         };
+        let logs = fresh_logs_dir(&dir)?;
+        let mut warnings = Vec::new();
+        let database_dir = match (keep_database, postgres_user()?) {
+            (false, _) => None,
+            (true, None) => Some(dir.join("postgres")),
+            (true, Some(user)) => match check_reachable(&dir.join("postgres"), &user) {
+                Ok(()) => Some(dir.join("postgres")),
+                Err(why) => {
+                    warnings.push(format!("the database is not kept, it goes when the fleet stops: {why:#}"));
+                    None
+                }
+            },
+        };
         let pg = Postgres::start(PostgresOptions {
+            dir: database_dir,
             max_connections: MAX_CONNECTIONS,
             durable: opts.durable,
+            log_file: Some(logs.join("postgres.log")),
             ..PostgresOptions::default()
         })?;
         let mut nodes = (1..=opts.nodes)
@@ -133,6 +163,7 @@ impl Fleet {
                         .chain(opts.node_env.iter().cloned())
                         .collect(),
                     quiet: opts.quiet,
+                    log_file: Some(logs.join(format!("app-{i}.log"))),
                 })
             })
             .collect::<anyhow::Result<Vec<_>>>()?;
@@ -147,20 +178,33 @@ impl Fleet {
             })
             .collect();
         let port = if opts.port == 0 { free_port()? } else { opts.port };
-        let nginx = start_nginx(&dir.join("nginx"), port, &upstreams, opts.quiet)?;
-        let prometheus = match opts.prometheus {
-            true => Some(start_prometheus(&dir.join("prometheus"), &upstreams, opts.quiet)?),
-            false => None,
+        let nginx = start_nginx(&dir.join("nginx"), port, &upstreams, &logs, opts.quiet)?;
+        let (prometheus, exporter) = match opts.prometheus {
+            true => {
+                let exporter = exporter::start(&pg, &dir.join("prometheus"), &logs, opts.quiet)?;
+                let exporter_address = format!("127.0.0.1:{}", exporter.1);
+                let prometheus = start_prometheus(
+                    &dir.join("prometheus"),
+                    &upstreams,
+                    &exporter_address,
+                    &logs,
+                    opts.quiet,
+                )?;
+                (Some(prometheus), Some(exporter))
+            }
+            false => (None, None),
         };
         let mut fleet = Fleet {
             nginx,
             prometheus,
+            exporter,
             nodes,
             pg,
             dir,
             port,
             upstreams,
             out_of_rotation: Vec::new(),
+            warnings,
             _temp_dir: temp_dir,
         };
         fleet.wait_through_nginx()?;
@@ -177,9 +221,40 @@ impl Fleet {
         self.prometheus.as_ref().map(|(_, port)| format!("http://127.0.0.1:{port}"))
     }
 
-    /// The application's database URL.
+    /// PostgreSQL's exporter (its `/metrics`), if it runs (with Prometheus).
+    pub fn exporter_url(&self) -> Option<String> {
+        self.exporter.as_ref().map(|(_, port)| format!("http://127.0.0.1:{port}"))
+    }
+
+    /// The application's database URL, password included: a secret, never to print (see
+    /// [`Fleet::database_display_url`]).
     pub fn database_url(&self) -> String {
         self.pg.url()
+    }
+
+    /// The application's database URL without its password.
+    pub fn database_display_url(&self) -> String {
+        self.pg.display_url()
+    }
+
+    /// The database cluster's directory: `<dir>/postgres` when kept, else a temp dir.
+    pub fn database_dir(&self) -> &Path {
+        self.pg.dir()
+    }
+
+    /// Where the database's passwords are (a libpq password file, mode 0600).
+    pub fn password_file(&self) -> PathBuf {
+        self.pg.password_file()
+    }
+
+    /// Where every component's log is: `<dir>/logs/<name>.log`.
+    pub fn logs_dir(&self) -> PathBuf {
+        self.dir.join(LOGS)
+    }
+
+    /// What the user should know about how the fleet started, one sentence each.
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
     }
 
     pub fn postgres(&mut self) -> &mut Postgres {
@@ -199,21 +274,28 @@ impl Fleet {
         &self.dir
     }
 
-    /// The components that have exited (`app-2`, `nginx`, `prometheus`).
+    /// The components that have exited (`app-2`, `nginx`, `prometheus`, `postgres-exporter`).
     pub fn exited_components(&mut self) -> Vec<String> {
         let nodes = self.nodes.iter_mut().map(Node::child);
-        let others = std::iter::once(&mut self.nginx).chain(self.prometheus.as_mut().map(|(c, _)| c));
+        let others = std::iter::once(&mut self.nginx)
+            .chain(self.prometheus.as_mut().map(|(c, _)| c))
+            .chain(self.exporter.as_mut().map(|(c, _)| c));
         nodes
             .chain(others)
             .filter_map(|child| (!child.is_running()).then(|| child.name().to_owned()))
             .collect()
     }
 
-    /// Stops nginx, Prometheus, the nodes (SIGTERM: they drain), then PostgreSQL, and removes what the fleet wrote.
+    /// Stops nginx, Prometheus, the exporter, the nodes (SIGINT: they finish in-flight requests), then
+    /// PostgreSQL (a fast shutdown: a kept database is consistent), and removes nginx's and Prometheus's
+    /// files; the logs and a kept database stay.
     pub fn stop(mut self) -> anyhow::Result<()> {
         self.nginx.terminate(Duration::from_secs(5))?;
         if let Some((prometheus, _)) = &mut self.prometheus {
             prometheus.terminate(Duration::from_secs(10))?;
+        }
+        if let Some((exporter, _)) = &mut self.exporter {
+            exporter.terminate(Duration::from_secs(5))?;
         }
         // nginx is gone, so no drain delay is needed: SIGINT stops a node at once, after in-flight requests.
         for node in &mut self.nodes {
@@ -311,6 +393,65 @@ impl Fleet {
     }
 }
 
+/// The fleet directory's subdirectory for logs.
+const LOGS: &str = "logs";
+
+/// Makes `dir` the fleet's private directory and returns its canonical path: created mode 0700 if
+/// missing; an existing one must be owned by us and writable by nobody else (a directory another user
+/// could write to could be swapped under us) and is then closed to others (0700). When the database is
+/// kept there and PostgreSQL runs as the `postgres` user (we are root), that user's group may enter
+/// (0710, group `postgres`): it needs to reach `dir/postgres`, and can list nothing.
+pub fn prepare_dir(dir: &Path, keep_database: bool) -> anyhow::Result<PathBuf> {
+    if !dir.exists() {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let dir = dir.canonicalize().with_context(|| format!("cannot resolve {}", dir.display()))?;
+    let meta = fs::metadata(&dir).with_context(|| format!("cannot inspect {}", dir.display()))?;
+    let me = nix::unistd::geteuid().as_raw();
+    ensure!(meta.is_dir(), "{} is not a directory", dir.display());
+    ensure!(
+        meta.uid() == me,
+        "refusing the fleet directory {}: it belongs to user {}, not to us (user {me}); use a directory of our own",
+        dir.display(),
+        meta.uid()
+    );
+    ensure!(
+        meta.mode() & 0o022 == 0,
+        "refusing the fleet directory {}: others can write to it (mode {:o}); use a private directory          (or `chmod go-w {}`)",
+        dir.display(),
+        meta.mode() & 0o7777,
+        dir.display()
+    );
+    let (group, mode) = match (keep_database, postgres_user()?) {
+        (true, Some(user)) => (Some(user.gid.as_raw()), 0o710),
+        _ => (None, 0o700),
+    };
+    if group.is_some() {
+        std::os::unix::fs::chown(&dir, None, group)
+            .with_context(|| format!("cannot let the postgres group into {}", dir.display()))?;
+    }
+    fs::set_permissions(&dir, fs::Permissions::from_mode(mode))
+        .with_context(|| format!("cannot make {} private", dir.display()))?;
+    Ok(dir)
+}
+
+/// `dir/logs`, private and emptied of an earlier start's logs.
+fn fresh_logs_dir(dir: &Path) -> anyhow::Result<PathBuf> {
+    let logs = dir.join(LOGS);
+    if logs.exists() {
+        fs::remove_dir_all(&logs).with_context(|| format!("cannot clear {}", logs.display()))?;
+    }
+    fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&logs)
+        .with_context(|| format!("cannot create {}", logs.display()))?;
+    Ok(logs)
+}
+
 /// Writes `dir/nginx.conf` for a fleet on `port`; returns its path.
 fn write_nginx_config(
     dir: &Path,
@@ -324,26 +465,38 @@ fn write_nginx_config(
     Ok(conf)
 }
 
-fn start_nginx(dir: &Path, port: u16, upstreams: &[Upstream], quiet: bool) -> anyhow::Result<Child> {
+fn start_nginx(
+    dir: &Path,
+    port: u16,
+    upstreams: &[Upstream],
+    logs: &Path,
+    quiet: bool,
+) -> anyhow::Result<Child> {
     fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let conf = write_nginx_config(dir, port, upstreams, &[])?;
     let mut cmd = Command::new(nginx_bin()?);
     cmd.arg("-c").arg(&conf).arg("-p").arg(dir);
-    let mut child = Child::spawn("nginx", cmd, quiet)?;
+    let mut child = Child::spawn_logged("nginx", cmd, quiet, &logs.join("nginx.log"))?;
     child.wait_for_http(&format!("http://127.0.0.1:{port}/nginx-health"), Instant::now() + READY_TIMEOUT)?;
     Ok(child)
 }
 
-fn start_prometheus(dir: &Path, upstreams: &[Upstream], quiet: bool) -> anyhow::Result<(Child, u16)> {
+fn start_prometheus(
+    dir: &Path,
+    upstreams: &[Upstream],
+    exporter: &str,
+    logs: &Path,
+    quiet: bool,
+) -> anyhow::Result<(Child, u16)> {
     fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let conf = dir.join("prometheus.yml");
     let port = free_port()?;
-    fs::write(&conf, prometheus::config(upstreams, "1s", &[], &format!("127.0.0.1:{port}")))?;
+    fs::write(&conf, prometheus::config(upstreams, "1s", &[], &format!("127.0.0.1:{port}"), exporter))?;
     let mut cmd = Command::new(prometheus_bin("prometheus")?);
     cmd.arg(format!("--config.file={}", conf.display()))
         .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
         .arg(format!("--web.listen-address=127.0.0.1:{port}"));
-    let mut child = Child::spawn("prometheus", cmd, quiet)?;
+    let mut child = Child::spawn_logged("prometheus", cmd, quiet, &logs.join("prometheus.log"))?;
     child.wait_for_http(&format!("http://127.0.0.1:{port}/-/ready"), Instant::now() + READY_TIMEOUT)?;
     Ok((child, port))
 }
@@ -360,5 +513,50 @@ mod tests {
         assert!(err.contains("10 nodes × pool 10 = 100"), "{err}");
         assert!(err.contains("at most 90"), "{err}");
         assert!(check_capacity(0, 5).is_err());
+    }
+
+    #[test]
+    fn a_new_fleet_directory_is_private() {
+        let parent = tempfile::tempdir().unwrap();
+        let dir = prepare_dir(&parent.path().join("a/.fleet"), false).unwrap();
+        assert_eq!(fs::metadata(&dir).unwrap().mode() & 0o777, 0o700);
+    }
+
+    #[test]
+    fn a_fleet_directory_others_can_write_to_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        for mode in [0o777, 0o1777, 0o770] {
+            fs::set_permissions(dir.path(), fs::Permissions::from_mode(mode)).unwrap();
+            let error = prepare_dir(dir.path(), false).unwrap_err().to_string();
+            assert!(error.contains("others can write to it"), "{mode:o}: {error}");
+        }
+        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
+        prepare_dir(dir.path(), false).unwrap();
+        assert_eq!(fs::metadata(dir.path()).unwrap().mode() & 0o777, 0o700, "an open one is closed");
+    }
+
+    #[test]
+    fn a_fleet_directory_owned_by_another_user_is_refused() {
+        let nobody = nix::unistd::User::from_name("nobody").unwrap().expect("a `nobody` user");
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: only root can hand a directory to another user");
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        std::os::unix::fs::chown(dir.path(), Some(nobody.uid.as_raw()), None).unwrap();
+        let error = prepare_dir(dir.path(), false).unwrap_err().to_string();
+        assert!(error.contains("belongs to user"), "{error}");
+    }
+
+    #[test]
+    fn a_kept_database_lets_only_the_postgres_group_enter_the_fleet_directory() {
+        let Some(postgres) = postgres_user().unwrap() else {
+            eprintln!("skipped: PostgreSQL runs as ourselves when we are not root");
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        prepare_dir(dir.path(), true).unwrap();
+        let meta = fs::metadata(dir.path()).unwrap();
+        assert_eq!((meta.mode() & 0o777, meta.gid()), (0o710, postgres.gid.as_raw()));
     }
 }

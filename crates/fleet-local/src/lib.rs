@@ -1,8 +1,9 @@
-//! Start and stop a private local fleet: a PostgreSQL cluster, fleet-app nodes (and later nginx and
-//! Prometheus), as child processes on loopback. Used by `fleetctl up` and by the integration tests.
+//! Start and stop a private local fleet: a PostgreSQL cluster, fleet-app nodes, nginx, Prometheus and
+//! PostgreSQL's exporter, as child processes on loopback. Used by `fleetctl up` and by the integration tests.
 
 pub mod bins;
 pub mod etcd;
+pub mod exporter;
 pub mod fleet;
 pub mod nginx;
 pub mod node;
@@ -12,7 +13,7 @@ pub mod process;
 mod proctree;
 pub mod prometheus;
 
-pub use bins::{etcd_bin, nginx_bin, patroni_bin, postgres_bin, prometheus_bin};
+pub use bins::{etcd_bin, exporter_bin, nginx_bin, patroni_bin, postgres_bin, prometheus_bin};
 pub use node::{Node, NodeOptions};
 pub use patroni::{MemberStatus, PatroniCluster, PatroniOptions};
 pub use postgres::{Postgres, PostgresOptions, DEADLOCK_TIMEOUT};

@@ -40,6 +40,27 @@ const CLIENT_MAX_BODY_SIZE: &str = "16m";
 const LAB_RATE: &str = "5r/s";
 const LAB_BURST: u32 = 20;
 
+/// The errors nginx answers itself (a body too large, a node down or too slow, a request nginx cannot
+/// parse), each in the API's error shape: status, `code`, message. A node's own errors pass through
+/// untouched (no `proxy_intercept_errors`).
+const NGINX_ERRORS: &[(u16, &str, &str)] = &[
+    (400, "invalid_request", "the request is malformed"),
+    (404, "not_found", "no such route"),
+    (405, "method_not_allowed", "method not allowed"),
+    (408, "request_timeout", "the request took too long to arrive"),
+    // The limit is CLIENT_MAX_BODY_SIZE.
+    (413, "payload_too_large", "the request body is larger than 16 MiB"),
+    (414, "uri_too_long", "the request URI is too long"),
+    // nginx's own rate limit of the lab endpoints (see LAB_RATE).
+    (429, "lab_busy", "too many lab requests from this client; retry later"),
+    (431, "headers_too_large", "the request headers are too large"),
+    (494, "headers_too_large", "the request headers are too large"),
+    (500, "internal", "internal error"),
+    (502, "node_unavailable", "no node answered: the node is down or restarting; retry"),
+    (503, "node_unavailable", "no node is available; retry"),
+    (504, "gateway_timeout", "the node did not answer in time"),
+];
+
 /// One backend node as nginx and Prometheus see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upstream {
@@ -132,8 +153,29 @@ fn site(listen: &str, nodes: &[Upstream], out_of_rotation: &[String]) -> String 
         let _ = writeln!(out, "\n    location /{}/ {{", node.name);
         let _ = writeln!(out, "        proxy_pass http://{}$fleet_pinned_uri;\n    }}", upstream_name(node));
     }
+    error_pages(&mut out);
     out.push_str("}\n");
     out
+}
+
+/// nginx's own errors as JSON in the API's shape (`"container": "nginx"`, header `X-Container-Id`):
+/// one `error_page` per status and one named location answering it.
+fn error_pages(out: &mut String) {
+    out.push_str(
+        "\n    # nginx's own errors, in the API's error shape; the nodes' errors pass through as they are.\n",
+    );
+    for (status, _, _) in NGINX_ERRORS {
+        let _ = writeln!(out, "    error_page {status} @error_{status};");
+    }
+    for (status, code, message) in NGINX_ERRORS {
+        let _ = writeln!(out, "\n    location @error_{status} {{");
+        // No MIME types: the original URI's extension must not pick the Content-Type.
+        out.push_str("        types { }\n        default_type application/json;\n");
+        out.push_str("        add_header X-Container-Id nginx always;\n");
+        let body =
+            format!(r#"{{"success": false, "error": "{message}", "code": "{code}", "container": "nginx"}}"#);
+        let _ = writeln!(out, "        return {status} '{body}';\n    }}");
+    }
 }
 
 /// The start of [`site_config`]: what it is, and the map that strips `/app-N` from the raw URI.
@@ -275,6 +317,22 @@ mod tests {
         }
         assert!(conf.contains("daemon off;") && conf.contains("access_log off;"), "{conf}");
         assert!(conf.contains("    upstream fleet {"), "the site config is inside http {{}}: {conf}");
+    }
+
+    #[test]
+    fn every_error_nginx_answers_itself_is_json_in_the_apis_shape() {
+        let conf = site_config("80", &[local(1)]);
+        for (status, code, _) in NGINX_ERRORS {
+            assert!(conf.contains(&format!("    error_page {status} @error_{status};\n")), "{conf}");
+            let location = conf.split(&format!("location @error_{status} {{")).nth(1).unwrap();
+            let body = location.split('\'').nth(1).unwrap();
+            let json: serde_json::Value = serde_json::from_str(body).unwrap();
+            assert_eq!((json["success"].as_bool(), json["code"].as_str()), (Some(false), Some(*code)));
+            assert_eq!(json["container"], "nginx");
+        }
+        let too_large = NGINX_ERRORS.iter().find(|(status, _, _)| *status == 413).unwrap().2;
+        let limit = format!("{} MiB", CLIENT_MAX_BODY_SIZE.trim_end_matches('m'));
+        assert!(too_large.ends_with(&limit), "{too_large} names nginx's limit {CLIENT_MAX_BODY_SIZE}");
     }
 
     #[test]

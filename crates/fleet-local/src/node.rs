@@ -1,6 +1,7 @@
 //! A fleet-app node process: spawned with its environment, ready once `/health/ready` answers 200.
 
 use std::fmt;
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -36,6 +37,8 @@ pub struct NodeOptions {
     pub env: Vec<(String, String)>,
     /// Keep the node's output out of our stderr (it is still quoted in errors).
     pub quiet: bool,
+    /// Append the node's output to this file too.
+    pub log_file: Option<PathBuf>,
 }
 
 impl fmt::Debug for NodeOptions {
@@ -49,6 +52,7 @@ impl fmt::Debug for NodeOptions {
             .field("port", &self.port)
             .field("env", &env_names)
             .field("quiet", &self.quiet)
+            .field("log_file", &self.log_file)
             .finish()
     }
 }
@@ -79,10 +83,17 @@ impl Node {
             .env("PORT", opts.port.to_string())
             .env("HOST", "127.0.0.1")
             .env("LOG_FORMAT", "text")
-            .env(MALLOC_MMAP_THRESHOLD.0, MALLOC_MMAP_THRESHOLD.1)
-            .envs(opts.env.iter().map(|(name, value)| (name, value)));
-        let child = Child::spawn(&opts.container_id, cmd, opts.quiet)
-            .with_context(|| format!("cannot start node {}", opts.container_id))?;
+            .env(MALLOC_MMAP_THRESHOLD.0, MALLOC_MMAP_THRESHOLD.1);
+        // Colour codes only where they are shown as colours: our terminal, and no file.
+        if opts.quiet || opts.log_file.is_some() || !std::io::stderr().is_terminal() {
+            cmd.env("NO_COLOR", "1");
+        }
+        cmd.envs(opts.env.iter().map(|(name, value)| (name, value)));
+        let child = match &opts.log_file {
+            Some(log) => Child::spawn_logged(&opts.container_id, cmd, opts.quiet, log),
+            None => Child::spawn(&opts.container_id, cmd, opts.quiet),
+        }
+        .with_context(|| format!("cannot start node {}", opts.container_id))?;
         Ok(Node { container_id: opts.container_id, port: 0, child })
     }
 
@@ -174,6 +185,7 @@ mod tests {
             port: 0,
             env: vec![("DB_SECRET".to_owned(), "hunter2".to_owned())],
             quiet: true,
+            log_file: None,
         };
         let debug = format!("{opts:?}");
         assert!(!debug.contains("apppass") && !debug.contains("hunter2"), "{debug}");

@@ -1,11 +1,14 @@
 //! A private PostgreSQL cluster on loopback: initdb, start, fast stop, start again, pause and resume, psql.
 //!
-//! Layout of the cluster directory: `data/` (PGDATA), `server.log` (the server's stderr, appended on
-//! every start) and the Unix socket `.s.PGSQL.<port>`. TCP listens on 127.0.0.1 only and requires
-//! passwords (scram-sha-256); the socket (inside a directory only its owner can enter) trusts.
+//! Layout of the cluster directory: `data/` (PGDATA), `pgpass` (the cluster's passwords, random per
+//! cluster, in libpq's password-file format, mode 0600), `server.log` (the server's stderr, appended on
+//! every start, unless the options name another file) and the Unix socket `.s.PGSQL.<port>`. TCP
+//! listens on 127.0.0.1 only and requires passwords (scram-sha-256); the socket (inside a directory
+//! only its owner can enter) trusts.
 
-use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom};
+use std::fs::{self, File};
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -18,23 +21,21 @@ use nix::unistd::{Pid, User};
 use tempfile::TempDir;
 
 use crate::bins::postgres_bin;
-use crate::process::{die_with_parent, signal_and_wait, wait_timeout};
+use crate::process::{die_with_parent, open_log, signal_and_wait, wait_timeout};
 
+mod credentials;
 mod setup;
 
 use crate::{free_port, proctree};
+use credentials::Credentials;
 pub(crate) use setup::hand_over;
 use setup::settings;
-pub use setup::{PostgresOptions, DEADLOCK_TIMEOUT};
+pub use setup::{check_reachable, PostgresOptions, DEADLOCK_TIMEOUT};
 
 /// The superuser created by initdb.
 pub const ADMIN_USER: &str = "postgres";
-/// The superuser's password (a throwaway loopback-only cluster: a constant keeps reused dirs usable).
-pub const ADMIN_PASSWORD: &str = "postgres";
 /// The application's role, owner of [`APP_DATABASE`].
 pub const APP_USER: &str = "appuser";
-/// The application role's password.
-pub const APP_PASSWORD: &str = "apppass";
 /// The application's database.
 pub const APP_DATABASE: &str = "appdb";
 
@@ -62,6 +63,10 @@ pub struct Postgres {
     settings: Vec<(String, String)>,
     /// The user the server runs as when we are root (PostgreSQL refuses to run as root).
     run_as: Option<User>,
+    /// The superuser's and the application role's passwords (also in `<dir>/pgpass`).
+    credentials: Credentials,
+    /// Where the server's output goes.
+    log_file: PathBuf,
     postmaster: Option<std::process::Child>,
     /// While paused ([`Postgres::pause`]): the postmaster's descendants that got SIGSTOP.
     paused: Option<Vec<Pid>>,
@@ -103,17 +108,25 @@ impl Postgres {
         if let Some(user) = &run_as {
             hand_over(&dir, user)?;
         }
+        let data_dir = dir.join("data");
+        let initialised = data_dir.join("PG_VERSION").exists();
+        let credentials = match initialised {
+            true => Credentials::read(&dir)?,
+            false => Credentials::create(&dir)?,
+        };
         let mut postgres = Postgres {
-            data_dir: dir.join("data"),
+            data_dir,
             settings: settings(&opts, &dir),
+            log_file: opts.log_file.clone().unwrap_or_else(|| dir.join("server.log")),
             dir,
             port: 0,
             run_as,
+            credentials,
             postmaster: None,
             paused: None,
             temp_dir,
         };
-        if !postgres.data_dir.join("PG_VERSION").exists() {
+        if !initialised {
             postgres.initdb(opts.durable)?;
         }
         postgres.start_on(opts.port)?;
@@ -122,19 +135,35 @@ impl Postgres {
         Ok(postgres)
     }
 
-    /// The application's URL: `postgres://appuser:apppass@127.0.0.1:PORT/appdb`.
+    /// The application's URL, password included: `postgres://appuser:PASSWORD@127.0.0.1:PORT/appdb`.
+    /// A secret: for printing, see [`Postgres::display_url`].
     pub fn url(&self) -> String {
-        format!("postgres://{APP_USER}:{APP_PASSWORD}@127.0.0.1:{}/{APP_DATABASE}", self.port)
+        format!("postgres://{APP_USER}:{}@127.0.0.1:{}/{APP_DATABASE}", self.credentials.app, self.port)
     }
 
-    /// The superuser's URL, to the application's database.
+    /// The application's URL without its password: `postgres://appuser@127.0.0.1:PORT/appdb`.
+    pub fn display_url(&self) -> String {
+        format!("postgres://{APP_USER}@127.0.0.1:{}/{APP_DATABASE}", self.port)
+    }
+
+    /// The superuser's URL, to the application's database, password included (a secret).
     pub fn admin_url(&self) -> String {
-        format!("postgres://{ADMIN_USER}:{ADMIN_PASSWORD}@127.0.0.1:{}/{APP_DATABASE}", self.port)
+        format!("postgres://{ADMIN_USER}:{}@127.0.0.1:{}/{APP_DATABASE}", self.credentials.admin, self.port)
+    }
+
+    /// The file holding the cluster's passwords, in libpq's format (`PGPASSFILE=<it> psql …`), mode 0600.
+    pub fn password_file(&self) -> PathBuf {
+        credentials::path(&self.dir)
     }
 
     /// The TCP port on 127.0.0.1.
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The cluster directory (see the module's header).
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 
     /// The data directory (PGDATA).
@@ -144,7 +173,7 @@ impl Postgres {
 
     /// The server's log file (its stderr, appended on every start).
     pub fn log_file(&self) -> PathBuf {
-        self.dir.join("server.log")
+        self.log_file.clone()
     }
 
     /// The postmaster's PID while it runs.
@@ -226,15 +255,25 @@ impl Postgres {
         self.psql_on(APP_DATABASE, sql)
     }
 
+    /// The SQL goes through psql's standard input, never its command line, which any local user can
+    /// read in `/proc` (a `CREATE ROLE … PASSWORD`).
     fn psql_on(&self, database: &str, sql: &str) -> anyhow::Result<String> {
-        let output = Command::new(postgres_bin("psql")?)
-            .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1"])
-            .args(["-p", &self.port.to_string(), "-U", ADMIN_USER, "-d", database, "-c", sql])
-            .env("PGPASSWORD", ADMIN_PASSWORD)
+        let mut psql = Command::new(postgres_bin("psql")?)
+            .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1"])
+            .args(["-p", &self.port.to_string(), "-U", ADMIN_USER, "-d", database])
+            .env("PGPASSWORD", &self.credentials.admin)
             .env("PGCONNECT_TIMEOUT", "10")
-            .stdin(Stdio::null())
-            .output()
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
             .context("cannot run psql")?;
+        let mut stdin = psql.stdin.take().context("psql's standard input")?;
+        // psql reads all of it before it answers, so the write cannot block on a full output pipe.
+        let written = stdin.write_all(sql.as_bytes());
+        drop(stdin);
+        let output = psql.wait_with_output().context("cannot run psql")?;
+        written.context("cannot send SQL to psql")?;
         if !output.status.success() {
             bail!(
                 "psql failed ({}) running {sql:?}: {}",
@@ -259,7 +298,14 @@ impl Postgres {
     fn initdb(&self, durable: bool) -> anyhow::Result<()> {
         // initdb reads the superuser's password from a file; it lives only as long as initdb runs.
         let password_file = self.dir.join("initdb-password");
-        fs::write(&password_file, ADMIN_PASSWORD).context("cannot write initdb's password file")?;
+        let _ = fs::remove_file(&password_file);
+        fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&password_file)
+            .and_then(|mut file| file.write_all(self.credentials.admin.as_bytes()))
+            .context("cannot write initdb's password file")?;
         if let Some(user) = &self.run_as {
             std::os::unix::fs::chown(&password_file, Some(user.uid.as_raw()), Some(user.gid.as_raw()))
                 .context("cannot hand initdb's password file to the postgres user")?;
@@ -309,11 +355,7 @@ impl Postgres {
     }
 
     fn spawn_postmaster(&mut self) -> anyhow::Result<()> {
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(self.log_file())
-            .context("cannot open PostgreSQL's log file")?;
+        let log = open_log(&self.log_file)?;
         let mut cmd = self.command("postgres")?;
         cmd.arg("-D").arg(&self.data_dir).arg("-p").arg(self.port.to_string());
         for (name, value) in &self.settings {
@@ -364,12 +406,14 @@ impl Postgres {
     /// role is no superuser and cannot create roles or databases; it owns its database, so the tables
     /// it migrates are its own and nothing outside that database is.
     fn create_app_database(&self) -> anyhow::Result<()> {
+        // The password is hex digits (see `credentials`), so it needs no quoting.
         self.psql_on(
             "postgres",
             &format!(
                 "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{APP_USER}') THEN \
-                 CREATE ROLE {APP_USER} LOGIN PASSWORD '{APP_PASSWORD}' NOSUPERUSER NOCREATEDB NOCREATEROLE; \
-                 END IF; END $$"
+                 CREATE ROLE {APP_USER} LOGIN PASSWORD '{}' NOSUPERUSER NOCREATEDB NOCREATEROLE; \
+                 END IF; END $$",
+                self.credentials.app
             ),
         )?;
         let exists = self.psql_on(

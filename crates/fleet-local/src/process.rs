@@ -1,8 +1,11 @@
-//! Child processes that die with us: output forwarded with a `[name] ` prefix, stopped by PID, never by name.
+//! Child processes that die with us: output kept in a log file and/or forwarded with a `[name] ` prefix,
+//! stopped by PID, never by name.
 
 use std::collections::VecDeque;
-use std::io::{BufRead, BufReader, Read};
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::CommandExt;
+use std::path::Path;
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread;
@@ -69,16 +72,29 @@ impl std::fmt::Debug for Child {
 impl Child {
     /// Spawns `cmd` with piped stdout/stderr, forwarding each line as `[name] line` to our stderr
     /// unless `quiet` (lines are remembered either way).
-    pub fn spawn(name: &str, mut cmd: Command, quiet: bool) -> anyhow::Result<Child> {
+    pub fn spawn(name: &str, cmd: Command, quiet: bool) -> anyhow::Result<Child> {
+        Child::start(name, cmd, quiet, None)
+    }
+
+    /// [`Child::spawn`], also appending every line the child prints to the file `log` (created 0600).
+    pub fn spawn_logged(name: &str, cmd: Command, quiet: bool, log: &Path) -> anyhow::Result<Child> {
+        let file = open_log(log)?;
+        Child::start(name, cmd, quiet, Some(Arc::new(file)))
+    }
+
+    fn start(name: &str, mut cmd: Command, quiet: bool, log: Option<Arc<File>>) -> anyhow::Result<Child> {
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         die_with_parent(&mut cmd);
-        let mut process = cmd.spawn().with_context(|| format!("cannot start {name}: {cmd:?}"))?;
+        // Only the program: the arguments and environment may hold secrets (a database URL).
+        let mut process = cmd
+            .spawn()
+            .with_context(|| format!("cannot start {name} ({})", Path::new(cmd.get_program()).display()))?;
         let output = Arc::new(Output::default());
         if let Some(stdout) = process.stdout.take() {
-            forward(name, stdout, quiet, Arc::clone(&output))?;
+            forward(name, stdout, quiet, log.clone(), Arc::clone(&output))?;
         }
         if let Some(stderr) = process.stderr.take() {
-            forward(name, stderr, quiet, Arc::clone(&output))?;
+            forward(name, stderr, quiet, log, Arc::clone(&output))?;
         }
         tracing::debug!(child.name = name, child.pid = process.id(), "started child");
         Ok(Child { name: name.to_owned(), process, output, status: None })
@@ -226,11 +242,24 @@ impl Drop for Child {
     }
 }
 
-/// Starts a thread copying `stream` line by line into `output` (and to our stderr unless `quiet`).
+/// Opens `path` for appending, created readable and writable by its owner only (logs may quote data).
+pub fn open_log(path: &Path) -> anyhow::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("cannot open the log file {}", path.display()))
+}
+
+/// Starts a thread copying `stream` line by line into `output`, into `log` if any, and to our stderr
+/// unless `quiet`.
 fn forward(
     name: &str,
     stream: impl Read + Send + 'static,
     quiet: bool,
+    log: Option<Arc<File>>,
     output: Arc<Output>,
 ) -> anyhow::Result<()> {
     let prefix = format!("[{name}] ");
@@ -245,6 +274,10 @@ fn forward(
                 buf.clear();
                 if !quiet {
                     eprintln!("{prefix}{line}");
+                }
+                if let Some(mut file) = log.as_deref() {
+                    // One write per line: with O_APPEND, the two streams' lines never interleave mid-line.
+                    let _ = file.write_all(format!("{line}\n").as_bytes());
                 }
                 let mut state = output.lock();
                 if state.lines.len() == RECENT_LINES {
@@ -345,6 +378,33 @@ mod tests {
         let child = Child::spawn("sleeper", sh("sleep 5"), true).unwrap();
         let error = child.wait_for_line("never", Duration::from_millis(100)).unwrap_err();
         assert!(format!("{error:#}").contains("timed out"));
+    }
+
+    #[test]
+    fn a_child_that_cannot_start_is_named_without_its_environment() {
+        let mut cmd = Command::new("/nonexistent/fleet-app");
+        cmd.env("DATABASE_URL", "postgres://appuser:hunter2@127.0.0.1/appdb").arg("--password=hunter3");
+        let message = format!("{:#}", Child::spawn("app-1", cmd, true).unwrap_err());
+        assert!(message.contains("cannot start app-1 (/nonexistent/fleet-app)"), "{message}");
+        assert!(!message.contains("hunter2") && !message.contains("hunter3"), "{message}");
+    }
+
+    #[test]
+    fn a_logged_child_writes_every_line_to_its_private_log_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("echo.log");
+        let child = Child::spawn_logged("echo", sh("echo one; echo two >&2; echo done"), true, &log).unwrap();
+        child.wait_for_line("done", Duration::from_secs(5)).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::fs::read_to_string(&log).unwrap().lines().count() < 3 && Instant::now() < deadline {
+            thread::sleep(POLL_INTERVAL);
+        }
+        let text = std::fs::read_to_string(&log).unwrap();
+        let mut lines: Vec<&str> = text.lines().collect();
+        lines.sort_unstable();
+        assert_eq!(lines, ["done", "one", "two"]);
+        assert_eq!(std::fs::metadata(&log).unwrap().permissions().mode() & 0o777, 0o600);
     }
 
     #[test]

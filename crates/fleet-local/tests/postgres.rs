@@ -30,7 +30,9 @@ fn a_cluster_starts_stops_starts_again_and_leaves_nothing_behind() {
 #[test]
 fn the_app_role_needs_its_password_over_tcp() {
     let postgres = Postgres::start(PostgresOptions::default()).unwrap();
-    let wrong = postgres.url().replace("apppass", "wrong");
+    // The right URL with another password (the real one is random per cluster).
+    let wrong = postgres.display_url().replace("appuser@", "appuser:wrong@");
+    assert_ne!(wrong, postgres.url());
     let output = Command::new(postgres_bin("psql").unwrap())
         .args(["-X", "-A", "-t", "-w", "-d", &wrong, "-c", "select 1"])
         .output()

@@ -1,12 +1,14 @@
-//! `fleetctl`: run a local pgfleet (`up`), inspect it (`status`), stop it (`down`), probe it (`lab`), and
-//! break it on purpose (`chaos`).
+//! `fleetctl`: run a local pgfleet (`up`), inspect it (`status`, `logs`, `top`), stop it (`down`), probe
+//! it (`lab`), and break it on purpose (`chaos`).
 //! The library holds the whole command line, so the test suite can build it as a binary of its own.
 
 mod bench;
 pub mod chaos;
 mod lab;
+mod logs;
 mod state;
 mod status;
+mod top;
 mod up;
 
 use std::path::PathBuf;
@@ -34,6 +36,10 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Show the fleet's logs (a node's, or every component's prefixed with its name).
+    Logs(logs::LogsArgs),
+    /// Watch the database: sessions by node and state, lock waits and who blocks them, every pool.
+    Top(top::TopArgs),
     /// Stop a fleet started elsewhere (by its `fleetctl up`'s PID, recorded in the directory).
     Down {
         #[arg(long, default_value = ".fleet")]
@@ -67,6 +73,8 @@ pub fn main() -> ExitCode {
         Command::Up(args) => up::run(args),
         Command::Status { dir, json } => status::status(&dir, json),
         Command::Down { dir } => status::down(&dir),
+        Command::Logs(args) => logs::run(args),
+        Command::Top(args) => top::run(args),
         Command::Bench(args) => bench::run(args),
         Command::Chaos(args) => chaos::run(args),
         Command::Lab { experiment: Lab::Isolation { url } } => lab::print_isolation(&url),

@@ -1,4 +1,5 @@
-//! `fleet.json`: what a running `fleetctl up` tells `status` and `down` in other shells.
+//! `fleet.json`: what a running `fleetctl up` tells `status`, `top`, `logs` and `down` in other shells.
+//! It holds no secret: the database's passwords stay in their own 0600 file, named here.
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -14,6 +15,10 @@ pub struct FleetState {
     pub url: String,
     pub prometheus: Option<String>,
     pub nodes: Vec<NodeState>,
+    /// PostgreSQL's TCP port on 127.0.0.1.
+    pub database_port: u16,
+    /// The libpq password file holding the superuser's and the application's passwords.
+    pub password_file: PathBuf,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -28,8 +33,18 @@ pub fn path(dir: &Path) -> PathBuf {
 }
 
 impl FleetState {
+    /// Writes `<dir>/fleet.json`, readable by us only.
     pub fn write(&self, dir: &Path) -> anyhow::Result<()> {
-        fs::write(path(dir), serde_json::to_vec_pretty(self)?).context("cannot write fleet.json")
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path(dir))
+            .and_then(|mut file| file.write_all(&serde_json::to_vec_pretty(self)?))
+            .context("cannot write fleet.json")
     }
 
     pub fn read(dir: &Path) -> anyhow::Result<Self> {

@@ -39,16 +39,33 @@ pub fn down(dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// An HTTP client for a fleet's nodes.
+pub(crate) fn agent() -> ureq::Agent {
+    ureq::AgentBuilder::new().timeout(Duration::from_secs(3)).build()
+}
+
+/// `url`'s JSON body, whatever its status; `{"status": "unreachable", …}` when there is no answer.
+pub(crate) fn fetch(agent: &ureq::Agent, url: &str) -> Value {
+    match agent.get(url).call() {
+        Ok(response) => response.into_json().unwrap_or(Value::Null),
+        Err(ureq::Error::Status(_, response)) => response.into_json().unwrap_or(Value::Null),
+        Err(e) => json!({ "status": "unreachable", "error": e.to_string() }),
+    }
+}
+
+/// A node's pool as shown in tables: max, idle, busy and waiting (`-` where unknown).
+pub(crate) fn pool_figures(pool: &Value) -> [String; 4] {
+    let (max, total, idle) =
+        (pool["maxSize"].as_u64(), pool["totalCount"].as_u64(), pool["idleCount"].as_u64());
+    let busy = total.zip(idle).map(|(t, i)| t.saturating_sub(i));
+    let show = |v: Option<u64>| v.map_or("-".to_owned(), |v| v.to_string());
+    [show(max), show(idle), show(busy), show(pool["waitingCount"].as_u64())]
+}
+
 pub fn status(dir: &Path, as_json: bool) -> anyhow::Result<()> {
     let state = FleetState::read(dir)?;
-    let agent = ureq::AgentBuilder::new().timeout(Duration::from_secs(3)).build();
-    let fetch = |url: String| -> Value {
-        match agent.get(&url).call() {
-            Ok(response) => response.into_json().unwrap_or(Value::Null),
-            Err(ureq::Error::Status(_, response)) => response.into_json().unwrap_or(Value::Null),
-            Err(e) => json!({ "status": "unreachable", "error": e.to_string() }),
-        }
-    };
+    let agent = agent();
+    let fetch = |url: String| fetch(&agent, &url);
     let nodes: Vec<Value> = state
         .nodes
         .iter()
@@ -69,21 +86,17 @@ pub fn status(dir: &Path, as_json: bool) -> anyhow::Result<()> {
         "NODE", "URL", "PID", "HEALTH", "POOL", "IDLE", "BUSY", "WAITING"
     );
     for node in &nodes {
-        let pool = &node["pool"];
-        let (max, total, idle) =
-            (pool["maxSize"].as_u64(), pool["totalCount"].as_u64(), pool["idleCount"].as_u64());
-        let busy = total.zip(idle).map(|(t, i)| t.saturating_sub(i));
-        let show = |v: Option<u64>| v.map_or("-".to_owned(), |v| v.to_string());
+        let [max, idle, busy, waiting] = pool_figures(&node["pool"]);
         println!(
             "{:<8} {:<24} {:>7}  {:<10} {:>5} {:>5} {:>5} {:>7}",
             node["name"].as_str().unwrap_or("?"),
             node["url"].as_str().unwrap_or("?"),
-            show(node["pid"].as_u64()),
+            node["pid"].as_u64().map_or("-".to_owned(), |v| v.to_string()),
             node["health"]["status"].as_str().unwrap_or("unknown"),
-            show(max),
-            show(idle),
-            show(busy),
-            show(pool["waitingCount"].as_u64()),
+            max,
+            idle,
+            busy,
+            waiting,
         );
     }
     Ok(())

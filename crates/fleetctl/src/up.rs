@@ -1,5 +1,8 @@
-//! `fleetctl up`: start a fleet, print its addresses, run until Ctrl-C or SIGTERM, stop it cleanly.
-//! Meanwhile it serves the fleet's control socket, through which `fleetctl chaos` injects faults.
+//! `fleetctl up`: start a fleet, print one line per component and the summary, run until Ctrl-C or
+//! SIGTERM, stop it cleanly. Children's output goes to `<dir>/logs/` (`fleetctl logs`), or with
+//! `--verbose` also to stderr, each line prefixed with its component. The database is kept in
+//! `<dir>/postgres` across runs (`--fresh` starts over). Meanwhile it serves the fleet's control
+//! socket, through which `fleetctl chaos` injects faults.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -24,15 +27,69 @@ pub struct UpArgs {
     /// nginx's port on 127.0.0.1 (0 picks a free one).
     #[arg(long, default_value_t = 8080)]
     port: u16,
-    /// Where configs, logs and fleet.json go (removed again on stop).
+    /// The fleet's private directory: the kept database, logs, configs and fleet.json.
     #[arg(long, default_value = ".fleet")]
     dir: PathBuf,
-    /// Do not start Prometheus.
+    /// Start with an empty database (the kept one is deleted).
+    #[arg(long)]
+    fresh: bool,
+    /// Also print every child's output, each line prefixed with its name (`[app-2] …`).
+    #[arg(long)]
+    verbose: bool,
+    /// Do not start Prometheus (nor PostgreSQL's exporter).
     #[arg(long)]
     no_prometheus: bool,
     /// Extra environment for every node, as NAME=VALUE (repeatable), e.g. --env LOCK_ORDER=sorted.
     #[arg(long = "env", value_parser = parse_env)]
     env: Vec<(String, String)>,
+}
+
+/// Deletes the database kept in `dir` (after checking that `dir` is a fleet directory of ours).
+fn forget_database(dir: &std::path::Path) -> anyhow::Result<()> {
+    if !dir.exists() {
+        return Ok(());
+    }
+    let database = fleet_local::fleet::prepare_dir(dir, true)?.join("postgres");
+    if database.exists() {
+        std::fs::remove_dir_all(&database)
+            .with_context(|| format!("cannot delete {}", database.display()))?;
+        eprintln!("fleetctl: --fresh: deleted the kept database {}", database.display());
+    }
+    Ok(())
+}
+
+/// One line per component, then the logs, the control socket and the database (without its password);
+/// `fleet ready: …` follows once fleet.json is written.
+fn print_summary(fleet: &Fleet, state: &FleetState, dir: &std::path::Path, control: &std::path::Path) {
+    let database_dir = fleet.database_dir();
+    let kept = match database_dir.starts_with(fleet.dir()) {
+        true => format!("data kept in {} (--fresh starts over)", database_dir.display()),
+        false => "a throwaway cluster".to_owned(),
+    };
+    println!("postgres: 127.0.0.1:{}, {kept}", state.database_port);
+    for node in &state.nodes {
+        println!("{}: {} (pid {})", node.name, node.url, node.pid);
+    }
+    println!("nginx: {}", fleet.url());
+    if let Some(url) = fleet.prometheus_url() {
+        println!("prometheus: {url}");
+    }
+    if let Some(url) = fleet.exporter_url() {
+        println!("postgres-exporter: {url}/metrics");
+    }
+    println!(
+        "logs: {} (fleetctl logs [NODE] [--follow] --dir {})",
+        fleet.logs_dir().display(),
+        dir.display()
+    );
+    println!("control: {} (fleetctl chaos --dir {})", control.display(), dir.display());
+    println!(
+        "database: {} (passwords in {}: PGPASSFILE={} psql {})",
+        fleet.database_display_url(),
+        state.password_file.display(),
+        state.password_file.display(),
+        fleet.database_display_url()
+    );
 }
 
 pub(crate) fn parse_env(s: &str) -> Result<(String, String), String> {
@@ -70,34 +127,38 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             );
         }
     }
+    if args.fresh {
+        forget_database(&args.dir)?;
+    }
     eprintln!("starting {} nodes × pool {} …", args.nodes, args.pool_size);
     let mut opts = FleetOptions::new(node_bin()?);
     opts.nodes = args.nodes;
     opts.pool_size = args.pool_size;
     opts.port = args.port;
     opts.dir = Some(args.dir.clone());
+    opts.keep_database = true;
     opts.prometheus = !args.no_prometheus;
+    opts.quiet = !args.verbose;
     opts.node_env = args.env;
     let mut fleet = Fleet::start(opts)?;
-
-    let nodes: Vec<NodeState> = fleet
-        .nodes()
-        .iter()
-        .map(|n| NodeState { name: n.container_id().to_owned(), url: n.url(), pid: n.pid() })
-        .collect();
-    for node in &nodes {
-        println!("{}: {} (pid {})", node.name, node.url, node.pid);
+    for warning in fleet.warnings() {
+        eprintln!("fleetctl: {warning}");
     }
-    if let Some(url) = fleet.prometheus_url() {
-        println!("prometheus: {url}");
-    }
-    println!("nginx: {}", fleet.url());
     // Bound before "fleet ready", so whoever waits for that line can send faults at once.
     let control = ControlServer::bind(fleet.dir())?;
-    println!("control: {} (fleetctl chaos --dir {})", control.path().display(), args.dir.display());
-    println!("database: {}", fleet.database_url());
-    let state =
-        FleetState { pid: std::process::id(), url: fleet.url(), prometheus: fleet.prometheus_url(), nodes };
+    let state = FleetState {
+        pid: std::process::id(),
+        url: fleet.url(),
+        prometheus: fleet.prometheus_url(),
+        nodes: fleet
+            .nodes()
+            .iter()
+            .map(|n| NodeState { name: n.container_id().to_owned(), url: n.url(), pid: n.pid() })
+            .collect(),
+        database_port: fleet.postgres().port(),
+        password_file: fleet.password_file(),
+    };
+    print_summary(&fleet, &state, &args.dir, control.path());
     state.write(fleet.dir())?;
     println!("fleet ready: {}", fleet.url());
 

@@ -54,6 +54,8 @@ const MIGRATIONS: &[(i32, &str)] = &[
 pub async fn run(client: &mut Client) -> Result<Vec<i32>, tokio_postgres::Error> {
     let tx = client.transaction().await?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK_KEY]).await?;
+    // Every start after the first would log `NOTICE: relation "schema_migrations" already exists`.
+    tx.batch_execute("SET LOCAL client_min_messages = warning").await?;
     tx.batch_execute(
         "CREATE TABLE IF NOT EXISTS schema_migrations (
              version INTEGER PRIMARY KEY,

@@ -25,6 +25,8 @@ pub struct PostgresOptions {
     pub durable: bool,
     /// More `name = value` server settings, applied last (so they override the ones above).
     pub extra_settings: Vec<(String, String)>,
+    /// The server's log file; `None` = `server.log` in the cluster directory.
+    pub log_file: Option<PathBuf>,
 }
 
 impl Default for PostgresOptions {
@@ -35,6 +37,7 @@ impl Default for PostgresOptions {
             max_connections: 100,
             durable: false,
             extra_settings: Vec::new(),
+            log_file: None,
         }
     }
 }
@@ -77,9 +80,18 @@ pub(super) fn settings(opts: &PostgresOptions, dir: &Path) -> Vec<(String, Strin
     settings
 }
 
-/// A free TCP port on 127.0.0.1 (free now: another process may take it before the server binds it).
 /// Gives `dir` to `user` (the server writes there) after checking that `user` can reach it.
 pub(crate) fn hand_over(dir: &Path, user: &User) -> anyhow::Result<()> {
+    check_reachable(dir, user)?;
+    if fs::metadata(dir).map(|m| m.uid()).ok() != Some(user.uid.as_raw()) {
+        std::os::unix::fs::chown(dir, Some(user.uid.as_raw()), Some(user.gid.as_raw()))
+            .with_context(|| format!("cannot give {} to the `{}` user", dir.display(), user.name))?;
+    }
+    Ok(())
+}
+
+/// Fails, naming the directory in the way, unless `user` may enter every ancestor of `dir`.
+pub fn check_reachable(dir: &Path, user: &User) -> anyhow::Result<()> {
     for ancestor in dir.ancestors().skip(1) {
         let meta =
             fs::metadata(ancestor).with_context(|| format!("cannot inspect {}", ancestor.display()))?;
@@ -98,10 +110,6 @@ pub(crate) fn hand_over(dir: &Path, user: &User) -> anyhow::Result<()> {
                 ancestor.display()
             );
         }
-    }
-    if fs::metadata(dir).map(|m| m.uid()).ok() != Some(user.uid.as_raw()) {
-        std::os::unix::fs::chown(dir, Some(user.uid.as_raw()), Some(user.gid.as_raw()))
-            .with_context(|| format!("cannot give {} to the `{}` user", dir.display(), user.name))?;
     }
     Ok(())
 }

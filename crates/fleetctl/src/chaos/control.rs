@@ -125,23 +125,28 @@ pub struct ControlServer {
 }
 
 impl ControlServer {
-    /// Listens on `<dir>/control.sock`, readable and writable by our user only. A socket left behind by
-    /// a fleet that crashed is replaced; one that still answers is another fleet's, and an error.
+    /// Listens on `<dir>/control.sock`, readable and writable by our user only, from its first moment:
+    /// the socket is bound inside a fresh directory only we can enter, made 0600 there, and only then
+    /// renamed into place (a socket bound in `dir` directly would be open to others, per the umask,
+    /// until a chmod). A socket left behind by a fleet that crashed is replaced; one that still
+    /// answers is another fleet's, and an error.
     pub fn bind(dir: &Path) -> anyhow::Result<ControlServer> {
         let path = socket_path(dir);
-        if path.exists() {
-            if UnixStream::connect(&path).is_ok() {
-                bail!("another fleet is listening at {}", path.display());
-            }
-            std::fs::remove_file(&path)
-                .with_context(|| format!("cannot remove the stale {}", path.display()))?;
+        if path.exists() && UnixStream::connect(&path).is_ok() {
+            bail!("another fleet is listening at {}", path.display());
         }
+        let private = tempfile::Builder::new()
+            .prefix(".control-")
+            .tempdir_in(dir)
+            .with_context(|| format!("cannot create a private directory in {}", dir.display()))?;
+        let staged = private.path().join(SOCKET_NAME);
         let listener =
-            UnixListener::bind(&path).with_context(|| format!("cannot listen at {}", path.display()))?;
-        let server = ControlServer { listener, path };
-        std::fs::set_permissions(&server.path, std::fs::Permissions::from_mode(0o600))?;
-        server.listener.set_nonblocking(true)?;
-        Ok(server)
+            UnixListener::bind(&staged).with_context(|| format!("cannot listen at {}", staged.display()))?;
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::rename(&staged, &path)
+            .with_context(|| format!("cannot move the socket to {}", path.display()))?;
+        listener.set_nonblocking(true)?;
+        Ok(ControlServer { listener, path })
     }
 
     pub fn path(&self) -> &Path {
@@ -321,5 +326,35 @@ mod tests {
         let stale = UnixListener::bind(socket_path(dir.path())).unwrap();
         drop(stale);
         assert!(ControlServer::bind(dir.path()).is_ok());
+    }
+
+    #[test]
+    fn the_socket_is_ours_only_and_was_never_bound_where_others_could_reach_it() {
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let dir = tempfile::tempdir().unwrap();
+        // A directory anyone may enter: a socket bound here directly would be 0777 & !umask at first.
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let server = ControlServer::bind(dir.path()).unwrap();
+        let meta = std::fs::metadata(server.path()).unwrap();
+        assert!(meta.file_type().is_socket());
+        assert_eq!(meta.mode() & 0o777, 0o600);
+        // The private directory it was bound in is gone, and nothing else was left behind.
+        let entries: Vec<_> =
+            std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(entries, [SOCKET_NAME]);
+        // It still answers from its new place.
+        let client = std::thread::spawn({
+            let dir = dir.path().to_owned();
+            move || send(&dir, &Fault::RestartDb)
+        });
+        let mut answered = false;
+        while !answered {
+            server.serve(|_| {
+                answered = true;
+                Ok("restarted".to_owned())
+            });
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(client.join().unwrap().unwrap(), "restarted");
     }
 }

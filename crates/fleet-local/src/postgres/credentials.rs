@@ -1,0 +1,122 @@
+//! A cluster's passwords: random per cluster, created with it, kept in `<dir>/pgpass` (mode 0600, in
+//! libpq's password-file format) so that a kept cluster stays usable and a user can connect with
+//! `PGPASSFILE=<dir>/pgpass psql -h 127.0.0.1 -p PORT -U appuser appdb`.
+
+use std::fmt;
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, ensure, Context};
+
+use super::{ADMIN_USER, APP_USER};
+
+/// The file's name in the cluster directory.
+const FILE_NAME: &str = "pgpass";
+/// Random bytes per password (shown as twice as many hex digits).
+const PASSWORD_BYTES: usize = 16;
+
+/// The superuser's and the application role's passwords. Hex digits only, so they need no quoting in
+/// SQL, URLs or the password file.
+#[derive(Clone)]
+pub(super) struct Credentials {
+    pub(super) admin: String,
+    pub(super) app: String,
+}
+
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Credentials(<redacted>)")
+    }
+}
+
+/// Where the passwords of the cluster in `dir` are kept.
+pub(super) fn path(dir: &Path) -> PathBuf {
+    dir.join(FILE_NAME)
+}
+
+impl Credentials {
+    /// New random passwords for a new cluster in `dir`, written to its password file (replacing one
+    /// left by an earlier cluster there).
+    pub(super) fn create(dir: &Path) -> anyhow::Result<Credentials> {
+        let credentials = Credentials { admin: random_password()?, app: random_password()? };
+        let path = path(dir);
+        let _ = fs::remove_file(&path);
+        let text =
+            format!("*:*:*:{ADMIN_USER}:{}\n*:*:*:{APP_USER}:{}\n", credentials.admin, credentials.app);
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+            .and_then(|mut file| file.write_all(text.as_bytes()))
+            .with_context(|| format!("cannot write {}", path.display()))?;
+        Ok(credentials)
+    }
+
+    /// The passwords of the existing cluster in `dir`.
+    pub(super) fn read(dir: &Path) -> anyhow::Result<Credentials> {
+        let path = path(dir);
+        let meta = fs::metadata(&path).with_context(|| {
+            format!(
+                "the cluster in {} has no password file {}; start over with a fresh cluster",
+                dir.display(),
+                path.display()
+            )
+        })?;
+        ensure!(
+            meta.mode() & 0o077 == 0 && meta.uid() == nix::unistd::geteuid().as_raw(),
+            "{} must be ours and readable by us only (it is mode {:o}); refusing to use it",
+            path.display(),
+            meta.mode() & 0o777
+        );
+        let text = fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let password = |user: &str| -> anyhow::Result<String> {
+            let prefix = format!("*:*:*:{user}:");
+            match text.lines().find_map(|line| line.strip_prefix(&prefix)) {
+                Some(password) if !password.is_empty() => Ok(password.to_owned()),
+                _ => bail!("{} has no password for {user}", path.display()),
+            }
+        };
+        Ok(Credentials { admin: password(ADMIN_USER)?, app: password(APP_USER)? })
+    }
+}
+
+fn random_password() -> anyhow::Result<String> {
+    let mut bytes = [0u8; PASSWORD_BYTES];
+    File::open("/dev/urandom")
+        .and_then(|mut random| random.read_exact(&mut bytes))
+        .context("cannot read /dev/urandom")?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn each_cluster_gets_its_own_passwords_kept_in_a_private_file() {
+        let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let first = Credentials::create(one.path()).unwrap();
+        let second = Credentials::create(two.path()).unwrap();
+        assert_ne!(first.admin, second.admin);
+        assert_ne!(first.admin, first.app);
+        assert_eq!(first.admin.len(), 2 * PASSWORD_BYTES);
+        let mode = fs::metadata(path(one.path())).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let again = Credentials::read(one.path()).unwrap();
+        assert_eq!((again.admin, again.app), (first.admin.clone(), first.app.clone()));
+        assert!(!format!("{first:?}").contains(&first.admin));
+    }
+
+    #[test]
+    fn a_password_file_others_can_read_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        Credentials::create(dir.path()).unwrap();
+        fs::set_permissions(path(dir.path()), fs::Permissions::from_mode(0o644)).unwrap();
+        let error = Credentials::read(dir.path()).unwrap_err().to_string();
+        assert!(error.contains("readable by us only"), "{error}");
+    }
+}
