@@ -9,6 +9,7 @@ use std::process::{Command, Output};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use fleet_local::fleet::Fleet;
 use fleet_tests::{fleetctl_bin, start_fleet, TestApp};
 use fleetctl::chaos::{verify, Increment, Outcome, RetryPolicy, Run, Verdict, Workload, WorkloadOptions};
 use serde_json::Value;
@@ -95,18 +96,24 @@ fn a_paused_database_answers_nothing_until_it_is_resumed() {
     pg.stop().expect("a paused server is resumed to stop it");
 }
 
+/// Under `load`: SIGKILL to app-3, a restart of PostgreSQL, then 2 s of it frozen; after each, the load
+/// must make progress again.
+fn kill_restart_and_pause(fleet: &mut Fleet, load: &Workload) {
+    fleet.kill_node(3).unwrap();
+    wait_for_acks(load, 300, "after app-3 was killed");
+    fleet.restart_db().unwrap();
+    wait_for_acks(load, 300, "after PostgreSQL restarted");
+    fleet.pause_db(Duration::from_secs(2)).unwrap();
+    wait_for_acks(load, 300, "after PostgreSQL was paused for 2 s");
+}
+
 #[test]
 fn a_killed_node_a_restarted_and_a_paused_database_lose_and_double_no_acknowledged_increment() {
     let mut fleet = start_fleet(3, 5, &[]);
     let load = Workload::start(WorkloadOptions::careful(&fleet.url(), "faults", 20, 16)).unwrap();
     wait_for_acks(&load, 300, "before any fault");
 
-    fleet.kill_node(3).unwrap();
-    wait_for_acks(&load, 300, "after app-3 was killed");
-    fleet.restart_db().unwrap();
-    wait_for_acks(&load, 300, "after PostgreSQL restarted");
-    fleet.pause_db(Duration::from_secs(2)).unwrap();
-    wait_for_acks(&load, 300, "after PostgreSQL was paused for 2 s");
+    kill_restart_and_pause(&mut fleet, &load);
     let (run, verdict) = finish(load, &fleet.url());
 
     assert_eq!((verdict.lost, verdict.duplicated), (0, 0), "{verdict:?}");
@@ -131,12 +138,7 @@ fn plain_clients_on_the_coalesced_path_through_faults_are_told_the_truth() {
     let load = Workload::start(options).unwrap();
     wait_for_acks(&load, 300, "before any fault");
 
-    fleet.kill_node(3).unwrap();
-    wait_for_acks(&load, 300, "after app-3 was killed");
-    fleet.restart_db().unwrap();
-    wait_for_acks(&load, 300, "after PostgreSQL restarted");
-    fleet.pause_db(Duration::from_secs(2)).unwrap();
-    wait_for_acks(&load, 300, "after PostgreSQL was paused for 2 s");
+    kill_restart_and_pause(&mut fleet, &load);
     let (run, verdict) = finish(load, &fleet.url());
 
     assert_eq!((verdict.lost, verdict.duplicated), (0, 0), "{verdict:?}");

@@ -13,7 +13,7 @@ use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -28,7 +28,9 @@ pub use config::{Secrets, LOOP_WAIT_S, RETRY_TIMEOUT_S, TTL_S};
 
 use crate::bins::{patroni_bin, postgres_bin};
 use crate::etcd::Etcd;
-use crate::postgres::{hand_over, postgres_user, ADMIN_USER, APP_DATABASE, APP_USER};
+use crate::postgres::{
+    create_app_database, hand_over, postgres_user, run_psql, ADMIN_USER, APP_DATABASE, APP_USER,
+};
 use crate::{free_port, proctree, Child};
 
 /// Patroni's cluster name (its key prefix in etcd).
@@ -378,46 +380,14 @@ impl PatroniCluster {
     }
 
     fn psql_on(&self, name: &str, database: &str, sql: &str) -> anyhow::Result<String> {
-        let port = self.port(name)?;
-        let output = Command::new(postgres_bin("psql")?)
-            .args(["-X", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1"])
-            .args(["-p", &port.to_string(), "-U", ADMIN_USER, "-d", database, "-c", sql])
-            .env("PGPASSWORD", &self.secrets.superuser)
-            .env("PGCONNECT_TIMEOUT", "10")
-            .stdin(Stdio::null())
-            .output()
-            .context("cannot run psql")?;
-        if !output.status.success() {
-            bail!(
-                "psql on {name} failed ({}) running {sql:?}: {}",
-                output.status,
-                String::from_utf8_lossy(&output.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+        run_psql(self.port(name)?, &self.secrets.superuser, database, sql)
+            .with_context(|| format!("on {name}"))
     }
 
     /// Creates the application's role (no superuser) and database on the leader, unless they exist.
     fn create_app_database(&self) -> anyhow::Result<()> {
         let leader = self.leader()?;
-        let password = &self.secrets.app;
-        self.psql_on(
-            &leader,
-            "postgres",
-            &format!(
-                "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{APP_USER}') THEN \
-                 CREATE ROLE {APP_USER} LOGIN PASSWORD '{password}'; END IF; END $$"
-            ),
-        )?;
-        let exists = self.psql_on(
-            &leader,
-            "postgres",
-            &format!("SELECT count(*) FROM pg_database WHERE datname = '{APP_DATABASE}'"),
-        )?;
-        if exists == "0" {
-            self.psql_on(&leader, "postgres", &format!("CREATE DATABASE {APP_DATABASE} OWNER {APP_USER}"))?;
-        }
-        Ok(())
+        create_app_database(&self.secrets.app, |database, sql| self.psql_on(&leader, database, sql))
     }
 
     /// SIGKILL to member `name`'s Patroni and to its PostgreSQL's whole process tree, as when its

@@ -27,6 +27,7 @@ mod credentials;
 mod setup;
 
 use crate::{free_port, proctree};
+pub(crate) use credentials::random_password;
 use credentials::Credentials;
 pub(crate) use setup::hand_over;
 use setup::settings;
@@ -255,33 +256,8 @@ impl Postgres {
         self.psql_on(APP_DATABASE, sql)
     }
 
-    /// The SQL goes through psql's standard input, never its command line, which any local user can
-    /// read in `/proc` (a `CREATE ROLE … PASSWORD`).
     fn psql_on(&self, database: &str, sql: &str) -> anyhow::Result<String> {
-        let mut psql = Command::new(postgres_bin("psql")?)
-            .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1"])
-            .args(["-p", &self.port.to_string(), "-U", ADMIN_USER, "-d", database])
-            .env("PGPASSWORD", &self.credentials.admin)
-            .env("PGCONNECT_TIMEOUT", "10")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .context("cannot run psql")?;
-        let mut stdin = psql.stdin.take().context("psql's standard input")?;
-        // psql reads all of it before it answers, so the write cannot block on a full output pipe.
-        let written = stdin.write_all(sql.as_bytes());
-        drop(stdin);
-        let output = psql.wait_with_output().context("cannot run psql")?;
-        written.context("cannot send SQL to psql")?;
-        if !output.status.success() {
-            bail!(
-                "psql failed ({}) running {sql:?}: {}",
-                output.status,
-                String::from_utf8_lossy(&output.stderr).trim()
-            );
-        }
-        Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+        run_psql(self.port, &self.credentials.admin, database, sql)
     }
 
     /// A command for a PostgreSQL server binary, run as `postgres` when we are root, in the cluster dir
@@ -402,28 +378,9 @@ impl Postgres {
         }
     }
 
-    /// Creates [`APP_USER`] and [`APP_DATABASE`] unless they exist (a reused dir has them already). The
-    /// role is no superuser and cannot create roles or databases; it owns its database, so the tables
-    /// it migrates are its own and nothing outside that database is.
+    /// Creates [`APP_USER`] and [`APP_DATABASE`] unless they exist (a reused dir has them already).
     fn create_app_database(&self) -> anyhow::Result<()> {
-        // The password is hex digits (see `credentials`), so it needs no quoting.
-        self.psql_on(
-            "postgres",
-            &format!(
-                "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{APP_USER}') THEN \
-                 CREATE ROLE {APP_USER} LOGIN PASSWORD '{}' NOSUPERUSER NOCREATEDB NOCREATEROLE; \
-                 END IF; END $$",
-                self.credentials.app
-            ),
-        )?;
-        let exists = self.psql_on(
-            "postgres",
-            &format!("SELECT count(*) FROM pg_database WHERE datname = '{APP_DATABASE}'"),
-        )?;
-        if exists == "0" {
-            self.psql_on("postgres", &format!("CREATE DATABASE {APP_DATABASE} OWNER {APP_USER}"))?;
-        }
-        Ok(())
+        create_app_database(&self.credentials.app, |database, sql| self.psql_on(database, sql))
     }
 
     /// The last lines the server wrote to its log since byte `since`.
@@ -439,6 +396,60 @@ impl Postgres {
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
     }
+}
+
+/// Runs `sql` as the superuser on 127.0.0.1:`port`, database `database`, with
+/// `psql -X -A -t -q -v ON_ERROR_STOP=1`; returns its standard output, trimmed. The SQL goes through psql's standard input, never its command line, which any local user can
+/// read in `/proc` (a `CREATE ROLE … PASSWORD`).
+pub(crate) fn run_psql(port: u16, admin_password: &str, database: &str, sql: &str) -> anyhow::Result<String> {
+    let mut psql = Command::new(postgres_bin("psql")?)
+        .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1"])
+        .args(["-p", &port.to_string(), "-U", ADMIN_USER, "-d", database])
+        .env("PGPASSWORD", admin_password)
+        .env("PGCONNECT_TIMEOUT", "10")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot run psql")?;
+    let mut stdin = psql.stdin.take().context("psql's standard input")?;
+    // psql reads all of it before it answers, so the write cannot block on a full output pipe.
+    let written = stdin.write_all(sql.as_bytes());
+    drop(stdin);
+    let output = psql.wait_with_output().context("cannot run psql")?;
+    written.context("cannot send SQL to psql")?;
+    if !output.status.success() {
+        bail!(
+            "psql failed ({}) running {sql:?}: {}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+}
+
+/// Creates [`APP_USER`] (password `app_password`) and [`APP_DATABASE`] through `psql(database, sql)`,
+/// unless they exist. The role is no superuser and cannot create roles or databases; it owns its
+/// database, so the tables it migrates are its own and nothing outside that database is.
+pub(crate) fn create_app_database(
+    app_password: &str,
+    psql: impl Fn(&str, &str) -> anyhow::Result<String>,
+) -> anyhow::Result<()> {
+    // The password is hex digits (see `credentials`), so it needs no quoting.
+    psql(
+        "postgres",
+        &format!(
+            "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{APP_USER}') THEN \
+             CREATE ROLE {APP_USER} LOGIN PASSWORD '{app_password}' NOSUPERUSER NOCREATEDB NOCREATEROLE; \
+             END IF; END $$"
+        ),
+    )?;
+    let exists =
+        psql("postgres", &format!("SELECT count(*) FROM pg_database WHERE datname = '{APP_DATABASE}'"))?;
+    if exists == "0" {
+        psql("postgres", &format!("CREATE DATABASE {APP_DATABASE} OWNER {APP_USER}"))?;
+    }
+    Ok(())
 }
 
 impl Drop for Postgres {

@@ -1,11 +1,9 @@
 //! A member's Patroni configuration (YAML), and the cluster's secrets.
 
 use std::fmt::Write as _;
-use std::fs::File;
-use std::io::Read;
 use std::path::Path;
 
-use anyhow::Context;
+use crate::postgres::random_password;
 
 /// Patroni's leader lock lives this long (s) without renewal before a replica may take over: its
 /// minimum (20), so a killed primary is replaced fast.
@@ -43,18 +41,6 @@ impl Secrets {
             rest_api: random_password()?,
         })
     }
-}
-
-/// 128 random bits, hex-encoded (safe in URLs, YAML and SQL literals).
-fn random_password() -> anyhow::Result<String> {
-    let mut bytes = [0u8; 16];
-    File::open("/dev/urandom")
-        .and_then(|mut f| f.read_exact(&mut bytes))
-        .context("cannot read /dev/urandom")?;
-    Ok(bytes.iter().fold(String::new(), |mut hex, b| {
-        let _ = write!(hex, "{b:02x}");
-        hex
-    }))
 }
 
 /// Where one member runs.
@@ -173,14 +159,6 @@ postgresql:
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn passwords_are_random_hex() {
-        let (a, b) = (random_password().unwrap(), random_password().unwrap());
-        assert_eq!(a.len(), 32);
-        assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
-        assert_ne!(a, b);
-    }
 
     #[test]
     fn a_member_config_names_its_ports_and_synchronous_mode() {

@@ -83,7 +83,9 @@ impl Credentials {
     }
 }
 
-fn random_password() -> anyhow::Result<String> {
+/// 128 random bits (or however many `PASSWORD_BYTES` says), hex-encoded: safe in URLs, YAML, SQL
+/// literals and libpq's password file.
+pub(crate) fn random_password() -> anyhow::Result<String> {
     let mut bytes = [0u8; PASSWORD_BYTES];
     File::open("/dev/urandom")
         .and_then(|mut random| random.read_exact(&mut bytes))
