@@ -319,7 +319,15 @@ impl PatroniCluster {
                 }
             }
             if Instant::now() >= deadline {
-                bail!("timed out after {READY_TIMEOUT:?} waiting until {what}; members: {last:?}");
+                let outputs: Vec<String> = self
+                    .members
+                    .iter()
+                    .filter_map(|m| Some(format!("--- {}:\n{}", m.name, m.patroni.as_ref()?.recent_output())))
+                    .collect();
+                bail!(
+                    "timed out after {READY_TIMEOUT:?} waiting until {what}; members: {last:?}\n{}",
+                    outputs.join("\n")
+                );
             }
             thread::sleep(POLL_INTERVAL);
         }
