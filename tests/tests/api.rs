@@ -27,30 +27,59 @@ fn assert_each_key_got(replies: &[Reply], keys: &[String], expected: std::ops::R
     }
 }
 
-/// 1000 concurrent increments of one key on a node in `mode`: every value 1..1000 exactly once.
-/// Returns how many transactions committed them (the batch-size histogram's count).
-async fn thousand_concurrent_increments(mode: &str) -> f64 {
-    let app = TestApp::spawn(&[QUEUE_PATIENTLY, ("INCREMENT_MODE", mode)]);
+/// 1000 concurrent increments of one key on a node in `mode`, at default settings: a request may be shed
+/// (503) when the pool queue is too long, but every 200 carries its own value, and the counter holds
+/// exactly the acknowledged increments (plus at most those whose COMMIT outcome was unknown: 08007).
+/// With none shed, the values are exactly 1..1000. Returns how many transactions committed them (the
+/// batch-size histogram's count) and how many increments they committed.
+async fn thousand_concurrent_increments(mode: &str) -> (f64, f64) {
+    let app = TestApp::spawn(&[("INCREMENT_MODE", mode)]);
     let replies = join_all((0..1000).map(|_| app.api.increment("hot"))).await;
 
-    let failures: Vec<_> = replies.iter().filter(|r| r.status != StatusCode::OK).collect();
-    assert!(failures.is_empty(), "{} failed, first: {:?}", failures.len(), failures.first());
-    let values: BTreeSet<i64> = replies.iter().map(|r| r.body["value"].as_i64().unwrap()).collect();
-    assert_eq!(values, (1..=1000).collect::<BTreeSet<_>>(), "each of 1..1000 exactly once");
-    assert_eq!(app.sql_i64("SELECT value FROM counters WHERE key = 'hot'"), 1000);
-    assert_eq!(app.api.metric("fleet_increments_total").await, 1000.0);
-    app.api.metric("fleet_increment_batch_size_count").await
+    let refused: Vec<_> = replies
+        .iter()
+        .filter(|r| r.status != StatusCode::OK)
+        .filter(|r| r.status != StatusCode::SERVICE_UNAVAILABLE || r.headers.get("retry-after").is_none())
+        .collect();
+    assert!(refused.is_empty(), "only 200 or 503 with Retry-After, got {:?}", refused.first());
+    let values: Vec<i64> = replies
+        .iter()
+        .filter(|r| r.status == StatusCode::OK)
+        .map(|r| r.body["value"].as_i64().unwrap())
+        .collect();
+    let distinct: BTreeSet<i64> = values.iter().copied().collect();
+    assert_eq!(distinct.len(), values.len(), "a value was handed out twice");
+    let acked = values.len() as i64;
+    let unknown = replies.iter().filter(|r| r.code() == "08007").count() as i64;
+    let stored = app.sql_i64("SELECT value FROM counters WHERE key = 'hot'");
+    assert!(
+        (acked..=acked + unknown).contains(&stored),
+        "{acked} acknowledged, {unknown} unknown, {stored} in the database"
+    );
+    assert!(distinct.iter().all(|v| (1..=stored).contains(v)), "a value the counter never reached");
+    if acked == 1000 {
+        assert_eq!(distinct, (1..=1000).collect::<BTreeSet<_>>(), "each of 1..1000 exactly once");
+    } else {
+        eprintln!("{mode}: {} of 1000 shed with 503", 1000 - acked);
+    }
+    assert_eq!(app.api.metric("fleet_increments_total").await, stored as f64);
+    (app.api.metric("fleet_increment_batch_size_count").await, stored as f64)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_concurrent_increments_of_one_key_return_each_value_once_in_fewer_transactions() {
-    let transactions = thousand_concurrent_increments("coalesce").await;
-    assert!(transactions < 1000.0, "coalescing committed 1000 increments in {transactions} transactions");
+    let (transactions, increments) = thousand_concurrent_increments("coalesce").await;
+    // Increments arriving together share transactions: many per transaction, not one or two.
+    assert!(
+        transactions <= increments / 4.0,
+        "coalescing committed {increments} increments in {transactions} transactions"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_concurrent_increments_with_one_transaction_each_return_each_value_once() {
-    assert_eq!(thousand_concurrent_increments("transaction").await, 1000.0);
+    let (transactions, increments) = thousand_concurrent_increments("transaction").await;
+    assert_eq!(transactions, increments, "one transaction per increment");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
