@@ -269,7 +269,8 @@ async fn throughput_follows_pool_size() {
         "200 × 10 ms holds: pool 1 {p1:.3} s, pool 5 {p5:.3} s, pool 10 {p10:.3} s, pool 20 {p20:.3} s"
     );
     assert!(p5 < 0.3 * p1, "pool 5 took {p5:.3} s, pool 1 {p1:.3} s");
-    assert!(p10 < 0.6 * p5, "pool 10 took {p10:.3} s, pool 5 {p5:.3} s");
+    // Each bound is the ideal ratio (0.2, 0.5, 0.5) with room for a busy machine's overhead.
+    assert!(p10 < 0.75 * p5, "pool 10 took {p10:.3} s, pool 5 {p5:.3} s");
     assert!(p20 < p10, "pool 20 took {p20:.3} s, pool 10 {p10:.3} s");
 }
 
