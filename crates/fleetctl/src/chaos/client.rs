@@ -36,6 +36,9 @@ pub struct RetryPolicy {
     pub request_timeout: Duration,
     /// Send each increment with a fresh `Idempotency-Key` (so a retry is safe).
     pub idempotency_keys: bool,
+    /// Keep connections to the fleet open between requests. Off, every request opens its own: none
+    /// can be caught idle by nginx closing it (as its old workers do on a reload).
+    pub keep_alive: bool,
 }
 
 impl RetryPolicy {
@@ -47,6 +50,7 @@ impl RetryPolicy {
             max_backoff: Duration::from_secs(1),
             request_timeout: Duration::from_secs(10),
             idempotency_keys: true,
+            keep_alive: true,
         }
     }
 
@@ -209,7 +213,8 @@ impl CarefulClient {
         let agent = ureq::AgentBuilder::new()
             .timeout_connect(policy.request_timeout.min(Duration::from_secs(2)))
             .timeout(policy.request_timeout)
-            .max_idle_connections_per_host(256)
+            .max_idle_connections(if policy.keep_alive { 100 } else { 0 })
+            .max_idle_connections_per_host(if policy.keep_alive { 256 } else { 0 })
             .build();
         CarefulClient { agent, url: url.trim_end_matches('/').to_owned(), policy }
     }
