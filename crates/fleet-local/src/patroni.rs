@@ -29,7 +29,7 @@ pub use config::{Secrets, LOOP_WAIT_S, RETRY_TIMEOUT_S, TTL_S};
 use crate::bins::{patroni_bin, postgres_bin};
 use crate::etcd::Etcd;
 use crate::postgres::{
-    create_app_database, hand_over, postgres_user, run_psql, ADMIN_USER, APP_DATABASE, APP_USER,
+    cluster_dir, create_app_database, hand_over, postgres_user, run_psql, ADMIN_USER, APP_DATABASE, APP_USER,
 };
 use crate::{free_port, proctree, Child};
 
@@ -149,19 +149,7 @@ impl PatroniCluster {
     pub fn start(opts: PatroniOptions) -> anyhow::Result<PatroniCluster> {
         ensure!(opts.members >= 1, "a cluster needs at least one member");
         let run_as = postgres_user()?;
-        let (dir, temp_dir) = match &opts.dir {
-            Some(dir) => {
-                fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-                (dir.canonicalize().with_context(|| format!("cannot resolve {}", dir.display()))?, None)
-            }
-            None => {
-                let temp = tempfile::Builder::new()
-                    .prefix("pgfleet-ha-")
-                    .tempdir()
-                    .context("cannot create a temporary directory for the cluster")?;
-                (temp.path().to_owned(), Some(temp))
-            }
-        };
+        let (dir, temp_dir) = cluster_dir(opts.dir.as_deref(), "pgfleet-ha-")?;
         let etcd = Etcd::start(&dir, opts.quiet)?;
         let secrets = Secrets::random()?;
         // Patroni runs every server tool from one directory (pg_controldata, pg_rewind …): the real one,

@@ -92,20 +92,7 @@ impl Postgres {
     /// until it accepts connections, and makes sure role [`APP_USER`] and database [`APP_DATABASE`] exist.
     pub fn start(opts: PostgresOptions) -> anyhow::Result<Postgres> {
         let run_as = postgres_user()?;
-        let (dir, temp_dir) = match &opts.dir {
-            Some(dir) => {
-                fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-                let dir = dir.canonicalize().with_context(|| format!("cannot resolve {}", dir.display()))?;
-                (dir, None)
-            }
-            None => {
-                let temp = tempfile::Builder::new()
-                    .prefix("pgfleet-pg-")
-                    .tempdir()
-                    .context("cannot create a temporary directory for PostgreSQL")?;
-                (temp.path().to_owned(), Some(temp))
-            }
-        };
+        let (dir, temp_dir) = cluster_dir(opts.dir.as_deref(), "pgfleet-pg-")?;
         if let Some(user) = &run_as {
             hand_over(&dir, user)?;
         }
@@ -450,6 +437,24 @@ pub(crate) fn create_app_database(
         psql("postgres", &format!("CREATE DATABASE {APP_DATABASE} OWNER {APP_USER}"))?;
     }
     Ok(())
+}
+
+/// A cluster's directory: `dir`, created if missing and resolved, or a fresh temporary one named
+/// `prefix…`, removed when the returned `TempDir` drops.
+pub(crate) fn cluster_dir(dir: Option<&Path>, prefix: &str) -> anyhow::Result<(PathBuf, Option<TempDir>)> {
+    match dir {
+        Some(dir) => {
+            fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+            Ok((dir.canonicalize().with_context(|| format!("cannot resolve {}", dir.display()))?, None))
+        }
+        None => {
+            let temp = tempfile::Builder::new()
+                .prefix(prefix)
+                .tempdir()
+                .context("cannot create a temporary directory for a database cluster")?;
+            Ok((temp.path().to_owned(), Some(temp)))
+        }
+    }
 }
 
 impl Drop for Postgres {
