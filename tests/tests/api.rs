@@ -1,29 +1,64 @@
 //! The write endpoints under concurrency: no lost updates, race-free creation, atomic bulk inserts,
 //! deadlocks detected and survived.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use fleet_local::Node;
 use fleet_tests::{node_options, Api, Reply, TestApp};
 use futures_util::future::join_all;
 use reqwest::StatusCode;
 
-/// A thousand requests at once queue for 5 connections; on a loaded 2-core machine the last may wait
-/// longer than the default 2 s and be shed with 503 `pool_timeout`, which is right but not what these
-/// tests are about (lost updates and creation races), so they let requests queue.
-const QUEUE_PATIENTLY: (&str, &str) = ("POOL_WAIT_TIMEOUT_MS", "30000");
+/// A request shed at default settings: 503 with `Retry-After` (the pool queue was too long, or the
+/// COMMIT outcome is unknown: 08007). Right under a thousand requests at once on a loaded machine.
+fn shed(reply: &Reply) -> bool {
+    reply.status == StatusCode::SERVICE_UNAVAILABLE && reply.headers.contains_key("retry-after")
+}
 
-/// Every key's successful replies carry exactly the values of `expected`, each once.
-fn assert_each_key_got(replies: &[Reply], keys: &[String], expected: std::ops::RangeInclusive<i64>) {
-    for key in keys {
-        let values: Vec<i64> = replies
-            .iter()
-            .filter(|r| r.body["key"] == key.as_str())
-            .map(|r| r.body["value"].as_i64().unwrap())
-            .collect();
-        let distinct: BTreeSet<i64> = values.iter().copied().collect();
-        assert_eq!(distinct.len(), values.len(), "{key} handed out a value twice: {values:?}");
-        assert_eq!(distinct, expected.clone().collect::<BTreeSet<_>>(), "values of {key}");
+/// Every reply is a 200 or shed (see [`shed`]).
+fn assert_ok_or_shed(replies: &[Reply]) {
+    let refused: Vec<_> = replies.iter().filter(|r| r.status != StatusCode::OK && !shed(r)).collect();
+    assert!(refused.is_empty(), "only 200 or 503 with Retry-After, got {:?}", refused.first());
+}
+
+/// The replies to the increments of one counter that held `start` before them and holds `stored` now:
+/// every 200 carries its own value in `start + 1..=stored`, and the counter grew by exactly the
+/// acknowledged increments plus at most those whose outcome was unknown (08007). With no 08007, the
+/// values are exactly `start + 1..=stored`. Returns the acknowledged values.
+fn assert_counter_holds_the_acknowledged(replies: &[&Reply], start: i64, stored: i64) -> BTreeSet<i64> {
+    let values: Vec<i64> = replies
+        .iter()
+        .filter(|r| r.status == StatusCode::OK)
+        .map(|r| r.body["value"].as_i64().unwrap())
+        .collect();
+    let distinct: BTreeSet<i64> = values.iter().copied().collect();
+    assert_eq!(distinct.len(), values.len(), "a value was handed out twice: {values:?}");
+    let acked = values.len() as i64;
+    let unknown = replies.iter().filter(|r| r.code() == "08007").count() as i64;
+    assert!(
+        (start + acked..=start + acked + unknown).contains(&stored),
+        "from {start}: {acked} acknowledged, {unknown} unknown, {stored} in the database"
+    );
+    if unknown == 0 {
+        assert_eq!(distinct, (start + 1..=stored).collect(), "each value from {start} exactly once");
+    }
+    assert!(distinct.iter().all(|v| (start + 1..=stored).contains(v)), "a value the counter never reached");
+    distinct
+}
+
+/// The replies grouped by counter: `keys[i]` is the key the i-th request incremented.
+fn by_key<'a>(keys: &[&'a str], replies: &'a [Reply]) -> BTreeMap<&'a str, Vec<&'a Reply>> {
+    let mut grouped: BTreeMap<&str, Vec<&Reply>> = BTreeMap::new();
+    for (key, reply) in keys.iter().zip(replies) {
+        grouped.entry(key).or_default().push(reply);
+    }
+    grouped
+}
+
+/// How many of `replies` were shed, printed so a run shows how close to the pool's limit it came.
+fn report_shed(what: &str, replies: &[Reply]) {
+    let shed = replies.iter().filter(|r| shed(r)).count();
+    if shed > 0 {
+        eprintln!("{what}: {shed} of {} shed with 503", replies.len());
     }
 }
 
@@ -36,32 +71,10 @@ async fn thousand_concurrent_increments(mode: &str) -> (f64, f64) {
     let app = TestApp::spawn(&[("INCREMENT_MODE", mode)]);
     let replies = join_all((0..1000).map(|_| app.api.increment("hot"))).await;
 
-    let refused: Vec<_> = replies
-        .iter()
-        .filter(|r| r.status != StatusCode::OK)
-        .filter(|r| r.status != StatusCode::SERVICE_UNAVAILABLE || r.headers.get("retry-after").is_none())
-        .collect();
-    assert!(refused.is_empty(), "only 200 or 503 with Retry-After, got {:?}", refused.first());
-    let values: Vec<i64> = replies
-        .iter()
-        .filter(|r| r.status == StatusCode::OK)
-        .map(|r| r.body["value"].as_i64().unwrap())
-        .collect();
-    let distinct: BTreeSet<i64> = values.iter().copied().collect();
-    assert_eq!(distinct.len(), values.len(), "a value was handed out twice");
-    let acked = values.len() as i64;
-    let unknown = replies.iter().filter(|r| r.code() == "08007").count() as i64;
+    assert_ok_or_shed(&replies);
     let stored = app.sql_i64("SELECT value FROM counters WHERE key = 'hot'");
-    assert!(
-        (acked..=acked + unknown).contains(&stored),
-        "{acked} acknowledged, {unknown} unknown, {stored} in the database"
-    );
-    assert!(distinct.iter().all(|v| (1..=stored).contains(v)), "a value the counter never reached");
-    if acked == 1000 {
-        assert_eq!(distinct, (1..=1000).collect::<BTreeSet<_>>(), "each of 1..1000 exactly once");
-    } else {
-        eprintln!("{mode}: {} of 1000 shed with 503", 1000 - acked);
-    }
+    assert_counter_holds_the_acknowledged(&replies.iter().collect::<Vec<_>>(), 0, stored);
+    report_shed(mode, &replies);
     assert_eq!(app.api.metric("fleet_increments_total").await, stored as f64);
     (app.api.metric("fleet_increment_batch_size_count").await, stored as f64)
 }
@@ -84,49 +97,47 @@ async fn a_thousand_concurrent_increments_with_one_transaction_each_return_each_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_coalesced_batch_that_fails_applies_none_of_its_increments() {
-    let app = TestApp::spawn(&[QUEUE_PATIENTLY]);
+    let app = TestApp::spawn(&[]);
     let start = i64::MAX - 10;
     app.sql(&format!("INSERT INTO counters (key, value) VALUES ('edge', {start})"));
     // 50 increments cannot all fit below i64::MAX: some batch must fail with 22003.
     let replies = join_all((0..50).map(|_| app.api.increment("edge"))).await;
 
-    let ok: BTreeSet<i64> = replies
-        .iter()
-        .filter(|r| r.status == StatusCode::OK)
-        .map(|r| r.body["value"].as_i64().unwrap())
-        .collect();
-    let rejected = replies.iter().filter(|r| r.status == StatusCode::UNPROCESSABLE_ENTITY).count();
-    assert!(replies.iter().all(|r| r.status == StatusCode::OK || r.code() == "22003"), "{replies:?}");
-    assert!(rejected > 0, "some increments overflowed");
-    let successes = ok.len() as i64;
-    assert_eq!(ok, (start + 1..=start + successes).collect(), "successes got consecutive values");
-    assert_eq!(
-        app.sql_i64("SELECT value FROM counters WHERE key = 'edge'"),
-        start + successes,
-        "no batch half-applied"
-    );
+    let overflowed = |r: &Reply| r.status == StatusCode::UNPROCESSABLE_ENTITY && r.code() == "22003";
+    assert!(replies.iter().all(|r| r.status == StatusCode::OK || overflowed(r) || shed(r)), "{replies:?}");
+    assert!(replies.iter().any(overflowed), "some increments overflowed");
+    // No batch half-applied: the counter is exactly its start plus the acknowledged increments.
+    let stored = app.sql_i64("SELECT value FROM counters WHERE key = 'edge'");
+    assert_counter_holds_the_acknowledged(&replies.iter().collect::<Vec<_>>(), start, stored);
+    report_shed("overflowing batches", &replies);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn first_touches_of_fresh_keys_from_four_nodes_never_fail() {
     // One transaction per increment, from four nodes on the same fresh keys: many transactions race to
     // create each row (coalescing would create a key in one transaction per node, hiding the race).
-    let env = [QUEUE_PATIENTLY, ("INCREMENT_MODE", "transaction")];
+    let env = [("INCREMENT_MODE", "transaction")];
     let app = TestApp::spawn(&env);
     let others: Vec<Node> =
         (2..=4).map(|i| Node::spawn(node_options(&app.pg, &format!("app-{i}"), &env)).unwrap()).collect();
     let apis: Vec<Api> =
         std::iter::once(app.api.clone()).chain(others.iter().map(|node| Api::new(node.url()))).collect();
     let keys: Vec<String> = (0..20).map(|i| format!("fresh-{i}")).collect();
-    let requests =
-        keys.iter().flat_map(|key| apis.iter().flat_map(move |api| (0..15).map(move |_| (api, key))));
-    let replies = join_all(requests.map(|(api, key)| api.increment(key))).await;
+    let requests: Vec<(&Api, &str)> = keys
+        .iter()
+        .flat_map(|key| apis.iter().flat_map(move |api| (0..15).map(move |_| (api, key.as_str()))))
+        .collect();
+    let replies = join_all(requests.iter().map(|(api, key)| api.increment(key))).await;
 
-    let failures: Vec<_> = replies.iter().filter(|r| r.status != StatusCode::OK).collect();
-    assert!(failures.is_empty(), "{} failed, first: {:?}", failures.len(), failures.first());
-    assert_each_key_got(&replies, &keys, 1..=60);
+    // At default settings some may be shed (503), but no creation race reaches a client.
+    assert_ok_or_shed(&replies);
+    let keys_sent: Vec<&str> = requests.iter().map(|(_, key)| *key).collect();
+    for (key, replies) in by_key(&keys_sent, &replies) {
+        let stored = app.sql_i64(&format!("SELECT value FROM counters WHERE key = '{key}'"));
+        assert_counter_holds_the_acknowledged(&replies, 0, stored);
+    }
+    report_shed("first touches", &replies);
     assert_eq!(app.sql_i64("SELECT count(*) FROM counters"), 20, "one row per key");
-    assert_eq!(app.sql_i64("SELECT count(*) FROM counters WHERE value = 60"), 20);
     for api in &apis {
         assert_eq!(api.metric(r#"fleet_db_errors_total{sqlstate="23505"}"#).await, 0.0, "{}", api.url);
     }
@@ -198,20 +209,21 @@ async fn sorted_lock_order_never_deadlocks() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn increments_of_many_keys_share_transactions_and_each_value_is_handed_out_once() {
-    let app = TestApp::spawn(&[QUEUE_PATIENTLY]);
+    let app = TestApp::spawn(&[]);
     let keys: Vec<String> = (0..50).map(|i| format!("k{i}")).collect();
     app.sql("INSERT INTO counters (key, value) SELECT 'k' || i, 100 FROM generate_series(0, 49) AS i");
-    let requests = keys.iter().flat_map(|key| (0..20).map(move |_| key));
-    let replies = join_all(requests.map(|key| app.api.increment(key))).await;
+    let requests: Vec<&str> = keys.iter().flat_map(|key| (0..20).map(move |_| key.as_str())).collect();
+    let replies = join_all(requests.iter().map(|key| app.api.increment(key))).await;
 
-    assert!(
-        replies.iter().all(|r| r.status == StatusCode::OK),
-        "{:?}",
-        replies.iter().find(|r| r.status != StatusCode::OK)
-    );
-    assert_each_key_got(&replies, &keys, 101..=120);
-    assert_eq!(app.sql_i64("SELECT sum(value) FROM counters"), 50 * 120);
-    // 1000 increments arriving together: transactions carry many each, not one or two.
+    assert_ok_or_shed(&replies);
+    for (key, replies) in by_key(&requests, &replies) {
+        let stored = app.sql_i64(&format!("SELECT value FROM counters WHERE key = '{key}'"));
+        assert_counter_holds_the_acknowledged(&replies, 100, stored);
+    }
+    report_shed("many keys", &replies);
+    // Increments arriving together: transactions carry many each, not one or two.
+    let committed = app.sql_i64("SELECT sum(value) - 50 * 100 FROM counters") as f64;
+    assert!(committed > 0.0, "no increment was committed");
     let transactions = app.api.metric("fleet_increment_batch_size_count").await;
-    assert!(transactions <= 250.0, "1000 increments took {transactions} transactions");
+    assert!(transactions <= committed / 4.0, "{committed} increments took {transactions} transactions");
 }
