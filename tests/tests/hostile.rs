@@ -1,12 +1,13 @@
 //! Hostile clients: bodies built to exhaust a node's memory, and a network that stops forwarding.
 
+use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
 use fleet_local::{Node, Postgres};
 use fleet_tests::proxy::Proxy;
-use fleet_tests::{node_options, start_postgres, Api, TestApp};
+use fleet_tests::{node_options, start_postgres, Api, Reply, TestApp};
 use futures_util::future::join_all;
 use reqwest::StatusCode;
 use serde_json::json;
@@ -136,7 +137,7 @@ async fn poll(db: &Client, query: &str, within: Duration, done: impl Fn(i64) -> 
     }
 }
 
-/// A node whose every database connection goes through `proxy`.
+/// A node whose every database connection goes through `proxy`, with the short timeouts above.
 async fn node_behind(pg: &Postgres, proxy: &Proxy) -> Node {
     let timeouts = [
         ("POOL_WAIT_TIMEOUT_MS", POOL_WAIT_TIMEOUT_MS.to_string()),
@@ -144,7 +145,12 @@ async fn node_behind(pg: &Postgres, proxy: &Proxy) -> Node {
         ("IDLE_IN_TRANSACTION_TIMEOUT_MS", IDLE_IN_TRANSACTION_TIMEOUT_MS.to_string()),
     ];
     let env: Vec<(&str, &str)> = timeouts.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let mut opts = node_options(pg, "app-1", &env);
+    node_behind_with(pg, proxy, &env).await
+}
+
+/// A node whose every database connection goes through `proxy`, with extra environment `env`.
+async fn node_behind_with(pg: &Postgres, proxy: &Proxy, env: &[(&str, &str)]) -> Node {
+    let mut opts = node_options(pg, "app-1", env);
     let direct = format!("@127.0.0.1:{}/", pg.port());
     opts.database_url = opts.database_url.replace(&direct, &format!("@{}/", proxy.addr()));
     assert!(opts.database_url.contains(&proxy.addr().to_string()));
@@ -247,4 +253,102 @@ async fn a_commit_that_outlasts_the_attempt_deadline_is_an_unknown_outcome_08007
     let admin = connect(&app.pg.admin_url()).await;
     let value = "SELECT value FROM counters WHERE key = 'k'";
     assert_eq!(poll(&admin, value, Duration::from_secs(15), |v| v == 2).await, 2);
+}
+
+/// How many TCP connections to 127.0.0.1:`port` the server side has accepted and holds open.
+fn accepted_connections(port: u16) -> usize {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("read /proc/net/tcp");
+    let local = format!("0100007F:{port:04X}");
+    // Columns: slot, local address, remote address, state (01: established), …
+    table
+        .lines()
+        .skip(1)
+        .filter(|line| line.split_whitespace().nth(1) == Some(&local))
+        .filter(|line| line.split_whitespace().nth(3) == Some("01"))
+        .count()
+}
+
+/// The simple-query message tokio-postgres sends to commit a transaction.
+const COMMIT_MESSAGE: &[u8] = b"Q\0\0\0\x0bCOMMIT\0";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coalesced_batch_whose_commit_is_lost_answers_every_caller_08007_and_applied_all_or_none() {
+    let pg = start_postgres();
+    let proxy = Proxy::start(([127, 0, 0, 1], pg.port()).into()).await.unwrap();
+    // Default settings: INCREMENT_MODE=coalesce.
+    let node = node_behind_with(&pg, &proxy, &[]).await;
+    let api = Api::new(node.url());
+    let admin = connect(&pg.admin_url()).await;
+    assert_eq!(api.increment("hot").await.body["value"], 1, "the counter exists");
+
+    // A table lock (SKIP LOCKED skips locked rows, not a locked table) holds the node's next batch, of
+    // one increment, while 200 more queue behind it for the batch after.
+    admin.batch_execute("BEGIN; LOCK TABLE counters IN EXCLUSIVE MODE").await.unwrap();
+    let first = tokio::spawn({
+        let api = api.clone();
+        async move { api.increment("hot").await }
+    });
+    let waiting = "SELECT count(*) FROM pg_stat_activity \
+                   WHERE application_name = 'fleet-app/app-1' AND wait_event_type = 'Lock'";
+    assert_eq!(poll(&admin, waiting, Duration::from_secs(30), |n| n > 0).await, 1, "the batch waits");
+    let queued: Vec<_> = (0..200)
+        .map(|_| {
+            let api = api.clone();
+            tokio::spawn(async move { api.increment("hot").await })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while accepted_connections(node.port()) < 201 {
+        assert!(Instant::now() < deadline, "the node never had the 200 requests' connections");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // The first batch's COMMIT passes; the second's reaches PostgreSQL, and then its connection is cut
+    // before the answer comes back. More increments arrive meanwhile, for the batches after it.
+    proxy.cut_after(COMMIT_MESSAGE, 2);
+    admin.batch_execute("COMMIT").await.unwrap();
+    let later = join_all((0..100).map(|_| api.increment("hot")));
+    let first = first.await.unwrap();
+    assert_eq!((first.status, first.body["value"].as_i64()), (StatusCode::OK, Some(2)), "{:?}", first.body);
+    let mut replies = later.await;
+    for queued in queued {
+        replies.push(queued.await.unwrap());
+    }
+    assert!(proxy.has_cut(), "the second batch's COMMIT was cut");
+
+    // Every caller of the cut batch gets 08007 (not 200, not 500); everyone else 200.
+    let lost = |r: &Reply| {
+        r.status == StatusCode::SERVICE_UNAVAILABLE
+            && r.code() == "08007"
+            && r.headers.contains_key("retry-after")
+    };
+    let others: Vec<&Reply> = replies.iter().filter(|r| r.status != StatusCode::OK && !lost(r)).collect();
+    assert!(others.is_empty(), "only 200 or 08007, got {:?}", others.first());
+    let unknown = replies.iter().filter(|r| lost(r)).count() as i64;
+    assert!(unknown >= 2, "a whole batch shared the lost COMMIT: {unknown} answered 08007");
+    let values: Vec<i64> = replies
+        .iter()
+        .filter(|r| r.status == StatusCode::OK)
+        .map(|r| r.body["value"].as_i64().unwrap())
+        .collect();
+    let acked: BTreeSet<i64> = values.iter().copied().collect();
+    assert_eq!(acked.len(), values.len(), "a value handed out twice");
+
+    // "May have applied": the batch committed whole or not at all. So the values nobody was answered
+    // are either none, or exactly the lost batch's: one run of consecutive values, one per 08007.
+    let stored: i64 =
+        admin.query_one("SELECT value FROM counters WHERE key = 'hot'", &[]).await.unwrap().get(0);
+    let missing: Vec<i64> = (3..=stored).filter(|v| !acked.contains(v)).collect();
+    let applied = !missing.is_empty();
+    eprintln!("{unknown} answered 08007, {} 200; the lost COMMIT applied: {applied}", acked.len());
+    if applied {
+        assert_eq!(missing.len() as i64, unknown, "the batch's values are the 08007s' and only theirs");
+        assert_eq!(missing.last().unwrap() - missing[0] + 1, unknown, "the lost batch's values: {missing:?}");
+    }
+    assert_eq!(stored, 2 + acked.len() as i64 + if applied { unknown } else { 0 });
+    assert!(acked.iter().all(|v| (3..=stored).contains(v)), "a value the counter never reached");
+
+    // The cut connection left the pool; the node serves on.
+    let next = api.increment("hot").await;
+    assert_eq!((next.status, next.body["value"].as_i64()), (StatusCode::OK, Some(stored + 1)));
 }
