@@ -1,10 +1,10 @@
 //! `Application`: migrate, bind, serve, and stop gracefully on SIGTERM or Ctrl-C.
 
-use std::net::TcpListener;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix_web::dev::Server;
+use actix_web::dev::{Extensions, Server};
 use actix_web::middleware::{from_fn, DefaultHeaders};
 use actix_web::{web, App, HttpServer};
 use anyhow::Context;
@@ -13,13 +13,18 @@ use tokio::signal::unix::{signal, SignalKind};
 use crate::config::Config;
 use crate::db::{migrations, Db};
 use crate::errors;
+use crate::listener::{self, Sink};
 use crate::metrics::Metrics;
 use crate::routes::{self, AppState};
 
 /// How long start-up keeps trying to reach the database before giving up.
 const STARTUP_DB_WAIT: Duration = Duration::from_secs(30);
-/// How long in-flight requests get to finish after the listener closes.
+/// How long open connections get to finish their requests and close once new ones are turned away,
+/// and then how long in-flight requests get to finish after the listener closes.
 const SHUTDOWN_TIMEOUT_S: u64 = 30;
+/// Once new connections are turned away, how long before the node counts the open ones: the
+/// connections whose handshake was under way (one round trip) arrive and are accepted meanwhile.
+const HANDSHAKES_SETTLE: Duration = Duration::from_millis(100);
 
 /// A migrated, bound, not yet running node.
 #[expect(missing_debug_implementations, reason = "actix's Server is not Debug")]
@@ -28,6 +33,8 @@ pub struct Application {
     port: u16,
     state: web::Data<AppState>,
     drain: Duration,
+    sink: Sink,
+    connections: OpenConnections,
 }
 
 impl Application {
@@ -39,11 +46,12 @@ impl Application {
         let db = Db::new(&config, metrics.clone())?;
         db.spawn_idempotency_cleanup(Duration::from_secs(config.idempotency_ttl_s));
         let state = web::Data::new(AppState::new(&config, db, metrics));
-        let listener = TcpListener::bind(config.listen_address())
-            .with_context(|| format!("cannot listen on {}", config.listen_address()))?;
+        let (listener, sink) = listener::bind(&config.listen_address())?;
         let port = listener.local_addr()?.port();
         let (container_id, lab) = (config.container_id.clone(), config.lab_endpoints);
         let app_state = state.clone();
+        let connections = OpenConnections::default();
+        let counted = connections.clone();
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(app_state.clone())
@@ -54,6 +62,7 @@ impl Application {
                 .default_service(web::to(routes::not_found))
         })
         .disable_signals()
+        .on_connect(move |_, data| counted.opened(data))
         // A client that closes its connection has left: drop its request at once (a coalesced increment
         // not yet in a transaction then takes no value, and a write waiting at a row gate gives up its
         // place) rather than finish work nobody will read. HTTP clients do not half-close.
@@ -67,7 +76,8 @@ impl Application {
             config.container_id,
             config.pool_size
         );
-        Ok(Application { server, port, state, drain: Duration::from_millis(config.shutdown_drain_ms) })
+        let drain = Duration::from_millis(config.shutdown_drain_ms);
+        Ok(Application { server, port, state, drain, sink, connections })
     }
 
     /// The port actually bound (useful with `PORT=0`).
@@ -76,31 +86,82 @@ impl Application {
     }
 
     /// Serves until SIGTERM or SIGINT. On SIGTERM readiness turns 503 and responses ask clients to close
-    /// their connections for `SHUTDOWN_DRAIN_MS`; then (at once on SIGINT) the listener closes, in-flight
-    /// requests finish, and the pool closes.
+    /// their connections (`Connection: close`) for `SHUTDOWN_DRAIN_MS`, while new connections are still
+    /// served. Then new connections are turned away without a reset (see `listener`), each open one
+    /// finishes its requests and closes, the listener closes, and the pool closes. SIGINT does the same
+    /// at once: no drain, and it does not wait for open connections (their requests still finish).
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         let handle = self.server.handle();
         let draining = self.state.draining.clone();
-        let drain = self.drain;
+        let (drain, sink, connections) = (self.drain, self.sink, self.connections);
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         tokio::spawn(async move {
-            let drain = tokio::select! {
-                _ = term.recv() => drain,
-                _ = int.recv() => Duration::ZERO,
+            let interrupted = tokio::select! {
+                _ = term.recv() => false,
+                _ = int.recv() => true,
             };
+            let drain = if interrupted { Duration::ZERO } else { drain };
             tracing::info!(drain_ms = drain.as_millis() as u64, "stopping: draining");
             draining.store(true, Ordering::Relaxed);
-            tokio::select! {
-                _ = tokio::time::sleep(drain) => {}
-                _ = int.recv() => tracing::info!("SIGINT: skipping the rest of the drain"),
+            let interrupted = interrupted
+                || tokio::select! {
+                    _ = tokio::time::sleep(drain) => false,
+                    _ = int.recv() => true,
+                };
+            if let Err(e) = sink.turn_away() {
+                tracing::warn!(error = %e, "cannot turn new connections away; closing the listener as it is");
+            }
+            tokio::time::sleep(HANDSHAKES_SETTLE).await;
+            // Closing a connection its client may be sending a request on would lose that request: each
+            // closes by itself, after its response (which says `Connection: close`) or its keep-alive.
+            if !interrupted {
+                tokio::select! {
+                    () = connections.all_closed(Duration::from_secs(SHUTDOWN_TIMEOUT_S)) => {}
+                    _ = int.recv() => tracing::info!("SIGINT: not waiting for open connections to close"),
+                }
             }
             handle.stop(true).await;
+            drop(sink);
         });
         self.server.await?;
         self.state.db.close();
         tracing::info!("stopped");
         Ok(())
+    }
+}
+
+/// How many HTTP connections the node has open: each holds a guard in its connection data, dropped
+/// when the connection and its last request are gone.
+#[derive(Debug, Clone, Default)]
+struct OpenConnections(Arc<AtomicUsize>);
+
+/// One open connection, counted in [`OpenConnections`] while it lives.
+struct Open(Arc<AtomicUsize>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl OpenConnections {
+    /// Counts a new connection, until `data` (its connection data) is dropped.
+    fn opened(&self, data: &mut Extensions) {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        data.insert(Open(Arc::clone(&self.0)));
+    }
+
+    /// Returns once no connection is open, or after `within`.
+    async fn all_closed(&self, within: Duration) {
+        let deadline = Instant::now() + within;
+        while self.0.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let open = self.0.load(Ordering::Relaxed);
+        if open > 0 {
+            tracing::warn!(connections.open = open, "connections still open; closing them");
+        }
     }
 }
 
