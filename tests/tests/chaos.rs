@@ -84,7 +84,7 @@ fn a_bare_sigterm_under_load_through_nginx_loses_no_request() {
     // keep-alive connections, no key, no retry: a request the stop loses shows as nginx's 502 or 504 or
     // a broken connection. What the contract allows besides 200: a node's own 503 (shed under load,
     // nothing applied; or 08007, outcome unknown), which the verdict holds to exactly that.
-    let mut fleet = start_fleet(3, 5, &[]);
+    let mut fleet = start_fleet(3, 5, &[("SHUTDOWN_DRAIN_MS", "0")]);
     let mut options = WorkloadOptions::careful(&fleet.url(), "bare", 20, 200);
     options.policy = RetryPolicy::plain();
     let load = Workload::start(options).unwrap();
