@@ -63,11 +63,12 @@ where
 
 /// `GET /health/ready` on the local node, with a plain HTTP/1.0 request (no curl in the image).
 fn healthcheck(port: u16) -> anyhow::Result<()> {
-    let timeout = Some(Duration::from_secs(3));
-    let mut stream =
-        TcpStream::connect(("127.0.0.1", port)).with_context(|| format!("no node on port {port}"))?;
-    stream.set_read_timeout(timeout)?;
-    stream.set_write_timeout(timeout)?;
+    let timeout = Duration::from_secs(3);
+    // A stopping node turns new connections away by not answering them (see `listener`): bounded too.
+    let mut stream = TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), timeout)
+        .with_context(|| format!("no node on port {port}"))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
     stream.write_all(b"GET /health/ready HTTP/1.0\r\nHost: localhost\r\n\r\n")?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;

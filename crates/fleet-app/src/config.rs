@@ -22,7 +22,7 @@
 //! | `LOCK_ORDER` | `request` | `request`: `/api/transfer` locks rows in request order (opposite transfers can deadlock); `sorted`: in key order (never deadlocks) |
 //! | `LAB_ENDPOINTS` | `true` | serve `/api/hold` and `/api/test-isolation` |
 //! | `LAB_MAX_CONNECTIONS` | `POOL_SIZE − 1` | connections the lab endpoints may use at once, pooled (a hold: 1) or their own (an isolation run: 4); beyond it they answer 429 `lab_busy`. Below `POOL_SIZE`, ordinary traffic always keeps a pooled connection; a larger value gives that up (the pool-size experiments do, to queue holds in the pool) |
-//! | `SHUTDOWN_DRAIN_MS` | `0` | after SIGTERM, how long readiness answers 503 while requests are still served (with `Connection: close`), before the listener closes: set it above your load balancer's probe period and its keep-alive timeout toward the nodes (nginx here: 4 s) |
+//! | `SHUTDOWN_DRAIN_MS` | `0` | after SIGTERM, how long readiness answers 503 while new connections are still served (responses say `Connection: close`), before new connections are turned away (`listener`): set it above the probe period of a balancer that follows readiness; nginx needs none (it sends a turned-away request to the next node) |
 //! | `LOG_FORMAT` | `json` | `json` or `text` |
 //! | `NO_COLOR` | unset | any non-empty value: `text` logs without colour codes (the local fleet sets it; read by the log subscriber) |
 //! | `RUST_LOG` | `info` | log filter |

@@ -324,10 +324,10 @@ impl Fleet {
 
     /// Stops node `n` (counting from 1) the way an orchestrator does: first out of nginx's round robin
     /// (config rewritten, nginx reloaded, and waited for until its new workers run), then SIGTERM; returns
-    /// at once. The node drains (readiness 503 for `SHUTDOWN_DRAIN_MS`, then it stops accepting and
-    /// finishes what it has) and exits; [`Fleet::exited_components`] reports it then. Without the first
-    /// step, requests that nginx sends on a connection the node accepted just as it closed its listener
-    /// would fail, and nginx never resends a POST.
+    /// at once. The node drains (readiness 503 for `SHUTDOWN_DRAIN_MS`, then it turns new connections
+    /// away and finishes what it has) and exits; [`Fleet::exited_components`] reports it then. Without
+    /// the first step (a bare SIGTERM, as compose sends) nothing is lost either, but the requests nginx
+    /// sends to the node once it turns connections away wait one connect timeout before going elsewhere.
     pub fn stop_node(&mut self, n: usize) -> anyhow::Result<()> {
         let name = self.running_node(n)?.container_id().to_owned();
         self.take_out_of_rotation(&name)?;

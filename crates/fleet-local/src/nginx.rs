@@ -25,7 +25,8 @@ const UPSTREAM_KEEPALIVE_TIMEOUT: &str = "4s";
 const MAX_FAILS: u32 = 2;
 const FAIL_TIMEOUT: &str = "5s";
 /// Connecting to a node is local (loopback or the compose network): a node that does not accept within
-/// this time is down, and the request goes to the next one.
+/// this time is down, or stopping (it turns new connections away by leaving them unanswered), and the
+/// request goes to the next one, safely: nothing was sent.
 const PROXY_CONNECT_TIMEOUT: &str = "1s";
 /// Longest wait for a node's answer: above the node's `STATEMENT_TIMEOUT_MS` (60 s) plus its
 /// `POOL_WAIT_TIMEOUT_MS` (2 s), so the node's own timeout (and error body) always comes first.
