@@ -102,6 +102,20 @@ impl Reply {
     }
 }
 
+/// The values the 200s among `replies` (increments) carry, asserting that none was handed out twice.
+pub fn acknowledged_values<'a>(
+    replies: impl IntoIterator<Item = &'a Reply>,
+) -> std::collections::BTreeSet<i64> {
+    let values: Vec<i64> = replies
+        .into_iter()
+        .filter(|r| r.status == StatusCode::OK)
+        .map(|r| r.body["value"].as_i64().expect("a 200 carries the counter's value"))
+        .collect();
+    let distinct: std::collections::BTreeSet<i64> = values.iter().copied().collect();
+    assert_eq!(distinct.len(), values.len(), "a value was handed out twice: {values:?}");
+    distinct
+}
+
 /// An HTTP client for one node (or nginx) with one method per endpoint.
 #[derive(Debug, Clone)]
 pub struct Api {

@@ -25,14 +25,8 @@ fn assert_ok_or_shed(replies: &[Reply]) {
 /// acknowledged increments plus at most those whose outcome was unknown (08007). With no 08007, the
 /// values are exactly `start + 1..=stored`. Returns the acknowledged values.
 fn assert_counter_holds_the_acknowledged(replies: &[&Reply], start: i64, stored: i64) -> BTreeSet<i64> {
-    let values: Vec<i64> = replies
-        .iter()
-        .filter(|r| r.status == StatusCode::OK)
-        .map(|r| r.body["value"].as_i64().unwrap())
-        .collect();
-    let distinct: BTreeSet<i64> = values.iter().copied().collect();
-    assert_eq!(distinct.len(), values.len(), "a value was handed out twice: {values:?}");
-    let acked = values.len() as i64;
+    let distinct = fleet_tests::acknowledged_values(replies.iter().copied());
+    let acked = distinct.len() as i64;
     let unknown = replies.iter().filter(|r| r.code() == "08007").count() as i64;
     assert!(
         (start + acked..=start + acked + unknown).contains(&stored),

@@ -33,6 +33,15 @@ fn wait_for_acks(load: &Workload, more: u64, what: &str) {
     }
 }
 
+/// Waits until node `n`, sent SIGTERM, has exited: at most 30 s.
+fn wait_for_exit(fleet: &mut Fleet, n: usize) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while fleet.node(n).child().is_running() {
+        assert!(Instant::now() < deadline, "app-{n} did not exit within 30 s of SIGTERM");
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Stops the load, checks every counter, and prints what happened (shown with `--nocapture`).
 fn finish(load: Workload, url: &str) -> (Run, Verdict) {
     let run = load.stop();
@@ -62,11 +71,7 @@ fn a_node_stopped_with_sigterm_under_load_fails_no_request_through_nginx() {
     wait_for_acks(&load, 300, "before the stop");
 
     fleet.stop_node(2).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while fleet.node(2).child().is_running() {
-        assert!(Instant::now() < deadline, "app-2 did not exit within 30 s of SIGTERM");
-        thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_exit(&mut fleet, 2);
     wait_for_acks(&load, 300, "after app-2 exited");
     let (run, verdict) = finish(load, &fleet.url());
 
@@ -92,11 +97,7 @@ fn a_bare_sigterm_under_load_through_nginx_loses_no_request() {
 
     let pid = nix::unistd::Pid::from_raw(fleet.node(2).pid() as i32);
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while fleet.node(2).child().is_running() {
-        assert!(Instant::now() < deadline, "app-2 did not exit within 30 s of SIGTERM");
-        thread::sleep(Duration::from_millis(20));
-    }
+    wait_for_exit(&mut fleet, 2);
     wait_for_acks(&load, 1000, "after app-2 exited");
     let (run, verdict) = finish(load, &fleet.url());
 

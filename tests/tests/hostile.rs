@@ -1,6 +1,5 @@
 //! Hostile clients: bodies built to exhaust a node's memory, and a network that stops forwarding.
 
-use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -326,13 +325,7 @@ async fn a_coalesced_batch_whose_commit_is_lost_answers_every_caller_08007_and_a
     assert!(others.is_empty(), "only 200 or 08007, got {:?}", others.first());
     let unknown = replies.iter().filter(|r| lost(r)).count() as i64;
     assert!(unknown >= 2, "a whole batch shared the lost COMMIT: {unknown} answered 08007");
-    let values: Vec<i64> = replies
-        .iter()
-        .filter(|r| r.status == StatusCode::OK)
-        .map(|r| r.body["value"].as_i64().unwrap())
-        .collect();
-    let acked: BTreeSet<i64> = values.iter().copied().collect();
-    assert_eq!(acked.len(), values.len(), "a value handed out twice");
+    let acked = fleet_tests::acknowledged_values(&replies);
 
     // "May have applied": the batch committed whole or not at all. So the values nobody was answered
     // are either none, or exactly the lost batch's: one run of consecutive values, one per 08007.
