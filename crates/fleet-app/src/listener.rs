@@ -54,8 +54,12 @@ pub fn bind(address: &str) -> anyhow::Result<(TcpListener, Sink)> {
         .with_context(|| format!("cannot resolve {address}"))?
         .next()
         .with_context(|| format!("{address} resolves to no address"))?;
+    // SO_REUSEPORT alone would join the group of a process already listening there: a plain listener
+    // claims the port first (port 0: picks one), refusing one in use as any server does, then hands it on.
+    let addr = TcpListener::bind(addr)
+        .and_then(|claim| claim.local_addr())
+        .with_context(|| format!("cannot listen on {address}"))?;
     let sink = reuse_port_listener(addr, 0).with_context(|| format!("cannot listen on {address}"))?;
-    let addr = sink.local_addr()?;
     // Alone in the group, the sink gets this connection; it stays in its queue, which is then full.
     let occupant = TcpStream::connect(reachable(addr)).context("cannot connect to the node's own sink")?;
     let serving =
@@ -117,5 +121,13 @@ mod tests {
         drop(sink);
         let refused = TcpStream::connect_timeout(&addr, Duration::from_secs(5)).unwrap_err();
         assert_eq!(refused.kind(), io::ErrorKind::ConnectionRefused, "{refused}");
+    }
+
+    #[test]
+    fn a_port_another_node_listens_on_is_refused() {
+        let (serving, _sink) = bind("127.0.0.1:0").unwrap();
+        let taken = serving.local_addr().unwrap().to_string();
+        let error = bind(&taken).unwrap_err();
+        assert!(format!("{error:#}").contains(&format!("cannot listen on {taken}")), "{error:#}");
     }
 }
