@@ -374,7 +374,8 @@ mod tests {
 
     #[test]
     fn a_read_url_gets_the_same_session_settings_and_names_its_variable_when_bad() {
-        let url = "postgres://u:p@r1:5432,r2:5433/app?target_session_attrs=read-only&load_balance_hosts=random";
+        let url =
+            "postgres://u:p@r1:5432,r2:5433/app?target_session_attrs=read-only&load_balance_hosts=random";
         let config = parse(&[("DATABASE_READ_URL", url), ("READ_POOL_SIZE", "3")]).unwrap();
         let read = config.pg_read_config().unwrap().unwrap();
         assert_eq!(read.get_hosts().len(), 2);
