@@ -24,20 +24,21 @@ fn start_cluster() -> PatroniCluster {
 /// connect; returns the first column of every row, as text.
 fn query(url: &str, sql: &str) -> Result<Vec<String>, tokio_postgres::Error> {
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
-    runtime.block_on(async {
-        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
-        tokio::spawn(connection);
-        let rows = client.simple_query(sql).await?;
-        Ok(rows
-            .iter()
-            .filter_map(|m| match m {
-                tokio_postgres::SimpleQueryMessage::Row(row) => {
-                    Some(row.get(0).unwrap_or_default().to_owned())
-                }
-                _ => None,
-            })
-            .collect())
-    })
+    runtime.block_on(query_async(url, sql))
+}
+
+/// [`query`] from async code.
+async fn query_async(url: &str, sql: &str) -> Result<Vec<String>, tokio_postgres::Error> {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
+    tokio::spawn(connection);
+    let rows = client.simple_query(sql).await?;
+    Ok(rows
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(row) => Some(row.get(0).unwrap_or_default().to_owned()),
+            _ => None,
+        })
+        .collect())
 }
 
 /// A node on `cluster`: writes through its read-write URL, reads through `read_url`, `env` last.
@@ -163,9 +164,9 @@ fn three_members_elect_one_leader_and_replicate_synchronously() {
 async fn a_killed_primary_is_replaced_and_a_careful_client_s_writes_land_exactly_once() {
     let mut cluster = tokio::task::block_in_place(start_cluster);
     let url = cluster.url();
-    query(&url, "CREATE TABLE acked (n int PRIMARY KEY)").unwrap();
+    query_async(&url, "CREATE TABLE acked (n int PRIMARY KEY)").await.unwrap();
     for n in 1..=200 {
-        query(&url, &format!("INSERT INTO acked VALUES ({n})")).unwrap();
+        query_async(&url, &format!("INSERT INTO acked VALUES ({n})")).await.unwrap();
     }
     let mut node = node_on(&cluster, &cluster.read_url(), &[]);
     let api = Api::new(node.url());
@@ -192,11 +193,12 @@ async fn a_killed_primary_is_replaced_and_a_careful_client_s_writes_land_exactly
     assert!(node.child().is_running(), "the node was not restarted");
 
     // Synchronous replication: every insert that returned was on the new leader before it returned.
-    assert_eq!(query(&url, "SELECT count(*) FROM acked").unwrap(), ["200"]);
+    assert_eq!(query_async(&url, "SELECT count(*) FROM acked").await.unwrap(), ["200"]);
     // Exactly once: each key holds one increment per idempotency key, however often it was retried.
     for (key, seen) in &writes {
         let ok = seen.iter().filter(|s| s.status == StatusCode::OK).count();
-        let stored = query(&url, &format!("SELECT value FROM counters WHERE key = '{key}'")).unwrap();
+        let stored =
+            query_async(&url, &format!("SELECT value FROM counters WHERE key = '{key}'")).await.unwrap();
         assert_eq!(stored, [ok.to_string()], "{key}: {} answers, {ok} writes acknowledged", seen.len());
     }
     eprintln!(
@@ -248,7 +250,7 @@ async fn a_switchover_under_load_fails_no_read_and_no_write_but_those_whose_comm
     let (writes, reads) = running.await.unwrap();
 
     let port = cluster.port(&new).unwrap();
-    let primary_port = query(&cluster.url(), "SELECT inet_server_port()").unwrap();
+    let primary_port = query_async(&cluster.url(), "SELECT inet_server_port()").await.unwrap();
     assert_eq!(primary_port, [port.to_string()], "the write URL follows the switchover");
     assert_eq!(failures(&reads), HashMap::new(), "no read failed, of {}", reads.len());
     let mut acknowledged = 0;
@@ -261,10 +263,12 @@ async fn a_switchover_under_load_fails_no_read_and_no_write_but_those_whose_comm
             "{key}: only a COMMIT in flight may fail: {failed:?}"
         );
         let ok = seen.iter().filter(|s| s.status == StatusCode::OK).count();
-        let stored: usize = query(&cluster.url(), &format!("SELECT value FROM counters WHERE key = '{key}'"))
-            .unwrap()[0]
-            .parse()
-            .unwrap();
+        let stored: usize =
+            query_async(&cluster.url(), &format!("SELECT value FROM counters WHERE key = '{key}'"))
+                .await
+                .unwrap()[0]
+                .parse()
+                .unwrap();
         assert!(
             (ok..=ok + unknown).contains(&stored),
             "{key}: {stored} stored, {ok} acknowledged, {unknown} unknown"
