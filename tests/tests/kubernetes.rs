@@ -9,9 +9,11 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use fleet_app::config::Config;
 use fleet_app::routes::routes;
 use serde::Deserialize;
 use serde_json::{json, Value};
+use tokio_postgres::config::Host;
 
 /// The Kubernetes version the manifests target (README, "Kubernetes").
 const KUBERNETES_VERSION: &str = "1.34";
@@ -275,42 +277,36 @@ fn the_nodes_write_to_the_primary_and_read_from_the_replicas_of_the_app_database
         let resources = build(overlay);
         let cluster = find(&resources, "Cluster", "pgfleet-db");
         let name = str_at(cluster, "/metadata/name");
-        let env = node_container(&resources)["env"].as_array().unwrap().clone();
-        let var = |name: &str| {
-            env.iter().find(|e| e["name"] == name).unwrap_or_else(|| panic!("{overlay}: no {name}"))
-        };
-
-        // Writes: the operator's URI of the owner, which names the -rw Service.
-        assert_eq!(
-            var("DATABASE_URL")["valueFrom"]["secretKeyRef"],
-            json!({"name": format!("{name}-app"), "key": "uri"})
-        );
-        // Reads: the same role through the replicas' Service (any instance's with no replica).
-        let instances = cluster["spec"]["instances"].as_u64().unwrap();
-        let service = if instances > 1 { format!("{name}-ro") } else { format!("{name}-r") };
         let database = str_at(cluster, "/spec/bootstrap/initdb/database");
-        let read = format!("postgres://$(POSTGRES_USER):$(POSTGRES_PASSWORD)@{service}:5432/{database}");
-        assert_eq!(str_at(var("DATABASE_READ_URL"), "/value"), read, "{overlay}");
-        // Kubernetes expands $(NAME) only for variables defined before: each is.
-        for (i, entry) in env.iter().enumerate() {
-            for reference in str_at(entry, "/value").split("$(").skip(1) {
-                let referenced = reference.split(')').next().unwrap();
-                assert!(
-                    env[..i].iter().any(|e| e["name"] == referenced),
-                    "{overlay}: {referenced} before its use"
-                );
-            }
-        }
-        for (variable, key) in [("POSTGRES_USER", "username"), ("POSTGRES_PASSWORD", "password")] {
-            assert_eq!(
-                var_ref(var(variable)),
-                (format!("{name}-app"), key.to_owned()),
-                "{overlay}: {variable}"
-            );
+        let owner = str_at(cluster, "/spec/bootstrap/initdb/owner");
+        // The operator's secret `<cluster>-app`, as it fills it: the owner, its password, and a URI
+        // naming the -rw Service.
+        let password = "Zq3x9K0aWb7RtY2m";
+        let secret = BTreeMap::from([
+            ("username", owner.to_owned()),
+            ("password", password.to_owned()),
+            ("uri", format!("postgresql://{owner}:{password}@{name}-rw.pgfleet:5432/{database}")),
+        ]);
+        let env = environment(&resources, &format!("{name}-app"), &secret);
+        let config: Config =
+            envy::from_iter(env).unwrap_or_else(|e| panic!("{overlay}: the node refuses its settings: {e}"));
+
+        // Writes go to the primary, reads to the replicas' Service (any instance's with no replica),
+        // both as the owner in its database, as the node itself parses the URLs.
+        let write = config.pg_config().unwrap();
+        let read = config.pg_read_config().unwrap().expect("DATABASE_READ_URL is set");
+        let instances = cluster["spec"]["instances"].as_u64().unwrap();
+        let replicas = if instances > 1 { format!("{name}-ro") } else { format!("{name}-r") };
+        for (pg, host) in [(&write, format!("{name}-rw.pgfleet")), (&read, replicas)] {
+            assert_eq!(pg.get_hosts(), [Host::Tcp(host)], "{overlay}");
+            assert_eq!(pg.get_ports(), [5432]);
+            assert_eq!(pg.get_dbname(), Some(database));
+            assert_eq!(pg.get_user(), Some(owner));
+            assert_eq!(pg.get_password(), Some(password.as_bytes()));
         }
         // The app's database and role, as locally: not a superuser, no superuser secret.
         assert_eq!(database, fleet_local::postgres::APP_DATABASE);
-        assert_eq!(str_at(cluster, "/spec/bootstrap/initdb/owner"), fleet_local::postgres::APP_USER);
+        assert_eq!(owner, fleet_local::postgres::APP_USER);
         assert_eq!(cluster["spec"]["enableSuperuserAccess"], false);
         assert_eq!(
             str_at(cluster, "/spec/postgresql/parameters/deadlock_timeout"),
@@ -319,9 +315,37 @@ fn the_nodes_write_to_the_primary_and_read_from_the_replicas_of_the_app_database
     }
 }
 
-fn var_ref(var: &Value) -> (String, String) {
-    let key = &var["valueFrom"]["secretKeyRef"];
-    (str_at(key, "/name").to_owned(), str_at(key, "/key").to_owned())
+/// The node container's environment as the kubelet builds it: the ConfigMap's settings, then `env` in
+/// order, secrets read from `secret` (the only one it may name), and each `$(NAME)` replaced by the
+/// variable defined before it (the kubelet leaves any other reference as it is, which fails here).
+fn environment(
+    resources: &[Value],
+    secret_name: &str,
+    secret: &BTreeMap<&str, String>,
+) -> Vec<(String, String)> {
+    let mut env: Vec<(String, String)> = settings(resources).into_iter().collect();
+    for entry in node_container(resources)["env"].as_array().unwrap() {
+        let name = str_at(entry, "/name").to_owned();
+        let value = if let Some(template) = entry["value"].as_str() {
+            let mut parts = template.split("$(");
+            let mut value = parts.next().unwrap().to_owned();
+            for part in parts {
+                let (reference, rest) = part.split_once(')').expect("$(NAME)");
+                let defined = env.iter().find(|(n, _)| n == reference);
+                value += &defined.unwrap_or_else(|| panic!("{name} uses {reference} before it is defined")).1;
+                value += rest;
+            }
+            value
+        } else if let Some(key) = entry["valueFrom"]["secretKeyRef"].as_object() {
+            assert_eq!(key["name"], secret_name, "{name}");
+            secret[key["key"].as_str().unwrap()].clone()
+        } else {
+            assert_eq!(str_at(entry, "/valueFrom/fieldRef/fieldPath"), "metadata.name", "{name}");
+            "fleet-app-5d9c8b7f6d-x2k4z".to_owned()
+        };
+        env.push((name, value));
+    }
+    env
 }
 
 #[test]
