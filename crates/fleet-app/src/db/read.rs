@@ -127,14 +127,15 @@ impl Db {
                 }
             }
         }
-        let value = self
-            .observed(async {
+        // A read is safe to repeat: one whose server went away (a restart, a failover) is retried.
+        let done = self
+            .retrying(self.deadline(), async |_| {
                 let client = self.client().await?;
-                read(&client).await
+                Ok((read(&client).await?, None))
             })
             .await?;
         self.metrics.reads.with_label_values(&["primary"]).inc();
-        Ok(Read { value, served_by: ServedBy::Primary })
+        Ok(Read { value: done.value, served_by: ServedBy::Primary })
     }
 
     /// The read on one replica connection; `None` when that replica may not serve it (counted).
