@@ -244,6 +244,10 @@ fn probes_port_and_scrape_path_are_the_nodes() {
         assert_eq!(str_at(monitor, "/spec/podMetricsEndpoints/0/port"), "http");
         let metrics = str_at(monitor, "/spec/podMetricsEndpoints/0/path");
         assert!(served.contains(metrics), "{metrics} is not a route");
+        // The database's exporter, on CloudNativePG's port name, for this cluster's instances.
+        let db_monitor = find(&resources, "PodMonitor", "pgfleet-db");
+        assert_eq!(str_at(db_monitor, "/spec/selector/matchLabels/cnpg.io~1cluster"), "pgfleet-db");
+        assert_eq!(str_at(db_monitor, "/spec/podMetricsEndpoints/0/port"), "metrics");
         for ingress in resources.iter().filter(|r| r["kind"] == "Ingress") {
             for path in ingress["spec"]["rules"][0]["http"]["paths"].as_array().unwrap() {
                 assert_eq!(str_at(path, "/backend/service/name"), str_at(service, "/metadata/name"));
@@ -260,7 +264,11 @@ fn every_environment_name_the_nodes_get_is_a_setting_of_the_node() {
     for overlay in OVERLAYS {
         let resources = build(overlay);
         let container = node_container(&resources);
-        let mut names: Vec<String> = settings(&resources).keys().cloned().collect();
+        let settings = settings(&resources);
+        for secret in ["DATABASE_URL", "DATABASE_READ_URL", "POSTGRES_PASSWORD"] {
+            assert!(!settings.contains_key(secret), "{overlay}: {secret} is not for a ConfigMap");
+        }
+        let mut names: Vec<String> = settings.into_keys().collect();
         names.extend(container["env"].as_array().unwrap().iter().map(|e| str_at(e, "/name").to_owned()));
         for name in names {
             assert!(
