@@ -19,8 +19,8 @@ use crate::routes::{self, AppState};
 
 /// How long start-up keeps trying to reach the database before giving up.
 const STARTUP_DB_WAIT: Duration = Duration::from_secs(30);
-/// How long open connections get to finish their requests and close once new ones are turned away,
-/// and then how long in-flight requests get to finish after the listener closes.
+/// How long open connections get to finish their requests and close once new ones are turned away
+/// (then the rest are closed), or on SIGINT how long in-flight requests get after the listener closes.
 const SHUTDOWN_TIMEOUT_S: u64 = 30;
 /// Once new connections are turned away, how long before the node counts the open ones: the
 /// connections whose handshake was under way (one round trip) arrive and are accepted meanwhile.
@@ -88,8 +88,9 @@ impl Application {
     /// Serves until SIGTERM or SIGINT. On SIGTERM readiness turns 503 and responses ask clients to close
     /// their connections (`Connection: close`) for `SHUTDOWN_DRAIN_MS`, while new connections are still
     /// served. Then new connections are turned away without a reset (see `listener`), each open one
-    /// finishes its requests and closes, the listener closes, and the pool closes. SIGINT does the same
-    /// at once: no drain, and it does not wait for open connections (their requests still finish).
+    /// finishes its requests and closes (for at most `SHUTDOWN_TIMEOUT_S`), the listener closes, and the
+    /// pool closes. SIGINT does the same at once: no drain, and it does not wait for open connections
+    /// (their requests in flight still get `SHUTDOWN_TIMEOUT_S` to finish).
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         let handle = self.server.handle();
         let draining = self.state.draining.clone();
@@ -115,13 +116,13 @@ impl Application {
             tokio::time::sleep(HANDSHAKES_SETTLE).await;
             // Closing a connection its client may be sending a request on would lose that request: each
             // closes by itself, after its response (which says `Connection: close`) or its keep-alive.
-            if !interrupted {
-                tokio::select! {
-                    () = connections.all_closed(Duration::from_secs(SHUTDOWN_TIMEOUT_S)) => {}
-                    _ = int.recv() => tracing::info!("SIGINT: not waiting for open connections to close"),
-                }
-            }
-            handle.stop(true).await;
+            // Those still open after SHUTDOWN_TIMEOUT_S are closed at once.
+            let graceful = interrupted
+                || tokio::select! {
+                    closed = connections.all_closed(Duration::from_secs(SHUTDOWN_TIMEOUT_S)) => closed,
+                    _ = int.recv() => true,
+                };
+            handle.stop(graceful).await;
             drop(sink);
         });
         self.server.await?;
@@ -152,8 +153,8 @@ impl OpenConnections {
         data.insert(Open(Arc::clone(&self.0)));
     }
 
-    /// Returns once no connection is open, or after `within`.
-    async fn all_closed(&self, within: Duration) {
+    /// Waits until no connection is open (true), for at most `within` (false).
+    async fn all_closed(&self, within: Duration) -> bool {
         let deadline = Instant::now() + within;
         while self.0.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -162,6 +163,7 @@ impl OpenConnections {
         if open > 0 {
             tracing::warn!(connections.open = open, "connections still open; closing them");
         }
+        open == 0
     }
 }
 
