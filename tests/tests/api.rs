@@ -90,19 +90,32 @@ async fn a_thousand_concurrent_increments_with_one_transaction_each_return_each_
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_coalesced_batch_that_fails_applies_none_of_its_increments() {
+async fn a_coalesced_batch_that_fails_applies_none_of_its_increments_and_fails_only_that_keys_requests() {
     let app = TestApp::spawn(&[]);
     let start = i64::MAX - 10;
     app.sql(&format!("INSERT INTO counters (key, value) VALUES ('edge', {start})"));
-    // 50 increments cannot all fit below i64::MAX: some batch must fail with 22003.
-    let replies = join_all((0..50).map(|_| app.api.increment("edge"))).await;
+    app.sql("INSERT INTO counters (key, value) SELECT 'other-' || i, 0 FROM generate_series(0, 4) AS i");
+    // 50 increments of `edge` cannot all fit below i64::MAX: some batch must fail with 22003. The 50
+    // of other keys, interleaved, share those many-key batches, and must not fail with them.
+    let other_keys: Vec<String> = (0..5).map(|i| format!("other-{i}")).collect();
+    let requests: Vec<&str> =
+        (0..100).map(|i| if i % 2 == 0 { "edge" } else { other_keys[i % 5].as_str() }).collect();
+    let replies = join_all(requests.iter().map(|key| app.api.increment(key))).await;
 
     let overflowed = |r: &Reply| r.status == StatusCode::UNPROCESSABLE_ENTITY && r.code() == "22003";
-    assert!(replies.iter().all(|r| r.status == StatusCode::OK || overflowed(r) || shed(r)), "{replies:?}");
-    assert!(replies.iter().any(overflowed), "some increments overflowed");
+    let grouped = by_key(&requests, &replies);
+    let edge = &grouped["edge"];
+    assert!(edge.iter().all(|r| r.status == StatusCode::OK || overflowed(r) || shed(r)), "{edge:?}");
+    assert!(edge.iter().any(|r| overflowed(r)), "some increments overflowed");
     // No batch half-applied: the counter is exactly its start plus the acknowledged increments.
     let stored = app.sql_i64("SELECT value FROM counters WHERE key = 'edge'");
-    assert_counter_holds_the_acknowledged(&replies.iter().collect::<Vec<_>>(), start, stored);
+    assert_counter_holds_the_acknowledged(edge, start, stored);
+    for key in &other_keys {
+        let replies = &grouped[key.as_str()];
+        assert!(replies.iter().all(|r| r.status == StatusCode::OK || shed(r)), "{key}: {replies:?}");
+        let stored = app.sql_i64(&format!("SELECT value FROM counters WHERE key = '{key}'"));
+        assert_counter_holds_the_acknowledged(replies, 0, stored);
+    }
     report_shed("overflowing batches", &replies);
 }
 
