@@ -123,8 +123,8 @@ fn probes(md: &mut String, r: &Results) {
          straight to app-1; **flagged** where the p50 through nginx is over {NGINX_P50_LIMIT}× the direct one.\n",
         r.settings.probe_duration_s
     );
-    md.push_str("| workload | connections | throughput (nginx) | p50 nginx | p99 nginx | p50 direct | p99 direct | nginx ÷ direct (p50) | non-2xx |\n");
-    md.push_str("|---|--:|--:|--:|--:|--:|--:|--:|--:|\n");
+    md.push_str("| workload | connections | throughput (nginx) | p50 nginx | p99 nginx | p50 direct | p99 direct | nginx ÷ direct (p50) | nginx − direct (p50) | non-2xx |\n");
+    md.push_str("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n");
     for p in nginx {
         let direct = r
             .probes
@@ -132,6 +132,9 @@ fn probes(md: &mut String, r: &Results) {
             .find(|d| d.route == Route::Direct && d.workload == p.workload && d.connections == p.connections);
         let (d50, d99) =
             direct.map_or(("—".into(), "—".into()), |d| (ms(d.latency_ms.p50), ms(d.latency_ms.p99)));
+        // What nginx adds: a hop (tenths of a millisecond), or a stall (tens).
+        let added =
+            direct.map_or("—".into(), |d| format!("{:+.2} ms", p.latency_ms.p50 - d.latency_ms.p50));
         let ratio = nginx_over_direct(&r.probes, p.workload, p.connections).map_or("—".into(), |x| match x
             > NGINX_P50_LIMIT
         {
@@ -142,7 +145,7 @@ fn probes(md: &mut String, r: &Results) {
         let failures = p.failures + direct.map_or(0, |d| d.failures);
         let _ = writeln!(
             md,
-            "| {} | {} | {} {unit} | {} | {} | {d50} | {d99} | {ratio} | {failures} |",
+            "| {} | {} | {} {unit} | {} | {} | {d50} | {d99} | {ratio} | {added} | {failures} |",
             p.workload.name(),
             p.connections,
             thousands(p.throughput()),
