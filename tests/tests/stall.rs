@@ -7,7 +7,6 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
 use fleet_local::nginx::CLIENT_BODY_BUFFER_SIZE;
@@ -36,7 +35,7 @@ fn tcp_sockets(pid: u32) -> Vec<Socket> {
         if !is_socket {
             continue;
         }
-        let stream = TcpStream::from(OwnedFd::from(dup));
+        let stream = TcpStream::from(dup);
         // A Unix socket has no IP address.
         if stream.local_addr().is_err() {
             continue;
