@@ -119,8 +119,9 @@ fn probes(md: &mut String, r: &Results) {
     nginx.sort_by_key(|p| (p.connections, p.workload));
     let _ = writeln!(
         md,
-        "\n## Latency without parallelism\n\nEach workload again for {} s at a few connections, through nginx and \
-         straight to app-1; **flagged** where the p50 through nginx is over {NGINX_P50_LIMIT}× the direct one.\n",
+        "\n## Latency without parallelism\n\nEach workload again for {} s at a few connections, through nginx's \
+         route pinned to app-1 (`/app-1/…`) and straight to app-1, so the same node does the same work and the \
+         difference is nginx's; **flagged** where the p50 through nginx is over {NGINX_P50_LIMIT}× the direct one.\n",
         r.settings.probe_duration_s
     );
     md.push_str("| workload | connections | throughput (nginx) | p50 nginx | p99 nginx | p50 direct | p99 direct | nginx ÷ direct (p50) | nginx − direct (p50) | non-2xx |\n");

@@ -41,7 +41,7 @@ pub struct Results {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Route {
-    /// Through nginx, round robin over the nodes.
+    /// Through nginx, on its route pinned to the first node (`/app-1/…`).
     Nginx,
     /// Straight to the first node, no balancer.
     Direct,

@@ -180,6 +180,7 @@ fn run_step(
                 warmup: Duration::from_secs(args.warmup),
                 duration: args.window(),
                 requests: &requests,
+                prefix: "",
                 stop,
             },
         )?;
@@ -211,13 +212,18 @@ fn run_step(
         out.points.push(point);
         if step.role == plan::Role::Main {
             for &connections in args.probes() {
-                for (route, to) in [(Route::Nginx, addr), (Route::Direct, first_node)] {
+                // Through nginx's route pinned to the first node, and to that node itself: the same
+                // node does the same work, so the difference is nginx's alone.
+                for (route, to, prefix) in
+                    [(Route::Nginx, addr, FIRST_NODE_ROUTE), (Route::Direct, first_node, "")]
+                {
                     let probe = Load {
                         addr: to,
                         connections,
                         warmup: probe_warmup(args),
                         duration: Duration::from_secs(args.probe_duration),
                         requests: &requests,
+                        prefix,
                         stop,
                     };
                     out.probes.push(run_probe(&db, workload, route, &probe, progress)?);
@@ -234,6 +240,9 @@ fn run_step(
     }
     Ok(())
 }
+
+/// nginx's route pinned to the fleet's first node (`/app-N/…` reaches node N only).
+const FIRST_NODE_ROUTE: &str = "/app-1";
 
 /// The probes' warm-up: at most 1 s.
 fn probe_warmup(args: &BenchArgs) -> Duration {
@@ -273,7 +282,7 @@ fn run_probe(
     progress: &mut Progress,
 ) -> anyhow::Result<Probe> {
     let way = match route {
-        Route::Nginx => "through nginx",
+        Route::Nginx => "through nginx to app-1",
         Route::Direct => "straight to app-1",
     };
     progress.begin(&format!(
