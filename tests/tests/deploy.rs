@@ -30,13 +30,14 @@ fn nginx_default_conf_is_the_rendering_of_the_compose_topology() {
 
 #[test]
 fn the_compose_prometheus_config_is_the_rendering_of_the_compose_topology() {
-    let rendered = prometheus::config(
-        &compose_upstreams(),
-        COMPOSE_SCRAPE_INTERVAL,
-        &[COMPOSE_RULES],
-        prometheus::COMPOSE_SELF_ADDRESS,
-        prometheus::COMPOSE_EXPORTER_ADDRESS,
-    );
+    let nodes = compose_upstreams();
+    let targets = prometheus::Targets {
+        nodes: &nodes,
+        exporter: Some(prometheus::COMPOSE_EXPORTER_ADDRESS),
+        patroni: &[],
+    };
+    let rendered =
+        prometheus::config(&targets, COMPOSE_SCRAPE_INTERVAL, &[COMPOSE_RULES], prometheus::COMPOSE_SELF_ADDRESS);
     golden("deploy/prometheus/prometheus.yml", &rendered);
 }
 
@@ -148,7 +149,16 @@ fn promtool_accepts_a_local_prometheus_config() {
         let config = dir.path().join("prometheus.yml");
         fs::write(
             &config,
-            prometheus::config(&loopback_nodes(3), "1s", &rule_files, "127.0.0.1:9090", "127.0.0.1:9187"),
+            prometheus::config(
+                &prometheus::Targets {
+                    nodes: &loopback_nodes(3),
+                    exporter: Some("127.0.0.1:9187"),
+                    patroni: &[],
+                },
+                "1s",
+                &rule_files,
+                "127.0.0.1:9090",
+            ),
         )
         .unwrap();
         let output = promtool(&["check", "config"], &config);

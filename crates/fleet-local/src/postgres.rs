@@ -27,7 +27,7 @@ mod credentials;
 mod setup;
 
 use crate::{free_port, proctree};
-pub(crate) use credentials::random_password;
+pub(crate) use credentials::{random_password, read_password_file, write_password_file};
 use credentials::Credentials;
 pub(crate) use setup::hand_over;
 use setup::settings;
