@@ -36,8 +36,12 @@ fn the_compose_prometheus_config_is_the_rendering_of_the_compose_topology() {
         exporter: Some(prometheus::COMPOSE_EXPORTER_ADDRESS),
         patroni: &[],
     };
-    let rendered =
-        prometheus::config(&targets, COMPOSE_SCRAPE_INTERVAL, &[COMPOSE_RULES], prometheus::COMPOSE_SELF_ADDRESS);
+    let rendered = prometheus::config(
+        &targets,
+        COMPOSE_SCRAPE_INTERVAL,
+        &[COMPOSE_RULES],
+        prometheus::COMPOSE_SELF_ADDRESS,
+    );
     golden("deploy/prometheus/prometheus.yml", &rendered);
 }
 

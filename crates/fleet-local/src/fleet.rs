@@ -206,7 +206,9 @@ impl Fleet {
                 // PostgreSQL's exporter speaks to one server; a cluster's members are seen through
                 // their Patroni's `/metrics` instead.
                 let exporter = match &db {
-                    Database::Single(pg) => Some(exporter::start(pg, &dir.join("prometheus"), &logs, opts.quiet)?),
+                    Database::Single(pg) => {
+                        Some(exporter::start(pg, &dir.join("prometheus"), &logs, opts.quiet)?)
+                    }
                     Database::Cluster(_) => None,
                 };
                 let exporter_address = exporter.as_ref().map(|(_, port)| format!("127.0.0.1:{port}"));

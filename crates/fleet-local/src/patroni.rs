@@ -251,7 +251,12 @@ impl PatroniCluster {
             cmd.uid(user.uid.as_raw()).gid(user.gid.as_raw()).env("HOME", &member.dir);
         }
         let child = match &self.logs {
-            Some(logs) => Child::spawn_logged(&member.name, cmd, self.quiet, &logs.join(format!("{}.log", member.name)))?,
+            Some(logs) => Child::spawn_logged(
+                &member.name,
+                cmd,
+                self.quiet,
+                &logs.join(format!("{}.log", member.name)),
+            )?,
             None => Child::spawn(&member.name, cmd, self.quiet)?,
         };
         self.members[n].patroni = Some(child);

@@ -36,7 +36,12 @@ pub struct Targets<'a> {
 ///
 /// One renderer for both compose (`deploy/prometheus/prometheus.yml`: targets `app-N:3000`, rules at
 /// `/etc/prometheus/rules.yml`) and a local fleet (loopback targets, temp paths).
-pub fn config(targets: &Targets<'_>, scrape_interval: &str, rule_files: &[&str], self_address: &str) -> String {
+pub fn config(
+    targets: &Targets<'_>,
+    scrape_interval: &str,
+    rule_files: &[&str],
+    self_address: &str,
+) -> String {
     let mut out = String::new();
     out.push_str(HEADER);
     out.push_str("global:\n");

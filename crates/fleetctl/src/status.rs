@@ -89,7 +89,8 @@ pub fn status(dir: &Path, as_json: bool) -> anyhow::Result<()> {
                 })
                 .collect()
         });
-        let out = json!({ "url": state.url, "prometheus": state.prometheus, "nodes": nodes, "members": members });
+        let out =
+            json!({ "url": state.url, "prometheus": state.prometheus, "nodes": nodes, "members": members });
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }

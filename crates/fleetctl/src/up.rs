@@ -99,7 +99,7 @@ fn print_summary(fleet: &Fleet, state: &FleetState, dir: &std::path::Path, contr
     );
     println!("control: {} (fleetctl chaos --dir {})", control.display(), dir.display());
     println!(
-        "database: {} (passwords in {}: PGPASSFILE={} psql {})",
+        "database: {} (passwords in {}: PGPASSFILE={} psql '{}')",
         fleet.database_display_url(),
         state.password_file.display(),
         state.password_file.display(),

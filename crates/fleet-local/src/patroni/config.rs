@@ -3,7 +3,7 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use crate::postgres::{read_password_file, random_password, write_password_file, ADMIN_USER, APP_USER};
+use crate::postgres::{random_password, read_password_file, write_password_file, ADMIN_USER, APP_USER};
 
 /// The user of Patroni's REST API (not a PostgreSQL role).
 pub const REST_API_USER: &str = "patroni";
