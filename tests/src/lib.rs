@@ -129,9 +129,26 @@ impl Api {
         self.post_raw(path, body.to_string()).await
     }
 
+    /// POST with request headers.
+    pub async fn post_with(&self, path: &str, body: &Value, headers: &[(&str, &str)]) -> Reply {
+        let mut request = self.http.post(format!("{}{path}", self.url)).body(body.to_string());
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        reply(request.send().await.unwrap_or_else(|e| panic!("POST {path}: {e}"))).await
+    }
+
     pub async fn get(&self, path: &str) -> Reply {
-        let response = self.http.get(format!("{}{path}", self.url)).send().await;
-        reply(response.unwrap_or_else(|e| panic!("GET {path}: {e}"))).await
+        self.get_with(path, &[]).await
+    }
+
+    /// GET with request headers.
+    pub async fn get_with(&self, path: &str, headers: &[(&str, &str)]) -> Reply {
+        let mut request = self.http.get(format!("{}{path}", self.url));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        reply(request.send().await.unwrap_or_else(|e| panic!("GET {path}: {e}"))).await
     }
 
     pub async fn increment(&self, key: &str) -> Reply {

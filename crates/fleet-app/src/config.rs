@@ -7,6 +7,10 @@
 //! | `PORT` | `3000` | port to listen on (`0` picks a free one; the log line says which) |
 //! | `DATABASE_URL` | unset | `postgres://user:password@host:port/db`; when set, the `POSTGRES_*` variables are ignored |
 //! | `POSTGRES_HOST` / `POSTGRES_PORT` / `POSTGRES_DB` / `POSTGRES_USER` / `POSTGRES_PASSWORD` | `localhost` / `5432` / `appdb` / `appuser` / unset | the database, piece by piece |
+//! | `DATABASE_READ_URL` | unset | where reads go (`GET /api/counters/{key}`, `GET /api/stats`): a replica, or several as a libpq multi-host URL (`postgres://u:p@h1:5432,h2:5432/db?target_session_attrs=read-only&load_balance_hosts=random`), or CloudNativePG's `-ro` Service. Unset: everything reads from `DATABASE_URL`'s server. A replica that is down, lags, or has not replayed a read's `X-Fleet-Min-Lsn` is skipped for the primary (see `db::read`) |
+//! | `READ_POOL_SIZE` | `POOL_SIZE` | connections in this node's read pool (with `DATABASE_READ_URL`) |
+//! | `READ_MAX_LAG_MS` | `1000` | a replica further behind than this (received WAL not yet replayed, by the age of the last replayed commit) serves no read |
+//! | `READ_WAIT_MS` | `100` | how long a read with `X-Fleet-Min-Lsn` waits for its replica to replay that LSN before it reads from the primary |
 //! | `POOL_SIZE` | `5` | connections in this node's pool. Size the fleet so that `nodes × POOL_SIZE ≤ max_connections − headroom`: with PostgreSQL's default 100 and 10 kept for admins, 4 nodes × 5 = 20 leaves room for 18 nodes. |
 //! | `POOL_WAIT_TIMEOUT_MS` | `2000` | how long a request waits for (or to open) a connection before 503 |
 //! | `STATEMENT_TIMEOUT_MS` | `60000` | `statement_timeout` set on every connection |
@@ -59,6 +63,14 @@ pub struct Config {
     #[serde(default = "default_postgres_user")]
     pub postgres_user: String,
     pub postgres_password: Option<Secret>,
+    pub database_read_url: Option<Secret>,
+    /// Unset: `POOL_SIZE`; see [`Config::read_pool_size`].
+    #[serde(rename = "read_pool_size")]
+    pub read_pool_size_setting: Option<usize>,
+    #[serde(default = "default_read_max_lag_ms")]
+    pub read_max_lag_ms: u64,
+    #[serde(default = "default_read_wait_ms")]
+    pub read_wait_ms: u64,
     #[serde(default = "default_pool_size")]
     pub pool_size: usize,
     #[serde(default = "default_pool_wait_timeout_ms")]
@@ -168,20 +180,20 @@ impl Config {
             ("BODY_LIMIT_BYTES", self.body_limit_bytes as u64),
             ("RETRY_DEADLINE_MS", self.retry_deadline_ms),
             ("IDEMPOTENCY_TTL_S", self.idempotency_ttl_s),
+            ("READ_POOL_SIZE", self.read_pool_size() as u64),
         ];
         if let Some((name, _)) = positive.iter().find(|(_, value)| *value == 0) {
             bail!("{name} must be at least 1");
         }
-        self.pg_config().map(drop)
+        self.pg_config()?;
+        self.pg_read_config().map(drop)
     }
 
     /// The connection settings for PostgreSQL: `statement_timeout`, `idle_in_transaction_session_timeout`
     /// and `application_name` set for the session, TCP keepalives and user timeout on the socket.
     pub fn pg_config(&self) -> anyhow::Result<tokio_postgres::Config> {
-        let mut pg = match &self.database_url {
-            Some(url) => url.expose().parse::<tokio_postgres::Config>().map_err(|_| {
-                anyhow::anyhow!("DATABASE_URL is not a valid postgres:// URL or key=value string")
-            })?,
+        let pg = match &self.database_url {
+            Some(url) => parse_url("DATABASE_URL", url)?,
             None => {
                 let mut pg = tokio_postgres::Config::new();
                 pg.host(&self.postgres_host)
@@ -194,6 +206,17 @@ impl Config {
                 pg
             }
         };
+        Ok(self.session(pg))
+    }
+
+    /// [`Config::pg_config`] for `DATABASE_READ_URL`, when set.
+    pub fn pg_read_config(&self) -> anyhow::Result<Option<tokio_postgres::Config>> {
+        let Some(url) = &self.database_read_url else { return Ok(None) };
+        Ok(Some(self.session(parse_url("DATABASE_READ_URL", url)?)))
+    }
+
+    /// `pg` with this node's session settings and socket deadlines.
+    fn session(&self, mut pg: tokio_postgres::Config) -> tokio_postgres::Config {
         pg.application_name(format!("fleet-app/{}", self.container_id))
             .options(format!(
                 "-c statement_timeout={} -c idle_in_transaction_session_timeout={}",
@@ -205,7 +228,22 @@ impl Config {
             .keepalives_interval(KEEPALIVE_INTERVAL)
             .keepalives_retries(KEEPALIVE_RETRIES)
             .tcp_user_timeout(self.db_attempt_timeout());
-        Ok(pg)
+        pg
+    }
+
+    /// `READ_POOL_SIZE`, or `POOL_SIZE` when unset.
+    pub fn read_pool_size(&self) -> usize {
+        self.read_pool_size_setting.unwrap_or(self.pool_size)
+    }
+
+    /// `READ_MAX_LAG_MS`.
+    pub fn read_max_lag(&self) -> Duration {
+        Duration::from_millis(self.read_max_lag_ms)
+    }
+
+    /// `READ_WAIT_MS`.
+    pub fn read_wait(&self) -> Duration {
+        Duration::from_millis(self.read_wait_ms)
     }
 
     /// `LAB_MAX_CONNECTIONS`, or `POOL_SIZE − 1` when unset.
@@ -226,6 +264,13 @@ impl Config {
     pub fn listen_address(&self) -> String {
         format!("{}:{}", self.host, self.port)
     }
+}
+
+/// A connection URL or key=value string; the error names the variable, never its value (a password).
+fn parse_url(name: &str, url: &Secret) -> anyhow::Result<tokio_postgres::Config> {
+    url.expose()
+        .parse()
+        .map_err(|_| anyhow::anyhow!("{name} is not a valid postgres:// URL or key=value string"))
 }
 
 fn default_container_id() -> String {
@@ -253,6 +298,12 @@ fn default_postgres_db() -> String {
 }
 fn default_postgres_user() -> String {
     "appuser".to_owned()
+}
+fn default_read_max_lag_ms() -> u64 {
+    1000
+}
+fn default_read_wait_ms() -> u64 {
+    100
 }
 fn default_pool_size() -> usize {
     5
@@ -317,6 +368,24 @@ mod tests {
         assert!(config.lab_endpoints);
         assert_eq!(config.retry_max_attempts, 0, "retries are bounded by the deadline alone");
         assert_eq!(config.lab_max_connections(), 4, "the lab leaves ordinary traffic a connection");
+        assert!(config.pg_read_config().unwrap().is_none(), "no read URL: reads go to the primary");
+        assert_eq!(config.read_pool_size(), config.pool_size);
+    }
+
+    #[test]
+    fn a_read_url_gets_the_same_session_settings_and_names_its_variable_when_bad() {
+        let url =
+            "postgres://u:p@r1:5432,r2:5433/app?target_session_attrs=read-only&load_balance_hosts=random";
+        let config = parse(&[("DATABASE_READ_URL", url), ("READ_POOL_SIZE", "3")]).unwrap();
+        let read = config.pg_read_config().unwrap().unwrap();
+        assert_eq!(read.get_hosts().len(), 2);
+        assert_eq!(read.get_target_session_attrs(), tokio_postgres::config::TargetSessionAttrs::ReadOnly);
+        assert!(read.get_options().unwrap().contains("idle_in_transaction_session_timeout"));
+        assert_eq!(config.read_pool_size(), 3);
+        let err = parse(&[("DATABASE_READ_URL", "postgres://a:secret@h:nope/db")]).unwrap_err().to_string();
+        assert!(err.contains("DATABASE_READ_URL") && !err.contains("secret"), "{err}");
+        let err = parse(&[("READ_POOL_SIZE", "0")]).unwrap_err().to_string();
+        assert!(err.contains("READ_POOL_SIZE"), "{err}");
     }
 
     #[test]

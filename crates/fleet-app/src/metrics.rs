@@ -23,6 +23,8 @@ pub struct Metrics {
     pub increments: IntCounter,
     pub increment_batch_size: Histogram,
     pub bulk_insert_rows: IntCounter,
+    pub reads: IntCounterVec,
+    pub read_fallbacks: IntCounterVec,
 }
 
 impl Metrics {
@@ -76,6 +78,21 @@ impl Metrics {
                 "bulk_insert_rows_total",
                 "Rows committed by bulk inserts.",
             ))?,
+            reads: IntCounterVec::new(
+                opts(
+                    "db_reads_total",
+                    "Reads of counters and statistics, by who served them (primary, replica).",
+                ),
+                &["served_by"],
+            )?,
+            read_fallbacks: IntCounterVec::new(
+                opts(
+                    "db_read_fallbacks_total",
+                    "Reads a replica could not serve (lagging, behind the read's minimum LSN, unavailable), \
+                     served by the primary instead.",
+                ),
+                &["reason"],
+            )?,
             registry,
         };
         // Export the SQLSTATEs the node handles by name from the first scrape on, at 0.
@@ -84,6 +101,12 @@ impl Metrics {
         }
         for sqlstate in ["40001", "40P01", "23505", "08006", "57014"] {
             metrics.db_errors.with_label_values(&[sqlstate]);
+        }
+        for served_by in ["primary", "replica"] {
+            metrics.reads.with_label_values(&[served_by]);
+        }
+        for reason in ["lagging", "behind", "unavailable"] {
+            metrics.read_fallbacks.with_label_values(&[reason]);
         }
         let build_info = IntGaugeVec::new(opts("build_info", "Always 1; the node's version."), &["version"])?;
         build_info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
@@ -99,6 +122,8 @@ impl Metrics {
         r.register(Box::new(metrics.increments.clone()))?;
         r.register(Box::new(metrics.increment_batch_size.clone()))?;
         r.register(Box::new(metrics.bulk_insert_rows.clone()))?;
+        r.register(Box::new(metrics.reads.clone()))?;
+        r.register(Box::new(metrics.read_fallbacks.clone()))?;
         r.register(Box::new(build_info))?;
         r.register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))?;
         Ok(metrics)

@@ -34,9 +34,10 @@ use std::pin::Pin;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Counter, Db, DbError};
+use super::{Counter, Db, DbError, PgLsn};
 
-type Reply = oneshot::Sender<Result<i64, Arc<DbError>>>;
+/// A request's own value and its transaction's LSN, or the transaction's error.
+type Reply = oneshot::Sender<Result<(i64, Option<PgLsn>), Arc<DbError>>>;
 
 /// Batches concurrent increments into shared transactions.
 #[derive(Debug, Clone)]
@@ -81,9 +82,10 @@ impl Coalescer {
         }
     }
 
-    /// Adds 1 to `key` in the node's next shared transaction; returns this request's own new value.
+    /// Adds 1 to `key` in the node's next shared transaction; returns this request's own new value and
+    /// the transaction's LSN.
     #[tracing::instrument(skip_all, fields(counter.key = %key))]
-    pub async fn increment(&self, key: &str) -> Result<Counter, DbError> {
+    pub async fn increment(&self, key: &str) -> Result<(Counter, Option<PgLsn>), DbError> {
         let (reply, value) = oneshot::channel();
         let start = {
             let mut state = self.lock();
@@ -103,7 +105,7 @@ impl Coalescer {
             self.spawn(|coalescer| Box::pin(coalescer.run_batches()));
         }
         match value.await {
-            Ok(Ok(value)) => Ok(Counter { key: key.to_owned(), value }),
+            Ok(Ok((value, lsn))) => Ok((Counter { key: key.to_owned(), value }, lsn)),
             Ok(Err(err)) => Err(DbError::Shared(err)),
             Err(_) => Err(DbError::BatchLost),
         }
@@ -133,10 +135,10 @@ impl Coalescer {
             let (keys, counts): (Vec<String>, Vec<i64>) =
                 batch.iter().map(|(key, replies)| (key.clone(), replies.len() as i64)).unzip();
             match self.db.add_to_free_counters(&keys, &counts).await {
-                Ok(values) => {
+                Ok((values, lsn)) => {
                     for (key, replies) in batch {
                         match values.get(&key) {
-                            Some(&value) => answer(replies, Ok(value)),
+                            Some(&value) => answer(replies, Ok((value, lsn))),
                             None => self.contend(key, replies),
                         }
                     }
@@ -226,13 +228,13 @@ fn still_waiting(batch: HashMap<String, Vec<Reply>>) -> HashMap<String, Vec<Repl
 
 /// Hands each request its own value: the counter's new value `v` after adding `replies.len()` is shared
 /// out as v − n + 1 … v; or the same error to all.
-fn answer(replies: Vec<Reply>, result: Result<i64, Arc<DbError>>) {
+fn answer(replies: Vec<Reply>, result: Result<(i64, Option<PgLsn>), Arc<DbError>>) {
     match result {
-        Ok(new_value) => {
+        Ok((new_value, lsn)) => {
             let first = new_value - replies.len() as i64 + 1;
             // An inclusive range: `first..` would overflow computing the successor of i64::MAX.
             for (reply, value) in replies.into_iter().zip(first..=new_value) {
-                let _ = reply.send(Ok(value));
+                let _ = reply.send(Ok((value, lsn)));
             }
         }
         Err(err) => {

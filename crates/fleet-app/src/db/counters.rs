@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use deadpool_postgres::GenericClient;
 use serde::Serialize;
 
-use super::{Db, DbError, Once, Retried, Written};
+use super::{Db, DbError, Once, PgLsn, Read, Retried, Written};
 use crate::config::LockOrder;
 
 /// A counter's value after a write.
@@ -75,23 +75,23 @@ impl Db {
     }
 
     /// Adds `n` increments to counter `key` in one transaction that holds the row lock; returns the new
-    /// value. All or nothing: a failure applies none of them.
-    pub(super) async fn add_to_counter(&self, key: &str, n: i64) -> Result<i64, DbError> {
-        let value = self.transact_plain(async |tx| increment_in(tx, key, n).await).await?;
+    /// value and the commit's LSN. All or nothing: a failure applies none of them.
+    pub(super) async fn add_to_counter(&self, key: &str, n: i64) -> Result<(i64, Option<PgLsn>), DbError> {
+        let done = self.transact_plain(async |tx| increment_in(tx, key, n).await).await?;
         self.record_increments(n);
-        Ok(value)
+        Ok(done)
     }
 
     /// Adds `counts[i]` to counter `keys[i]` for every counter that exists and is not locked by another
     /// transaction, in one transaction that takes their row locks with `SELECT … FOR UPDATE SKIP LOCKED`
     /// (so it never waits for a lock and cannot deadlock). Returns the new values of the counters it
-    /// updated; the others are untouched.
+    /// updated (the others are untouched), and the commit's LSN.
     pub(super) async fn add_to_free_counters(
         &self,
         keys: &[String],
         counts: &[i64],
-    ) -> Result<HashMap<String, i64>, DbError> {
-        let updated = self
+    ) -> Result<(HashMap<String, i64>, Option<PgLsn>), DbError> {
+        let (updated, lsn) = self
             .transact_plain(async |tx| {
                 let add = tx
                     .prepare_cached(
@@ -111,7 +111,7 @@ impl Db {
         let added: i64 =
             keys.iter().zip(counts).filter(|(key, _)| updated.contains_key(*key)).map(|(_, n)| n).sum();
         self.record_increments(added);
-        Ok(updated)
+        Ok((updated, lsn))
     }
 
     /// Counts `n` increments committed by one transaction (none: nothing to count).
@@ -154,10 +154,10 @@ impl Db {
         .await
     }
 
-    /// The counter's current value, or `None` if it does not exist.
-    pub async fn counter(&self, key: &str) -> Result<Option<Counter>, DbError> {
-        self.observed(async {
-            let client = self.client().await?;
+    /// The counter's value (`None` if it does not exist), read from a replica that has replayed
+    /// `min_lsn` when one can serve it (see `db::read`), else from the primary.
+    pub async fn counter(&self, key: &str, min_lsn: Option<PgLsn>) -> Result<Read<Option<Counter>>, DbError> {
+        self.read(min_lsn, async |client| {
             let select = client.prepare_cached("SELECT value FROM counters WHERE key = $1").await?;
             let row = client.query_opt(&select, &[&key]).await?;
             Ok(row.map(|row| Counter { key: key.to_owned(), value: row.get(0) }))

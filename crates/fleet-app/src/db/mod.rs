@@ -9,6 +9,7 @@ pub mod idempotency;
 pub mod isolation;
 mod lab;
 pub mod migrations;
+mod read;
 mod stats;
 mod transact;
 
@@ -31,7 +32,9 @@ use deadline::Conn;
 pub use coalesce::Coalescer;
 pub use counters::{Counter, Transfer};
 pub use idempotency::{IdempotencyKey, StoredResponse};
+pub use read::{parse_lsn, Read, ServedBy};
 pub use stats::{DatabaseStats, Health, STATS_MAX_AGE};
+pub use tokio_postgres::types::PgLsn;
 pub use transact::{Once, Written};
 
 #[derive(Debug, thiserror::Error)]
@@ -119,18 +122,26 @@ impl DbError {
     }
 
     /// Safe to run again: PostgreSQL aborted the transaction (deadlock, serialization failure), or the
-    /// connection broke before COMMIT was sent (so nothing committed). Never after a lost COMMIT, and never
-    /// a pool timeout or a passed attempt deadline: that wait is already as long as a client is promised
-    /// to wait.
+    /// connection broke (or could not be opened) before COMMIT was sent, so nothing committed. Never after
+    /// a lost COMMIT, and never a pool timeout, a closed pool (the node is stopping) or a passed attempt
+    /// deadline: that wait is already as long as a client is promised to wait.
     fn is_retryable(&self) -> bool {
         match self {
+            DbError::Pool(PoolError::Backend(_)) => true,
             DbError::CommitUnknown(_)
-            | DbError::Pool(PoolError::Timeout(_))
+            | DbError::Pool(_)
             | DbError::AttemptTimedOut
             | DbError::CommitTimedOut => false,
             DbError::Shared(inner) => inner.is_retryable(),
-            _ => matches!(self.sqlstate(), Some("40001" | "40P01")) || self.is_connection_error(),
+            _ => matches!(self.sqlstate(), Some("40001" | "40P01")) || self.is_server_gone(),
         }
+    }
+
+    /// The connection broke, or its server is going away or is no longer the primary (25006: a
+    /// read-only transaction, on a primary demoted by a failover): its pool's idle connections are
+    /// likely to the same server, and new ones find the current one through the URL.
+    fn is_server_gone(&self) -> bool {
+        self.is_connection_error() || self.sqlstate() == Some("25006")
     }
 }
 
@@ -170,6 +181,8 @@ impl Connect for ConnectOnMain {
 #[derive(Debug, Clone)]
 pub struct Db {
     pool: Pool,
+    /// `DATABASE_READ_URL`'s pool, when set.
+    replicas: Option<read::Replicas>,
     metrics: Metrics,
     container_id: String,
     /// 0: no limit but the deadline.
@@ -190,24 +203,38 @@ pub struct Db {
 pub struct Retried<T> {
     pub value: T,
     pub attempts: u32,
+    /// A write's `X-Fleet-Lsn`: the primary's WAL position read after the successful attempt (at or
+    /// after its commit); `None` if that could not be read.
+    pub lsn: Option<PgLsn>,
 }
 
 impl Db {
     /// Builds the pool; no connection is opened until the first checkout.
     pub fn new(config: &Config, metrics: Metrics) -> anyhow::Result<Self> {
-        let manager = Manager::from_connect(
-            config.pg_config()?,
-            ConnectOnMain { runtime: tokio::runtime::Handle::current() },
-            ManagerConfig { recycling_method: RecyclingMethod::Fast },
-        );
-        let wait = Some(config.pool_wait_timeout());
-        let pool = Pool::builder(manager)
-            .max_size(config.pool_size)
-            .runtime(Runtime::Tokio1)
-            .timeouts(Timeouts { wait, create: wait, recycle: wait })
-            .build()?;
+        let pool = |pg: tokio_postgres::Config, size: usize| {
+            let manager = Manager::from_connect(
+                pg,
+                ConnectOnMain { runtime: tokio::runtime::Handle::current() },
+                ManagerConfig { recycling_method: RecyclingMethod::Fast },
+            );
+            let wait = Some(config.pool_wait_timeout());
+            Pool::builder(manager)
+                .max_size(size)
+                .runtime(Runtime::Tokio1)
+                .timeouts(Timeouts { wait, create: wait, recycle: wait })
+                .build()
+        };
+        let replicas = match config.pg_read_config()? {
+            Some(pg) => Some(read::Replicas::new(
+                pool(pg, config.read_pool_size())?,
+                config.read_max_lag(),
+                config.read_wait(),
+            )),
+            None => None,
+        };
         Ok(Db {
-            pool,
+            pool: pool(config.pg_config()?, config.pool_size)?,
+            replicas,
             metrics,
             container_id: config.container_id.clone(),
             retry_max_attempts: config.retry_max_attempts,
@@ -252,11 +279,23 @@ impl Db {
     ) -> Result<T, DbError> {
         let result = self.within_deadline(extra, work).await;
         if let Err(err) = &result {
-            if let Some(sqlstate) = err.sqlstate() {
-                self.metrics.db_errors.with_label_values(&[sqlstate]).inc();
-            }
+            self.count_error(&self.pool, err);
         }
         result
+    }
+
+    /// Counts `err` in `fleet_db_errors_total`; when its server is gone (see
+    /// `DbError::is_server_gone`), closes `pool`'s idle connections, so none is handed out again.
+    fn count_error(&self, pool: &Pool, err: &DbError) {
+        if let Some(sqlstate) = err.sqlstate() {
+            self.metrics.db_errors.with_label_values(&[sqlstate]).inc();
+        }
+        if err.is_server_gone() {
+            let closed = pool.retain(|_, _| false).removed.len();
+            if closed > 0 {
+                tracing::info!(closed, error = %err, "closed idle connections to a server that is gone");
+            }
+        }
     }
 
     /// When a request that starts now must have started its last attempt (`RETRY_DEADLINE_MS`).
@@ -266,17 +305,17 @@ impl Db {
 
     /// Runs `attempt` (given its number, from 1) until it succeeds, fails with an error that is not safe
     /// to retry (see `DbError::is_retryable`), or fails after `deadline` (then it is the answer). A
-    /// deadlock or serialization failure is retried as long as the deadline allows (with
-    /// `RETRY_MAX_ATTEMPTS` set, at most that many attempts); a broken connection [`CONNECTION_ATTEMPTS`]
-    /// times at most. Between attempts it sleeps a random time
-    /// up to an exponentially growing bound (full jitter), never past the deadline. Every retry is
-    /// counted in `fleet_db_transaction_retries_total{sqlstate}`.
+    /// deadlock or serialization failure (with `RETRY_MAX_ATTEMPTS` set, at most that many attempts) and
+    /// a server that is gone before COMMIT was sent (a restart, a failover: new connections find the
+    /// current primary through the URL) are retried as long as the deadline allows. Between attempts it
+    /// sleeps a random time up to an exponentially growing bound (full jitter), never past the deadline.
+    /// Every retry is counted in `fleet_db_transaction_retries_total{sqlstate}`.
     async fn retrying<T>(
         &self,
         deadline: Instant,
-        mut attempt: impl AsyncFnMut(u32) -> Result<T, DbError>,
+        mut attempt: impl AsyncFnMut(u32) -> Result<(T, Option<PgLsn>), DbError>,
     ) -> Result<Retried<T>, DbError> {
-        let (mut attempts, mut broken) = (0, 0);
+        let mut attempts = 0;
         loop {
             attempts += 1;
             let result = self.observed(attempt(attempts)).await;
@@ -285,13 +324,10 @@ impl Db {
                 Err(err) if matches!(err.sqlstate(), Some("40001" | "40P01")) => {
                     self.retry_max_attempts == 0 || attempts < self.retry_max_attempts
                 }
-                Err(err) => {
-                    broken += 1;
-                    err.is_retryable() && broken < CONNECTION_ATTEMPTS
-                }
+                Err(err) => err.is_retryable(),
             };
             match result {
-                Ok(value) => return Ok(Retried { value, attempts }),
+                Ok((value, lsn)) => return Ok(Retried { value, attempts, lsn }),
                 Err(err) if again && Instant::now() < deadline => {
                     let sqlstate = err.sqlstate().unwrap_or("none");
                     self.metrics.transaction_retries.with_label_values(&[sqlstate]).inc();
@@ -306,11 +342,6 @@ impl Db {
         }
     }
 }
-
-/// Attempts for a transaction whose connection broke before COMMIT. The next checkout replaces a broken
-/// pooled connection, so a retry usually succeeds at once; while the database is down every attempt fails
-/// as fast as the first, and retrying until the deadline would only delay the 503.
-const CONNECTION_ATTEMPTS: u32 = 5;
 
 /// The longest pause between two attempts. Short: a retried transfer keeps its place at its rows' gates
 /// while it sleeps, so a long pause would stall the requests queued behind it.

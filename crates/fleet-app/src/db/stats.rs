@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::{Db, DbError};
+use super::{Db, DbError, Read};
 
 /// How old the statistics `/api/stats` answers with may be. Counting `data` scans the whole table, so a
 /// node counts at most once per this period, whatever the request rate; callers in between get the
@@ -14,7 +14,7 @@ pub const STATS_MAX_AGE: Duration = Duration::from_secs(5);
 
 /// The last count and when it was taken. One refresh at a time: callers that find it stale while
 /// another refreshes wait for that one (holding no connection) instead of counting again.
-pub(super) type StatsSnapshot = Arc<tokio::sync::Mutex<Option<(Instant, DatabaseStats)>>>;
+pub(super) type StatsSnapshot = Arc<tokio::sync::Mutex<Option<(Instant, Read<DatabaseStats>)>>>;
 
 /// What `/api/stats` reports about the database.
 #[derive(Debug, Clone, Serialize)]
@@ -42,8 +42,9 @@ impl Db {
         .await
     }
 
-    /// The database's statistics as counted at most [`STATS_MAX_AGE`] ago, and how long ago.
-    pub async fn stats(&self) -> Result<(DatabaseStats, Duration), DbError> {
+    /// The database's statistics as counted at most [`STATS_MAX_AGE`] ago (on a replica when one can
+    /// serve it), and how long ago.
+    pub async fn stats(&self) -> Result<(Read<DatabaseStats>, Duration), DbError> {
         let mut snapshot = self.stats.lock().await;
         if let Some((taken, stats)) = snapshot.as_ref() {
             if taken.elapsed() < STATS_MAX_AGE {
@@ -57,9 +58,8 @@ impl Db {
     }
 
     /// Counts everything `/api/stats` reports: a scan of `data`.
-    async fn count_stats(&self) -> Result<DatabaseStats, DbError> {
-        self.observed(async {
-            let client = self.client().await?;
+    async fn count_stats(&self) -> Result<Read<DatabaseStats>, DbError> {
+        self.read(None, async |client| {
             let select = client
                 .prepare_cached(
                     "SELECT (SELECT count(*) FROM data), (SELECT count(*) FROM counters), \

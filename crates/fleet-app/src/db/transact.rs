@@ -3,11 +3,11 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use deadpool_postgres::Transaction;
+use deadpool_postgres::{Object, Transaction};
 use serde_json::Value;
 
 use super::idempotency::{self, IdempotencyKey, StoredResponse};
-use super::{Db, DbError, Retried};
+use super::{Db, DbError, PgLsn, Retried};
 
 /// What a write transaction produced.
 #[derive(Debug)]
@@ -33,13 +33,14 @@ impl<T> std::fmt::Debug for Once<'_, T> {
 }
 
 impl Db {
-    /// [`Db::transact`] without an idempotency key: the write's own result.
+    /// [`Db::transact`] without an idempotency key: the write's own result, and its LSN.
     pub(super) async fn transact_plain<T>(
         &self,
         write: impl AsyncFn(&Transaction<'_>) -> Result<T, DbError>,
-    ) -> Result<T, DbError> {
-        match self.transact(None, write).await?.value {
-            Written::Fresh { value, .. } => Ok(value),
+    ) -> Result<(T, Option<PgLsn>), DbError> {
+        let done = self.transact(None, write).await?;
+        match done.value {
+            Written::Fresh { value, .. } => Ok((value, done.lsn)),
             Written::Replayed(_) => unreachable!("no idempotency key, so nothing to replay"),
         }
     }
@@ -77,7 +78,8 @@ impl Db {
                 let tx = client.transaction().await?;
                 if let Some(once) = once {
                     if let Some(stored) = idempotency::claim(&tx, once.key).await? {
-                        return Ok(Written::Replayed(stored));
+                        drop(tx);
+                        return Ok((Written::Replayed(stored), wal_position(&client).await));
                     }
                 }
                 let value = write(&tx).await?;
@@ -92,7 +94,7 @@ impl Db {
                 };
                 commit_sent.store(true, Ordering::Relaxed);
                 tx.commit().await.map_err(DbError::at_commit)?;
-                Ok(Written::Fresh { value, stored })
+                Ok((Written::Fresh { value, stored }, wal_position(&client).await))
             })
             .await;
         done.map_err(|err| match err {
@@ -100,4 +102,12 @@ impl Db {
             err => err,
         })
     }
+}
+
+/// The primary's WAL position now: after a COMMIT on this connection, at or after its commit record, so
+/// a replica that has replayed it sees the write (`X-Fleet-Lsn`). `None` if the query failed: the write
+/// is done either way.
+async fn wal_position(client: &Object) -> Option<PgLsn> {
+    let query = async { client.query_one("SELECT pg_current_wal_lsn()", &[]).await?.try_get(0) };
+    query.await.inspect_err(|e| tracing::debug!(error = %e, "reading the WAL position failed")).ok()
 }

@@ -7,6 +7,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::once::{respond, IdempotencyHeader};
+use super::served::{served_by, written, MinLsn};
 use super::{check_text, millis_since, AppState, JsonBody};
 use crate::db::{Counter, IdempotencyKey, Once, Transfer};
 use crate::errors::ApiError;
@@ -37,8 +38,10 @@ pub async fn increment(
     };
     // Increments with an idempotency key get a transaction of their own, where the key is claimed.
     if let (None, Some(coalescer)) = (&idempotency_key, &state.coalescer) {
-        let counter = coalescer.increment(&req.key).await?;
-        return Ok(HttpResponse::Ok().json(render(&counter, 1)));
+        let (counter, lsn) = coalescer.increment(&req.key).await?;
+        let mut response = HttpResponse::Ok();
+        written(&mut response, lsn);
+        return Ok(response.json(render(&counter, 1)));
     }
     let key = idempotency_key.map(|k| IdempotencyKey::new(&k, "/api/increment", &json!({ "key": req.key })));
     let once = key.as_ref().map(|key| Once { key, render: &render });
@@ -87,14 +90,15 @@ pub async fn transfer(
 pub async fn get_counter(
     state: web::Data<AppState>,
     key: web::Path<String>,
+    MinLsn(min_lsn): MinLsn,
 ) -> Result<HttpResponse, ApiError> {
     check_text("key", &key, Some(MAX_KEY_CHARS))?;
-    let counter = state
-        .db
-        .counter(&key)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("no counter named {:?}", key.as_str())))?;
-    Ok(HttpResponse::Ok().json(json!({
+    let read = state.db.counter(&key, min_lsn).await?;
+    let counter =
+        read.value.ok_or_else(|| ApiError::NotFound(format!("no counter named {:?}", key.as_str())))?;
+    let mut response = HttpResponse::Ok();
+    served_by(&mut response, &read.served_by);
+    Ok(response.json(json!({
         "key": counter.key,
         "value": counter.value,
         "container": state.container_id,

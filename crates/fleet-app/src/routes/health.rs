@@ -5,6 +5,7 @@ use std::sync::atomic::Ordering;
 use actix_web::{web, HttpResponse};
 use serde_json::json;
 
+use super::served::from_primary;
 use super::AppState;
 use crate::errors::ApiError;
 
@@ -12,7 +13,7 @@ pub async fn health(state: web::Data<AppState>) -> HttpResponse {
     match state.db.health().await {
         Ok(health) => {
             let pool = state.db.status();
-            HttpResponse::Ok().json(json!({
+            HttpResponse::Ok().insert_header(from_primary()).json(json!({
                 "status": "healthy",
                 "container": state.container_id,
                 "dbTime": health.db_time,
@@ -33,7 +34,9 @@ pub async fn ready(state: web::Data<AppState>) -> HttpResponse {
         return unhealthy(&state, &ApiError::Draining);
     }
     match state.db.health().await {
-        Ok(_) => HttpResponse::Ok().json(json!({"status": "ready", "container": state.container_id})),
+        Ok(_) => HttpResponse::Ok()
+            .insert_header(from_primary())
+            .json(json!({"status": "ready", "container": state.container_id})),
         Err(err) => unhealthy(&state, &ApiError::from(err)),
     }
 }

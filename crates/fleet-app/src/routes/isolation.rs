@@ -11,6 +11,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use super::served::from_primary;
 use super::{millis_since, AppState, JsonBody};
 use crate::db::isolation::{Level, LevelReport};
 use crate::errors::ApiError;
@@ -51,13 +52,13 @@ pub async fn test_isolation(
     let reports = state.db.test_isolation(&levels).await?;
     let duration = millis_since(start);
     Ok(match (level, reports.as_slice()) {
-        (Some(_), [report]) => HttpResponse::Ok().json(OneLevel {
+        (Some(_), [report]) => HttpResponse::Ok().insert_header(from_primary()).json(OneLevel {
             success: true,
             report,
             duration,
             container: &state.container_id,
         }),
-        _ => HttpResponse::Ok().json(json!({
+        _ => HttpResponse::Ok().insert_header(from_primary()).json(json!({
             "success": true,
             "levels": reports,
             "duration": duration,

@@ -6,6 +6,7 @@ use actix_web::{web, HttpResponse};
 use serde::Deserialize;
 use serde_json::json;
 
+use super::served::from_primary;
 use super::{millis_since, AppState, JsonBody};
 use crate::errors::ApiError;
 
@@ -27,7 +28,7 @@ pub async fn hold(
         return Err(ApiError::InvalidRequest(format!("ms must be 1 to {MAX_HOLD_MS}, got {}", req.ms)));
     }
     state.db.hold(Duration::from_millis(req.ms)).await?;
-    Ok(HttpResponse::Ok().json(json!({
+    Ok(HttpResponse::Ok().insert_header(from_primary()).json(json!({
         "success": true,
         "ms": req.ms,
         "duration": millis_since(start),

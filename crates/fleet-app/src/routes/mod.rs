@@ -9,6 +9,7 @@ mod isolation;
 mod lab;
 mod once;
 mod rows;
+mod served;
 mod stats;
 
 use std::sync::atomic::AtomicBool;
@@ -64,13 +65,26 @@ impl AppState {
     }
 }
 
-/// One route of the table: `method path`, served by `handler` (`lab`: only with `LAB_ENDPOINTS=true`).
+/// One route of the table: `method path`, served by `handler` (`lab`: only with `LAB_ENDPOINTS=true`),
+/// using `database`.
 #[derive(Debug)]
 pub struct Endpoint {
     pub method: Method,
     pub path: &'static str,
     pub lab: bool,
+    pub database: Database,
     handler: Handler,
+}
+
+/// Where an endpoint's queries go (`X-Fleet-Served-By` says where they went).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Database {
+    /// Touches no database.
+    None,
+    /// Writes, locks (`SELECT … FOR UPDATE`), the lab and health: `DATABASE_URL`.
+    Primary,
+    /// Reads that may be a little behind, or name their `X-Fleet-Min-Lsn`: `DATABASE_READ_URL` when set.
+    Replica,
 }
 
 /// Adds the handler to a route already guarded by the endpoint's method.
@@ -81,29 +95,30 @@ type Handler = fn(actix_web::Route) -> actix_web::Route;
 pub static ROUTES: &[Endpoint] = &[
     post("/api/increment", |r| r.to(counters::increment)),
     post("/api/transfer", |r| r.to(counters::transfer)),
-    get("/api/counters/{key}", |r| r.to(counters::get_counter)),
+    get("/api/counters/{key}", Database::Replica, |r| r.to(counters::get_counter)),
     post("/api/bulk-insert", |r| r.to(data::bulk_insert)),
-    get("/api/pool-stats", |r| r.to(stats::pool_stats)),
-    get("/api/stats", |r| r.to(stats::stats)),
-    get("/metrics", |r| r.to(stats::metrics)),
-    get("/health", |r| r.to(health::health)),
-    get("/health/live", |r| r.to(health::live)),
-    get("/health/ready", |r| r.to(health::ready)),
-    get("/openapi.json", |r| r.to(openapi)),
+    get("/api/pool-stats", Database::None, |r| r.to(stats::pool_stats)),
+    get("/api/stats", Database::Replica, |r| r.to(stats::stats)),
+    get("/metrics", Database::None, |r| r.to(stats::metrics)),
+    get("/health", Database::Primary, |r| r.to(health::health)),
+    get("/health/live", Database::None, |r| r.to(health::live)),
+    get("/health/ready", Database::Primary, |r| r.to(health::ready)),
+    get("/openapi.json", Database::None, |r| r.to(openapi)),
     lab_post("/api/hold", |r| r.to(lab::hold)),
     lab_post("/api/test-isolation", |r| r.to(isolation::test_isolation)),
 ];
 
-const fn get(path: &'static str, handler: Handler) -> Endpoint {
-    Endpoint { method: Method::GET, path, lab: false, handler }
+const fn get(path: &'static str, database: Database, handler: Handler) -> Endpoint {
+    Endpoint { method: Method::GET, path, lab: false, database, handler }
 }
 
+/// Every write goes to the primary.
 const fn post(path: &'static str, handler: Handler) -> Endpoint {
-    Endpoint { method: Method::POST, path, lab: false, handler }
+    Endpoint { method: Method::POST, path, lab: false, database: Database::Primary, handler }
 }
 
 const fn lab_post(path: &'static str, handler: Handler) -> Endpoint {
-    Endpoint { method: Method::POST, path, lab: true, handler }
+    Endpoint { method: Method::POST, path, lab: true, database: Database::Primary, handler }
 }
 
 /// The OpenAPI 3.1 document of this API, served at `GET /openapi.json` (`docs/openapi.json` is a copy).

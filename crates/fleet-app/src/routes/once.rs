@@ -7,6 +7,7 @@ use actix_web::dev::Payload;
 use actix_web::{FromRequest, HttpRequest, HttpResponse};
 use serde_json::Value;
 
+use super::served::written;
 use crate::db::idempotency::MAX_KEY_CHARS;
 use crate::db::{Retried, Written};
 use crate::errors::ApiError;
@@ -42,18 +43,22 @@ fn parse(value: &[u8]) -> Result<String, ApiError> {
 }
 
 /// The response to a write: the stored body when there is one (so the first answer and every replay are
-/// identical), else `render` of the result; a replay carries `Idempotent-Replayed: true`.
+/// identical), else `render` of the result; a replay carries `Idempotent-Replayed: true`. Either way it carries the write's `X-Fleet-Lsn`.
 pub fn respond<T>(done: Retried<Written<T>>, render: impl Fn(&T, u32) -> Value) -> HttpResponse {
-    match done.value {
+    let (mut response, body) = match done.value {
         Written::Fresh { value, stored } => {
-            HttpResponse::Ok().json(stored.unwrap_or_else(|| render(&value, done.attempts)))
+            (HttpResponse::Ok(), stored.unwrap_or_else(|| render(&value, done.attempts)))
         }
         Written::Replayed(stored) => {
             let status = actix_web::http::StatusCode::from_u16(stored.status)
                 .unwrap_or(actix_web::http::StatusCode::OK);
-            HttpResponse::build(status).insert_header((REPLAYED_HEADER, "true")).json(stored.body)
+            let mut response = HttpResponse::build(status);
+            response.insert_header((REPLAYED_HEADER, "true"));
+            (response, stored.body)
         }
-    }
+    };
+    written(&mut response, done.lsn);
+    response.json(body)
 }
 
 #[cfg(test)]

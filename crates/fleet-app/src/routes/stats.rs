@@ -3,6 +3,7 @@
 use actix_web::{web, HttpResponse};
 use serde_json::json;
 
+use super::served::served_by;
 use super::AppState;
 use crate::db::STATS_MAX_AGE;
 use crate::errors::ApiError;
@@ -21,9 +22,11 @@ pub async fn pool_stats(state: web::Data<AppState>) -> HttpResponse {
 pub async fn stats(state: web::Data<AppState>) -> Result<HttpResponse, ApiError> {
     let (database, age) = state.db.stats().await?;
     let pool = state.db.status();
-    Ok(HttpResponse::Ok().json(json!({
+    let mut response = HttpResponse::Ok();
+    served_by(&mut response, &database.served_by);
+    Ok(response.json(json!({
         "container": state.container_id,
-        "database": database,
+        "database": database.value,
         // The counts are a snapshot: taken at most `STATS_MAX_AGE` ago, shared by every caller meanwhile.
         "databaseSource": "snapshot",
         "databaseAgeMs": age.as_millis() as u64,
