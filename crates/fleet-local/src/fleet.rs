@@ -26,7 +26,7 @@ use crate::nginx::{self, Upstream};
 use crate::postgres::{check_reachable, postgres_user};
 use crate::{
     exporter, free_port, nginx_bin, proctree, prometheus, prometheus_bin, Child, Node, NodeOptions,
-    PatroniCluster, PatroniOptions, Postgres, PostgresOptions,
+    PatroniCluster, PatroniOptions, Postgres, PostgresOptions, DEADLOCK_TIMEOUT,
 };
 
 /// Connections kept free for admins, migrations and the isolation lab's dedicated connections.
@@ -165,7 +165,7 @@ impl Fleet {
                 members: replicas as usize + 1,
                 max_connections: MAX_CONNECTIONS,
                 durable: opts.durable,
-                parameters: Vec::new(),
+                parameters: vec![("deadlock_timeout".to_owned(), DEADLOCK_TIMEOUT.to_owned())],
                 quiet: opts.quiet,
                 logs: Some(logs.clone()),
             })?),
