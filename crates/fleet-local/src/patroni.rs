@@ -44,6 +44,9 @@ const READY_TIMEOUT: Duration = Duration::from_secs(180);
 const STOP_GRACE: Duration = Duration::from_secs(30);
 /// The cluster's password file, in the cluster directory.
 const PASSWORD_FILE: &str = "pgpass";
+/// How long Patroni's `POST /switchover` may take: it answers once the switchover is done (the leader
+/// demoted, the candidate promoted), which takes far longer than other calls on a busy machine.
+const SWITCHOVER_TIMEOUT: Duration = Duration::from_secs(120);
 /// How often the cluster's state is polled while waiting.
 const POLL_INTERVAL: Duration = Duration::from_millis(200);
 
@@ -494,6 +497,7 @@ impl PatroniCluster {
         let auth = format!("Basic {}", base64(&format!("{REST_API_USER}:{}", self.secrets.rest_api)));
         self.http
             .post(&format!("http://127.0.0.1:{api_port}/switchover"))
+            .timeout(SWITCHOVER_TIMEOUT)
             .set("Authorization", &auth)
             .send_json(body)
             .map_err(|e| match e {

@@ -1,7 +1,7 @@
 //! The careful client: each logical increment gets a fresh `Idempotency-Key` and is sent, with that same
 //! key, until the fleet acknowledges it or the deadline passes. Retried: 5xx, 409 (the first attempt is
-//! still running), 429, connection errors and timeouts, after a jittered exponential backoff that honours
-//! `Retry-After`. Any other 4xx is final: retrying a request the fleet refuses cannot help.
+//! still running), 408 (the request arrived too slowly), 429, connection errors and timeouts, after a
+//! jittered exponential backoff that honours `Retry-After`. Any other 4xx is final: retrying a request the fleet refuses cannot help.
 //!
 //! The same client with [`RetryPolicy::plain`] is what most clients are: no key, one attempt, so every
 //! increment takes the default (coalesced) path. Its failures are then judged by the API's contract: an
@@ -94,7 +94,8 @@ impl Failure {
     /// Whether sending the same request again may succeed.
     pub fn is_retryable(self) -> bool {
         match self {
-            Failure::Status(status) => status >= 500 || status == 409 || status == 429,
+            // 408: the request did not arrive in time (nginx's client timeouts), so nothing was applied.
+            Failure::Status(status) => status >= 500 || matches!(status, 408 | 409 | 429),
             Failure::CommitUnknown
             | Failure::Connect
             | Failure::Connection
@@ -409,7 +410,7 @@ mod tests {
 
     #[test]
     fn only_what_may_succeed_next_time_is_retried() {
-        for status in [500, 502, 503, 504, 409, 429] {
+        for status in [500, 502, 503, 504, 408, 409, 429] {
             assert!(Failure::Status(status).is_retryable(), "{status}");
         }
         for status in [400, 404, 413, 422] {
