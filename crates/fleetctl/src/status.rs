@@ -115,6 +115,9 @@ pub fn status(dir: &Path, as_json: bool) -> anyhow::Result<()> {
     }
     if let Some(members) = members {
         println!();
+        if members.is_empty() {
+            println!("no member's Patroni REST API answers");
+        }
         println!("{:<8} {:<14} {:<10} {:>8} {:>12}", "MEMBER", "ROLE", "STATE", "TIMELINE", "LAG (BYTES)");
         let show = |v: Option<u64>| v.map_or("-".to_owned(), |v| v.to_string());
         for m in members {
