@@ -139,9 +139,15 @@ impl DbError {
 
     /// The connection broke, or its server is going away or is no longer the primary (25006: a
     /// read-only transaction, on a primary demoted by a failover): its pool's idle connections are
-    /// likely to the same server, and new ones find the current one through the URL.
+    /// likely to the same server, and new ones find the current one through the URL. Not an attempt
+    /// that ran past its deadline: a slow server or network is not a gone one (that connection alone
+    /// is closed, see `deadline`).
     fn is_server_gone(&self) -> bool {
-        self.is_connection_error() || self.sqlstate() == Some("25006")
+        match self {
+            DbError::AttemptTimedOut | DbError::CommitTimedOut => false,
+            DbError::Shared(inner) => inner.is_server_gone(),
+            _ => self.is_connection_error() || self.sqlstate() == Some("25006"),
+        }
     }
 }
 
