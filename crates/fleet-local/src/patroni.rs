@@ -6,9 +6,9 @@
 //! libpq's password-file format, 0600), and per member `pg-N/` with `patroni.yml` (0600: it holds the
 //! passwords), `data/` (PGDATA), Patroni's own `pgpass` and the Unix socket. A directory that already
 //! holds a cluster is started again with its data and passwords (every member at once: any of them may
-//! have been the last leader). Patroni and
-//! PostgreSQL run as the `postgres` user when we are root. Patroni detaches its postmaster (it survives
-//! Patroni's death, by design): every stop here ends both, and dropping the cluster does too.
+//! have been the last leader). Patroni and PostgreSQL run as the `postgres` user when we are root.
+//! Patroni detaches its postmaster (it survives Patroni's death, by design): every stop here ends both,
+//! and dropping the cluster does too.
 
 mod config;
 
@@ -165,7 +165,7 @@ impl PatroniCluster {
         let (dir, temp_dir) = cluster_dir(opts.dir.as_deref(), "pgfleet-ha-")?;
         let etcd = Etcd::start(&dir, opts.quiet, opts.logs.as_deref())?;
         let password_file = dir.join(PASSWORD_FILE);
-        let kept = dir.join("pg-1/data/PG_VERSION").exists();
+        let kept = (1..=opts.members).any(|n| dir.join(format!("pg-{n}/data/PG_VERSION")).exists());
         let secrets = match kept {
             true => Secrets::read(&password_file)?,
             false => Secrets::random()?,

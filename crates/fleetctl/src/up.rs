@@ -2,8 +2,8 @@
 //! SIGTERM, stop it cleanly. Children's output goes to `<dir>/logs/` (`fleetctl logs`), or with
 //! `--verbose` also to stderr, each line prefixed with its component. The database is kept in
 //! `<dir>/postgres` across runs (`--fresh` starts over); with `--replicas N` it is a Patroni cluster of
-//! N + 1 members kept in `<dir>/patroni`. Meanwhile it serves the fleet's control
-//! socket, through which `fleetctl chaos` injects faults.
+//! N + 1 members kept in `<dir>/patroni`. Meanwhile it serves the fleet's control socket, through which
+//! `fleetctl chaos` injects faults.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
