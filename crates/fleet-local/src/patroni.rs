@@ -133,11 +133,14 @@ impl Member {
         self.dir.join("data")
     }
 
-    /// The postmaster's PID from `postmaster.pid`, if that process still runs.
+    /// The postmaster's PID from `postmaster.pid`, if that process still runs and is this member's
+    /// (its command line names the data directory: a PID reused by another process is not).
     fn postmaster(&self) -> Option<Pid> {
         let text = fs::read_to_string(self.data_dir().join("postmaster.pid")).ok()?;
         let pid = Pid::from_raw(text.lines().next()?.trim().parse().ok()?);
-        kill(pid, None).is_ok().then_some(pid)
+        let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let data_dir = self.data_dir();
+        String::from_utf8_lossy(&cmdline).contains(data_dir.to_str()?).then_some(pid)
     }
 }
 
@@ -214,6 +217,12 @@ impl PatroniCluster {
             if let Some(user) = &run_as {
                 hand_over(&member.dir, user)?;
                 std::os::unix::fs::chown(&config_file, Some(user.uid.as_raw()), Some(user.gid.as_raw()))?;
+            }
+            // A postmaster left running by a Patroni that was killed with its owner (it detaches its
+            // PostgreSQL) would hold the port and the data directory: stop it before Patroni starts.
+            if let Some(orphan) = member.postmaster() {
+                tracing::warn!(member = %member.name, pid = %orphan, "killing a PostgreSQL left running by an earlier start");
+                kill_tree(orphan);
             }
             members.push(member);
         }
