@@ -1,8 +1,9 @@
 //! The high-availability fleet as an operator runs it, through `fleetctl` against real etcd, Patroni,
 //! PostgreSQL, nginx, Prometheus and nodes: `fleetctl up --replicas 2` serves and shows its members, each
 //! database fault of `fleetctl chaos` does what it says (seen in Patroni's own status, not assumed) and
-//! leaves the cluster whole, a chaos run through a primary's death loses and duplicates nothing, a clean
-//! shutdown leaves no Patroni, postmaster or etcd behind, and the next `up` finds the data.
+//! leaves the cluster whole, a chaos run through a primary's death loses and duplicates nothing, the next
+//! `up` finds the data even after an `up` killed outright left its postmasters running, and a clean
+//! shutdown leaves no Patroni, postmaster or etcd behind.
 //!
 //! One cluster, started twice (the second time from its kept data), so the file stays within a few minutes.
 
@@ -105,7 +106,7 @@ fn a_fleet_on_three_members_serves_survives_every_database_fault_and_keeps_its_d
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let temp = tempfile::tempdir().unwrap();
     let dir = temp.path().join("fleet");
-    let (up, url) = fleetctl_up(&dir, &["--replicas", "2", "--nodes", "2"]);
+    let (mut up, url) = fleetctl_up(&dir, &["--replicas", "2", "--nodes", "2"]);
     let api = Api::new(&url);
 
     // Three members: one leader, two streaming replicas, one of them synchronous.
@@ -232,18 +233,22 @@ fn a_fleet_on_three_members_serves_survives_every_database_fault_and_keeps_its_d
     let value = runtime.block_on(api.get("/api/counters/ha-ops")).body["value"].clone();
     assert_eq!(value, 2);
 
-    // A clean stop leaves no Patroni, postmaster or etcd running.
+    // `up` killed outright takes its Patroni along, but not the postmasters Patroni detached.
     let cluster_dir = dir.canonicalize().unwrap().join("patroni");
-    assert!(processes_naming(&cluster_dir).len() >= 7, "{:#?}", processes_naming(&cluster_dir));
-    fleetctl(&dir, &["down"]);
-    drop(up);
-    assert_eq!(processes_naming(&cluster_dir), Vec::<String>::new());
+    let postmasters = |processes: Vec<String>| processes.into_iter().filter(|p| p.contains(" -D ")).count();
+    assert_eq!(postmasters(processes_naming(&cluster_dir)), 3, "{:#?}", processes_naming(&cluster_dir));
+    up.kill().unwrap();
+    assert_eq!(postmasters(processes_naming(&cluster_dir)), 3, "{:#?}", processes_naming(&cluster_dir));
 
-    // The next `up` starts the same cluster from its data, with the same passwords.
+    // The next `up` stops those before its members start, and starts the same cluster from its data,
+    // with the same passwords.
     let (up, url) = fleetctl_up(&dir, &["--replicas", "2", "--nodes", "1", "--no-prometheus"]);
     assert_eq!(runtime.block_on(Api::new(&url).get("/api/counters/ha-ops")).body["value"], 2);
     assert_eq!(std::fs::read_to_string(dir.join("patroni/pgpass")).unwrap(), passwords);
     wait_for_members(&dir, "the kept cluster is whole", whole);
+
+    // A clean stop leaves no Patroni, postmaster or etcd running.
+    assert!(processes_naming(&cluster_dir).len() >= 7, "{:#?}", processes_naming(&cluster_dir));
     fleetctl(&dir, &["down"]);
     drop(up);
     assert_eq!(processes_naming(&cluster_dir), Vec::<String>::new());
