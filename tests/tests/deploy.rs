@@ -1,6 +1,7 @@
 //! The deployment files, checked with the real tools since no Docker engine runs here: the rendered nginx
 //! and Prometheus configs against their committed copies, `nginx -t` and `promtool` on every rendering,
-//! `docker-compose.yml` against the compose-spec schema and against itself, and the dashboard's and the
+//! Patroni's `--validate-config` on the `ha` profile's member config, `docker-compose.yml` against the
+//! compose-spec schema and against itself (the `ha` profile's members, nodes and URLs included), and the dashboard's and the
 //! rules' queries against what a live node exports. Plus one run of the local nginx config in front of
 //! real nodes.
 
@@ -375,6 +376,36 @@ fn the_ha_profile_runs_its_nodes_on_three_patroni_members_through_the_two_urls()
         let profiles = if in_ha { json!(["ha"]) } else { Value::Null };
         assert_eq!(service["profiles"], profiles, "{name}");
     }
+}
+
+#[test]
+fn patroni_accepts_the_compose_member_config_with_a_members_environment() {
+    // Patroni's own validator, on the committed file with pg-1's environment from docker-compose.yml (its
+    // secrets replaced by placeholders). It connects to etcd's address, which only exists on the compose
+    // network, so that one address is pointed at a listener of the test's; and it looks for the server
+    // tools on PATH, where the image has them.
+    let committed = read("deploy/patroni/patroni.yml");
+    assert_eq!(committed.matches("etcd:2379").count(), 1, "{committed}");
+    let etcd = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("patroni.yml");
+    fs::write(&config, committed.replace("etcd:2379", &etcd.local_addr().unwrap().to_string())).unwrap();
+    let compose = compose();
+    let env = compose["services"]["pg-1"]["environment"].as_object().unwrap().clone();
+    let bin_dir = fs::canonicalize(fleet_local::postgres_bin("postgres").unwrap()).unwrap();
+    let path =
+        format!("{}:{}", bin_dir.parent().unwrap().display(), std::env::var("PATH").unwrap_or_default());
+    let mut cmd = Command::new(fleet_local::patroni_bin().unwrap());
+    cmd.arg("--validate-config").arg(&config).env("PATH", path);
+    for (name, value) in env {
+        let value = value.as_str().unwrap();
+        cmd.env(name, if value.starts_with("${") { "placeholder" } else { value });
+    }
+    run(&mut cmd);
+
+    // The validator really checks: a member without a name is refused.
+    let unnamed = cmd.env_remove("PATRONI_NAME").output().unwrap();
+    assert!(!unnamed.status.success(), "{}", String::from_utf8_lossy(&unnamed.stderr));
 }
 
 /// The port of a `host:port` listen address.
