@@ -1,9 +1,9 @@
 //! The deployment files, checked with the real tools since no Docker engine runs here: the rendered nginx
 //! and Prometheus configs against their committed copies, `nginx -t` and `promtool` on every rendering,
 //! Patroni's `--validate-config` on the `ha` profile's member config, `docker-compose.yml` against the
-//! compose-spec schema and against itself (the `ha` profile's members, nodes and URLs included), and the dashboard's and the
-//! rules' queries against what a live node exports. Plus one run of the local nginx config in front of
-//! real nodes.
+//! compose-spec schema and against itself (the `ha` profile's members, nodes and URLs included), and the
+//! dashboard's and the rules' queries against what a live node exports. Plus one run of the local nginx
+//! config in front of real nodes.
 
 use std::collections::BTreeSet;
 use std::fs;
