@@ -10,6 +10,8 @@ use std::path::Path;
 
 /// Nodes in the compose topology (`app-1` … `app-4`): 4 × `POOL_SIZE` 5 = 20 of PostgreSQL's 100 connections.
 const COMPOSE_NODES: usize = 4;
+/// How many nodes the compose `ha` profile runs on the Patroni cluster.
+const COMPOSE_HA_NODES: usize = 2;
 /// The port every node listens on in its container (the node's default `PORT`).
 const COMPOSE_NODE_PORT: u16 = 3000;
 
@@ -83,6 +85,13 @@ pub struct Upstream {
 pub fn compose_upstreams() -> Vec<Upstream> {
     (1..=COMPOSE_NODES)
         .map(|i| Upstream { name: format!("app-{i}"), address: format!("app-{i}:{COMPOSE_NODE_PORT}") })
+        .collect()
+}
+
+/// The compose `ha` profile's nodes: ha-app-1 and ha-app-2 at ha-app-N:3000, on the Patroni cluster.
+pub fn compose_ha_upstreams() -> Vec<Upstream> {
+    (1..=COMPOSE_HA_NODES)
+        .map(|i| Upstream { name: format!("ha-app-{i}"), address: format!("ha-app-{i}:{COMPOSE_NODE_PORT}") })
         .collect()
 }
 
