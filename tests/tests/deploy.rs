@@ -1,8 +1,9 @@
 //! The deployment files, checked with the real tools since no Docker engine runs here: the rendered nginx
 //! and Prometheus configs against their committed copies, `nginx -t` and `promtool` on every rendering,
-//! `docker-compose.yml` against the compose-spec schema and against itself, and the dashboard's and the
-//! rules' queries against what a live node exports. Plus one run of the local nginx config in front of
-//! real nodes.
+//! Patroni's `--validate-config` on the `ha` profile's member config, `docker-compose.yml` against the
+//! compose-spec schema and against itself (the `ha` profile's members, nodes and URLs included), and the
+//! dashboard's and the rules' queries against what a live node exports. Plus one run of the local nginx
+//! config in front of real nodes.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -10,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use fleet_local::nginx::{self, compose_upstreams, Upstream};
+use fleet_local::nginx::{self, compose_ha_upstreams, compose_upstreams, Upstream};
 use fleet_local::{free_port, nginx_bin, prometheus, prometheus_bin, Child, Node};
 use fleet_tests::{node_options, start_postgres, test_log, Api, TestApp};
 use reqwest::StatusCode;
@@ -29,13 +30,23 @@ fn nginx_default_conf_is_the_rendering_of_the_compose_topology() {
 }
 
 #[test]
+fn nginx_ha_conf_is_the_rendering_of_the_ha_profiles_nodes() {
+    golden("nginx/ha.conf", &nginx::site_config("80", &compose_ha_upstreams()));
+}
+
+#[test]
 fn the_compose_prometheus_config_is_the_rendering_of_the_compose_topology() {
+    let nodes = compose_upstreams();
+    let targets = prometheus::Targets {
+        nodes: &nodes,
+        exporter: Some(prometheus::COMPOSE_EXPORTER_ADDRESS),
+        patroni: &[],
+    };
     let rendered = prometheus::config(
-        &compose_upstreams(),
+        &targets,
         COMPOSE_SCRAPE_INTERVAL,
         &[COMPOSE_RULES],
         prometheus::COMPOSE_SELF_ADDRESS,
-        prometheus::COMPOSE_EXPORTER_ADDRESS,
     );
     golden("deploy/prometheus/prometheus.yml", &rendered);
 }
@@ -79,13 +90,23 @@ fn compose_postgres_runs_with_the_local_launchers_deadlock_timeout() {
 
 #[test]
 fn nginx_accepts_the_compose_config() {
+    nginx_accepts_compose_file("nginx/default.conf", &compose_upstreams());
+}
+
+#[test]
+fn nginx_accepts_the_compose_ha_config() {
+    nginx_accepts_compose_file("nginx/ha.conf", &compose_ha_upstreams());
+}
+
+/// `nginx -t` on the committed compose site config `path` for `upstreams`.
+fn nginx_accepts_compose_file(path: &str, upstreams: &[Upstream]) {
     // `nginx -t` resolves every upstream host name, and app-1..app-4 only resolve on the compose
     // network. So the committed file is tested with one change, each `server app-N:3000` pointed at
     // 127.0.0.1:3000 (counted below), inside a main config laid out like the official image's
     // (`http { include conf.d/default.conf; }`, temp paths moved into the test's directory).
-    let committed = read("nginx/default.conf");
+    let committed = read(path);
     let mut conf = committed.clone();
-    for node in compose_upstreams() {
+    for node in upstreams {
         let server = format!("server {}", node.address);
         assert_eq!(conf.matches(&server).count(), 2, "{} is in `fleet` and in its own upstream", node.name);
         conf = conf.replace(&server, "server 127.0.0.1:3000");
@@ -148,7 +169,16 @@ fn promtool_accepts_a_local_prometheus_config() {
         let config = dir.path().join("prometheus.yml");
         fs::write(
             &config,
-            prometheus::config(&loopback_nodes(3), "1s", &rule_files, "127.0.0.1:9090", "127.0.0.1:9187"),
+            prometheus::config(
+                &prometheus::Targets {
+                    nodes: &loopback_nodes(3),
+                    exporter: Some("127.0.0.1:9187"),
+                    patroni: &[],
+                },
+                "1s",
+                &rule_files,
+                "127.0.0.1:9090",
+            ),
         )
         .unwrap();
         let output = promtool(&["check", "config"], &config);
@@ -230,7 +260,15 @@ fn every_service_port_volume_and_file_docker_compose_yml_names_exists() {
     }
     let built: BTreeSet<&str> =
         services.iter().filter(|(_, s)| s.get("build").is_some()).map(|(n, _)| n.as_str()).collect();
-    assert_eq!(built, nodes.iter().map(|n| n.name.as_str()).collect());
+    let ha_nodes = compose_ha_upstreams();
+    let members = patroni_members(services);
+    let expected: BTreeSet<&str> = nodes
+        .iter()
+        .chain(&ha_nodes)
+        .map(|n| n.name.as_str())
+        .chain(members.iter().map(String::as_str))
+        .collect();
+    assert_eq!(built, expected, "the nodes, the ha profile's nodes and its Patroni members");
 
     // nginx publishes 80, where the rendered config listens; each config is mounted where it is read.
     assert_eq!(services["nginx"]["ports"], json!(["80:80"]));
@@ -247,6 +285,132 @@ fn every_service_port_volume_and_file_docker_compose_yml_names_exists() {
         mounted("grafana", "./deploy/grafana/dashboards"),
         provider["providers"][0]["options"]["path"]
     );
+}
+
+/// The services built from deploy/patroni/Dockerfile.
+fn patroni_members(services: &serde_json::Map<String, Value>) -> Vec<String> {
+    let patroni = repo().join("deploy/patroni/Dockerfile");
+    let built_from = |s: &Value| s.get("build").is_some_and(|b| dockerfile(b) == patroni);
+    services.iter().filter(|(_, s)| built_from(s)).map(|(n, _)| n.clone()).collect()
+}
+
+#[test]
+fn the_ha_profile_runs_its_nodes_on_three_patroni_members_through_the_two_urls() {
+    let compose = compose();
+    let services = compose["services"].as_object().unwrap();
+    let members = patroni_members(services);
+    assert_eq!(members, ["pg-1", "pg-2", "pg-3"]);
+    let config = yaml("deploy/patroni/patroni.yml");
+    let (api_port, pg_port) =
+        (port_of(&config["restapi"]["listen"]), port_of(&config["postgresql"]["listen"]));
+
+    // Each member names itself and the addresses it is reached at; the store is the etcd service.
+    let etcd = &services["etcd"];
+    let (etcd_host, etcd_port) = config["etcd3"]["hosts"].as_str().unwrap().split_once(':').unwrap();
+    assert_eq!((etcd_host, etcd["expose"].clone()), ("etcd", json!([etcd_port])));
+    for name in &members {
+        let member = &services[name.as_str()];
+        let env = &member["environment"];
+        assert_eq!(env["PATRONI_NAME"], json!(name));
+        assert_eq!(env["PATRONI_RESTAPI_CONNECT_ADDRESS"], json!(format!("{name}:{api_port}")));
+        assert_eq!(env["PATRONI_POSTGRESQL_CONNECT_ADDRESS"], json!(format!("{name}:{pg_port}")));
+        assert_eq!(member["expose"], json!([pg_port, api_port]), "{name}");
+        assert!(depends_on(member).contains(&("etcd".to_owned(), "service_healthy".to_owned())), "{name}");
+        for secret in
+            ["PATRONI_SUPERUSER_PASSWORD", "PATRONI_REPLICATION_PASSWORD", "PATRONI_RESTAPI_PASSWORD"]
+        {
+            assert!(
+                env[secret].as_str().is_some_and(|v| v.starts_with("${")),
+                "{name}'s {secret} comes from outside"
+            );
+        }
+        let data = mounts(member).into_iter().find(|(_, target)| {
+            config["postgresql"]["data_dir"].as_str().unwrap().starts_with(target.as_str())
+        });
+        assert!(data.is_some_and(|(source, _)| !source.starts_with('.')), "{name} keeps PGDATA in a volume");
+    }
+
+    // The local cluster's timings and synchronous replication; the app role from the postgres image's script.
+    let dcs = &config["bootstrap"]["dcs"];
+    let timings = [dcs["ttl"].clone(), dcs["loop_wait"].clone(), dcs["retry_timeout"].clone()];
+    use fleet_local::patroni::{LOOP_WAIT_S, RETRY_TIMEOUT_S, TTL_S};
+    assert_eq!(timings, [json!(TTL_S), json!(LOOP_WAIT_S), json!(RETRY_TIMEOUT_S)]);
+    assert_eq!(dcs["synchronous_mode"], json!(true));
+    let image = read("deploy/patroni/Dockerfile");
+    let post_bootstrap = config["bootstrap"]["post_bootstrap"].as_str().unwrap();
+    assert!(image.contains(&format!("COPY postgres/create-app-role.sh {post_bootstrap}")), "{image}");
+    assert!(image.contains(&format!("http://127.0.0.1:{api_port}/health")), "the healthcheck asks Patroni");
+    let member_env = &services["pg-1"]["environment"];
+    assert_eq!(member_env["APP_DB_USER"], json!("appuser"));
+    assert_eq!(member_env["APP_DB_NAME"], json!("appdb"));
+
+    // Every ha node writes through every member (read-write) and reads through every member (read-only,
+    // load-balanced), behind an nginx of its own; all of it only with the profile.
+    let hosts = members.iter().map(|m| format!("{m}:{pg_port}")).collect::<Vec<_>>().join(",");
+    for node in compose_ha_upstreams() {
+        let service = &services[node.name.as_str()];
+        let env = &service["environment"];
+        assert_eq!(env["CONTAINER_ID"], json!(node.name));
+        assert_eq!(service["expose"], json!([node.address.split_once(':').unwrap().1]));
+        let url = |name: &str| env[name].as_str().unwrap().split_once('@').unwrap().1.to_owned();
+        assert_eq!(url("DATABASE_URL"), format!("{hosts}/appdb?target_session_attrs=read-write"));
+        assert_eq!(
+            url("DATABASE_READ_URL"),
+            format!("{hosts}/appdb?target_session_attrs=read-only&load_balance_hosts=random")
+        );
+        for member in &members {
+            assert!(
+                depends_on(service).contains(&(member.clone(), "service_healthy".to_owned())),
+                "{}",
+                node.name
+            );
+        }
+    }
+    let nginx = &services["ha-nginx"];
+    let conf = mounts(nginx).into_iter().find(|(source, _)| source == "./nginx/ha.conf");
+    assert_eq!(conf.map(|(_, target)| target).as_deref(), Some("/etc/nginx/conf.d/default.conf"));
+    for (name, service) in services {
+        let in_ha = members.contains(name)
+            || compose_ha_upstreams().iter().any(|n| &n.name == name)
+            || ["etcd", "ha-nginx"].contains(&name.as_str());
+        let profiles = if in_ha { json!(["ha"]) } else { Value::Null };
+        assert_eq!(service["profiles"], profiles, "{name}");
+    }
+}
+
+#[test]
+fn patroni_accepts_the_compose_member_config_with_a_members_environment() {
+    // Patroni's own validator, on the committed file with pg-1's environment from docker-compose.yml (its
+    // secrets replaced by placeholders). It connects to etcd's address, which only exists on the compose
+    // network, so that one address is pointed at a listener of the test's; and it looks for the server
+    // tools on PATH, where the image has them.
+    let committed = read("deploy/patroni/patroni.yml");
+    assert_eq!(committed.matches("etcd:2379").count(), 1, "{committed}");
+    let etcd = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("patroni.yml");
+    fs::write(&config, committed.replace("etcd:2379", &etcd.local_addr().unwrap().to_string())).unwrap();
+    let compose = compose();
+    let env = compose["services"]["pg-1"]["environment"].as_object().unwrap().clone();
+    let bin_dir = fs::canonicalize(fleet_local::postgres_bin("postgres").unwrap()).unwrap();
+    let path =
+        format!("{}:{}", bin_dir.parent().unwrap().display(), std::env::var("PATH").unwrap_or_default());
+    let mut cmd = Command::new(fleet_local::patroni_bin().unwrap());
+    cmd.arg("--validate-config").arg(&config).env("PATH", path);
+    for (name, value) in env {
+        let value = value.as_str().unwrap();
+        cmd.env(name, if value.starts_with("${") { "placeholder" } else { value });
+    }
+    run(&mut cmd);
+
+    // The validator really checks: a member without a name is refused.
+    let unnamed = cmd.env_remove("PATRONI_NAME").output().unwrap();
+    assert!(!unnamed.status.success(), "{}", String::from_utf8_lossy(&unnamed.stderr));
+}
+
+/// The port of a `host:port` listen address.
+fn port_of(listen: &Value) -> String {
+    listen.as_str().unwrap().rsplit_once(':').unwrap().1.to_owned()
 }
 
 #[test]

@@ -21,8 +21,8 @@ pub struct Etcd {
 
 impl Etcd {
     /// Starts etcd with its data in `dir/etcd`, clients on a free 127.0.0.1 port, and waits until it is
-    /// healthy.
-    pub fn start(dir: &Path, quiet: bool) -> anyhow::Result<Etcd> {
+    /// healthy. Its output also goes to `<logs>/etcd.log`, if given.
+    pub fn start(dir: &Path, quiet: bool, logs: Option<&Path>) -> anyhow::Result<Etcd> {
         let (client_port, peer_port) = (free_port()?, free_port()?);
         let client = format!("http://127.0.0.1:{client_port}");
         let peer = format!("http://127.0.0.1:{peer_port}");
@@ -37,7 +37,10 @@ impl Etcd {
             .args(["--log-level=warn", "--logger=zap"])
             // Debian's etcd 3.4 serves the v3 API's JSON gateway (which Patroni's etcd3 store uses) by default.
             .current_dir(dir);
-        let mut child = Child::spawn("etcd", cmd, quiet)?;
+        let mut child = match logs {
+            Some(logs) => Child::spawn_logged("etcd", cmd, quiet, &logs.join("etcd.log"))?,
+            None => Child::spawn("etcd", cmd, quiet)?,
+        };
         child
             .wait_for_http(&format!("{client}/health"), Instant::now() + READY_TIMEOUT)
             .context("etcd did not become healthy")?;

@@ -1,10 +1,11 @@
-//! A whole local fleet: a private PostgreSQL, N `fleet-app` nodes, nginx in front and Prometheus
-//! scraping every node directly, all on loopback, all stopped in order by [`Fleet::stop`] or on drop.
+//! A whole local fleet: a private PostgreSQL (or a Patroni cluster of a primary and N replicas), N
+//! `fleet-app` nodes, nginx in front and Prometheus scraping every node (and every Patroni) directly, all
+//! on loopback, all stopped in order by [`Fleet::stop`] or on drop.
 //! Its fault methods break it on purpose, as a crash or an operator would: [`Fleet::kill_node`],
 //! [`Fleet::stop_node`], [`Fleet::restart_db`], [`Fleet::pause_db`].
 //!
 //! Layout of the fleet directory (private: see [`prepare_dir`]): `logs/<component>.log` (every child's
-//! output, started afresh by each start), `postgres/` (the cluster, when kept), `nginx/` and
+//! output, started afresh by each start), `postgres/` or `patroni/` (the database, when kept), `nginx/` and
 //! `prometheus/` (configs and data, removed on stop).
 
 use std::fs;
@@ -14,6 +15,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
+
+mod database;
+pub use database::Database;
 use nix::sys::signal::{self, Signal};
 use nix::unistd::Pid;
 use tempfile::TempDir;
@@ -21,8 +25,8 @@ use tempfile::TempDir;
 use crate::nginx::{self, Upstream};
 use crate::postgres::{check_reachable, postgres_user};
 use crate::{
-    exporter, free_port, nginx_bin, proctree, prometheus, prometheus_bin, Child, Node, NodeOptions, Postgres,
-    PostgresOptions,
+    exporter, free_port, nginx_bin, proctree, prometheus, prometheus_bin, Child, Node, NodeOptions,
+    PatroniCluster, PatroniOptions, Postgres, PostgresOptions, DEADLOCK_TIMEOUT,
 };
 
 /// Connections kept free for admins, migrations and the isolation lab's dedicated connections.
@@ -64,6 +68,9 @@ pub struct FleetOptions {
     pub quiet: bool,
     /// fsync on (a fleet for benchmarks wants real durability costs; tests do not).
     pub durable: bool,
+    /// Replicas beside the primary: 0 = one PostgreSQL; N > 0 = a Patroni cluster of N + 1 members
+    /// (kept in `<dir>/patroni`), the nodes getting its write and read URLs.
+    pub replicas: u32,
 }
 
 impl FleetOptions {
@@ -80,6 +87,7 @@ impl FleetOptions {
             prometheus: true,
             quiet: false,
             durable: true,
+            replicas: 0,
         }
     }
 }
@@ -98,7 +106,7 @@ pub fn check_capacity(nodes: u32, pool_size: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A running fleet. Fields drop in order: nginx, Prometheus, the exporter, nodes, then PostgreSQL and
+/// A running fleet. Fields drop in order: nginx, Prometheus, the exporter, nodes, then the database and
 /// the temp dir.
 #[derive(Debug)]
 pub struct Fleet {
@@ -106,7 +114,7 @@ pub struct Fleet {
     prometheus: Option<(Child, u16)>,
     exporter: Option<(Child, u16)>,
     nodes: Vec<Node>,
-    pg: Postgres,
+    db: Database,
     dir: PathBuf,
     port: u16,
     upstreams: Vec<Upstream>,
@@ -118,7 +126,7 @@ pub struct Fleet {
 }
 
 impl Fleet {
-    /// Starts PostgreSQL, launches every node at once, waits until each is ready, starts nginx and
+    /// Starts the database, launches every node at once, waits until each is ready, starts nginx and
     /// Prometheus, and returns once every node answers through nginx.
     pub fn start(opts: FleetOptions) -> anyhow::Result<Fleet> {
         check_capacity(opts.nodes, opts.pool_size)?;
@@ -132,34 +140,48 @@ impl Fleet {
         };
         let logs = fresh_logs_dir(&dir)?;
         let mut warnings = Vec::new();
+        let kept_dir = dir.join(if opts.replicas > 0 { "patroni" } else { "postgres" });
         let database_dir = match (keep_database, postgres_user()?) {
             (false, _) => None,
-            (true, None) => Some(dir.join("postgres")),
-            (true, Some(user)) => match check_reachable(&dir.join("postgres"), &user) {
-                Ok(()) => Some(dir.join("postgres")),
+            (true, None) => Some(kept_dir),
+            (true, Some(user)) => match check_reachable(&kept_dir, &user) {
+                Ok(()) => Some(kept_dir),
                 Err(why) => {
                     warnings.push(format!("the database is not kept, it goes when the fleet stops: {why:#}"));
                     None
                 }
             },
         };
-        let pg = Postgres::start(PostgresOptions {
-            dir: database_dir,
-            max_connections: MAX_CONNECTIONS,
-            durable: opts.durable,
-            log_file: Some(logs.join("postgres.log")),
-            ..PostgresOptions::default()
-        })?;
+        let db = match opts.replicas {
+            0 => Database::Single(Postgres::start(PostgresOptions {
+                dir: database_dir,
+                max_connections: MAX_CONNECTIONS,
+                durable: opts.durable,
+                log_file: Some(logs.join("postgres.log")),
+                ..PostgresOptions::default()
+            })?),
+            replicas => Database::Cluster(PatroniCluster::start(PatroniOptions {
+                dir: database_dir,
+                members: replicas as usize + 1,
+                max_connections: MAX_CONNECTIONS,
+                durable: opts.durable,
+                parameters: vec![("deadlock_timeout".to_owned(), DEADLOCK_TIMEOUT.to_owned())],
+                quiet: opts.quiet,
+                logs: Some(logs.clone()),
+            })?),
+        };
+        let read_url = db.read_url().map(|url| ("DATABASE_READ_URL".to_owned(), url));
         let mut nodes = (1..=opts.nodes)
             .map(|i| {
                 Node::launch(NodeOptions {
                     bin: opts.node_bin.clone(),
                     container_id: format!("app-{i}"),
-                    database_url: pg.url(),
+                    database_url: db.url(),
                     pool_size: opts.pool_size,
                     port: 0,
                     env: [("SHUTDOWN_DRAIN_MS".to_owned(), NODE_DRAIN_MS.to_owned())]
                         .into_iter()
+                        .chain(read_url.clone())
                         .chain(opts.node_env.iter().cloned())
                         .collect(),
                     quiet: opts.quiet,
@@ -181,16 +203,33 @@ impl Fleet {
         let nginx = start_nginx(&dir.join("nginx"), port, &upstreams, &logs, opts.quiet)?;
         let (prometheus, exporter) = match opts.prometheus {
             true => {
-                let exporter = exporter::start(&pg, &dir.join("prometheus"), &logs, opts.quiet)?;
-                let exporter_address = format!("127.0.0.1:{}", exporter.1);
-                let prometheus = start_prometheus(
-                    &dir.join("prometheus"),
-                    &upstreams,
-                    &exporter_address,
-                    &logs,
-                    opts.quiet,
-                )?;
-                (Some(prometheus), Some(exporter))
+                // PostgreSQL's exporter speaks to one server; a cluster's members are seen through
+                // their Patroni's `/metrics` instead.
+                let exporter = match &db {
+                    Database::Single(pg) => {
+                        Some(exporter::start(pg, &dir.join("prometheus"), &logs, opts.quiet)?)
+                    }
+                    Database::Cluster(_) => None,
+                };
+                let exporter_address = exporter.as_ref().map(|(_, port)| format!("127.0.0.1:{port}"));
+                let patroni = match &db {
+                    Database::Single(_) => Vec::new(),
+                    Database::Cluster(cluster) => cluster
+                        .member_names()
+                        .into_iter()
+                        .map(|name| {
+                            let address = cluster.api_url(&name)?.trim_start_matches("http://").to_owned();
+                            Ok(Upstream { name, address })
+                        })
+                        .collect::<anyhow::Result<_>>()?,
+                };
+                let targets = prometheus::Targets {
+                    nodes: &upstreams,
+                    exporter: exporter_address.as_deref(),
+                    patroni: &patroni,
+                };
+                let prometheus = start_prometheus(&dir.join("prometheus"), &targets, &logs, opts.quiet)?;
+                (Some(prometheus), exporter)
             }
             false => (None, None),
         };
@@ -199,7 +238,7 @@ impl Fleet {
             prometheus,
             exporter,
             nodes,
-            pg,
+            db,
             dir,
             port,
             upstreams,
@@ -229,22 +268,22 @@ impl Fleet {
     /// The application's database URL, password included: a secret, never to print (see
     /// [`Fleet::database_display_url`]).
     pub fn database_url(&self) -> String {
-        self.pg.url()
+        self.db.url()
     }
 
     /// The application's database URL without its password.
     pub fn database_display_url(&self) -> String {
-        self.pg.display_url()
+        self.db.display_url()
     }
 
-    /// The database cluster's directory: `<dir>/postgres` when kept, else a temp dir.
+    /// The database's directory: `<dir>/postgres` (or `<dir>/patroni`) when kept, else a temp dir.
     pub fn database_dir(&self) -> &Path {
-        self.pg.dir()
+        self.db.dir()
     }
 
     /// Where the database's passwords are (a libpq password file, mode 0600).
     pub fn password_file(&self) -> PathBuf {
-        self.pg.password_file()
+        self.db.password_file()
     }
 
     /// Where every component's log is: `<dir>/logs/<name>.log`.
@@ -257,8 +296,18 @@ impl Fleet {
         &self.warnings
     }
 
-    pub fn postgres(&mut self) -> &mut Postgres {
-        &mut self.pg
+    /// The fleet's single PostgreSQL, or an error if it runs on a Patroni cluster.
+    pub fn postgres(&mut self) -> anyhow::Result<&mut Postgres> {
+        self.db.postgres()
+    }
+
+    /// The fleet's Patroni cluster, or an error if it runs on one PostgreSQL.
+    pub fn cluster(&mut self) -> anyhow::Result<&mut PatroniCluster> {
+        self.db.cluster()
+    }
+
+    pub fn database(&self) -> &Database {
+        &self.db
     }
 
     pub fn nodes(&self) -> &[Node] {
@@ -287,7 +336,8 @@ impl Fleet {
     }
 
     /// Stops nginx, Prometheus, the exporter, the nodes (SIGINT: they finish in-flight requests), then
-    /// PostgreSQL (a fast shutdown: a kept database is consistent), and removes nginx's and Prometheus's
+    /// the database (a fast shutdown: a kept database is consistent; a cluster's every Patroni and
+    /// postmaster, then etcd), and removes nginx's and Prometheus's
     /// files; the logs and a kept database stay.
     pub fn stop(mut self) -> anyhow::Result<()> {
         self.nginx.terminate(Duration::from_secs(5))?;
@@ -304,7 +354,7 @@ impl Fleet {
                 tracing::warn!(node = node.container_id(), %status, "node exited with an error");
             }
         }
-        self.pg.stop()?;
+        self.db.stop()?;
         if self._temp_dir.is_none() {
             for sub in ["nginx", "prometheus"] {
                 let path = self.dir.join(sub);
@@ -362,16 +412,18 @@ impl Fleet {
     /// Fault injection: restarts PostgreSQL (fast shutdown, which ends every session, then a start on the
     /// same port), resuming it first if it is paused. Returns once it accepts connections again.
     pub fn restart_db(&mut self) -> anyhow::Result<()> {
-        self.pg.stop()?;
-        self.pg.start_again()
+        let pg = self.db.postgres()?;
+        pg.stop()?;
+        pg.start_again()
     }
 
     /// Fault injection: freezes PostgreSQL's whole process tree for `duration` (see [`Postgres::pause`]),
     /// then thaws it; blocks all that time.
     pub fn pause_db(&mut self, duration: Duration) -> anyhow::Result<()> {
-        self.pg.pause()?;
+        let pg = self.db.postgres()?;
+        pg.pause()?;
         std::thread::sleep(duration);
-        self.pg.resume()
+        pg.resume()
     }
 
     /// Node `n` (counting from 1), or an error naming the nodes there are or saying it has exited.
@@ -483,15 +535,14 @@ fn start_nginx(
 
 fn start_prometheus(
     dir: &Path,
-    upstreams: &[Upstream],
-    exporter: &str,
+    targets: &prometheus::Targets<'_>,
     logs: &Path,
     quiet: bool,
 ) -> anyhow::Result<(Child, u16)> {
     fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let conf = dir.join("prometheus.yml");
     let port = free_port()?;
-    fs::write(&conf, prometheus::config(upstreams, "1s", &[], &format!("127.0.0.1:{port}"), exporter))?;
+    fs::write(&conf, prometheus::config(targets, "1s", &[], &format!("127.0.0.1:{port}")))?;
     let mut cmd = Command::new(prometheus_bin("prometheus")?);
     cmd.arg(format!("--config.file={}", conf.display()))
         .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))

@@ -10,6 +10,8 @@ use std::path::Path;
 
 /// Nodes in the compose topology (`app-1` … `app-4`): 4 × `POOL_SIZE` 5 = 20 of PostgreSQL's 100 connections.
 const COMPOSE_NODES: usize = 4;
+/// How many nodes the compose `ha` profile runs on the Patroni cluster.
+const COMPOSE_HA_NODES: usize = 2;
 /// The port every node listens on in its container (the node's default `PORT`).
 const COMPOSE_NODE_PORT: u16 = 3000;
 
@@ -34,6 +36,14 @@ const PROXY_READ_TIMEOUT: &str = "65s";
 /// The node's default `BODY_LIMIT_BYTES` (16 MiB; nginx's `m` is MiB): larger bodies get nginx's 413,
 /// smaller ones reach the node, which answers with its own JSON errors.
 const CLIENT_MAX_BODY_SIZE: &str = "16m";
+/// Request bodies up to this size stay in nginx's memory and go to the node in one write; larger ones
+/// go through a temp file and are sent in writes of this size. nginx sets `TCP_NODELAY` toward a node
+/// only for unbuffered bodies, so with its default (8 KiB) a 68 KB bulk insert left in 8 KiB writes, and
+/// Nagle's algorithm held the last one until the node's delayed ACK (40 ms and more on a kept-alive
+/// connection; a fresh one ACKs at once). 1 MiB holds a bulk insert of about 15,000 benchmark rows, and
+/// keeps nginx's memory per request in flight at 1 MiB. (`proxy_request_buffering off` would also set
+/// `TCP_NODELAY`, but would hand a slow client's upload to the node, whose body budget it would hold.)
+pub const CLIENT_BODY_BUFFER_SIZE: &str = "1m";
 
 /// The lab endpoints (`/api/hold`, `/api/test-isolation`, round robin or pinned) per client address:
 /// each request holds database connections on purpose, so a client gets a short burst and then this
@@ -76,6 +86,13 @@ pub struct Upstream {
 pub fn compose_upstreams() -> Vec<Upstream> {
     (1..=COMPOSE_NODES)
         .map(|i| Upstream { name: format!("app-{i}"), address: format!("app-{i}:{COMPOSE_NODE_PORT}") })
+        .collect()
+}
+
+/// The compose `ha` profile's nodes: ha-app-1 and ha-app-2 at ha-app-N:3000, on the Patroni cluster.
+pub fn compose_ha_upstreams() -> Vec<Upstream> {
+    (1..=COMPOSE_HA_NODES)
+        .map(|i| Upstream { name: format!("ha-app-{i}"), address: format!("ha-app-{i}:{COMPOSE_NODE_PORT}") })
         .collect()
 }
 
@@ -138,7 +155,8 @@ fn site(listen: &str, nodes: &[Upstream], out_of_rotation: &[String]) -> String 
     }
     let _ = writeln!(out, "\nserver {{\n    listen {listen};");
     out.push_str("    server_tokens off;\n");
-    let _ = writeln!(out, "    client_max_body_size {CLIENT_MAX_BODY_SIZE};\n");
+    let _ = writeln!(out, "    client_max_body_size {CLIENT_MAX_BODY_SIZE};");
+    let _ = writeln!(out, "    client_body_buffer_size {CLIENT_BODY_BUFFER_SIZE};\n");
     out.push_str(PROXY_HEADERS);
     let _ = writeln!(out, "    proxy_connect_timeout {PROXY_CONNECT_TIMEOUT};");
     let _ = writeln!(out, "    proxy_read_timeout {PROXY_READ_TIMEOUT};");

@@ -2,10 +2,13 @@
 //! process that starts, stops, promotes and demotes its own PostgreSQL, with synchronous replication
 //! (`synchronous_mode`), so an acknowledged write survives losing the primary.
 //!
-//! Layout of the cluster directory: `etcd/` (the store), and per member `pg-N/` with `patroni.yml`
-//! (0600: it holds the passwords), `data/` (PGDATA), `pgpass` and the Unix socket. Patroni and
-//! PostgreSQL run as the `postgres` user when we are root. Patroni detaches its postmaster (it survives
-//! Patroni's death, by design): every stop here ends both, and dropping the cluster does too.
+//! Layout of the cluster directory: `etcd/` (the store), `pgpass` (every password of the cluster, in
+//! libpq's password-file format, 0600), and per member `pg-N/` with `patroni.yml` (0600: it holds the
+//! passwords), `data/` (PGDATA), Patroni's own `pgpass` and the Unix socket. A directory that already
+//! holds a cluster is started again with its data and passwords (every member at once: any of them may
+//! have been the last leader). Patroni and PostgreSQL run as the `postgres` user when we are root.
+//! Patroni detaches its postmaster (it survives Patroni's death, by design): every stop here ends both,
+//! and dropping the cluster does too.
 
 mod config;
 
@@ -24,7 +27,7 @@ use serde_json::Value;
 use tempfile::TempDir;
 
 use config::{ClusterPlan, MemberPlace};
-pub use config::{Secrets, LOOP_WAIT_S, RETRY_TIMEOUT_S, TTL_S};
+pub use config::{Secrets, LOOP_WAIT_S, REST_API_USER, RETRY_TIMEOUT_S, TTL_S};
 
 use crate::bins::{patroni_bin, postgres_bin};
 use crate::etcd::Etcd;
@@ -39,6 +42,11 @@ const SCOPE: &str = "pgfleet";
 const READY_TIMEOUT: Duration = Duration::from_secs(180);
 /// How long Patroni gets to stop its PostgreSQL on SIGTERM before both are killed.
 const STOP_GRACE: Duration = Duration::from_secs(30);
+/// The cluster's password file, in the cluster directory.
+const PASSWORD_FILE: &str = "pgpass";
+/// How long Patroni's `POST /switchover` may take: it answers once the switchover is done (the leader
+/// demoted, the candidate promoted), which takes far longer than other calls on a busy machine.
+const SWITCHOVER_TIMEOUT: Duration = Duration::from_secs(120);
 /// How often the cluster's state is polled while waiting.
 const POLL_INTERVAL: Duration = Duration::from_millis(200);
 
@@ -56,6 +64,8 @@ pub struct PatroniOptions {
     pub parameters: Vec<(String, String)>,
     /// Hide the children's output (it is still kept for error messages).
     pub quiet: bool,
+    /// Also append each child's output to `<logs>/<name>.log` (`pg-1.log` …, `etcd.log`).
+    pub logs: Option<PathBuf>,
 }
 
 impl Default for PatroniOptions {
@@ -67,6 +77,7 @@ impl Default for PatroniOptions {
             durable: false,
             parameters: Vec::new(),
             quiet: true,
+            logs: None,
         }
     }
 }
@@ -122,11 +133,14 @@ impl Member {
         self.dir.join("data")
     }
 
-    /// The postmaster's PID from `postmaster.pid`, if that process still runs.
+    /// The postmaster's PID from `postmaster.pid`, if that process still runs and is this member's
+    /// (its command line names the data directory: a PID reused by another process is not).
     fn postmaster(&self) -> Option<Pid> {
         let text = fs::read_to_string(self.data_dir().join("postmaster.pid")).ok()?;
         let pid = Pid::from_raw(text.lines().next()?.trim().parse().ok()?);
-        kill(pid, None).is_ok().then_some(pid)
+        let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+        let data_dir = self.data_dir();
+        String::from_utf8_lossy(&cmdline).contains(data_dir.to_str()?).then_some(pid)
     }
 }
 
@@ -140,6 +154,8 @@ pub struct PatroniCluster {
     quiet: bool,
     http: ureq::Agent,
     etcd: Option<Etcd>,
+    logs: Option<PathBuf>,
+    dir: PathBuf,
     temp_dir: Option<TempDir>,
 }
 
@@ -150,8 +166,14 @@ impl PatroniCluster {
         ensure!(opts.members >= 1, "a cluster needs at least one member");
         let run_as = postgres_user()?;
         let (dir, temp_dir) = cluster_dir(opts.dir.as_deref(), "pgfleet-ha-")?;
-        let etcd = Etcd::start(&dir, opts.quiet)?;
-        let secrets = Secrets::random()?;
+        let etcd = Etcd::start(&dir, opts.quiet, opts.logs.as_deref())?;
+        let password_file = dir.join(PASSWORD_FILE);
+        let kept = (1..=opts.members).any(|n| dir.join(format!("pg-{n}/data/PG_VERSION")).exists());
+        let secrets = match kept {
+            true => Secrets::read(&password_file)?,
+            false => Secrets::random()?,
+        };
+        secrets.write(&password_file)?;
         // Patroni runs every server tool from one directory (pg_controldata, pg_rewind …): the real one,
         // not a directory of symlinks to a few of them.
         let postgres =
@@ -196,21 +218,37 @@ impl PatroniCluster {
                 hand_over(&member.dir, user)?;
                 std::os::unix::fs::chown(&config_file, Some(user.uid.as_raw()), Some(user.gid.as_raw()))?;
             }
+            // A postmaster left running by a Patroni that was killed with its owner (it detaches its
+            // PostgreSQL) would hold the port and the data directory: stop it before Patroni starts.
+            if let Some(orphan) = member.postmaster() {
+                tracing::warn!(member = %member.name, pid = %orphan, "killing a PostgreSQL left running by an earlier start");
+                kill_tree(orphan);
+            }
             members.push(member);
         }
         let http = ureq::AgentBuilder::new()
             .timeout_connect(Duration::from_secs(1))
             .timeout(Duration::from_secs(5))
             .build();
-        let mut cluster =
-            PatroniCluster { members, secrets, run_as, quiet: opts.quiet, http, etcd: Some(etcd), temp_dir };
-        // The first member bootstraps the cluster; the others then clone it.
+        let mut cluster = PatroniCluster {
+            members,
+            secrets,
+            run_as,
+            quiet: opts.quiet,
+            http,
+            etcd: Some(etcd),
+            logs: opts.logs.clone(),
+            dir: dir.clone(),
+            temp_dir,
+        };
+        // A new cluster: the first member bootstraps it; the others then clone it.
         for n in 0..cluster.members.len() {
             cluster.spawn(n)?;
-            if n == 0 {
+            if n == 0 && !kept {
                 cluster.wait_for_primary(None)?;
             }
         }
+        cluster.wait_for_primary(None)?;
         cluster.wait_until_whole()?;
         cluster.create_app_database()?;
         tracing::info!(members = cluster.members.len(), dir = %dir.display(), "Patroni cluster ready");
@@ -224,7 +262,15 @@ impl PatroniCluster {
         if let Some(user) = &self.run_as {
             cmd.uid(user.uid.as_raw()).gid(user.gid.as_raw()).env("HOME", &member.dir);
         }
-        let child = Child::spawn(&member.name, cmd, self.quiet)?;
+        let child = match &self.logs {
+            Some(logs) => Child::spawn_logged(
+                &member.name,
+                cmd,
+                self.quiet,
+                &logs.join(format!("{}.log", member.name)),
+            )?,
+            None => Child::spawn(&member.name, cmd, self.quiet)?,
+        };
         self.members[n].patroni = Some(child);
         Ok(())
     }
@@ -350,6 +396,27 @@ impl PatroniCluster {
         self.url().replace(&self.secrets.app, "****")
     }
 
+    /// [`PatroniCluster::url`] with no password at all: psql (libpq) reaches the current primary with it
+    /// and takes the password from [`PatroniCluster::password_file`].
+    pub fn display_url(&self) -> String {
+        self.url().replace(&format!(":{}@", self.secrets.app), "@")
+    }
+
+    /// The libpq password file with the superuser's and the application's passwords (mode 0600).
+    pub fn password_file(&self) -> PathBuf {
+        self.dir.join(PASSWORD_FILE)
+    }
+
+    /// The cluster directory.
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+
+    /// Member `name`'s Patroni REST API: `http://127.0.0.1:PORT` (its `/metrics` needs no password).
+    pub fn api_url(&self, name: &str) -> anyhow::Result<String> {
+        Ok(format!("http://127.0.0.1:{}", self.members[self.index(name)?].api_port))
+    }
+
     fn app_url(&self, params: &str) -> String {
         let hosts: Vec<String> = self.members.iter().map(|m| format!("127.0.0.1:{}", m.pg_port)).collect();
         format!("postgres://{APP_USER}:{}@{}/{APP_DATABASE}?{params}", self.secrets.app, hosts.join(","))
@@ -436,9 +503,10 @@ impl PatroniCluster {
         if let Some(candidate) = candidate {
             body["candidate"] = candidate.into();
         }
-        let auth = format!("Basic {}", base64(&format!("patroni:{}", self.secrets.rest_api)));
+        let auth = format!("Basic {}", base64(&format!("{REST_API_USER}:{}", self.secrets.rest_api)));
         self.http
             .post(&format!("http://127.0.0.1:{api_port}/switchover"))
+            .timeout(SWITCHOVER_TIMEOUT)
             .set("Authorization", &auth)
             .send_json(body)
             .map_err(|e| match e {
@@ -455,6 +523,42 @@ impl PatroniCluster {
             ensure!(new == candidate, "{new} leads after a switchover to {candidate}");
         }
         Ok(new)
+    }
+
+    /// SIGKILL to the leader ([`PatroniCluster::kill_member`]); waits until another member accepts
+    /// writes, then starts the killed one again and waits until the cluster is whole (it rejoins as a
+    /// replica, rewound if it diverged). Returns the killed leader, the new one, and how long the
+    /// takeover took.
+    pub fn kill_leader(&mut self) -> anyhow::Result<(String, String, Duration)> {
+        let old = self.leader()?;
+        let killed = Instant::now();
+        self.kill_member(&old)?;
+        let new = self.wait_for_primary(Some(&old))?;
+        let took = killed.elapsed();
+        self.start_member(&old)?;
+        self.wait_until_whole()?;
+        Ok((old, new, took))
+    }
+
+    /// What an operator's rolling update does: each replica stopped and started again (waiting until
+    /// the cluster is whole after each), a switchover, then the old leader restarted. Returns the old
+    /// leader and the new one once the cluster is whole again.
+    pub fn rolling_restart(&mut self) -> anyhow::Result<(String, String)> {
+        self.wait_until_whole()?;
+        let leader = self.leader()?;
+        for name in self.member_names().into_iter().filter(|name| *name != leader) {
+            self.restart_member(&name)?;
+        }
+        let new = self.switchover(None)?;
+        self.restart_member(&leader)?;
+        Ok((leader, new))
+    }
+
+    /// Stops member `name` cleanly, starts it again and waits until the cluster is whole.
+    pub fn restart_member(&mut self, name: &str) -> anyhow::Result<()> {
+        self.stop_member(name)?;
+        self.start_member(name)?;
+        self.wait_until_whole()
     }
 
     /// Pauses WAL replay on replica `name`: SIGSTOP to its startup (recovery) process, so it keeps
@@ -491,15 +595,29 @@ impl PatroniCluster {
     }
 }
 
-impl Drop for PatroniCluster {
-    fn drop(&mut self) {
-        let names = self.member_names();
-        for name in names.iter().rev() {
+impl PatroniCluster {
+    /// Stops every member (Patroni and its PostgreSQL, replicas first), then etcd; returns the first
+    /// error, after trying them all.
+    pub fn stop(&mut self) -> anyhow::Result<()> {
+        let mut result = Ok(());
+        let leader = self.etcd.as_ref().and_then(|_| self.leader().ok());
+        let mut names = self.member_names();
+        // The leader last, so no replica takes over from it meanwhile.
+        names.sort_by_key(|name| Some(name) == leader.as_ref());
+        for name in &names {
             if let Err(error) = self.stop_member(name) {
                 tracing::warn!(member = %name, error = %format!("{error:#}"), "cannot stop member");
+                result = result.and(Err(error));
             }
         }
         drop(self.etcd.take());
+        result
+    }
+}
+
+impl Drop for PatroniCluster {
+    fn drop(&mut self) {
+        let _ = self.stop();
         if let Some(temp_dir) = self.temp_dir.take() {
             let path = temp_dir.path().to_owned();
             if let Err(error) = temp_dir.close() {
@@ -523,7 +641,7 @@ fn kill_tree(root: Pid) {
 }
 
 /// The members of Patroni's `GET /cluster` answer.
-fn parse_cluster(body: &Value) -> anyhow::Result<Vec<MemberStatus>> {
+pub fn parse_cluster(body: &Value) -> anyhow::Result<Vec<MemberStatus>> {
     let members = body["members"].as_array().context("Patroni's /cluster has no members")?;
     members
         .iter()

@@ -27,8 +27,8 @@ mod credentials;
 mod setup;
 
 use crate::{free_port, proctree};
-pub(crate) use credentials::random_password;
 use credentials::Credentials;
+pub(crate) use credentials::{random_password, read_password_file, write_password_file};
 pub(crate) use setup::hand_over;
 use setup::settings;
 pub use setup::{check_reachable, PostgresOptions, DEADLOCK_TIMEOUT};

@@ -8,6 +8,8 @@ use crate::nginx::Upstream;
 
 /// The job every node is scraped under; dashboards and rules select `job="fleet-app"`.
 const NODE_JOB: &str = "fleet-app";
+/// The job every Patroni is scraped under (its REST API's `/metrics`).
+const PATRONI_JOB: &str = "patroni";
 /// The job PostgreSQL's exporter is scraped under.
 const POSTGRES_JOB: &str = "postgres";
 /// Prometheus's own address in the compose file (its default listen port).
@@ -15,20 +17,30 @@ pub const COMPOSE_SELF_ADDRESS: &str = "localhost:9090";
 /// PostgreSQL's exporter in the compose file (its service and default port).
 pub const COMPOSE_EXPORTER_ADDRESS: &str = "postgres-exporter:9187";
 
+/// What Prometheus scrapes besides itself.
+#[derive(Debug, Clone, Copy)]
+pub struct Targets<'a> {
+    /// Every node (job `fleet-app`, label `container="app-N"`).
+    pub nodes: &'a [Upstream],
+    /// PostgreSQL's exporter (job `postgres`), if there is one.
+    pub exporter: Option<&'a str>,
+    /// Every Patroni's REST API (job `patroni`, its `/metrics`, label `member="pg-N"`).
+    pub patroni: &'a [Upstream],
+}
+
 /// prometheus.yml scraping every node's `/metrics` directly (job `fleet-app`, one target per node, label
-/// `container="app-N"`), PostgreSQL's exporter (job `postgres` at `exporter`), plus Prometheus itself
-/// (job `prometheus` at `self_address`), loading
+/// `container="app-N"`), PostgreSQL's exporter (job `postgres`), every Patroni (job `patroni`), plus
+/// Prometheus itself (job `prometheus` at `self_address`), loading
 /// `rule_files`. `scrape_interval` (a Prometheus duration, `"5s"`) is also the rule evaluation interval;
 /// the scrape timeout follows Prometheus's default, capped at the interval.
 ///
 /// One renderer for both compose (`deploy/prometheus/prometheus.yml`: targets `app-N:3000`, rules at
 /// `/etc/prometheus/rules.yml`) and a local fleet (loopback targets, temp paths).
 pub fn config(
-    nodes: &[Upstream],
+    targets: &Targets<'_>,
     scrape_interval: &str,
     rule_files: &[&str],
     self_address: &str,
-    exporter: &str,
 ) -> String {
     let mut out = String::new();
     out.push_str(HEADER);
@@ -50,19 +62,30 @@ pub fn config(
     out.push_str("    static_configs:\n");
     let _ = writeln!(out, "      - targets: [{}]", quote(self_address));
     out.push('\n');
-    let _ = writeln!(out, "  - job_name: {POSTGRES_JOB}");
-    out.push_str("    static_configs:\n");
-    let _ = writeln!(out, "      - targets: [{}]", quote(exporter));
-    out.push('\n');
-    let _ = writeln!(out, "  - job_name: {NODE_JOB}");
-    out.push_str("    metrics_path: /metrics\n");
-    out.push_str(if nodes.is_empty() { "    static_configs: []\n" } else { "    static_configs:\n" });
-    for node in nodes {
-        let _ = writeln!(out, "      - targets: [{}]", quote(&node.address));
-        out.push_str("        labels:\n");
-        let _ = writeln!(out, "          container: {}", quote(&node.name));
+    if let Some(exporter) = targets.exporter {
+        let _ = writeln!(out, "  - job_name: {POSTGRES_JOB}");
+        out.push_str("    static_configs:\n");
+        let _ = writeln!(out, "      - targets: [{}]", quote(exporter));
+        out.push('\n');
     }
+    if !targets.patroni.is_empty() {
+        job(&mut out, PATRONI_JOB, "member", targets.patroni);
+        out.push('\n');
+    }
+    job(&mut out, NODE_JOB, "container", targets.nodes);
     out
+}
+
+/// A job scraping `/metrics` of each target, labelled `label: <its name>`.
+fn job(out: &mut String, name: &str, label: &str, targets: &[Upstream]) {
+    let _ = writeln!(out, "  - job_name: {name}");
+    out.push_str("    metrics_path: /metrics\n");
+    out.push_str(if targets.is_empty() { "    static_configs: []\n" } else { "    static_configs:\n" });
+    for target in targets {
+        let _ = writeln!(out, "      - targets: [{}]", quote(&target.address));
+        out.push_str("        labels:\n");
+        let _ = writeln!(out, "          {label}: {}", quote(&target.name));
+    }
 }
 
 const HEADER: &str = "# Scrapes every fleet node directly. Rendered by fleet_local::prometheus::config: edit that,
@@ -84,7 +107,9 @@ mod tests {
             Upstream { name: "app-1".into(), address: "127.0.0.1:41001".into() },
             Upstream { name: "app-2".into(), address: "127.0.0.1:41002".into() },
         ];
-        let yml = config(&nodes, "1s", &["/tmp/a dir/rules.yml"], "127.0.0.1:9999", "127.0.0.1:9187");
+        let targets = Targets { nodes: &nodes, exporter: Some("127.0.0.1:9187"), patroni: &[] };
+        let yml = config(&targets, "1s", &["/tmp/a dir/rules.yml"], "127.0.0.1:9999");
+        assert!(!yml.contains("patroni"), "{yml}");
         assert!(
             yml.contains(
                 "  - job_name: postgres\n    static_configs:\n      - targets: [\"127.0.0.1:9187\"]\n"
@@ -101,5 +126,22 @@ mod tests {
             );
             assert!(yml.contains(&target), "{yml}");
         }
+    }
+
+    #[test]
+    fn a_cluster_scrapes_every_patroni_and_no_exporter() {
+        let nodes = [Upstream { name: "app-1".into(), address: "127.0.0.1:41001".into() }];
+        let patroni = [
+            Upstream { name: "pg-1".into(), address: "127.0.0.1:42001".into() },
+            Upstream { name: "pg-2".into(), address: "127.0.0.1:42002".into() },
+        ];
+        let yml = config(&Targets { nodes: &nodes, exporter: None, patroni: &patroni }, "1s", &[], "x:1");
+        assert!(!yml.contains("job_name: postgres"), "{yml}");
+        assert!(
+            yml.contains("  - job_name: patroni\n    metrics_path: /metrics\n    static_configs:\n      - targets: [\"127.0.0.1:42001\"]\n        labels:\n          member: \"pg-1\"\n"),
+            "{yml}"
+        );
+        assert!(yml.contains("member: \"pg-2\""), "{yml}");
+        assert!(yml.contains("container: \"app-1\""), "{yml}");
     }
 }

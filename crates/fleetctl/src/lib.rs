@@ -46,7 +46,7 @@ enum Command {
         dir: PathBuf,
     },
     /// Benchmark private fleets against the database's own ceiling; write results and plots.
-    Bench(bench::BenchArgs),
+    Bench(Box<bench::BenchArgs>),
     /// Break a running fleet on purpose (kill or stop a node, restart or pause the database), or run a
     /// load through such faults and check that no acknowledged increment was lost or doubled.
     Chaos(chaos::ChaosArgs),
@@ -75,7 +75,7 @@ pub fn main() -> ExitCode {
         Command::Down { dir } => status::down(&dir),
         Command::Logs(args) => logs::run(args),
         Command::Top(args) => top::run(args),
-        Command::Bench(args) => bench::run(args),
+        Command::Bench(args) => bench::run(*args),
         Command::Chaos(args) => chaos::run(args),
         Command::Lab { experiment: Lab::Isolation { url } } => lab::print_isolation(&url),
     };

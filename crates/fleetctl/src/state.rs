@@ -15,10 +15,23 @@ pub struct FleetState {
     pub url: String,
     pub prometheus: Option<String>,
     pub nodes: Vec<NodeState>,
-    /// PostgreSQL's TCP port on 127.0.0.1.
+    /// PostgreSQL's TCP port on 127.0.0.1 (a cluster's primary's when the fleet started).
     pub database_port: u16,
     /// The libpq password file holding the superuser's and the application's passwords.
     pub password_file: PathBuf,
+    /// The Patroni cluster's members; none when the fleet runs on one PostgreSQL.
+    #[serde(default)]
+    pub members: Vec<MemberState>,
+}
+
+/// One member of the fleet's Patroni cluster.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct MemberState {
+    pub name: String,
+    /// Its PostgreSQL's TCP port on 127.0.0.1.
+    pub port: u16,
+    /// Its Patroni's REST API, `http://127.0.0.1:PORT`.
+    pub api: String,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -1,4 +1,5 @@
-//! `fleetctl status` and `fleetctl down`: talk to a fleet started by another `fleetctl up`.
+//! `fleetctl status` and `fleetctl down`: talk to a fleet started by another `fleetctl up`. On a Patroni
+//! cluster, status also shows each member: role, state, timeline and replication lag.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -7,6 +8,9 @@ use anyhow::{bail, Context};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use serde_json::{json, Value};
+
+use fleet_local::patroni::parse_cluster;
+use fleet_local::MemberStatus;
 
 use crate::state::FleetState;
 
@@ -75,8 +79,18 @@ pub fn status(dir: &Path, as_json: bool) -> anyhow::Result<()> {
             json!({ "name": node.name, "url": node.url, "pid": node.pid, "health": health, "pool": pool })
         })
         .collect();
+    let members = cluster_members(&agent, &state);
     if as_json {
-        let out = json!({ "url": state.url, "prometheus": state.prometheus, "nodes": nodes });
+        let members: Option<Vec<Value>> = members.as_ref().map(|m| {
+            m.iter()
+                .map(|m| {
+                    json!({ "name": m.name, "role": m.role, "state": m.state, "timeline": m.timeline,
+                            "lag_bytes": m.lag_bytes, "port": m.port })
+                })
+                .collect()
+        });
+        let out =
+            json!({ "url": state.url, "prometheus": state.prometheus, "nodes": nodes, "members": members });
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
@@ -99,5 +113,36 @@ pub fn status(dir: &Path, as_json: bool) -> anyhow::Result<()> {
             waiting,
         );
     }
+    if let Some(members) = members {
+        println!();
+        if members.is_empty() {
+            println!("no member's Patroni REST API answers");
+        }
+        println!("{:<8} {:<14} {:<10} {:>8} {:>12}", "MEMBER", "ROLE", "STATE", "TIMELINE", "LAG (BYTES)");
+        let show = |v: Option<u64>| v.map_or("-".to_owned(), |v| v.to_string());
+        for m in members {
+            println!(
+                "{:<8} {:<14} {:<10} {:>8} {:>12}",
+                m.name,
+                m.role,
+                m.state,
+                show(m.timeline),
+                show(m.lag_bytes)
+            );
+        }
+    }
     Ok(())
+}
+
+/// The Patroni cluster's members as the first member's REST API that answers reports them; `None` for a
+/// fleet on one PostgreSQL, or an empty list when no member answers.
+fn cluster_members(agent: &ureq::Agent, state: &FleetState) -> Option<Vec<MemberStatus>> {
+    if state.members.is_empty() {
+        return None;
+    }
+    let answer = state.members.iter().find_map(|member| {
+        let body: Value = agent.get(&format!("{}/cluster", member.api)).call().ok()?.into_json().ok()?;
+        parse_cluster(&body).ok()
+    });
+    Some(answer.unwrap_or_default())
 }

@@ -70,7 +70,14 @@ pub fn run(args: TopArgs) -> anyhow::Result<()> {
 
 /// The whole view as text.
 fn snapshot(state: &FleetState) -> anyhow::Result<String> {
-    let mut out = format!("fleet {}, database 127.0.0.1:{}\n\n", state.url, state.database_port);
+    let database = match state.members.is_empty() {
+        true => format!("127.0.0.1:{}", state.database_port),
+        false => format!(
+            "the primary of {}",
+            state.members.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", ")
+        ),
+    };
+    let mut out = format!("fleet {}, database {database}\n\n", state.url);
     out.push_str(&format!("{:<22} {:<30} {:>8} {:>14}\n", "SESSIONS", "STATE", "COUNT", "OLDEST XACT s"));
     for row in query(state, SESSIONS)? {
         let [app, session_state, count, oldest] = &row[..] else { continue };
@@ -109,9 +116,17 @@ fn node_name(application: &str) -> &str {
 
 /// The rows of `sql` (fixed text: nothing from outside goes into it), columns split at tabs.
 fn query(state: &FleetState, sql: &str) -> anyhow::Result<Vec<Vec<String>>> {
+    let ports: Vec<String> = match state.members.is_empty() {
+        true => vec![state.database_port.to_string()],
+        false => state.members.iter().map(|m| m.port.to_string()).collect(),
+    };
     let output = Command::new(fleet_local::postgres_bin("psql")?)
-        .args(["-X", "-A", "-t", "-q", "-F", "\t", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1"])
-        .args(["-p", &state.database_port.to_string(), "-U", ADMIN_USER, "-d", APP_DATABASE, "-c", sql])
+        .args(["-X", "-A", "-t", "-q", "-F", "\t", "-v", "ON_ERROR_STOP=1"])
+        .args(["-U", ADMIN_USER, "-d", APP_DATABASE, "-c", sql])
+        .env("PGHOST", vec!["127.0.0.1"; ports.len()].join(","))
+        .env("PGPORT", ports.join(","))
+        // On a Patroni cluster, whichever member is the primary now.
+        .env("PGTARGETSESSIONATTRS", "read-write")
         .env("PGPASSFILE", &state.password_file)
         .env("PGCONNECT_TIMEOUT", "5")
         .env("PGAPPNAME", "fleetctl top")

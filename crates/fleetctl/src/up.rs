@@ -1,8 +1,9 @@
 //! `fleetctl up`: start a fleet, print one line per component and the summary, run until Ctrl-C or
 //! SIGTERM, stop it cleanly. Children's output goes to `<dir>/logs/` (`fleetctl logs`), or with
 //! `--verbose` also to stderr, each line prefixed with its component. The database is kept in
-//! `<dir>/postgres` across runs (`--fresh` starts over). Meanwhile it serves the fleet's control
-//! socket, through which `fleetctl chaos` injects faults.
+//! `<dir>/postgres` across runs (`--fresh` starts over); with `--replicas N` it is a Patroni cluster of
+//! N + 1 members kept in `<dir>/patroni`. Meanwhile it serves the fleet's control socket, through which
+//! `fleetctl chaos` injects faults.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,10 +12,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Args;
-use fleet_local::fleet::{Fleet, FleetOptions};
+use fleet_local::fleet::{Database, Fleet, FleetOptions};
 
 use crate::chaos::control::{ControlServer, Injector};
-use crate::state::{self, FleetState, NodeState};
+use crate::state::{self, FleetState, MemberState, NodeState};
 
 #[derive(Debug, Args)]
 pub struct UpArgs {
@@ -24,6 +25,10 @@ pub struct UpArgs {
     /// Each node's connection pool size.
     #[arg(long, default_value_t = 5)]
     pool_size: u32,
+    /// Replicas beside the primary: 0 runs one PostgreSQL; N > 0 a Patroni cluster (etcd, synchronous
+    /// replication) of N + 1 members, the nodes writing to its primary and reading from its replicas.
+    #[arg(long, default_value_t = 0)]
+    replicas: u32,
     /// nginx's port on 127.0.0.1 (0 picks a free one).
     #[arg(long, default_value_t = 8080)]
     port: u16,
@@ -49,11 +54,13 @@ fn forget_database(dir: &std::path::Path) -> anyhow::Result<()> {
     if !dir.exists() {
         return Ok(());
     }
-    let database = fleet_local::fleet::prepare_dir(dir, true)?.join("postgres");
-    if database.exists() {
-        std::fs::remove_dir_all(&database)
-            .with_context(|| format!("cannot delete {}", database.display()))?;
-        eprintln!("fleetctl: --fresh: deleted the kept database {}", database.display());
+    let dir = fleet_local::fleet::prepare_dir(dir, true)?;
+    for database in [dir.join("postgres"), dir.join("patroni")] {
+        if database.exists() {
+            std::fs::remove_dir_all(&database)
+                .with_context(|| format!("cannot delete {}", database.display()))?;
+            eprintln!("fleetctl: --fresh: deleted the kept database {}", database.display());
+        }
     }
     Ok(())
 }
@@ -66,7 +73,15 @@ fn print_summary(fleet: &Fleet, state: &FleetState, dir: &std::path::Path, contr
         true => format!("data kept in {} (--fresh starts over)", database_dir.display()),
         false => "a throwaway cluster".to_owned(),
     };
-    println!("postgres: 127.0.0.1:{}, {kept}", state.database_port);
+    match state.members.is_empty() {
+        true => println!("postgres: 127.0.0.1:{}, {kept}", state.database_port),
+        false => {
+            println!("patroni: {} members, {kept}", state.members.len());
+            for member in &state.members {
+                println!("{}: 127.0.0.1:{} (Patroni {})", member.name, member.port, member.api);
+            }
+        }
+    }
     for node in &state.nodes {
         println!("{}: {} (pid {})", node.name, node.url, node.pid);
     }
@@ -84,12 +99,32 @@ fn print_summary(fleet: &Fleet, state: &FleetState, dir: &std::path::Path, contr
     );
     println!("control: {} (fleetctl chaos --dir {})", control.display(), dir.display());
     println!(
-        "database: {} (passwords in {}: PGPASSFILE={} psql {})",
+        "database: {} (passwords in {}: PGPASSFILE={} psql '{}')",
         fleet.database_display_url(),
         state.password_file.display(),
         state.password_file.display(),
         fleet.database_display_url()
     );
+}
+
+/// The single PostgreSQL's port, or the primary's when the fleet starts.
+fn database_port(fleet: &Fleet) -> anyhow::Result<u16> {
+    match fleet.database() {
+        Database::Single(pg) => Ok(pg.port()),
+        Database::Cluster(cluster) => cluster.port(&cluster.leader()?),
+    }
+}
+
+/// The Patroni cluster's members, where their PostgreSQL and REST API listen (none for one PostgreSQL).
+fn members(fleet: &Fleet) -> anyhow::Result<Vec<MemberState>> {
+    let Database::Cluster(cluster) = fleet.database() else {
+        return Ok(Vec::new());
+    };
+    cluster
+        .member_names()
+        .into_iter()
+        .map(|name| Ok(MemberState { port: cluster.port(&name)?, api: cluster.api_url(&name)?, name }))
+        .collect()
 }
 
 pub(crate) fn parse_env(s: &str) -> Result<(String, String), String> {
@@ -130,10 +165,19 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     if args.fresh {
         forget_database(&args.dir)?;
     }
-    eprintln!("starting {} nodes × pool {} …", args.nodes, args.pool_size);
+    match args.replicas {
+        0 => eprintln!("starting {} nodes × pool {} …", args.nodes, args.pool_size),
+        n => eprintln!(
+            "starting a Patroni cluster of {} members, then {} nodes × pool {} …",
+            n + 1,
+            args.nodes,
+            args.pool_size
+        ),
+    }
     let mut opts = FleetOptions::new(node_bin()?);
     opts.nodes = args.nodes;
     opts.pool_size = args.pool_size;
+    opts.replicas = args.replicas;
     opts.port = args.port;
     opts.dir = Some(args.dir.clone());
     opts.keep_database = true;
@@ -155,8 +199,9 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             .iter()
             .map(|n| NodeState { name: n.container_id().to_owned(), url: n.url(), pid: n.pid() })
             .collect(),
-        database_port: fleet.postgres().port(),
+        database_port: database_port(&fleet)?,
         password_file: fleet.password_file(),
+        members: members(&fleet)?,
     };
     print_summary(&fleet, &state, &args.dir, control.path());
     state.write(fleet.dir())?;
@@ -167,7 +212,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     while !stop.load(Ordering::Relaxed) {
         control.serve(|fault| injector.apply(&mut fleet, fault));
         if let Err(error) = injector.tick(&mut fleet) {
-            eprintln!("fleetctl: cannot resume PostgreSQL: {error:#}");
+            eprintln!("fleetctl: cannot resume the database: {error:#}");
         }
         for name in fleet.exited_components() {
             if !reported.contains(&name) {
@@ -180,8 +225,8 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     drop(control);
     eprintln!("stopping the fleet …");
     // Nodes drain faster against a database that answers.
-    if let Err(error) = fleet.postgres().resume() {
-        eprintln!("fleetctl: cannot resume PostgreSQL: {error:#}");
+    if let Err(error) = injector.resume_all(&mut fleet) {
+        eprintln!("fleetctl: cannot resume the database: {error:#}");
     }
     let dir = fleet.dir().to_owned();
     let result = fleet.stop();

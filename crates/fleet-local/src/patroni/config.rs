@@ -3,7 +3,12 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use crate::postgres::random_password;
+use crate::postgres::{random_password, read_password_file, write_password_file, ADMIN_USER, APP_USER};
+
+/// The user of Patroni's REST API (not a PostgreSQL role).
+pub const REST_API_USER: &str = "patroni";
+/// PostgreSQL's replication role.
+const REPLICATION_USER: &str = "replicator";
 
 /// Patroni's leader lock lives this long (s) without renewal before a replica may take over: its
 /// minimum (20), so a killed primary is replaced fast.
@@ -39,6 +44,31 @@ impl Secrets {
             replication: random_password()?,
             app: random_password()?,
             rest_api: random_password()?,
+        })
+    }
+
+    /// Writes every password to `path`, a libpq password file (0600): psql reads the superuser's and
+    /// the application's from it, and a kept cluster finds them all again ([`Secrets::read`]).
+    pub fn write(&self, path: &Path) -> anyhow::Result<()> {
+        write_password_file(
+            path,
+            &[
+                (ADMIN_USER, &self.superuser),
+                (APP_USER, &self.app),
+                (REPLICATION_USER, &self.replication),
+                (REST_API_USER, &self.rest_api),
+            ],
+        )
+    }
+
+    /// The passwords [`Secrets::write`] kept in `path`.
+    pub fn read(path: &Path) -> anyhow::Result<Secrets> {
+        let file = read_password_file(path)?;
+        Ok(Secrets {
+            superuser: file.get(ADMIN_USER)?,
+            replication: file.get(REPLICATION_USER)?,
+            app: file.get(APP_USER)?,
+            rest_api: file.get(REST_API_USER)?,
         })
     }
 }
@@ -103,7 +133,7 @@ restapi:
   listen: 127.0.0.1:{api_port}
   connect_address: 127.0.0.1:{api_port}
   authentication:
-    username: patroni
+    username: {REST_API_USER}
     password: '{rest_api}'
 etcd3:
   hosts: {etcd}
@@ -126,7 +156,7 @@ bootstrap:
     - auth-local: trust
   pg_hba:
     - local all all trust
-    - host replication replicator 127.0.0.1/32 scram-sha-256
+    - host replication {REPLICATION_USER} 127.0.0.1/32 scram-sha-256
     - host all all 127.0.0.1/32 scram-sha-256
 postgresql:
   listen: 127.0.0.1:{pg_port}
@@ -138,10 +168,10 @@ postgresql:
     - checkpoint: fast
   authentication:
     superuser:
-      username: postgres
+      username: {ADMIN_USER}
       password: '{superuser}'
     replication:
-      username: replicator
+      username: {REPLICATION_USER}
       password: '{replication}'
   parameters:
     unix_socket_directories: '{dir}'

@@ -41,45 +41,60 @@ impl Credentials {
     /// left by an earlier cluster there).
     pub(super) fn create(dir: &Path) -> anyhow::Result<Credentials> {
         let credentials = Credentials { admin: random_password()?, app: random_password()? };
-        let path = path(dir);
-        let _ = fs::remove_file(&path);
-        let text =
-            format!("*:*:*:{ADMIN_USER}:{}\n*:*:*:{APP_USER}:{}\n", credentials.admin, credentials.app);
-        OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&path)
-            .and_then(|mut file| file.write_all(text.as_bytes()))
-            .with_context(|| format!("cannot write {}", path.display()))?;
+        write_password_file(&path(dir), &[(ADMIN_USER, &credentials.admin), (APP_USER, &credentials.app)])?;
         Ok(credentials)
     }
 
     /// The passwords of the existing cluster in `dir`.
     pub(super) fn read(dir: &Path) -> anyhow::Result<Credentials> {
-        let path = path(dir);
-        let meta = fs::metadata(&path).with_context(|| {
-            format!(
-                "the cluster in {} has no password file {}; start over with a fresh cluster",
-                dir.display(),
-                path.display()
-            )
-        })?;
-        ensure!(
-            meta.mode() & 0o077 == 0 && meta.uid() == nix::unistd::geteuid().as_raw(),
-            "{} must be ours and readable by us only (it is mode {:o}); refusing to use it",
-            path.display(),
-            meta.mode() & 0o777
-        );
-        let text = fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
-        let password = |user: &str| -> anyhow::Result<String> {
-            let prefix = format!("*:*:*:{user}:");
-            match text.lines().find_map(|line| line.strip_prefix(&prefix)) {
-                Some(password) if !password.is_empty() => Ok(password.to_owned()),
-                _ => bail!("{} has no password for {user}", path.display()),
-            }
-        };
-        Ok(Credentials { admin: password(ADMIN_USER)?, app: password(APP_USER)? })
+        let passwords = read_password_file(&path(dir))?;
+        Ok(Credentials { admin: passwords.get(ADMIN_USER)?, app: passwords.get(APP_USER)? })
+    }
+}
+
+/// Writes a libpq password file at `path` (mode 0600, replacing one left there) with one line
+/// `*:*:*:USER:PASSWORD` per entry: any host, port and database.
+pub(crate) fn write_password_file(path: &Path, entries: &[(&str, &str)]) -> anyhow::Result<()> {
+    let _ = fs::remove_file(path);
+    let text: String = entries.iter().map(|(user, password)| format!("*:*:*:{user}:{password}\n")).collect();
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut file| file.write_all(text.as_bytes()))
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// The passwords of a file [`write_password_file`] wrote, which must be ours and private.
+pub(crate) fn read_password_file(path: &Path) -> anyhow::Result<PasswordFile> {
+    let meta = fs::metadata(path).with_context(|| {
+        format!("the cluster has no password file {}; start over with a fresh cluster", path.display())
+    })?;
+    ensure!(
+        meta.mode() & 0o077 == 0 && meta.uid() == nix::unistd::geteuid().as_raw(),
+        "{} must be ours and readable by us only (it is mode {:o}); refusing to use it",
+        path.display(),
+        meta.mode() & 0o777
+    );
+    let text = fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    Ok(PasswordFile { path: path.to_owned(), text })
+}
+
+/// A password file's contents, read by [`read_password_file`].
+pub(crate) struct PasswordFile {
+    path: PathBuf,
+    text: String,
+}
+
+impl PasswordFile {
+    /// `user`'s password, or an error naming the file.
+    pub(crate) fn get(&self, user: &str) -> anyhow::Result<String> {
+        let prefix = format!("*:*:*:{user}:");
+        match self.text.lines().find_map(|line| line.strip_prefix(&prefix)) {
+            Some(password) if !password.is_empty() => Ok(password.to_owned()),
+            _ => bail!("{} has no password for {user}", self.path.display()),
+        }
     }
 }
 

@@ -61,6 +61,7 @@ pub fn measure(
             format!("ceiling: pgbench, one transaction per increment on 1000 keys, {clients} clients")
         }
         Ceiling::Copy => format!("ceiling: psql \\copy of {COPY_ROWS} rows at a time"),
+        Ceiling::Reads => format!("ceiling: pgbench, a counter read on 1000 keys, {clients} clients"),
         Ceiling::Pair => {
             format!("ceiling: pgbench, the transfer in key order on one pair, {clients} clients")
         }
@@ -70,7 +71,7 @@ pub fn measure(
     };
     progress.begin(&format!("{what}, {} s", args.duration));
     let summary = match which {
-        Ceiling::Hot | Ceiling::Keys | Ceiling::Pair | Ceiling::Pairs => {
+        Ceiling::Hot | Ceiling::Keys | Ceiling::Reads | Ceiling::Pair | Ceiling::Pairs => {
             let result = pgbench(db, which, clients, args.duration)?;
             let summary = format!(
                 "{} tps, {} transactions, {} failed, latency avg {}",
@@ -82,6 +83,7 @@ pub fn measure(
             match which {
                 Ceiling::Hot => ceilings.hot = Some(result),
                 Ceiling::Keys => ceilings.keys = Some(result),
+                Ceiling::Reads => ceilings.reads = Some(result),
                 Ceiling::Pair => ceilings.pair = Some(result),
                 _ => ceilings.pairs = Some(result),
             }
@@ -117,6 +119,11 @@ pub fn increment_script(hot: bool) -> String {
     )
 }
 
+/// The `SELECT` a node runs for `GET /api/counters/{key}`, on one of the 1000 keys, as a pgbench script.
+pub fn read_script() -> String {
+    format!("\\set k random(1, {KEY_COUNT})\nSELECT value FROM counters WHERE key = '{KEY_STEM}' || :k;\n")
+}
+
 /// The transfer a node runs (lock both rows, take 1 from one and give it to the other), but with the
 /// rows locked in key order, so it never deadlocks: on the hot pair (`hot`), else on one of the 1000
 /// pairs; each transaction in a random direction.
@@ -142,6 +149,7 @@ pub fn pgbench(db: &Db, which: Ceiling, clients: u32, seconds: u64) -> anyhow::R
     let (script_text, keys): (String, Vec<String>) = match which {
         Ceiling::Hot => (increment_script(true), vec![HOT_KEY.to_owned()]),
         Ceiling::Keys => (increment_script(false), (1..=KEY_COUNT).map(key).collect()),
+        Ceiling::Reads => (read_script(), (1..=KEY_COUNT).map(key).collect()),
         Ceiling::Pair => (transfer_script(true), pair(0).to_vec()),
         Ceiling::Pairs => (transfer_script(false), (1..=PAIR_COUNT).flat_map(pair).collect()),
         Ceiling::Copy => anyhow::bail!("COPY is not a pgbench ceiling"),
@@ -274,6 +282,10 @@ tps = 6894.374529 (without initial connection time)
         assert!(keys.starts_with("\\set k random(1, 1000)\nBEGIN;"), "{keys}");
         assert!(keys.contains("WHERE key = 'bench-k' || :k FOR UPDATE"), "{keys}");
         assert!(increment_script(true).contains("WHERE key = 'bench-hot' FOR UPDATE"));
+        assert_eq!(
+            read_script(),
+            "\\set k random(1, 1000)\nSELECT value FROM counters WHERE key = 'bench-k' || :k;\n"
+        );
     }
 
     #[test]

@@ -48,6 +48,8 @@ pub struct Load<'a> {
     pub warmup: Duration,
     pub duration: Duration,
     pub requests: &'a Requests,
+    /// Put before every request's path: `/app-1` for nginx's route pinned to node 1; empty for none.
+    pub prefix: &'a str,
     /// Set on Ctrl-C: every connection stops after its current request.
     pub stop: &'a AtomicBool,
 }
@@ -223,9 +225,13 @@ async fn connection(
             continue;
         }
         let outgoing = load.requests.next(&mut rng);
-        let request = hyper::Request::builder()
-            .method(outgoing.method.clone())
-            .uri(std::str::from_utf8(&outgoing.path)?)
+        let path = std::str::from_utf8(&outgoing.path)?;
+        let request = hyper::Request::builder().method(outgoing.method.clone());
+        let request = match load.prefix {
+            "" => request.uri(path),
+            prefix => request.uri(format!("{prefix}{path}")),
+        };
+        let request = request
             .header(HOST, host)
             .header(CONTENT_TYPE, "application/json")
             .body(Full::new(outgoing.body.clone()))?;

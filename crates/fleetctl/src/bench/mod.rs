@@ -31,7 +31,7 @@ use plan::{parse_shape, Ceiling, Shape, Workload};
 #[derive(Debug, Args)]
 pub struct BenchArgs {
     /// Workloads, all run at the main shape (--at).
-    #[arg(long, value_delimiter = ',', default_value = "hot,keys,bulk,mixed,pair,pairs")]
+    #[arg(long, value_delimiter = ',', default_value = "http,hot,keys,reads,bulk,mixed,pair,pairs")]
     workloads: Vec<Workload>,
     /// Node counts of the node sweep (at the main pool size).
     #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
@@ -53,7 +53,8 @@ pub struct BenchArgs {
     #[arg(long)]
     grid: bool,
     /// Ceilings to measure at the main shape (default: those of the workloads: hot → pgbench on the hot
-    /// key, keys → pgbench on 1000 keys, bulk → psql \copy).
+    /// key, keys → pgbench on 1000 keys, reads → pgbench's counter read, bulk → psql \copy, pair and
+    /// pairs → pgbench's transfer in key order).
     #[arg(long, value_delimiter = ',')]
     ceilings: Option<Vec<Ceiling>>,
     /// Seconds measured per point (and per ceiling).
@@ -65,6 +66,16 @@ pub struct BenchArgs {
     /// HTTP connections through nginx.
     #[arg(long, default_value_t = 64)]
     connections: usize,
+    /// Connection counts of the probes: after each workload at the main shape, the same workload at
+    /// each of these through nginx and straight to the first node, for latency without parallelism.
+    #[arg(long, value_delimiter = ',', default_value = "1,8")]
+    probe_connections: Vec<usize>,
+    /// Seconds measured per probe (after a warm-up of at most 1 s).
+    #[arg(long, default_value_t = 3)]
+    probe_duration: u64,
+    /// No probes.
+    #[arg(long)]
+    no_probes: bool,
     /// Rows per bulk-insert request (mixed sends a tenth as many).
     #[arg(long, default_value_t = 1000)]
     bulk_rows: usize,
@@ -91,9 +102,20 @@ impl BenchArgs {
         Duration::from_secs(self.duration)
     }
 
+    /// The probes' connection counts (none with --no-probes).
+    fn probes(&self) -> &[usize] {
+        if self.no_probes {
+            &[]
+        } else {
+            &self.probe_connections
+        }
+    }
+
     fn check(&self) -> anyhow::Result<()> {
         ensure!(self.duration >= 1, "--duration must be at least 1 second");
         ensure!(self.connections >= 1, "--connections must be at least 1");
+        ensure!(self.probe_connections.iter().all(|&c| c >= 1), "--probe-connections must be at least 1");
+        ensure!(self.probe_duration >= 1, "--probe-duration must be at least 1 second");
         ensure!(self.bulk_rows >= 1, "--bulk-rows must be at least 1");
         ensure!(self.pgbench_clients >= 1, "--pgbench-clients must be at least 1");
         Ok(())

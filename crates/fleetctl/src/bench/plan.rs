@@ -12,10 +12,15 @@ use serde::{Deserialize, Serialize};
 )]
 #[serde(rename_all = "lowercase")]
 pub enum Workload {
+    /// `GET /health/live`: the node answers without touching the database. The HTTP ceiling: what
+    /// nginx, a node and the load driver do per request with no database work at all.
+    Http,
     /// `POST /api/increment` on one key: every request wants the same row lock.
     Hot,
     /// `POST /api/increment` on a key drawn uniformly from 1000 per request.
     Keys,
+    /// `GET /api/counters/{key}` on a key drawn uniformly from 1000 per request.
+    Reads,
     /// `POST /api/bulk-insert` of `--bulk-rows` rows per request.
     Bulk,
     /// 60 % increments over the 1000 keys, 30 % counter reads, 10 % bulk inserts of a tenth of `--bulk-rows`.
@@ -28,13 +33,23 @@ pub enum Workload {
 }
 
 impl Workload {
-    pub const ALL: [Workload; 6] =
-        [Workload::Hot, Workload::Keys, Workload::Bulk, Workload::Mixed, Workload::Pair, Workload::Pairs];
+    pub const ALL: [Workload; 8] = [
+        Workload::Http,
+        Workload::Hot,
+        Workload::Keys,
+        Workload::Reads,
+        Workload::Bulk,
+        Workload::Mixed,
+        Workload::Pair,
+        Workload::Pairs,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
+            Workload::Http => "http",
             Workload::Hot => "hot",
             Workload::Keys => "keys",
+            Workload::Reads => "reads",
             Workload::Bulk => "bulk",
             Workload::Mixed => "mixed",
             Workload::Pair => "pair",
@@ -45,8 +60,10 @@ impl Workload {
     /// What the table calls it.
     pub fn title(self) -> &'static str {
         match self {
+            Workload::Http => "HTTP ceiling: GET /health/live (no database)",
             Workload::Hot => "increment, one hot key",
             Workload::Keys => "increment, 1000 keys",
+            Workload::Reads => "read a counter, 1000 keys",
             Workload::Bulk => "bulk insert",
             Workload::Mixed => "mixed (60 % increment, 30 % read, 10 % bulk)",
             Workload::Pair => "transfer, one hot pair, opposite directions",
@@ -57,6 +74,11 @@ impl Workload {
     /// Whether it sends transfers (whose answers carry `attempts`).
     pub fn transfers(self) -> bool {
         matches!(self, Workload::Pair | Workload::Pairs)
+    }
+
+    /// Whether it reads counters that must exist (a 404 would count as an error).
+    pub fn reads_counters(self) -> bool {
+        matches!(self, Workload::Reads | Workload::Mixed)
     }
 
     /// Whether its throughput is counted in rows (bulk) rather than requests.
@@ -111,6 +133,8 @@ pub enum Ceiling {
     Keys,
     /// psql `\copy` into `data`.
     Copy,
+    /// pgbench, the `SELECT` a counter read runs, on a key drawn from 1000.
+    Reads,
     /// pgbench, the transfer a node runs, on the hot pair, with both rows locked in key order.
     Pair,
     /// pgbench, the same, on a pair drawn from 1000.
@@ -123,8 +147,9 @@ impl Ceiling {
         match workload {
             Workload::Hot => Some(Ceiling::Hot),
             Workload::Keys => Some(Ceiling::Keys),
+            Workload::Reads => Some(Ceiling::Reads),
             Workload::Bulk => Some(Ceiling::Copy),
-            Workload::Mixed => None,
+            Workload::Http | Workload::Mixed => None,
             Workload::Pair => Some(Ceiling::Pair),
             Workload::Pairs => Some(Ceiling::Pairs),
         }

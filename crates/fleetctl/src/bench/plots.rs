@@ -4,7 +4,6 @@
 use std::collections::BTreeSet;
 
 use super::plan::{Role, Shape, Workload};
-use super::report::thousands;
 use super::results::{Point, Results};
 use super::svg::{Chart, Figure, LegendEntry, Panel, Series, CEILING_COLOR, COLORS};
 
@@ -80,7 +79,7 @@ fn sweep(
             continue;
         }
         let right = x_ticks.iter().copied().max().map_or(1.0, f64::from);
-        if let Some((value, label)) = ceiling(r, workload) {
+        if let Some((value, label)) = r.ceilings.of(workload) {
             series.push(Series {
                 name: "ceiling".into(),
                 color: CEILING_COLOR.into(),
@@ -138,21 +137,6 @@ fn latency(r: &Results) -> Figure {
         r.settings.connections
     );
     Figure { title, panels, legend: Vec::new() }
-}
-
-fn ceiling(r: &Results, workload: Workload) -> Option<(f64, String)> {
-    let c = &r.ceilings;
-    match workload {
-        Workload::Hot => c.hot.as_ref().map(|p| (p.tps, format!("pgbench {} tps", thousands(p.tps)))),
-        Workload::Keys => c.keys.as_ref().map(|p| (p.tps, format!("pgbench {} tps", thousands(p.tps)))),
-        Workload::Bulk => {
-            c.copy.as_ref().map(|p| (p.rows_per_s, format!("COPY {} rows/s", thousands(p.rows_per_s))))
-        }
-        Workload::Mixed => None,
-        Workload::Pair | Workload::Pairs => {
-            c.transfers(workload).map(|p| (p.tps, format!("pgbench {} tps (key order)", thousands(p.tps))))
-        }
-    }
 }
 
 fn panel_title(workload: Workload, bulk_rows: usize) -> String {

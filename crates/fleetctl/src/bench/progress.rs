@@ -3,7 +3,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::plan::Step;
+use super::plan::{Role, Step};
 
 /// What starting and stopping a fleet is expected to take (initdb included).
 const FLEET_OVERHEAD: Duration = Duration::from_secs(6);
@@ -20,22 +20,33 @@ pub struct Progress {
     planned_done: f64,
     point_s: f64,
     ceiling_s: f64,
+    probe_s: f64,
 }
 
 impl Progress {
-    pub fn new(steps: &[Step], point: Duration, ceiling: Duration) -> Progress {
+    /// `probes`: how many probes follow each workload at the main shape, and what each takes.
+    pub fn new(steps: &[Step], point: Duration, ceiling: Duration, probes: (usize, Duration)) -> Progress {
         let point_s = point.as_secs_f64() + 0.5;
         let ceiling_s = (ceiling + CEILING_OVERHEAD).as_secs_f64();
-        let total = steps.iter().map(|s| s.workloads.len() + s.ceilings.len()).sum();
+        let probe_s = probes.1.as_secs_f64() + 0.5;
+        let probes_of = |s: &Step| if s.role == Role::Main { s.workloads.len() * probes.0 } else { 0 };
+        let total = steps.iter().map(|s| s.workloads.len() + s.ceilings.len() + probes_of(s)).sum();
         let planned = steps
             .iter()
             .map(|s| {
                 FLEET_OVERHEAD.as_secs_f64()
                     + s.workloads.len() as f64 * point_s
                     + s.ceilings.len() as f64 * ceiling_s
+                    + probes_of(s) as f64 * probe_s
             })
             .sum();
-        Progress { start: Instant::now(), total, done: 0, planned, planned_done: 0.0, point_s, ceiling_s }
+        let planned_done = 0.0;
+        Progress { start: Instant::now(), total, done: 0, planned, planned_done, point_s, ceiling_s, probe_s }
+    }
+
+    /// How many measurements the run makes.
+    pub fn total(&self) -> usize {
+        self.total
     }
 
     /// The whole run's planned duration.
@@ -64,8 +75,17 @@ impl Progress {
 
     /// A measurement ended with `summary`; `ceiling` says which kind it was.
     pub fn end(&mut self, ceiling: bool, summary: &str) {
+        self.ended(if ceiling { self.ceiling_s } else { self.point_s }, summary);
+    }
+
+    /// A probe ended with `summary`.
+    pub fn end_probe(&mut self, summary: &str) {
+        self.ended(self.probe_s, summary);
+    }
+
+    fn ended(&mut self, planned_s: f64, summary: &str) {
         self.done += 1;
-        self.planned_done += if ceiling { self.ceiling_s } else { self.point_s };
+        self.planned_done += planned_s;
         eprintln!("bench {:>w$} {summary}", "", w = digits(self.total) * 2 + 2);
     }
 
@@ -95,20 +115,23 @@ mod tests {
 
     #[test]
     fn the_plan_counts_every_point_and_ceiling_and_their_time() {
-        let step = |workloads: Vec<Workload>, ceilings: Vec<Ceiling>| Step {
+        let step = |workloads: Vec<Workload>, ceilings: Vec<Ceiling>, role| Step {
             shape: Shape { nodes: 4, pool_size: 5 },
             workloads,
             ceilings,
             env: Vec::new(),
-            role: Role::Main,
+            role,
         };
         let steps = [
-            step(Workload::ALL.to_vec(), vec![Ceiling::Hot, Ceiling::Copy]),
-            step(vec![Workload::Keys], vec![]),
+            step(Workload::ALL.to_vec(), vec![Ceiling::Hot, Ceiling::Copy], Role::Main),
+            step(vec![Workload::Keys], vec![], Role::Sweep),
         ];
-        let progress = Progress::new(&steps, Duration::from_secs(12), Duration::from_secs(10));
-        assert_eq!(progress.total, 9);
-        assert_eq!(progress.planned(), Duration::from_secs_f64(2.0 * 6.0 + 7.0 * 12.5 + 2.0 * 12.0));
+        // Two probes after each of the main shape's 8 workloads, none in the sweep.
+        let probes = (2, Duration::from_secs(4));
+        let progress = Progress::new(&steps, Duration::from_secs(12), Duration::from_secs(10), probes);
+        assert_eq!(progress.total, 9 + 2 + 16);
+        let planned = 2.0 * 6.0 + 9.0 * 12.5 + 2.0 * 12.0 + 16.0 * 4.5;
+        assert_eq!(progress.planned(), Duration::from_secs_f64(planned));
         assert_eq!(mm_ss(61.4), "1:01");
     }
 }

@@ -4,7 +4,9 @@
 use std::fmt::Write as _;
 
 use super::plan::{Role, Workload};
-use super::results::{Goal, Point, Results, Settings, Transfers, Unit};
+use super::results::{
+    nginx_over_direct, Goal, Point, Probe, Results, Route, Settings, Transfers, Unit, NGINX_P50_LIMIT,
+};
 
 /// The report; `plots` are the `(file, caption)` of the figures written next to it.
 pub fn markdown(r: &Results, plots: &[(&str, &str)]) -> String {
@@ -36,9 +38,15 @@ pub fn markdown(r: &Results, plots: &[(&str, &str)]) -> String {
     }
     let _ = writeln!(md, "## {}\n", s.main.describe());
     md.push_str(
-        "| workload | nodes × pool | throughput | p50 | p99 | non-2xx | ceiling | ratio | goal | met? |\n",
+        "| workload | nodes × pool | throughput | × HTTP | p50 | p99 | non-2xx | ceiling | ratio | goal | met? |\n",
     );
-    md.push_str("|---|---|--:|--:|--:|--:|---|--:|---|---|\n");
+    md.push_str("|---|---|--:|--:|--:|--:|--:|---|--:|---|---|\n");
+    let http = r
+        .points
+        .iter()
+        .find(|p| p.workload == Workload::Http && p.role == Role::Main)
+        .map(|p| p.requests_per_s)
+        .filter(|h| *h > 0.0);
     for point in r.points.iter().filter(|p| p.role != Role::Sweep) {
         let (ceiling, mut goal) = ceiling_of(r, point.workload);
         if point.role == Role::Baseline {
@@ -52,15 +60,21 @@ pub fn markdown(r: &Results, plots: &[(&str, &str)]) -> String {
         };
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {} | {} | {ceiling} | {ratio} | {target} | {met} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {ceiling} | {ratio} | {target} | {met} |",
             title(point, &r.settings),
             point.shape,
             throughput(point),
+            http.map_or("—".into(), |h| format!("{:.2}×", point.requests_per_s / h)),
             ms(point.latency_ms.p50),
             ms(point.latency_ms.p99),
             failures(point),
         );
     }
+    md.push_str(
+        "\n× HTTP: requests per second as a fraction of the HTTP ceiling's (`GET /health/live` through \
+         nginx, no database) in the same run.\n",
+    );
+    probes(&mut md, r);
     transfers(&mut md, r);
     md.push_str("\n## Goals\n\n| goal | measured | target | met? | against |\n|---|--:|--:|---|---|\n");
     for g in &r.goals {
@@ -94,6 +108,52 @@ pub fn markdown(r: &Results, plots: &[(&str, &str)]) -> String {
     }
     md.push_str("Raw figures, every status and error code, and the consistency checks: `results.json`.\n");
     md
+}
+
+/// The probes: each workload at few connections through nginx and straight to a node, p50 beside p50.
+fn probes(md: &mut String, r: &Results) {
+    let mut nginx: Vec<&Probe> = r.probes.iter().filter(|p| p.route == Route::Nginx).collect();
+    if nginx.is_empty() {
+        return;
+    }
+    nginx.sort_by_key(|p| (p.connections, p.workload));
+    let _ = writeln!(
+        md,
+        "\n## Latency without parallelism\n\nEach workload again for {} s at a few connections, through nginx's \
+         route pinned to app-1 (`/app-1/…`) and straight to app-1, so the same node does the same work and the \
+         difference is nginx's; **flagged** where the p50 through nginx is over {NGINX_P50_LIMIT}× the direct one.\n",
+        r.settings.probe_duration_s
+    );
+    md.push_str("| workload | connections | throughput (nginx) | p50 nginx | p99 nginx | p50 direct | p99 direct | nginx ÷ direct (p50) | nginx − direct (p50) | non-2xx |\n");
+    md.push_str("|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|\n");
+    for p in nginx {
+        let direct = r
+            .probes
+            .iter()
+            .find(|d| d.route == Route::Direct && d.workload == p.workload && d.connections == p.connections);
+        let (d50, d99) =
+            direct.map_or(("—".into(), "—".into()), |d| (ms(d.latency_ms.p50), ms(d.latency_ms.p99)));
+        // What nginx adds: a hop (tenths of a millisecond), or a stall (tens).
+        let added =
+            direct.map_or("—".into(), |d| format!("{:+.2} ms", p.latency_ms.p50 - d.latency_ms.p50));
+        let ratio = nginx_over_direct(&r.probes, p.workload, p.connections).map_or("—".into(), |x| match x
+            > NGINX_P50_LIMIT
+        {
+            true => format!("**{x:.2}× flagged**"),
+            false => format!("{x:.2}×"),
+        });
+        let unit = if p.workload.counts_rows() { "rows/s" } else { "req/s" };
+        let failures = p.failures + direct.map_or(0, |d| d.failures);
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} {unit} | {} | {} | {d50} | {d99} | {ratio} | {added} | {failures} |",
+            p.workload.name(),
+            p.connections,
+            thousands(p.throughput()),
+            ms(p.latency_ms.p50),
+            ms(p.latency_ms.p99),
+        );
+    }
 }
 
 /// The transfer workloads' own figures: deadlocks the nodes retried, and attempts per transfer.
@@ -152,27 +212,15 @@ fn sweep(md: &mut String, r: &Results, heading: &str, filter: impl Fn(&Point) ->
 /// The ceiling a workload is compared with, and the goal that compares them.
 fn ceiling_of(r: &Results, workload: Workload) -> (String, Option<&Goal>) {
     let goal = |prefix: &str| r.goals.iter().find(|g| g.goal.starts_with(prefix));
-    let c = &r.ceilings;
-    match workload {
-        Workload::Hot => (
-            c.hot.as_ref().map_or("—".into(), |p| format!("pgbench {} tps", thousands(p.tps))),
-            goal("one hot key"),
-        ),
-        Workload::Keys => (
-            c.keys.as_ref().map_or("—".into(), |p| format!("pgbench {} tps", thousands(p.tps))),
-            goal("1000 keys ≥ 0.7"),
-        ),
-        Workload::Bulk => (
-            c.copy.as_ref().map_or("—".into(), |p| format!("COPY {} rows/s", thousands(p.rows_per_s))),
-            goal("bulk insert"),
-        ),
-        Workload::Mixed => ("—".into(), None),
-        Workload::Pair | Workload::Pairs => (
-            c.transfers(workload)
-                .map_or("—".into(), |p| format!("pgbench {} tps (key order)", thousands(p.tps))),
-            goal("opposite transfers").filter(|_| workload == Workload::Pair),
-        ),
-    }
+    let name = r.ceilings.of(workload).map_or("—".into(), |(_, name)| name);
+    let goal = match workload {
+        Workload::Hot => goal("one hot key ≥ 2×"),
+        Workload::Keys => goal("1000 keys ≥ 0.7"),
+        Workload::Bulk => goal("bulk insert ≥"),
+        Workload::Pair => goal("opposite transfers"),
+        Workload::Http | Workload::Reads | Workload::Mixed | Workload::Pairs => None,
+    };
+    (name, goal)
 }
 
 fn title(point: &Point, s: &Settings) -> String {
@@ -188,14 +236,7 @@ fn title(point: &Point, s: &Settings) -> String {
 
 /// The ceiling's figure for `workload`, in its throughput's unit.
 fn ceiling_value(r: &Results, workload: Workload) -> Option<f64> {
-    let c = &r.ceilings;
-    match workload {
-        Workload::Hot => c.hot.as_ref().map(|p| p.tps),
-        Workload::Keys => c.keys.as_ref().map(|p| p.tps),
-        Workload::Bulk => c.copy.as_ref().map(|p| p.rows_per_s),
-        Workload::Mixed => None,
-        Workload::Pair | Workload::Pairs => c.transfers(workload).map(|p| p.tps),
-    }
+    r.ceilings.of(workload).map(|(value, _)| value)
 }
 
 fn throughput(p: &Point) -> String {

@@ -62,6 +62,7 @@ pub struct Outgoing {
 #[derive(Debug)]
 pub struct Requests {
     workload: Workload,
+    live: Outgoing,
     hot: Outgoing,
     increments: Vec<Outgoing>,
     reads: Vec<Outgoing>,
@@ -84,20 +85,20 @@ impl Requests {
             let data: Vec<String> = (0..rows).map(row).collect();
             post("/api/bulk-insert", json!({ "data": data }), Kind::Insert(rows as u64))
         };
+        let get = |path: String| Outgoing {
+            kind: Kind::Read,
+            method: hyper::Method::GET,
+            path: Bytes::from(path),
+            body: Bytes::new(),
+        };
         Requests {
             workload,
+            live: get("/health/live".to_owned()),
             hot: post("/api/increment", json!({ "key": HOT_KEY }), Kind::Increment),
             increments: (1..=KEY_COUNT)
                 .map(|i| post("/api/increment", json!({ "key": key(i) }), Kind::Increment))
                 .collect(),
-            reads: (1..=KEY_COUNT)
-                .map(|i| Outgoing {
-                    kind: Kind::Read,
-                    method: hyper::Method::GET,
-                    path: Bytes::from(format!("/api/counters/{}", key(i))),
-                    body: Bytes::new(),
-                })
-                .collect(),
+            reads: (1..=KEY_COUNT).map(|i| get(format!("/api/counters/{}", key(i)))).collect(),
             bulk: bulk(bulk_rows),
             small_bulk: bulk((bulk_rows / 10).max(1)),
             transfers: match workload.transfers() {
@@ -119,8 +120,10 @@ impl Requests {
     /// The next request, drawn with `rng`.
     pub fn next(&self, rng: &mut impl Rng) -> &Outgoing {
         match self.workload {
+            Workload::Http => &self.live,
             Workload::Hot => &self.hot,
             Workload::Keys => &self.increments[any_key(rng)],
+            Workload::Reads => &self.reads[any_key(rng)],
             Workload::Bulk => &self.bulk,
             Workload::Mixed => match rng.random_range(0..10u8) {
                 0..6 => &self.increments[any_key(rng)],

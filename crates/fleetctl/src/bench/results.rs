@@ -5,6 +5,7 @@ use serde::{Deserialize, Serialize};
 use super::ceiling::{Copy, Pgbench};
 use super::load::Counts;
 use super::plan::{Role, Shape, Workload};
+use super::report::thousands;
 
 /// The seed's `keys` throughput on the reference machine (4 nodes × pool 5, 64 connections), and
 /// pgbench's rate for the same transaction measured beside it, from the issue. The seed (a Node.js
@@ -13,6 +14,9 @@ use super::plan::{Role, Shape, Workload};
 /// faster or slower machine, as the goal's other ratios do.
 pub const SEED_KEYS_RPS: f64 = 1470.0;
 pub const SEED_PGBENCH_KEYS_TPS: f64 = 6900.0;
+/// A workload whose p50 through nginx is more than this many times its p50 straight to a node is
+/// flagged: nginx adds a hop, not a wait.
+pub const NGINX_P50_LIMIT: f64 = 1.5;
 /// The most resident memory a node may use under load.
 pub const NODE_RSS_LIMIT_BYTES: u64 = 30 * 1024 * 1024;
 
@@ -25,8 +29,58 @@ pub struct Results {
     pub machine: Machine,
     pub settings: Settings,
     pub points: Vec<Point>,
+    /// Every workload at the main shape again at a few connections, through nginx and straight to a
+    /// node (runs before this field existed have none).
+    #[serde(default)]
+    pub probes: Vec<Probe>,
     pub ceilings: Ceilings,
     pub goals: Vec<Goal>,
+}
+
+/// Which way a probe's requests went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Route {
+    /// Through nginx, on its route pinned to the first node (`/app-1/…`).
+    Nginx,
+    /// Straight to the first node, no balancer.
+    Direct,
+}
+
+/// One workload at the main shape at few connections, so a stall cannot hide behind parallelism.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Probe {
+    pub workload: Workload,
+    pub connections: usize,
+    pub route: Route,
+    pub requests_per_s: f64,
+    /// Rows of 2xx bulk inserts per second (bulk and mixed).
+    pub rows_per_s: Option<f64>,
+    pub latency_ms: Latency,
+    /// Non-2xx answers and unanswered requests, warm-up and tail included.
+    pub failures: u64,
+    pub check: Check,
+}
+
+impl Probe {
+    /// rows/s for bulk, requests/s otherwise (as [`Point::throughput`]).
+    pub fn throughput(&self) -> f64 {
+        match self.workload.counts_rows() {
+            true => self.rows_per_s.unwrap_or(0.0),
+            false => self.requests_per_s,
+        }
+    }
+}
+
+/// p50 through nginx over p50 straight to a node, for the same workload and connections.
+pub fn nginx_over_direct(probes: &[Probe], workload: Workload, connections: usize) -> Option<f64> {
+    let p50 = |route| {
+        probes
+            .iter()
+            .find(|p| p.workload == workload && p.connections == connections && p.route == route)
+            .map(|p| p.latency_ms.p50)
+    };
+    Some(p50(Route::Nginx)? / p50(Route::Direct).filter(|d| *d > 0.0)?)
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -44,6 +98,9 @@ pub struct Settings {
     pub duration_s: u64,
     pub warmup_s: u64,
     pub connections: usize,
+    /// Seconds measured per probe (0 in runs from before the probes).
+    #[serde(default)]
+    pub probe_duration_s: u64,
     pub bulk_rows: usize,
     pub pgbench_clients: u32,
     pub main: Shape,
@@ -152,6 +209,23 @@ impl Check {
 }
 
 impl Ceilings {
+    /// The ceiling `workload` is compared with, in its throughput's unit, and how the report names it.
+    pub fn of(&self, workload: Workload) -> Option<(f64, String)> {
+        let tps = |p: &Pgbench| (p.tps, format!("pgbench {} tps", thousands(p.tps)));
+        match workload {
+            Workload::Hot => self.hot.as_ref().map(tps),
+            Workload::Keys => self.keys.as_ref().map(tps),
+            Workload::Reads => self.reads.as_ref().map(tps),
+            Workload::Bulk => {
+                self.copy.as_ref().map(|c| (c.rows_per_s, format!("COPY {} rows/s", thousands(c.rows_per_s))))
+            }
+            Workload::Http | Workload::Mixed => None,
+            Workload::Pair | Workload::Pairs => self
+                .transfers(workload)
+                .map(|p| (p.tps, format!("pgbench {} tps (key order)", thousands(p.tps)))),
+        }
+    }
+
     /// The pgbench ceiling of a transfer workload.
     pub fn transfers(&self, workload: Workload) -> Option<&Pgbench> {
         match workload {
@@ -167,6 +241,9 @@ pub struct Ceilings {
     pub hot: Option<Pgbench>,
     pub keys: Option<Pgbench>,
     pub copy: Option<Copy>,
+    /// pgbench on the counter read (`counter_delta` must be 0).
+    #[serde(default)]
+    pub reads: Option<Pgbench>,
     /// The transfer ceilings (transfers keep the counters' sum: `counter_delta` must be 0).
     #[serde(default)]
     pub pair: Option<Pgbench>,
@@ -203,14 +280,28 @@ fn goal(name: &str, measured: Option<f64>, unit: Unit, at_least: bool, target: f
     Goal { goal: name.to_owned(), measured, unit, comparison, target, met, basis }
 }
 
-/// The issue's goals, judged from the main shape's points and the ceilings measured beside them.
-pub fn goals(points: &[Point], ceilings: &Ceilings) -> Vec<Goal> {
+/// The issue's goals, judged from the main shape's points and probes and the ceilings measured beside
+/// them.
+pub fn goals(points: &[Point], probes: &[Probe], ceilings: &Ceilings) -> Vec<Goal> {
     let main = |w: Workload| points.iter().find(|p| p.workload == w && p.role == Role::Main);
     let ratio = |w, ceiling: Option<f64>| Some(main(w)?.throughput() / ceiling.filter(|c| *c > 0.0)?);
     let hot_tps = ceilings.hot.as_ref().map(|c| c.tps);
     let keys_tps = ceilings.keys.as_ref().map(|c| c.tps);
     let copy_rate = ceilings.copy.as_ref().map(|c| c.rows_per_s);
     let pair_tps = ceilings.pair.as_ref().map(|c| c.tps);
+    // Fractions of the HTTP ceiling are in requests per second, whatever the workload counts.
+    let http = main(Workload::Http).map(|p| p.requests_per_s).filter(|r| *r > 0.0);
+    let of_http = |w| Some(main(w)?.requests_per_s / http?);
+    let bulk_at = |connections| {
+        let probe = probes.iter().find(|p| {
+            p.workload == Workload::Bulk && p.connections == connections && p.route == Route::Nginx
+        })?;
+        Some(probe.throughput() / copy_rate.filter(|c| *c > 0.0)?)
+    };
+    let worst_nginx = probes
+        .iter()
+        .filter_map(|p| nginx_over_direct(probes, p.workload, p.connections))
+        .max_by(f64::total_cmp);
     let (seed_rps, seed_basis) = match keys_tps {
         Some(tps) => (
             SEED_KEYS_RPS * tps / SEED_PGBENCH_KEYS_TPS,
@@ -234,7 +325,14 @@ pub fn goals(points: &[Point], ceilings: &Ceilings) -> Vec<Goal> {
             .filter(|c| c.transactions as i64 != c.counter_delta)
             .count()
         + ceilings.copy.iter().filter(|c| c.rows as i64 != c.table_delta).count()
-        + ceilings.pair.iter().chain(&ceilings.pairs).filter(|c| c.counter_delta != 0).count();
+        + probes.iter().filter(|p| !p.check.holds()).count()
+        + ceilings
+            .reads
+            .iter()
+            .chain(&ceilings.pair)
+            .chain(&ceilings.pairs)
+            .filter(|c| c.counter_delta != 0)
+            .count();
     vec![
         goal(
             "one hot key ≥ 2× the database's one-transaction-per-increment ceiling",
@@ -269,6 +367,38 @@ pub fn goals(points: &[Point], ceilings: &Ceilings) -> Vec<Goal> {
             "psql \\copy".into(),
         ),
         goal(
+            "bulk insert at 8 connections ≥ 0.8× raw COPY rows/s",
+            bulk_at(8),
+            Unit::Ratio,
+            true,
+            0.8,
+            "psql \\copy; the 8-connection probe through nginx".into(),
+        ),
+        goal(
+            "counter reads ≥ 0.35× the HTTP ceiling",
+            of_http(Workload::Reads),
+            Unit::Ratio,
+            true,
+            0.35,
+            "GET /health/live through nginx, requests/s".into(),
+        ),
+        goal(
+            "hot-key increments ≥ 0.25× the HTTP ceiling",
+            of_http(Workload::Hot),
+            Unit::Ratio,
+            true,
+            0.25,
+            "GET /health/live through nginx, requests/s".into(),
+        ),
+        goal(
+            "p50 through nginx ≤ 1.5× straight to a node",
+            worst_nginx,
+            Unit::Ratio,
+            false,
+            NGINX_P50_LIMIT,
+            "the worst workload and connection count of the probes".into(),
+        ),
+        goal(
             "opposite transfers on one pair ≥ 0.5× pgbench's transfer with rows locked in key order",
             ratio(Workload::Pair, pair_tps),
             Unit::Ratio,
@@ -298,7 +428,7 @@ pub fn goals(points: &[Point], ceilings: &Ceilings) -> Vec<Goal> {
             Unit::Count,
             false,
             0.0,
-            "points and ceilings whose 2xx increments ≠ counter growth (transfers: ≠ 0) or 2xx rows ≠ new rows"
+            "points, probes and ceilings whose 2xx increments ≠ counter growth (reads, transfers: ≠ 0) or 2xx rows ≠ new rows"
                 .into(),
         ),
     ]
@@ -347,7 +477,7 @@ mod tests {
             [point(Workload::Hot, Role::Main, 3400.0), point(Workload::Keys, Role::Main, 4830.0), failing];
         let ceilings =
             Ceilings { hot: Some(pgbench(1700.0)), keys: Some(pgbench(3450.0)), ..Ceilings::default() };
-        let goals = goals(&points, &ceilings);
+        let goals = goals(&points, &[], &ceilings);
         let find = |prefix: &str| goals.iter().find(|g| g.goal.starts_with(prefix)).unwrap();
         assert_eq!((find("one hot key").measured, find("one hot key").met), (Some(2.0), Some(true)));
         assert_eq!(find("1000 keys ≥ 0.7").measured, Some(1.4));

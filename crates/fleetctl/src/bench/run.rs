@@ -17,7 +17,9 @@ use super::plan::{self, Ceiling, Step, Workload};
 use super::progress::{mm_ss, Progress};
 use super::report::{self, ms, thousands};
 use super::requests::{key, Requests, KEY_COUNT};
-use super::results::{self, Ceilings, Check, Latency, Machine, Point, Results, Settings, Transfers};
+use super::results::{
+    self, Ceilings, Check, Latency, Machine, Point, Probe, Results, Route, Settings, Transfers,
+};
 use super::rss::Sampler;
 use super::BenchArgs;
 
@@ -46,10 +48,15 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
 
     let started_unix_s = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs();
     let load_before = load_average();
-    let mut progress = Progress::new(&steps, Duration::from_secs(args.warmup + args.duration), args.window());
+    let mut progress = Progress::new(
+        &steps,
+        Duration::from_secs(args.warmup + args.duration),
+        args.window(),
+        (args.probes().len() * 2, probe_warmup(args) + Duration::from_secs(args.probe_duration)),
+    );
     eprintln!(
         "bench: {} measurements on {} fleets, about {} (the log below says where it is)",
-        steps.iter().map(|s| s.workloads.len() + s.ceilings.len()).sum::<usize>(),
+        progress.total(),
         steps.len(),
         mm_ss(progress.planned().as_secs_f64())
     );
@@ -79,7 +86,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     }
 
     let ceilings = out.ceilings;
-    let goals = results::goals(&out.points, &ceilings);
+    let goals = results::goals(&out.points, &out.probes, &ceilings);
     let results = Results {
         command: command_line(),
         started_unix_s,
@@ -95,6 +102,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             duration_s: args.duration,
             warmup_s: args.warmup,
             connections: args.connections,
+            probe_duration_s: args.probe_duration,
             bulk_rows: args.bulk_rows,
             pgbench_clients: args.pgbench_clients,
             main: args.at,
@@ -102,6 +110,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             baseline_env: args.baseline_env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
         },
         points: out.points,
+        probes: out.probes,
         ceilings,
         goals,
     };
@@ -122,6 +131,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
 #[derive(Debug, Default)]
 struct Outcome {
     points: Vec<Point>,
+    probes: Vec<Probe>,
     ceilings: Ceilings,
     postgres_version: String,
     fsync: String,
@@ -140,11 +150,15 @@ fn run_step(
         out.postgres_version = db.server_version()?;
         out.fsync = db.fsync()?;
     }
-    let addr: SocketAddr = fleet.url().trim_start_matches("http://").parse().context("nginx's address")?;
+    let address = |url: String| -> anyhow::Result<SocketAddr> {
+        url.trim_start_matches("http://").parse().with_context(|| format!("the address of {url}"))
+    };
+    let addr = address(fleet.url())?;
+    let first_node = address(fleet.nodes().first().context("a fleet without nodes")?.url())?;
     let pids: Vec<u32> = fleet.nodes().iter().map(|n| n.pid()).collect();
     let mut pending: Vec<Ceiling> = step.ceilings.clone();
     for &workload in &step.workloads {
-        if workload == Workload::Mixed {
+        if workload.reads_counters() {
             // Its reads want rows to find (a 404 would count as an error).
             db.ensure_counters(&(1..=KEY_COUNT).map(key).collect::<Vec<_>>())?;
         }
@@ -155,25 +169,23 @@ fn run_step(
             args.duration,
             args.connections
         ));
-        let before = db.snapshot()?;
         let deadlocks_before = deadlocks_retried(fleet)?;
         let requests = Requests::new(workload, args.bulk_rows);
         let sampler = Sampler::start(pids.clone());
-        let outcome = load::run(&Load {
-            addr,
-            connections: args.connections,
-            warmup: Duration::from_secs(args.warmup),
-            duration: args.window(),
-            requests: &requests,
-            stop,
-        })?;
+        let (outcome, check) = checked_load(
+            &db,
+            &Load {
+                addr,
+                connections: args.connections,
+                warmup: Duration::from_secs(args.warmup),
+                duration: args.window(),
+                requests: &requests,
+                prefix: "",
+                stop,
+            },
+        )?;
         let node_rss_bytes = sampler.finish();
-        if stop.load(Ordering::Relaxed) {
-            bail!("interrupted");
-        }
-        let after = db.snapshot()?;
         let deadlocks = deadlocks_retried(fleet)? - deadlocks_before;
-        let total = outcome.total();
         let window = outcome.window.as_secs_f64();
         let transfers = workload.transfers().then(|| Transfers {
             transfers_per_s: outcome.measured.transfers_ok as f64 / window,
@@ -186,24 +198,38 @@ fn run_step(
             shape: step.shape,
             role: step.role,
             requests_per_s: outcome.measured.answers() as f64 / window,
-            rows_per_s: matches!(workload, Workload::Bulk | Workload::Mixed)
-                .then(|| outcome.measured.rows_ok as f64 / window),
+            rows_per_s: rows_per_s(workload, &outcome),
             latency_ms: Latency::of(&outcome.latency_us),
             warmup: outcome.warmup,
             measured: outcome.measured,
             tail: outcome.tail,
             node_rss_bytes,
             driver_cpu_cores: outcome.driver_cpu.as_secs_f64() / outcome.wall.as_secs_f64().max(1e-9),
-            check: Check {
-                increments_ok: total.increments_ok,
-                counter_delta: after.counter_sum - before.counter_sum,
-                rows_ok: total.rows_ok,
-                rows_delta: after.rows - before.rows,
-            },
+            check,
             transfers,
         };
         progress.end(false, &summary(&point));
         out.points.push(point);
+        if step.role == plan::Role::Main {
+            for &connections in args.probes() {
+                // Through nginx's route pinned to the first node, and to that node itself: the same
+                // node does the same work, so the difference is nginx's alone.
+                for (route, to, prefix) in
+                    [(Route::Nginx, addr, FIRST_NODE_ROUTE), (Route::Direct, first_node, "")]
+                {
+                    let probe = Load {
+                        addr: to,
+                        connections,
+                        warmup: probe_warmup(args),
+                        duration: Duration::from_secs(args.probe_duration),
+                        requests: &requests,
+                        prefix,
+                        stop,
+                    };
+                    out.probes.push(run_probe(&db, workload, route, &probe, progress)?);
+                }
+            }
+        }
         if let Some(c) = plan::Ceiling::of(workload).filter(|c| pending.contains(c)) {
             pending.retain(|&p| p != c);
             ceiling::measure(args, c, &db, progress, &mut out.ceilings)?;
@@ -213,6 +239,77 @@ fn run_step(
         ceiling::measure(args, c, &db, progress, &mut out.ceilings)?;
     }
     Ok(())
+}
+
+/// nginx's route pinned to the fleet's first node (`/app-N/…` reaches node N only).
+const FIRST_NODE_ROUTE: &str = "/app-1";
+
+/// The probes' warm-up: at most 1 s.
+fn probe_warmup(args: &BenchArgs) -> Duration {
+    Duration::from_secs(args.warmup.min(1))
+}
+
+/// Runs `load`, checking what the database gained meanwhile against what the answers claim.
+fn checked_load(db: &Db, load: &Load) -> anyhow::Result<(load::Outcome, Check)> {
+    let before = db.snapshot()?;
+    let outcome = load::run(load)?;
+    if load.stop.load(Ordering::Relaxed) {
+        bail!("interrupted");
+    }
+    let after = db.snapshot()?;
+    let total = outcome.total();
+    let check = Check {
+        increments_ok: total.increments_ok,
+        counter_delta: after.counter_sum - before.counter_sum,
+        rows_ok: total.rows_ok,
+        rows_delta: after.rows - before.rows,
+    };
+    Ok((outcome, check))
+}
+
+/// Rows of 2xx bulk inserts per second of the window, for the workloads that insert rows.
+fn rows_per_s(workload: Workload, outcome: &load::Outcome) -> Option<f64> {
+    matches!(workload, Workload::Bulk | Workload::Mixed)
+        .then(|| outcome.measured.rows_ok as f64 / outcome.window.as_secs_f64())
+}
+
+/// One probe: `workload` at few connections through nginx or straight to a node.
+fn run_probe(
+    db: &Db,
+    workload: Workload,
+    route: Route,
+    load: &Load,
+    progress: &mut Progress,
+) -> anyhow::Result<Probe> {
+    let way = match route {
+        Route::Nginx => "through nginx to app-1",
+        Route::Direct => "straight to app-1",
+    };
+    progress.begin(&format!(
+        "probe: {workload}, {} connections {way}, {} s",
+        load.connections,
+        load.duration.as_secs()
+    ));
+    let (outcome, check) = checked_load(db, load)?;
+    let probe = Probe {
+        workload,
+        connections: load.connections,
+        route,
+        requests_per_s: outcome.measured.answers() as f64 / outcome.window.as_secs_f64(),
+        rows_per_s: rows_per_s(workload, &outcome),
+        latency_ms: Latency::of(&outcome.latency_us),
+        failures: outcome.total().failures(),
+        check,
+    };
+    let agrees = if check.holds() { "database agrees" } else { "DATABASE DISAGREES (see results.json)" };
+    progress.end_probe(&format!(
+        "{} req/s, p50 {}, p99 {}, non-2xx {}, {agrees}",
+        thousands(probe.requests_per_s),
+        ms(probe.latency_ms.p50),
+        ms(probe.latency_ms.p99),
+        probe.failures
+    ));
+    Ok(probe)
 }
 
 /// The deadlocks every node of `fleet` has detected and retried so far
@@ -261,7 +358,7 @@ pub fn render_again(dir: &Path) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut results: Results =
         serde_json::from_str(&text).with_context(|| format!("{} is not a bench result", path.display()))?;
-    results.goals = results::goals(&results.points, &results.ceilings);
+    results.goals = results::goals(&results.points, &results.probes, &results.ceilings);
     write(dir, &results)?;
     println!("results: {}", dir.join("results.md").display());
     Ok(())

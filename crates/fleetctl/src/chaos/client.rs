@@ -1,7 +1,7 @@
 //! The careful client: each logical increment gets a fresh `Idempotency-Key` and is sent, with that same
 //! key, until the fleet acknowledges it or the deadline passes. Retried: 5xx, 409 (the first attempt is
-//! still running), 429, connection errors and timeouts, after a jittered exponential backoff that honours
-//! `Retry-After`. Any other 4xx is final: retrying a request the fleet refuses cannot help.
+//! still running), 408 (the request arrived too slowly), 429, connection errors and timeouts, after a
+//! jittered exponential backoff that honours `Retry-After`. Any other 4xx is final: retrying a request the fleet refuses cannot help.
 //!
 //! The same client with [`RetryPolicy::plain`] is what most clients are: no key, one attempt, so every
 //! increment takes the default (coalesced) path. Its failures are then judged by the API's contract: an
@@ -94,7 +94,8 @@ impl Failure {
     /// Whether sending the same request again may succeed.
     pub fn is_retryable(self) -> bool {
         match self {
-            Failure::Status(status) => status >= 500 || status == 409 || status == 429,
+            // 408: the request did not arrive in time (nginx's client timeouts), so nothing was applied.
+            Failure::Status(status) => status >= 500 || matches!(status, 408 | 409 | 429),
             Failure::CommitUnknown
             | Failure::Connect
             | Failure::Connection
@@ -153,7 +154,15 @@ pub struct Increment {
     pub attempts: u32,
 }
 
-/// What the client did, counted across threads.
+/// One HTTP request: when it was sent, how long it took, and its HTTP status or why it failed.
+#[derive(Debug, Clone, Copy)]
+pub struct Sample {
+    pub sent: Instant,
+    pub took: Duration,
+    pub result: Result<u16, Failure>,
+}
+
+/// What the client did, counted across threads, with every request's [`Sample`].
 #[derive(Debug, Default)]
 pub struct Stats {
     requests: AtomicU64,
@@ -161,6 +170,7 @@ pub struct Stats {
     acked: AtomicU64,
     replayed: AtomicU64,
     failures: Mutex<BTreeMap<Failure, u64>>,
+    samples: Mutex<Vec<Sample>>,
 }
 
 /// A snapshot of [`Stats`].
@@ -193,6 +203,16 @@ impl Stats {
             replayed: self.replayed.load(Ordering::Relaxed),
             failures: self.failures.lock().unwrap_or_else(|p| p.into_inner()).clone(),
         }
+    }
+
+    /// Every request so far.
+    pub fn samples(&self) -> Vec<Sample> {
+        self.samples.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn sampled(&self, sent: Instant, result: Result<u16, Failure>) {
+        let sample = Sample { sent, took: sent.elapsed(), result };
+        self.samples.lock().unwrap_or_else(|p| p.into_inner()).push(sample);
     }
 
     fn failed(&self, failure: Failure) {
@@ -238,8 +258,11 @@ impl CarefulClient {
             if self.policy.idempotency_keys {
                 request = request.set(IDEMPOTENCY_KEY, &idempotency_key);
             }
-            let (failure, retry_after) = match acknowledgement(request.send_string(&body)) {
-                Ok((value, replayed)) => {
+            let sent = Instant::now();
+            let answer = acknowledgement(request.send_string(&body));
+            stats.sampled(sent, answer.as_ref().map(|a| a.2).map_err(|e| e.0));
+            let (failure, retry_after) = match answer {
+                Ok((value, replayed, _)) => {
                     stats.acked.fetch_add(1, Ordering::Relaxed);
                     if replayed {
                         stats.replayed.fetch_add(1, Ordering::Relaxed);
@@ -268,6 +291,33 @@ impl CarefulClient {
         Increment { key: key.to_owned(), outcome, attempts }
     }
 
+    /// One plain read of counter `key` (`GET /api/counters/{key}`), no retry: a 200 with a value, or a
+    /// 404 (no such counter yet), succeeds. Returns whether it did.
+    pub fn read(&self, key: &str, stats: &Stats) -> bool {
+        stats.requests.fetch_add(1, Ordering::Relaxed);
+        let sent = Instant::now();
+        let result = match self.agent.get(&format!("{}/api/counters/{key}", self.url)).call() {
+            Ok(response) => {
+                let status = response.status();
+                match response.into_json::<Value>().ok().and_then(|b| b["value"].as_i64()) {
+                    Some(_) => Ok(status),
+                    None => Err(Failure::BadBody),
+                }
+            }
+            Err(ureq::Error::Status(404, _)) => Ok(404),
+            Err(error) => Err(classify(&error).0),
+        };
+        stats.sampled(sent, result);
+        match result {
+            Ok(_) => stats.acked.fetch_add(1, Ordering::Relaxed),
+            Err(failure) => {
+                stats.failed(failure);
+                0
+            }
+        };
+        result.is_ok()
+    }
+
     /// The value of counter `key` (0 if it does not exist), retrying what is retryable until `deadline`.
     pub fn counter(&self, key: &str, deadline: Instant) -> anyhow::Result<i64> {
         let url = format!("{}/api/counters/{key}", self.url);
@@ -291,10 +341,10 @@ impl CarefulClient {
     }
 }
 
-/// The new value and whether it was replayed, from an increment's answer.
+/// The new value, whether it was replayed, and the HTTP status, from an increment's answer.
 fn acknowledgement(
     result: Result<ureq::Response, ureq::Error>,
-) -> Result<(i64, bool), (Failure, Option<Duration>)> {
+) -> Result<(i64, bool, u16), (Failure, Option<Duration>)> {
     let response = match result {
         Err(ureq::Error::Status(503, response)) => {
             let retry_after = retry_after(&response);
@@ -306,9 +356,10 @@ fn acknowledgement(
         result => result.map_err(|error| classify(&error))?,
     };
     let replayed = response.header(REPLAYED).is_some_and(|v| v.eq_ignore_ascii_case("true"));
+    let status = response.status();
     let body: Value = response.into_json().map_err(|_| (Failure::BadBody, None))?;
     let value = body["value"].as_i64().ok_or((Failure::BadBody, None))?;
-    Ok((value, replayed))
+    Ok((value, replayed, status))
 }
 
 /// The kind of a failed attempt, and the server's `Retry-After`, if it sent one.
@@ -359,7 +410,7 @@ mod tests {
 
     #[test]
     fn only_what_may_succeed_next_time_is_retried() {
-        for status in [500, 502, 503, 504, 409, 429] {
+        for status in [500, 502, 503, 504, 408, 409, 429] {
             assert!(Failure::Status(status).is_retryable(), "{status}");
         }
         for status in [400, 404, 413, 422] {
@@ -392,5 +443,19 @@ mod tests {
         assert_eq!(tally.requests, u64::from(increment.attempts));
         assert_eq!(tally.retries, tally.requests - 1);
         assert_eq!(tally.failures[&Failure::Connect], tally.requests);
+        let samples = stats.samples();
+        assert_eq!(samples.len() as u64, tally.requests, "every attempt is sampled");
+        assert!(samples.iter().all(|s| s.result == Err(Failure::Connect)));
+    }
+
+    #[test]
+    fn a_plain_read_of_nothing_listening_fails_once_and_is_sampled() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let client = CarefulClient::new(&format!("http://127.0.0.1:{port}"), RetryPolicy::plain());
+        let stats = Stats::default();
+        assert!(!client.read("k", &stats));
+        let tally = stats.tally();
+        assert_eq!((tally.requests, tally.acknowledged, tally.failures[&Failure::Connect]), (1, 0, 1));
+        assert_eq!(stats.samples().len(), 1);
     }
 }

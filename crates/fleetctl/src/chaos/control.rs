@@ -1,6 +1,7 @@
 //! The control channel of a running `fleetctl up`: a Unix socket `<dir>/control.sock` that takes one
-//! line per connection (`kill-node 2`, `stop-node 3`, `restart-db`, `pause-db 2.5`) and answers one
-//! line, `ok <what happened>` or `error <why>`. Only the process that started the fleet signals its
+//! line per connection (`kill-node 2`, `stop-node 3`, `restart-db`, `pause-db 2.5`; on a Patroni cluster
+//! `kill-primary`, `switchover`, `rolling-restart-db`, `lag-replica pg-2 5`) and answers one line,
+//! `ok <what happened>` or `error <why>`. Only the process that started the fleet signals its
 //! children, so `fleetctl chaos` asks it through here instead of signalling PIDs itself.
 
 use std::fmt;
@@ -11,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::{bail, ensure, Context};
 use fleet_local::fleet::Fleet;
 
 /// The socket's name in the fleet's directory.
@@ -20,12 +21,14 @@ const SOCKET_NAME: &str = "control.sock";
 const MAX_LINE: u64 = 256;
 /// How long the fleet waits for a client to send its line: the fleet's loop waits meanwhile.
 const READ_TIMEOUT: Duration = Duration::from_secs(1);
-/// How long a client waits for the answer: a restart of PostgreSQL may take a while (crash recovery).
-const REPLY_TIMEOUT: Duration = Duration::from_secs(180);
+/// How long a client waits for the answer: a restart of PostgreSQL may take a while (crash recovery),
+/// a rolling restart of a cluster longer (each member in turn, each waited for).
+const REPLY_TIMEOUT: Duration = Duration::from_secs(900);
 /// Longest pause `pause-db` accepts.
 const MAX_PAUSE: Duration = Duration::from_secs(600);
 /// The commands, for error messages.
-const USAGE: &str = "commands: kill-node N, stop-node N, restart-db, pause-db SECONDS";
+const USAGE: &str = "commands: kill-node N, stop-node N, restart-db, pause-db SECONDS, kill-primary, \
+                     switchover, rolling-restart-db, lag-replica MEMBER SECONDS";
 
 /// A fault the fleet injects into itself.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -38,6 +41,14 @@ pub enum Fault {
     RestartDb,
     /// SIGSTOP to PostgreSQL's whole process tree, SIGCONT after the duration.
     PauseDb(Duration),
+    /// SIGKILL to the cluster leader's Patroni and postmaster; the killed member rejoins once another leads.
+    KillPrimary,
+    /// A planned switchover through Patroni's REST API.
+    Switchover,
+    /// Each replica restarted, a switchover, then the old leader restarted.
+    RollingRestartDb,
+    /// WAL replay paused on member pg-N (counting from 1) for the duration.
+    LagReplica(usize, Duration),
 }
 
 impl fmt::Display for Fault {
@@ -47,6 +58,10 @@ impl fmt::Display for Fault {
             Fault::StopNode(n) => write!(f, "stop-node {n}"),
             Fault::RestartDb => f.write_str("restart-db"),
             Fault::PauseDb(duration) => write!(f, "pause-db {}", duration.as_secs_f64()),
+            Fault::KillPrimary => f.write_str("kill-primary"),
+            Fault::Switchover => f.write_str("switchover"),
+            Fault::RollingRestartDb => f.write_str("rolling-restart-db"),
+            Fault::LagReplica(n, duration) => write!(f, "lag-replica pg-{n} {}", duration.as_secs_f64()),
         }
     }
 }
@@ -68,6 +83,12 @@ impl FromStr for Fault {
             ["stop-node", n] => Ok(Fault::StopNode(node(n)?)),
             ["restart-db"] => Ok(Fault::RestartDb),
             ["pause-db", seconds] => Ok(Fault::PauseDb(parse_seconds(seconds)?)),
+            ["kill-primary"] => Ok(Fault::KillPrimary),
+            ["switchover"] => Ok(Fault::Switchover),
+            ["rolling-restart-db"] => Ok(Fault::RollingRestartDb),
+            ["lag-replica", member, seconds] => {
+                Ok(Fault::LagReplica(parse_member(member)?, parse_seconds(seconds)?))
+            }
             _ => Err(format!("unknown command {line:?}; {USAGE}")),
         }
     }
@@ -83,6 +104,17 @@ pub fn parse_seconds(seconds: &str) -> Result<Duration, String> {
         .ok_or_else(|| {
             format!("{seconds:?} is not a number of seconds between 0 and {}", MAX_PAUSE.as_secs())
         })
+}
+
+/// A cluster member, `pg-N` or `N` (counting from 1); its number.
+pub fn parse_member(member: &str) -> Result<usize, String> {
+    member
+        .strip_prefix("pg-")
+        .unwrap_or(member)
+        .parse()
+        .ok()
+        .filter(|&n| n >= 1)
+        .ok_or_else(|| format!("{member:?} is not a cluster member (pg-1, pg-2, …)"))
 }
 
 /// Where the control socket of the fleet run from `dir` lives.
@@ -209,11 +241,13 @@ fn one_line(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-/// Applies faults to the fleet this process owns; a paused database is thawed by [`Injector::tick`],
-/// which the owner calls from its loop, so the loop keeps serving while the database is frozen.
+/// Applies faults to the fleet this process owns; a paused database (or a replica's paused replay) is
+/// thawed by [`Injector::tick`], which the owner calls from its loop, so the loop keeps serving meanwhile.
 #[derive(Debug, Default)]
 pub struct Injector {
     resume_at: Option<Instant>,
+    /// The member whose replay `lag-replica` paused, and when to resume it.
+    replay_resume_at: Option<(String, Instant)>,
 }
 
 impl Injector {
@@ -229,24 +263,82 @@ impl Injector {
             }
             Fault::RestartDb => {
                 let started = Instant::now();
+                fleet.postgres()?;
                 self.resume_at = None;
                 fleet.restart_db()?;
                 Ok(format!("restarted PostgreSQL in {:.1} s", started.elapsed().as_secs_f64()))
             }
             Fault::PauseDb(duration) => {
-                fleet.postgres().pause()?;
+                fleet.postgres()?.pause()?;
                 self.resume_at = Some(Instant::now() + duration);
                 Ok(format!("paused PostgreSQL for {} s", duration.as_secs_f64()))
+            }
+            Fault::KillPrimary => {
+                let started = Instant::now();
+                let (old, new, took) = fleet.cluster()?.kill_leader()?;
+                Ok(format!(
+                    "killed leader {old} (SIGKILL to Patroni and PostgreSQL); {new} accepted writes after {:.1} s; \
+                     {old} rejoined, the cluster was whole after {:.1} s",
+                    took.as_secs_f64(),
+                    started.elapsed().as_secs_f64()
+                ))
+            }
+            Fault::Switchover => {
+                let started = Instant::now();
+                let cluster = fleet.cluster()?;
+                let old = cluster.leader()?;
+                let new = cluster.switchover(None)?;
+                let took = started.elapsed();
+                cluster.wait_until_whole()?;
+                Ok(format!(
+                    "switched over from {old} to {new} in {:.1} s; the cluster was whole after {:.1} s",
+                    took.as_secs_f64(),
+                    started.elapsed().as_secs_f64()
+                ))
+            }
+            Fault::RollingRestartDb => {
+                let started = Instant::now();
+                let (old, new) = fleet.cluster()?.rolling_restart()?;
+                Ok(format!(
+                    "restarted every member, switching over from {old} to {new}; the cluster was whole after {:.1} s",
+                    started.elapsed().as_secs_f64()
+                ))
+            }
+            Fault::LagReplica(n, duration) => {
+                let member = format!("pg-{n}");
+                let cluster = fleet.cluster()?;
+                ensure!(self.replay_resume_at.is_none(), "a replica's replay is paused already");
+                ensure!(cluster.leader()? != member, "{member} is the leader, not a replica");
+                cluster.pause_replay(&member)?;
+                self.replay_resume_at = Some((member.clone(), Instant::now() + duration));
+                Ok(format!("paused {member}'s WAL replay for {} s", duration.as_secs_f64()))
             }
         }
     }
 
-    /// Thaws the database once its pause is over.
+    /// Thaws the database, or resumes a replica's replay, once its pause is over.
     pub fn tick(&mut self, fleet: &mut Fleet) -> anyhow::Result<()> {
         if self.resume_at.is_some_and(|at| Instant::now() >= at) {
             self.resume_at = None;
-            fleet.postgres().resume()?;
+            fleet.postgres()?.resume()?;
             eprintln!("fleetctl: chaos: resumed PostgreSQL");
+        }
+        if self.replay_resume_at.as_ref().is_some_and(|(_, at)| Instant::now() >= *at) {
+            if let Some((member, _)) = self.replay_resume_at.take() {
+                fleet.cluster()?.resume_replay(&member)?;
+                eprintln!("fleetctl: chaos: resumed {member}'s WAL replay");
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends every pause now (before the fleet stops).
+    pub fn resume_all(&mut self, fleet: &mut Fleet) -> anyhow::Result<()> {
+        if self.resume_at.take().is_some() {
+            fleet.postgres()?.resume()?;
+        }
+        if let Some((member, _)) = self.replay_resume_at.take() {
+            fleet.cluster()?.resume_replay(&member)?;
         }
         Ok(())
     }
@@ -263,10 +355,15 @@ mod tests {
             Fault::StopNode(13),
             Fault::RestartDb,
             Fault::PauseDb(Duration::from_millis(2500)),
+            Fault::KillPrimary,
+            Fault::Switchover,
+            Fault::RollingRestartDb,
+            Fault::LagReplica(2, Duration::from_secs(5)),
         ] {
             assert_eq!(fault.to_string().parse::<Fault>(), Ok(fault));
         }
         assert_eq!(" pause-db   3 ".parse::<Fault>(), Ok(Fault::PauseDb(Duration::from_secs(3))));
+        assert_eq!("lag-replica 3 1".parse::<Fault>(), Ok(Fault::LagReplica(3, Duration::from_secs(1))));
     }
 
     #[test]
@@ -279,6 +376,10 @@ mod tests {
         assert!("kill-node 0".parse::<Fault>().unwrap_err().contains("not a node number"));
         assert!("kill-node".parse::<Fault>().unwrap_err().contains("unknown command"));
         assert!("restart-db now".parse::<Fault>().is_err());
+        for bad in ["lag-replica pg-0 1", "lag-replica app-1 1", "lag-replica pg-2"] {
+            assert!(bad.parse::<Fault>().is_err(), "{bad}");
+        }
+        assert!("lag-replica x 1".parse::<Fault>().unwrap_err().contains("not a cluster member"));
         for bad in ["pause-db 0", "pause-db -1", "pause-db 601", "pause-db NaN", "pause-db soon"] {
             assert!(bad.parse::<Fault>().unwrap_err().contains("number of seconds"), "{bad}");
         }

@@ -1,7 +1,9 @@
 //! `fleetctl chaos`: break a running fleet on purpose and prove nothing acknowledged was lost or doubled.
 //!
-//! - `fleetctl chaos --dir D kill-node N | stop-node N | restart-db | pause-db SECONDS` asks the fleet's own
-//!   `fleetctl up` (the only process allowed to signal its children) through its control socket.
+//! - `fleetctl chaos --dir D kill-node N | stop-node N | restart-db | pause-db SECONDS`, and on a fleet
+//!   started with `--replicas N` `kill-primary | switchover | rolling-restart-db | lag-replica M SECONDS`,
+//!   asks the fleet's own `fleetctl up` (the only process allowed to signal its children) through its
+//!   control socket.
 //! - `fleetctl chaos --dir D run` drives careful clients (idempotency keys, retries) through nginx while it
 //!   injects those faults, then checks every acknowledged increment is in the database exactly once.
 //!
@@ -46,6 +48,21 @@ enum ChaosCommand {
         #[arg(value_parser = control::parse_seconds)]
         seconds: Duration,
     },
+    /// On a Patroni cluster: SIGKILL the leader's Patroni and PostgreSQL; returns once another member
+    /// leads and the killed one has rejoined.
+    KillPrimary,
+    /// On a Patroni cluster: a planned switchover (Patroni's REST API); returns once the cluster is whole.
+    Switchover,
+    /// On a Patroni cluster: restart each replica, switch over, restart the old leader; returns once the
+    /// cluster is whole again.
+    RollingRestartDb,
+    /// On a Patroni cluster: pause WAL replay on replica MEMBER (pg-2, or 2) for SECONDS, then resume it.
+    LagReplica {
+        #[arg(value_parser = control::parse_member)]
+        member: usize,
+        #[arg(value_parser = control::parse_seconds)]
+        seconds: Duration,
+    },
     /// Load the fleet with careful clients while injecting faults; check and report.
     Run(run::RunArgs),
 }
@@ -56,6 +73,10 @@ pub fn run(args: ChaosArgs) -> anyhow::Result<()> {
         ChaosCommand::StopNode { n } => Fault::StopNode(n),
         ChaosCommand::RestartDb => Fault::RestartDb,
         ChaosCommand::PauseDb { seconds } => Fault::PauseDb(seconds),
+        ChaosCommand::KillPrimary => Fault::KillPrimary,
+        ChaosCommand::Switchover => Fault::Switchover,
+        ChaosCommand::RollingRestartDb => Fault::RollingRestartDb,
+        ChaosCommand::LagReplica { member, seconds } => Fault::LagReplica(member, seconds),
         ChaosCommand::Run(run_args) => return run::run(&args.dir, run_args),
     };
     println!("{}", control::send(&args.dir, &fault)?);

@@ -1,5 +1,6 @@
-//! Steady load from careful clients: `concurrency` threads, each sending logical increments of a random
-//! key from a set, one after the other, until stopped. Every increment's outcome is kept for the check.
+//! Steady load from careful (or plain) clients: `concurrency` threads, each sending logical increments of
+//! a random key from a set, one after the other (or at a steady pace), until stopped. Every increment's
+//! outcome is kept for the check. The same threads can send plain reads of those keys instead.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -9,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use rand::Rng;
 
-use super::client::{CarefulClient, Increment, RetryPolicy, Stats, Tally};
+use super::client::{CarefulClient, Increment, RetryPolicy, Sample, Stats, Tally};
 
 /// How far away the deadline of an increment is while the load runs: in effect, none.
 const NO_DEADLINE: Duration = Duration::from_secs(24 * 3600);
@@ -26,6 +27,11 @@ pub struct WorkloadOptions {
     pub policy: RetryPolicy,
     /// How long increments still unacknowledged at [`Workload::stop`] may keep retrying.
     pub settle: Duration,
+    /// Each client starts one request (or logical increment) per `pace`, if given; else the next as soon
+    /// as the last ends.
+    pub pace: Option<Duration>,
+    /// Read the counters (`GET /api/counters/{key}`, once each) instead of incrementing them.
+    pub reads: bool,
 }
 
 impl WorkloadOptions {
@@ -38,6 +44,21 @@ impl WorkloadOptions {
             concurrency,
             policy: RetryPolicy::careful(),
             settle: Duration::from_secs(60),
+            pace: None,
+            reads: false,
+        }
+    }
+
+    /// Plain readers (one attempt each) of `keys`.
+    pub fn plain_reads(url: &str, keys: &[String], concurrency: usize) -> Self {
+        WorkloadOptions {
+            url: url.to_owned(),
+            keys: keys.to_vec(),
+            concurrency,
+            policy: RetryPolicy::plain(),
+            settle: Duration::ZERO,
+            pace: None,
+            reads: true,
         }
     }
 }
@@ -65,6 +86,9 @@ pub struct Run {
     pub options: WorkloadOptions,
     pub increments: Vec<Increment>,
     pub tally: Tally,
+    /// Every request.
+    pub samples: Vec<Sample>,
+    pub started: Instant,
     /// From start to the last increment's end.
     pub elapsed: Duration,
 }
@@ -80,10 +104,10 @@ impl Workload {
         let client = CarefulClient::new(&options.url, options.policy);
         let threads = (0..options.concurrency)
             .map(|i| {
-                let (client, shared, keys) = (client.clone(), Arc::clone(&shared), options.keys.clone());
+                let (client, shared, options) = (client.clone(), Arc::clone(&shared), options.clone());
                 thread::Builder::new()
                     .name(format!("chaos-client-{i}"))
-                    .spawn(move || client_loop(&client, &shared, &keys))
+                    .spawn(move || client_loop(&client, &shared, &options))
                     .context("cannot start a client thread")
             })
             .collect::<anyhow::Result<_>>()?;
@@ -114,17 +138,34 @@ impl Workload {
             options: self.options,
             increments,
             tally: self.shared.stats.tally(),
+            samples: self.shared.stats.samples(),
+            started: self.started,
             elapsed: self.started.elapsed(),
         }
     }
 }
 
-fn client_loop(client: &CarefulClient, shared: &Shared, keys: &[String]) -> Vec<Increment> {
+fn client_loop(client: &CarefulClient, shared: &Shared, options: &WorkloadOptions) -> Vec<Increment> {
     let deadline = || *shared.deadline.lock().unwrap_or_else(|p| p.into_inner());
+    let keys = &options.keys;
     let mut done = Vec::new();
+    // Paced clients start at random points of their first period, so they do not send in lockstep.
+    let mut next = Instant::now() + options.pace.map_or(Duration::ZERO, |p| p.mul_f64(rand::random()));
     while !shared.stopping.load(Ordering::Relaxed) {
+        if let Some(pace) = options.pace {
+            thread::sleep(next.saturating_duration_since(Instant::now()));
+            next = (next + pace).max(Instant::now());
+            if shared.stopping.load(Ordering::Relaxed) {
+                break;
+            }
+        }
         let key = &keys[rand::rng().random_range(0..keys.len())];
-        done.push(client.increment(key, &shared.stats, deadline));
+        match options.reads {
+            true => {
+                client.read(key, &shared.stats);
+            }
+            false => done.push(client.increment(key, &shared.stats, deadline)),
+        }
     }
     done
 }
