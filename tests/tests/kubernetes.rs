@@ -149,8 +149,7 @@ fn is_custom(resource: &Value) -> bool {
 
 /// The schema of every `apiVersion`/`kind` the CRDs in `../shared/schemas` define, made strict.
 fn crd_schemas() -> BTreeMap<(String, String), jsonschema::Validator> {
-    let dir = repo().parent().expect("the repository's parent").join("shared/schemas");
-    assert!(dir.is_dir(), "{} is missing: the CRD schemas live beside the repository", dir.display());
+    let dir = crd_dir();
     let mut schemas = BTreeMap::new();
     for entry in fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
@@ -631,6 +630,28 @@ fn find<'a>(resources: &'a [Value], kind: &str, name: &str) -> &'a Value {
 /// The string at `pointer` ("" when absent or not a string).
 fn str_at<'a>(value: &'a Value, pointer: &str) -> &'a str {
     value.pointer(pointer).and_then(Value::as_str).unwrap_or_default()
+}
+
+/// Where the operators' CRDs are: `FLEET_CRD_SCHEMAS`, else `shared/schemas` beside the repository, or
+/// beside the repository it was cloned from (a fresh clone elsewhere, as CI makes, has no sibling).
+fn crd_dir() -> PathBuf {
+    let mut tried = Vec::new();
+    if let Some(dir) = std::env::var_os("FLEET_CRD_SCHEMAS") {
+        tried.push(PathBuf::from(dir));
+    }
+    let beside = |repo: &Path| repo.parent().map(|parent| parent.join("shared/schemas"));
+    tried.extend(beside(&repo()));
+    let origin = Command::new("git").args(["remote", "get-url", "origin"]).current_dir(repo()).output();
+    if let Some(out) = origin.ok().filter(|out| out.status.success()) {
+        let origin = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        tried.extend(beside(&origin.canonicalize().unwrap_or(origin)));
+    }
+    let found = tried.iter().find(|dir| dir.is_dir());
+    found.cloned().unwrap_or_else(|| {
+        panic!(
+            "the CRD schemas are in none of {tried:?}: set FLEET_CRD_SCHEMAS to the directory holding them"
+        )
+    })
 }
 
 fn repo() -> PathBuf {
