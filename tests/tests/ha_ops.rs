@@ -101,6 +101,28 @@ fn processes_naming(path: &Path) -> Vec<String> {
         .collect()
 }
 
+/// Every process below `root`, from /proc's parent links.
+fn descendants(root: i32) -> Vec<i32> {
+    let parents: Vec<(i32, i32)> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|entry| {
+            let pid: i32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // `pid (comm) state ppid …`: the command may hold spaces and parentheses, so after the last ')'.
+            let ppid = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()?;
+            Some((pid, ppid))
+        })
+        .collect();
+    let mut found = vec![root];
+    let mut i = 0;
+    while i < found.len() {
+        let parent = found[i];
+        found.extend(parents.iter().filter(|(_, ppid)| *ppid == parent).map(|(pid, _)| *pid));
+        i += 1;
+    }
+    found.split_off(1)
+}
+
 #[test]
 fn a_fleet_on_three_members_serves_survives_every_database_fault_and_keeps_its_data() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
@@ -237,8 +259,19 @@ fn a_fleet_on_three_members_serves_survives_every_database_fault_and_keeps_its_d
     let cluster_dir = dir.canonicalize().unwrap().join("patroni");
     let postmasters = |processes: Vec<String>| processes.into_iter().filter(|p| p.contains(" -D ")).count();
     assert_eq!(postmasters(processes_naming(&cluster_dir)), 3, "{:#?}", processes_naming(&cluster_dir));
+    // nginx's workers outlive their master too; they are this test's to end (by PID), not `up`'s.
+    let nginx_workers: Vec<i32> = descendants(up.pid() as i32)
+        .into_iter()
+        .filter(|&pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.starts_with(b"nginx: worker"))
+        })
+        .collect();
+    assert!(!nginx_workers.is_empty(), "up runs nginx");
     up.kill().unwrap();
     assert_eq!(postmasters(processes_naming(&cluster_dir)), 3, "{:#?}", processes_naming(&cluster_dir));
+    for pid in nginx_workers {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+    }
 
     // The next `up` stops those before its members start, and starts the same cluster from its data,
     // with the same passwords.
