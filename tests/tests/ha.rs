@@ -170,10 +170,7 @@ async fn a_killed_primary_is_replaced_and_a_careful_client_s_writes_land_exactly
     }
     let mut node = node_on(&cluster, &cluster.read_url(), &[]);
     let api = Api::new(node.url());
-    let keys: Vec<String> = (0..8).map(|n| format!("careful-{n}")).collect();
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let running = tokio::spawn(load(api.clone(), keys.clone(), true, stop.clone()));
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let running = Load::start(&api, "careful", true).await;
 
     let old = cluster.leader().unwrap();
     let killed = Instant::now();
@@ -188,8 +185,7 @@ async fn a_killed_primary_is_replaced_and_a_careful_client_s_writes_land_exactly
     }
     eprintln!("the node writes again {:.1} s after the kill", killed.elapsed().as_secs_f64());
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (writes, reads) = running.await.unwrap();
+    let (writes, reads) = running.stop().await;
     assert!(node.child().is_running(), "the node was not restarted");
 
     // Synchronous replication: every insert that returned was on the new leader before it returned.
@@ -218,7 +214,7 @@ async fn a_killed_primary_is_replaced_and_a_careful_client_s_writes_land_exactly
     });
 }
 
-/// The nodes's write answers that were not 200, by `status code`.
+/// The answers that were neither 200 nor 404, counted by `status code`.
 fn failures(seen: &[Seen]) -> HashMap<String, usize> {
     let mut failed = HashMap::new();
     for s in seen.iter().filter(|s| s.status != StatusCode::OK && s.status != StatusCode::NOT_FOUND) {
@@ -232,10 +228,7 @@ async fn a_switchover_under_load_fails_no_read_and_no_write_but_those_whose_comm
     let mut cluster = tokio::task::block_in_place(start_cluster);
     let node = node_on(&cluster, &cluster.read_url(), &[]);
     let api = Api::new(node.url());
-    let keys: Vec<String> = (0..8).map(|n| format!("switch-{n}")).collect();
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let running = tokio::spawn(load(api.clone(), keys.clone(), false, stop.clone()));
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let running = Load::start(&api, "switch", false).await;
 
     let members = cluster.status().unwrap();
     // With synchronous replication, only the synchronous standby is sure to have every commit.
@@ -246,8 +239,7 @@ async fn a_switchover_under_load_fails_no_read_and_no_write_but_those_whose_comm
     tokio::task::block_in_place(|| cluster.wait_until_whole()).unwrap();
     eprintln!("switchover to {new}: whole again after {:.1} s", switched.elapsed().as_secs_f64());
     tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (writes, reads) = running.await.unwrap();
+    let (writes, reads) = running.stop().await;
 
     let port = cluster.port(&new).unwrap();
     let primary_port = query_async(&cluster.url(), "SELECT inet_server_port()").await.unwrap();
@@ -439,14 +431,35 @@ struct Seen {
     code: String,
 }
 
+/// What the clients of a [`load`] saw: every write's answer by key, and every read's.
+type Seens = (HashMap<String, Vec<Seen>>, Vec<Seen>);
+
+/// [`load`] on 8 counters `{prefix}-{n}`, running in the background.
+struct Load {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    running: tokio::task::JoinHandle<Seens>,
+}
+
+impl Load {
+    /// Starts it, and lets it run for 2 s before the fault.
+    async fn start(api: &Api, prefix: &str, careful: bool) -> Load {
+        let keys = (0..8).map(|n| format!("{prefix}-{n}")).collect();
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let running = tokio::spawn(load(api.clone(), keys, careful, stop.clone()));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        Load { stop, running }
+    }
+
+    /// Stops it, and says what its clients saw.
+    async fn stop(self) -> Seens {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        self.running.await.unwrap()
+    }
+}
+
 /// Increments on `keys` (one loop each, one request at a time) and reads of them, until `stop`:
 /// every write's answer by key (`Idempotency-Key`s retried until 200 when `careful`), every read's.
-async fn load(
-    api: Api,
-    keys: Vec<String>,
-    careful: bool,
-    stop: Arc<std::sync::atomic::AtomicBool>,
-) -> (HashMap<String, Vec<Seen>>, Vec<Seen>) {
+async fn load(api: Api, keys: Vec<String>, careful: bool, stop: Arc<std::sync::atomic::AtomicBool>) -> Seens {
     use std::sync::atomic::Ordering;
     let writers = keys.iter().cloned().map(|key| {
         let (api, stop) = (api.clone(), stop.clone());
