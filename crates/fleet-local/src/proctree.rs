@@ -76,6 +76,13 @@ pub(crate) fn wait_until_stopped(pid: Pid) -> anyhow::Result<()> {
     }
 }
 
+/// Whether `pid` has finished exiting: gone, or a zombie its parent can reap. A process that is still
+/// closing its files has no command line any more but is not yet waitable, so `/proc/<pid>/cmdline`
+/// cannot tell this.
+pub fn has_exited(pid: Pid) -> bool {
+    matches!(stat(pid), None | Some(('Z' | 'X', _)))
+}
+
 /// Every process whose chain of parents reaches `root`, `root` excluded.
 pub(crate) fn descendants(root: Pid) -> anyhow::Result<Vec<Pid>> {
     let mut children: BTreeMap<i32, Vec<i32>> = BTreeMap::new();

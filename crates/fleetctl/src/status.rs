@@ -33,7 +33,7 @@ pub fn down(dir: &Path) -> anyhow::Result<()> {
     kill(pid, Signal::SIGTERM).with_context(|| format!("cannot signal fleetctl PID {pid}"))?;
     eprintln!("sent SIGTERM to fleetctl (PID {pid}); waiting for the fleet to stop …");
     let deadline = Instant::now() + Duration::from_secs(90);
-    while is_fleetctl(state.pid) {
+    while !fleet_local::has_exited(pid) {
         if Instant::now() > deadline {
             bail!("fleetctl PID {pid} is still running after 90 s");
         }
