@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use fleet_local::Node;
 use fleet_tests::{node_options, start_postgres, Api, Reply, TestApp};
 use futures_util::future::join_all;
+use nix::sys::signal::Signal;
 use reqwest::StatusCode;
 use serde_json::json;
 
@@ -192,6 +193,18 @@ async fn a_many_key_batch_that_finds_the_pool_empty_is_not_retried_key_by_key() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_while_a_coalesced_increment_waits_for_a_runner_started_on_an_idle_worker_answers_it() {
+    stop_while_a_runner_started_on_an_idle_worker_is_awaited(Signal::SIGTERM).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigint_while_a_coalesced_increment_waits_for_a_runner_started_on_an_idle_worker_answers_it() {
+    stop_while_a_runner_started_on_an_idle_worker_is_awaited(Signal::SIGINT).await;
+}
+
+/// A runner, and the database connection it opened, live on the worker of the request that started
+/// them; that worker's client leaves, so it has no connection of its own when `signal` arrives, while a
+/// request on the other worker still waits for the runner.
+async fn stop_while_a_runner_started_on_an_idle_worker_is_awaited(signal: Signal) {
     // One connection, so batches wait for it (LAB_MAX_CONNECTIONS=1 lets a hold take it).
     let pg = start_postgres();
     let env = [("POOL_SIZE", "1"), ("LAB_MAX_CONNECTIONS", "1"), ("POOL_WAIT_TIMEOUT_MS", "20000")];
@@ -228,7 +241,7 @@ async fn sigterm_while_a_coalesced_increment_waits_for_a_runner_started_on_an_id
     wait_for_sql(&pg, LOCK_WAITERS, 1, "client 2's increment waits for the row").await;
 
     let pid = node.pid();
-    let stopping = tokio::task::spawn_blocking(move || node.child().terminate(Duration::from_secs(20)));
+    let stopping = tokio::task::spawn_blocking(move || node.child().stop(signal, Duration::from_secs(20)));
     // Let client 1's idle worker stop (nothing to observe from outside while the other waits).
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(std::path::Path::new(&format!("/proc/{pid}")).exists(), "the node waits for client 2");

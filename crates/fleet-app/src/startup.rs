@@ -4,8 +4,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actix_web::dev::{Extensions, Server};
-use actix_web::middleware::{from_fn, DefaultHeaders};
+use actix_web::dev::Server;
+use actix_web::middleware::{from_fn, DefaultHeaders, Next};
 use actix_web::{web, App, HttpServer};
 use anyhow::Context;
 use tokio::signal::unix::{signal, SignalKind};
@@ -34,7 +34,8 @@ pub struct Application {
     state: web::Data<AppState>,
     drain: Duration,
     sink: Sink,
-    connections: OpenConnections,
+    connections: Tally,
+    requests: Tally,
 }
 
 impl Application {
@@ -50,11 +51,20 @@ impl Application {
         let port = listener.local_addr()?.port();
         let (container_id, lab) = (config.container_id.clone(), config.lab_endpoints);
         let app_state = state.clone();
-        let connections = OpenConnections::default();
-        let counted = connections.clone();
+        let (connections, requests) = (Tally::default(), Tally::default());
+        let (counted, in_flight) = (connections.clone(), requests.clone());
         let server = HttpServer::new(move || {
+            let in_flight = in_flight.clone();
             App::new()
                 .app_data(app_state.clone())
+                .wrap(from_fn(move |req, next: Next<_>| {
+                    let open = in_flight.open();
+                    async move {
+                        let res = next.call(req).await;
+                        drop(open);
+                        res
+                    }
+                }))
                 .wrap(from_fn(routes::close_when_draining))
                 .wrap(from_fn(routes::record_metrics))
                 .wrap(DefaultHeaders::new().add(("X-Container-Id", container_id.as_str())))
@@ -62,7 +72,9 @@ impl Application {
                 .default_service(web::to(routes::not_found))
         })
         .disable_signals()
-        .on_connect(move |_, data| counted.opened(data))
+        .on_connect(move |_, data| {
+            data.insert(counted.open());
+        })
         // Every answer is written as soon as it is ready: without TCP_NODELAY, Nagle's algorithm holds
         // the last part of an answer written in more than one piece (a large bulk insert's ids) until
         // nginx's delayed ACK, 40 ms later. The database connections set it too (tokio-postgres does).
@@ -81,7 +93,7 @@ impl Application {
             config.pool_size
         );
         let drain = Duration::from_millis(config.shutdown_drain_ms);
-        Ok(Application { server, port, state, drain, sink, connections })
+        Ok(Application { server, port, state, drain, sink, connections, requests })
     }
 
     /// The port actually bound (useful with `PORT=0`).
@@ -94,11 +106,12 @@ impl Application {
     /// served. Then new connections are turned away without a reset (see `listener`), each open one
     /// finishes its requests and closes (for at most `SHUTDOWN_TIMEOUT_S`), the listener closes, and the
     /// pool closes. SIGINT does the same at once: no drain, and it does not wait for open connections
-    /// (their requests in flight still get `SHUTDOWN_TIMEOUT_S` to finish).
+    /// (their requests in flight still get `SHUTDOWN_TIMEOUT_S` to finish). No HTTP worker stops while a
+    /// request is in flight on any of them.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
         let handle = self.server.handle();
         let draining = self.state.draining.clone();
-        let (drain, sink, connections) = (self.drain, self.sink, self.connections);
+        let (drain, sink, connections, requests) = (self.drain, self.sink, self.connections, self.requests);
         let mut term = signal(SignalKind::terminate())?;
         let mut int = signal(SignalKind::interrupt())?;
         tokio::spawn(async move {
@@ -121,11 +134,16 @@ impl Application {
             // Closing a connection its client may be sending a request on would lose that request: each
             // closes by itself, after its response (which says `Connection: close`) or its keep-alive.
             // Those still open after SHUTDOWN_TIMEOUT_S are closed at once.
-            let graceful = interrupted
+            let closed = interrupted
                 || tokio::select! {
-                    closed = connections.all_closed(Duration::from_secs(SHUTDOWN_TIMEOUT_S)) => closed,
+                    closed = connections.none_within(Duration::from_secs(SHUTDOWN_TIMEOUT_S), "connections") => closed,
                     _ = int.recv() => true,
                 };
+            // A worker stops as soon as it has no connection of its own, ending the database connections
+            // and coalescing runners it started, which requests on other workers may be using: none may
+            // stop while a request is in flight.
+            let graceful =
+                closed && requests.none_within(Duration::from_secs(SHUTDOWN_TIMEOUT_S), "requests").await;
             handle.stop(graceful).await;
             drop(sink);
         });
@@ -136,12 +154,12 @@ impl Application {
     }
 }
 
-/// How many HTTP connections the node has open: each holds a guard in its connection data, dropped
-/// when the connection and its last request are gone.
+/// How many of something the node has open (HTTP connections, requests in flight): each holds an
+/// [`Open`] guard, dropped when it is gone.
 #[derive(Debug, Clone, Default)]
-struct OpenConnections(Arc<AtomicUsize>);
+struct Tally(Arc<AtomicUsize>);
 
-/// One open connection, counted in [`OpenConnections`] while it lives.
+/// One counted thing, counted in its [`Tally`] while it lives.
 struct Open(Arc<AtomicUsize>);
 
 impl Drop for Open {
@@ -150,22 +168,21 @@ impl Drop for Open {
     }
 }
 
-impl OpenConnections {
-    /// Counts a new connection, until `data` (its connection data) is dropped.
-    fn opened(&self, data: &mut Extensions) {
+impl Tally {
+    fn open(&self) -> Open {
         self.0.fetch_add(1, Ordering::Relaxed);
-        data.insert(Open(Arc::clone(&self.0)));
+        Open(Arc::clone(&self.0))
     }
 
-    /// Waits until no connection is open (true), for at most `within` (false).
-    async fn all_closed(&self, within: Duration) -> bool {
+    /// Waits until none is open (true), for at most `within` (false).
+    async fn none_within(&self, within: Duration, what: &str) -> bool {
         let deadline = Instant::now() + within;
         while self.0.load(Ordering::Relaxed) > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let open = self.0.load(Ordering::Relaxed);
         if open > 0 {
-            tracing::warn!(connections.open = open, "connections still open; closing them");
+            tracing::warn!(open, "{what} still open; closing them");
         }
         open == 0
     }

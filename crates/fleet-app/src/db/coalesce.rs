@@ -22,17 +22,13 @@
 //! A request whose client went away before its transaction started is dropped from it and takes no
 //! value, so the callers who stayed see no gap.
 //!
-//! Runners run on the runtime that built the coalescer (the node's main one), never on an HTTP worker's:
-//! on shutdown a worker with no open connections stops at once, and would take with it a runner that
-//! requests on other workers are waiting for.
+//! A runner runs on the thread of the request that started it. Requests on other workers wait for it
+//! too, which is safe because no worker stops while a request is in flight (see `startup`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use std::future::Future;
-use std::pin::Pin;
-
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use super::{Counter, Db, DbError, PgLsn};
 
@@ -44,12 +40,7 @@ type Reply = oneshot::Sender<Result<(i64, Option<PgLsn>), Arc<DbError>>>;
 pub struct Coalescer {
     db: Db,
     state: Arc<Mutex<State>>,
-    /// Starts runners on the node's main thread, which lives until the node has stopped.
-    runners: mpsc::UnboundedSender<StartRunner>,
 }
-
-/// Builds a runner's future on the thread that runs it (the future itself is not `Send`).
-type StartRunner = Box<dyn FnOnce() -> Pin<Box<dyn Future<Output = ()>>> + Send>;
 
 #[derive(Debug, Default)]
 struct State {
@@ -62,24 +53,8 @@ struct State {
 }
 
 impl Coalescer {
-    /// Must be called on the node's main actix thread, which outlives the HTTP workers: runners run there.
     pub fn new(db: Db) -> Self {
-        let (runners, mut starts) = mpsc::unbounded_channel::<StartRunner>();
-        actix_web::rt::spawn(async move {
-            while let Some(start) = starts.recv().await {
-                actix_web::rt::spawn(start());
-            }
-        });
-        Coalescer { db, state: Arc::default(), runners }
-    }
-
-    /// Runs `runner` on the main thread.
-    fn spawn(&self, runner: impl FnOnce(Coalescer) -> Pin<Box<dyn Future<Output = ()>>> + Send + 'static) {
-        let coalescer = self.clone();
-        if self.runners.send(Box::new(move || runner(coalescer))).is_err() {
-            // The main thread is gone: the node is exiting, and the waiting requests get 08007.
-            tracing::warn!("coalescing runner not started: the node is stopping");
-        }
+        Coalescer { db, state: Arc::default() }
     }
 
     /// Adds 1 to `key` in the node's next shared transaction; returns this request's own new value and
@@ -102,7 +77,7 @@ impl Coalescer {
         if start {
             // Batches run in their own task, so a client that hangs up cannot cancel other requests'
             // transaction halfway.
-            self.spawn(|coalescer| Box::pin(coalescer.run_batches()));
+            actix_web::rt::spawn(self.clone().run_batches());
         }
         match value.await {
             Ok(Ok((value, lsn))) => Ok((Counter { key: key.to_owned(), value }, lsn)),
@@ -163,7 +138,7 @@ impl Coalescer {
             return;
         }
         state.contended.insert(key.clone(), replies);
-        self.spawn(move |coalescer| Box::pin(coalescer.run_key(key)));
+        actix_web::rt::spawn(self.clone().run_key(key));
     }
 
     /// Runs one transaction after another for `key`, each taking every request queued for it so far.
