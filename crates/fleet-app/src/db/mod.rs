@@ -193,8 +193,8 @@ impl Db {
         let pool = |pg: tokio_postgres::Config, size: usize| {
             // A connection's I/O task runs on the runtime of the task that opened it, an HTTP worker's
             // or the main one's: a request that gets a connection its own worker opened sends and reads
-            // its queries without a thread hand-off (2 per query otherwise). No worker stops while a request is in flight (see `startup`), so no
-            // request loses a connection with it.
+            // its queries without a thread hand-off (2 per query otherwise). No worker stops while a
+            // request is in flight (see `startup`), so no request loses a connection with it.
             let manager =
                 Manager::from_config(pg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
             let wait = Some(config.pool_wait_timeout());
