@@ -1,5 +1,5 @@
 //! The write endpoints under concurrency: no lost updates, race-free creation, atomic bulk inserts,
-//! deadlocks detected and survived.
+//! deadlocks detected and survived; and counter reads that share queries yet see every acknowledged write.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -233,4 +233,57 @@ async fn increments_of_many_keys_share_transactions_and_each_value_is_handed_out
     assert!(committed > 0.0, "no increment was committed");
     let transactions = app.api.metric("fleet_increment_batch_size_count").await;
     assert!(transactions <= committed / 4.0, "{committed} increments took {transactions} transactions");
+}
+
+/// Reads that arrive together share a query (`db::coalesce`): a thousand at once over 100 counters and
+/// 10 that do not exist each get their own counter's value, or 404.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_concurrent_reads_share_queries_and_each_gets_its_own_counter() {
+    let app = TestApp::spawn(&[]);
+    app.sql("INSERT INTO counters (key, value) SELECT 'r' || i, 7 * i FROM generate_series(0, 99) AS i");
+    let keys: Vec<usize> = (0..1000).map(|i| i * 37 % 110).collect();
+    let paths: Vec<String> = keys.iter().map(|i| format!("/api/counters/r{i}")).collect();
+    let replies = join_all(paths.iter().map(|path| app.api.get(path))).await;
+
+    for (i, reply) in keys.iter().zip(&replies) {
+        match i {
+            0..100 => assert_eq!(
+                (reply.status, reply.body["key"].as_str(), reply.body["value"].as_i64()),
+                (StatusCode::OK, Some(format!("r{i}").as_str()), Some(7 * *i as i64)),
+                "{:?}",
+                reply.body
+            ),
+            _ => assert_eq!((reply.status, reply.code()), (StatusCode::NOT_FOUND, "not_found"), "r{i}"),
+        }
+    }
+    let answered = app.api.metric("fleet_read_batch_size_sum").await;
+    let queries = app.api.metric("fleet_read_batch_size_count").await;
+    eprintln!("1000 reads in {queries} queries");
+    assert_eq!(answered, 1000.0, "every read answered by a batch");
+    assert!(queries < 1000.0, "reads that arrived together shared queries");
+}
+
+/// A shared read query is sent only after each of its reads arrived: 50 clients, each incrementing its
+/// own counter and then reading it back, 20 times, all at once, always read the value their increment
+/// was just answered with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_after_an_answered_increment_sees_it_while_reads_share_queries() {
+    let app = TestApp::spawn(&[]);
+    let clients = (0..50).map(|c| {
+        let api = app.api.clone();
+        async move {
+            let key = format!("own-{c}");
+            for _ in 0..20 {
+                let written = api.increment(&key).await;
+                assert_eq!(written.status, StatusCode::OK, "{:?}", written.body);
+                let read = api.get(&format!("/api/counters/{key}")).await;
+                assert_eq!(read.body["value"], written.body["value"], "{key}: {:?}", read.body);
+            }
+        }
+    });
+    join_all(clients).await;
+    assert_eq!(app.sql_i64("SELECT sum(value) FROM counters"), 50 * 20);
+    let queries = app.api.metric("fleet_read_batch_size_count").await;
+    eprintln!("1000 reads after writes in {queries} queries");
+    assert!(queries < 1000.0, "some reads shared a query, so the check covered shared ones");
 }

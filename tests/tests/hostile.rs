@@ -228,8 +228,18 @@ async fn a_network_that_stops_mid_transaction_gets_503_in_time_and_postgres_free
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_commit_that_outlasts_the_attempt_deadline_is_an_unknown_outcome_08007() {
+    commit_outlasting_the_attempt_deadline("transaction").await;
+}
+
+/// A coalesced batch is one statement, which commits as it completes: sent, it is as good as a COMMIT.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coalesced_batch_that_outlasts_the_attempt_deadline_is_an_unknown_outcome_08007() {
+    commit_outlasting_the_attempt_deadline("coalesce").await;
+}
+
+async fn commit_outlasting_the_attempt_deadline(increment_mode: &str) {
     let app = TestApp::spawn(&[
-        ("INCREMENT_MODE", "transaction"),
+        ("INCREMENT_MODE", increment_mode),
         ("POOL_WAIT_TIMEOUT_MS", "1000"),
         ("DB_ATTEMPT_TIMEOUT_MS", "1000"),
     ]);
@@ -267,25 +277,30 @@ fn accepted_connections(port: u16) -> usize {
         .count()
 }
 
-/// The simple-query message tokio-postgres sends to commit a transaction.
-const COMMIT_MESSAGE: &[u8] = b"Q\0\0\0\x0bCOMMIT\0";
+/// The counter of the lost-batch test: a coalesced batch is one statement (it commits as it completes),
+/// and the only message of its connection that names this key is that statement's.
+const LOST_KEY: &str = "lost-batch-key";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_coalesced_batch_whose_commit_is_lost_answers_every_caller_08007_and_applied_all_or_none() {
+async fn a_coalesced_batch_whose_answer_is_lost_answers_every_caller_08007_and_applied_all_or_none() {
     let pg = start_postgres();
     let proxy = Proxy::start(([127, 0, 0, 1], pg.port()).into()).await.unwrap();
     // Default settings: INCREMENT_MODE=coalesce.
     let node = node_behind_with(&pg, &proxy, &[]).await;
     let api = Api::new(node.url());
     let admin = connect(&pg.admin_url()).await;
-    assert_eq!(api.increment("hot").await.body["value"], 1, "the counter exists");
+    assert_eq!(api.increment(LOST_KEY).await.body["value"], 1, "the counter exists");
 
     // A table lock (SKIP LOCKED skips locked rows, not a locked table) holds the node's next batch, of
     // one increment, while 200 more queue behind it for the batch after.
     admin.batch_execute("BEGIN; LOCK TABLE counters IN EXCLUSIVE MODE").await.unwrap();
+    // From now on, the first message that names the key is the first batch's statement (it may wait for
+    // the lock in its Parse, before it is sent), and the second is the next batch's: that one reaches
+    // PostgreSQL, and then its connection is cut before the answer comes back.
+    proxy.cut_after(LOST_KEY.as_bytes(), 2);
     let first = tokio::spawn({
         let api = api.clone();
-        async move { api.increment("hot").await }
+        async move { api.increment(LOST_KEY).await }
     });
     let waiting = "SELECT count(*) FROM pg_stat_activity \
                    WHERE application_name = 'fleet-app/app-1' AND wait_event_type = 'Lock'";
@@ -293,7 +308,7 @@ async fn a_coalesced_batch_whose_commit_is_lost_answers_every_caller_08007_and_a
     let queued: Vec<_> = (0..200)
         .map(|_| {
             let api = api.clone();
-            tokio::spawn(async move { api.increment("hot").await })
+            tokio::spawn(async move { api.increment(LOST_KEY).await })
         })
         .collect();
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -302,18 +317,17 @@ async fn a_coalesced_batch_whose_commit_is_lost_answers_every_caller_08007_and_a
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 
-    // The first batch's COMMIT passes; the second's reaches PostgreSQL, and then its connection is cut
-    // before the answer comes back. More increments arrive meanwhile, for the batches after it.
-    proxy.cut_after(COMMIT_MESSAGE, 2);
+    // The first batch commits; the second's is cut. More increments arrive meanwhile, for the batches
+    // after it.
     admin.batch_execute("COMMIT").await.unwrap();
-    let later = join_all((0..100).map(|_| api.increment("hot")));
+    let later = join_all((0..100).map(|_| api.increment(LOST_KEY)));
     let first = first.await.unwrap();
     assert_eq!((first.status, first.body["value"].as_i64()), (StatusCode::OK, Some(2)), "{:?}", first.body);
     let mut replies = later.await;
     for queued in queued {
         replies.push(queued.await.unwrap());
     }
-    assert!(proxy.has_cut(), "the second batch's COMMIT was cut");
+    assert!(proxy.has_cut(), "the second batch's statement was cut");
 
     // Every caller of the cut batch gets 08007 (not 200, not 500); everyone else 200.
     let lost = |r: &Reply| {
@@ -324,16 +338,16 @@ async fn a_coalesced_batch_whose_commit_is_lost_answers_every_caller_08007_and_a
     let others: Vec<&Reply> = replies.iter().filter(|r| r.status != StatusCode::OK && !lost(r)).collect();
     assert!(others.is_empty(), "only 200 or 08007, got {:?}", others.first());
     let unknown = replies.iter().filter(|r| lost(r)).count() as i64;
-    assert!(unknown >= 2, "a whole batch shared the lost COMMIT: {unknown} answered 08007");
+    assert!(unknown >= 2, "a whole batch shared the lost answer: {unknown} answered 08007");
     let acked = fleet_tests::acknowledged_values(&replies);
 
     // "May have applied": the batch committed whole or not at all. So the values nobody was answered
     // are either none, or exactly the lost batch's: one run of consecutive values, one per 08007.
     let stored: i64 =
-        admin.query_one("SELECT value FROM counters WHERE key = 'hot'", &[]).await.unwrap().get(0);
+        admin.query_one("SELECT value FROM counters WHERE key = $1", &[&LOST_KEY]).await.unwrap().get(0);
     let missing: Vec<i64> = (3..=stored).filter(|v| !acked.contains(v)).collect();
     let applied = !missing.is_empty();
-    eprintln!("{unknown} answered 08007, {} 200; the lost COMMIT applied: {applied}", acked.len());
+    eprintln!("{unknown} answered 08007, {} 200; the lost batch applied: {applied}", acked.len());
     if applied {
         assert_eq!(missing.len() as i64, unknown, "the batch's values are the 08007s' and only theirs");
         assert_eq!(missing.last().unwrap() - missing[0] + 1, unknown, "the lost batch's values: {missing:?}");
@@ -342,6 +356,6 @@ async fn a_coalesced_batch_whose_commit_is_lost_answers_every_caller_08007_and_a
     assert!(acked.iter().all(|v| (3..=stored).contains(v)), "a value the counter never reached");
 
     // The cut connection left the pool; the node serves on.
-    let next = api.increment("hot").await;
+    let next = api.increment(LOST_KEY).await;
     assert_eq!((next.status, next.body["value"].as_i64()), (StatusCode::OK, Some(stored + 1)));
 }

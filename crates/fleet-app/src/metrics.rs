@@ -8,6 +8,9 @@ use prometheus::{
 
 const NAMESPACE: &str = "fleet";
 
+/// Buckets of the batch-size histograms.
+const BATCH_SIZES: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0];
+
 /// Every metric a node exports (names in DESIGN.md).
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -24,6 +27,7 @@ pub struct Metrics {
     pub increment_batch_size: Histogram,
     pub bulk_insert_rows: IntCounter,
     pub reads: IntCounterVec,
+    pub read_batch_size: Histogram,
     pub read_fallbacks: IntCounterVec,
 }
 
@@ -72,7 +76,7 @@ impl Metrics {
             increments: IntCounter::with_opts(opts("increments_total", "Counter increments committed."))?,
             increment_batch_size: Histogram::with_opts(
                 hist("increment_batch_size", "Increments committed per counter transaction (coalescing).")
-                    .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0]),
+                    .buckets(BATCH_SIZES.to_vec()),
             )?,
             bulk_insert_rows: IntCounter::with_opts(opts(
                 "bulk_insert_rows_total",
@@ -81,9 +85,14 @@ impl Metrics {
             reads: IntCounterVec::new(
                 opts(
                     "db_reads_total",
-                    "Reads of counters and statistics, by who served them (primary, replica).",
+                    "Database reads of counters (a batch of them counts once) and statistics, by who served them \
+                     (primary, replica).",
                 ),
                 &["served_by"],
+            )?,
+            read_batch_size: Histogram::with_opts(
+                hist("read_batch_size", "Counter reads answered per database read (coalescing).")
+                    .buckets(BATCH_SIZES.to_vec()),
             )?,
             read_fallbacks: IntCounterVec::new(
                 opts(
@@ -121,6 +130,7 @@ impl Metrics {
         r.register(Box::new(metrics.transaction_retries.clone()))?;
         r.register(Box::new(metrics.increments.clone()))?;
         r.register(Box::new(metrics.increment_batch_size.clone()))?;
+        r.register(Box::new(metrics.read_batch_size.clone()))?;
         r.register(Box::new(metrics.bulk_insert_rows.clone()))?;
         r.register(Box::new(metrics.reads.clone()))?;
         r.register(Box::new(metrics.read_fallbacks.clone()))?;

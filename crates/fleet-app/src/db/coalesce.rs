@@ -22,6 +22,10 @@
 //! A request whose client went away before its transaction started is dropped from it and takes no
 //! value, so the callers who stayed see no gap.
 //!
+//! Counter reads (without `X-Fleet-Min-Lsn`) coalesce the same way: every read queued while the node's
+//! previous read batch ran shares one query (`key = ANY($1)`). A batch's query is sent after each of its
+//! requests arrived, so each still sees every write acknowledged before it arrived.
+//!
 //! A runner runs on the thread of the request that started it. Requests on other workers wait for it
 //! too, which is safe because no worker stops while a request is in flight (see `startup`).
 
@@ -30,7 +34,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use tokio::sync::oneshot;
 
-use super::{Counter, Db, DbError, PgLsn};
+use super::{Counter, Db, DbError, PgLsn, Read};
 
 /// A request's own value and its transaction's LSN, or the transaction's error.
 type Reply = oneshot::Sender<Result<(i64, Option<PgLsn>), Arc<DbError>>>;
@@ -44,12 +48,56 @@ pub struct Coalescer {
 
 #[derive(Debug, Default)]
 struct State {
-    /// Requests for the next many-key batch, by key.
-    queued: HashMap<String, Vec<Reply>>,
-    /// Whether a many-key batch is running (then new requests wait in `queued`).
-    batching: bool,
+    /// Requests for the next many-key batch.
+    queued: Queue<Reply>,
     /// Keys with a transaction of their own running, and the requests waiting for the next one.
     contended: HashMap<String, Vec<Reply>>,
+}
+
+/// A counter's value (`None`: no such counter) and who served it, or the batch's error.
+type ReadReply = oneshot::Sender<Result<Read<Option<i64>>, Arc<DbError>>>;
+
+/// The requests waiting for the node's next batch of counter reads.
+#[derive(Debug, Clone, Default)]
+pub(super) struct Reads(Arc<Mutex<Queue<ReadReply>>>);
+
+/// Requests waiting for a runner's next batch, by key, and whether a runner is taking them.
+#[derive(Debug)]
+struct Queue<R> {
+    waiting: HashMap<String, Vec<R>>,
+    running: bool,
+}
+
+impl<R> Default for Queue<R> {
+    fn default() -> Self {
+        Queue { waiting: HashMap::new(), running: false }
+    }
+}
+
+impl<T> Queue<oneshot::Sender<T>> {
+    /// Queues `reply` for `key`; true when no runner is taking batches, so the caller starts one.
+    fn join(&mut self, key: &str, reply: oneshot::Sender<T>) -> bool {
+        self.waiting.entry(key.to_owned()).or_default().push(reply);
+        !std::mem::replace(&mut self.running, true)
+    }
+
+    /// The next batch: every request queued so far whose client still waits (one that went away was
+    /// dropped: it takes no value). `None` when there is none, and the runner stops.
+    fn next(&mut self) -> Option<HashMap<String, Vec<oneshot::Sender<T>>>> {
+        let batch = still_waiting(std::mem::take(&mut self.waiting));
+        self.running = !batch.is_empty();
+        self.running.then_some(batch)
+    }
+
+    /// Forgets the runner and drops the requests waiting for it.
+    fn abandon(&mut self) {
+        self.running = false;
+        self.waiting.clear();
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Coalescer {
@@ -63,15 +111,15 @@ impl Coalescer {
     pub async fn increment(&self, key: &str) -> Result<(Counter, Option<PgLsn>), DbError> {
         let (reply, value) = oneshot::channel();
         let start = {
-            let mut state = self.lock();
+            let mut state = lock(&self.state);
             // A key already waiting for its own transaction is busy: join that one rather than a batch
             // that would only find its row locked.
-            if let Some(waiting) = state.contended.get_mut(key) {
-                waiting.push(reply);
-                false
-            } else {
-                state.queued.entry(key.to_owned()).or_default().push(reply);
-                !std::mem::replace(&mut state.batching, true)
+            match state.contended.get_mut(key) {
+                Some(waiting) => {
+                    waiting.push(reply);
+                    false
+                }
+                None => state.queued.join(key, reply),
             }
         };
         if start {
@@ -79,34 +127,16 @@ impl Coalescer {
             // transaction halfway.
             actix_web::rt::spawn(self.clone().run_batches());
         }
-        match value.await {
-            Ok(Ok((value, lsn))) => Ok((Counter { key: key.to_owned(), value }, lsn)),
-            Ok(Err(err)) => Err(DbError::Shared(err)),
-            Err(_) => Err(DbError::BatchLost),
-        }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+        let (value, lsn) = answered(value).await?;
+        Ok((Counter { key: key.to_owned(), value }, lsn))
     }
 
     /// Runs one many-key batch after another, each taking every request queued so far, until none is left.
     async fn run_batches(self) {
-        let mut guard = Unfinished { coalescer: &self, runner: None, finished: false };
+        let mut guard = Unfinished(Some(|| lock(&self.state).queued.abandon()));
         loop {
-            let batch = {
-                let mut state = self.lock();
-                if state.queued.is_empty() {
-                    state.batching = false;
-                    guard.finished = true;
-                    return;
-                }
-                std::mem::take(&mut state.queued)
-            };
-            let batch = still_waiting(batch);
-            if batch.is_empty() {
-                continue;
-            }
+            let next = lock(&self.state).queued.next();
+            let Some(batch) = next else { break };
             let (keys, counts): (Vec<String>, Vec<i64>) =
                 batch.iter().map(|(key, replies)| (key.clone(), replies.len() as i64)).unzip();
             match self.db.add_to_free_counters(&keys, &counts).await {
@@ -128,11 +158,12 @@ impl Coalescer {
                 }
             }
         }
+        guard.finished();
     }
 
     /// Queues `replies` for `key`'s own next transaction, starting its runner if none runs.
     fn contend(&self, key: String, replies: Vec<Reply>) {
-        let mut state = self.lock();
+        let mut state = lock(&self.state);
         if let Some(waiting) = state.contended.get_mut(&key) {
             waiting.extend(replies);
             return;
@@ -143,55 +174,104 @@ impl Coalescer {
 
     /// Runs one transaction after another for `key`, each taking every request queued for it so far.
     async fn run_key(self, key: String) {
-        let mut guard = Unfinished { coalescer: &self, runner: Some(key.clone()), finished: false };
+        let mut guard = Unfinished(Some(|| drop(lock(&self.state).contended.remove(&key))));
         loop {
             let replies = {
-                let mut state = self.lock();
+                let mut state = lock(&self.state);
                 let mut waiting = state.contended.get_mut(&key).map(std::mem::take).unwrap_or_default();
                 waiting.retain(|reply| !reply.is_closed());
                 if waiting.is_empty() {
                     state.contended.remove(&key);
-                    guard.finished = true;
-                    return;
+                    break;
                 }
                 waiting
             };
             let result = self.db.add_to_counter(&key, replies.len() as i64).await.map_err(Arc::new);
             answer(replies, result);
         }
+        guard.finished();
     }
 }
 
-/// If a runner's task ends without finishing (it panicked: a bug), clears its mark and drops the requests
-/// waiting for it (they answer 500), so the node keeps serving increments: the next request starts a new
-/// runner.
-struct Unfinished<'a> {
-    coalescer: &'a Coalescer,
-    /// `None`: the many-key runner; `Some(key)`: that key's runner.
-    runner: Option<String>,
-    finished: bool,
+impl Db {
+    /// Counter `key`'s value (`None`: no such counter) from the node's next batch of counter reads.
+    pub(super) async fn coalesced_read(&self, key: &str) -> Result<Read<Option<i64>>, DbError> {
+        let (reply, read) = oneshot::channel();
+        if lock(&self.reads.0).join(key, reply) {
+            actix_web::rt::spawn(self.clone().run_reads());
+        }
+        answered(read).await
+    }
+
+    /// Runs one read batch after another, each taking every read queued so far, until none is left.
+    async fn run_reads(self) {
+        let mut guard = Unfinished(Some(|| lock(&self.reads.0).abandon()));
+        loop {
+            let next = lock(&self.reads.0).next();
+            let Some(batch) = next else { break };
+            let keys: Vec<&str> = batch.keys().map(String::as_str).collect();
+            let read = self
+                .read(None, async |client| {
+                    let select =
+                        client.prepare_cached("SELECT key, value FROM counters WHERE key = ANY($1)").await?;
+                    let rows = client.query(&select, &[&keys]).await?;
+                    Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect::<HashMap<String, i64>>())
+                })
+                .await;
+            self.metrics.read_batch_size.observe(batch.values().map(Vec::len).sum::<usize>() as f64);
+            match read {
+                Ok(read) => {
+                    for (key, replies) in batch {
+                        let value = read.value.get(&key).copied();
+                        for reply in replies {
+                            let _ = reply.send(Ok(Read { value, served_by: read.served_by.clone() }));
+                        }
+                    }
+                }
+                Err(err) => {
+                    let err = Arc::new(err);
+                    for reply in batch.into_values().flatten() {
+                        let _ = reply.send(Err(Arc::clone(&err)));
+                    }
+                }
+            }
+        }
+        guard.finished();
+    }
 }
 
-impl Drop for Unfinished<'_> {
+/// A runner's answer to one request.
+async fn answered<T>(answer: oneshot::Receiver<Result<T, Arc<DbError>>>) -> Result<T, DbError> {
+    match answer.await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(err)) => Err(DbError::Shared(err)),
+        Err(_) => Err(DbError::BatchLost),
+    }
+}
+
+/// What a runner's task does if it ends without finishing (it panicked: a bug): clear its mark and drop
+/// the requests waiting for it (they answer 500), so the node keeps serving: the next request starts a
+/// new runner.
+struct Unfinished<F: FnOnce()>(Option<F>);
+
+impl<F: FnOnce()> Unfinished<F> {
+    fn finished(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl<F: FnOnce()> Drop for Unfinished<F> {
     fn drop(&mut self) {
-        if self.finished {
-            return;
-        }
-        let mut state = self.coalescer.lock();
-        match &self.runner {
-            None => {
-                state.batching = false;
-                state.queued.clear();
-            }
-            Some(key) => {
-                state.contended.remove(key);
-            }
+        if let Some(clean_up) = self.0.take() {
+            clean_up();
         }
     }
 }
 
-/// The batch without the requests whose client went away (their handler was dropped): they take no value.
-fn still_waiting(batch: HashMap<String, Vec<Reply>>) -> HashMap<String, Vec<Reply>> {
+/// The batch without the requests whose client went away (their handler was dropped).
+fn still_waiting<T>(
+    batch: HashMap<String, Vec<oneshot::Sender<T>>>,
+) -> HashMap<String, Vec<oneshot::Sender<T>>> {
     batch
         .into_iter()
         .filter_map(|(key, mut replies)| {

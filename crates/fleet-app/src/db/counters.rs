@@ -75,39 +75,45 @@ impl Db {
     }
 
     /// Adds `n` increments to counter `key` in one transaction that holds the row lock; returns the new
-    /// value and the commit's LSN. All or nothing: a failure applies none of them.
+    /// value and the commit's LSN. All or nothing: a failure applies none of them. While the counter
+    /// exists, that transaction is one statement (see [`Db::write_alone`]), so the lock is held only
+    /// while PostgreSQL runs and commits it; the first increment of a new key creates it.
     pub(super) async fn add_to_counter(&self, key: &str, n: i64) -> Result<(i64, Option<PgLsn>), DbError> {
-        let done = self.transact_plain(async |tx| increment_in(tx, key, n).await).await?;
+        let (rows, lsn) = self
+            .write_alone(
+                "WITH locked AS (SELECT key FROM counters WHERE key = $1 FOR UPDATE) \
+                 UPDATE counters AS c SET value = c.value + $2, last_modified = now() \
+                 FROM locked WHERE c.key = locked.key RETURNING c.value",
+                &[&key, &n],
+            )
+            .await?;
+        let done = match rows.first() {
+            Some(row) => (row.get(0), lsn),
+            None => self.transact_plain(async |tx| increment_in(tx, key, n).await).await?,
+        };
         self.record_increments(n);
         Ok(done)
     }
 
     /// Adds `counts[i]` to counter `keys[i]` for every counter that exists and is not locked by another
-    /// transaction, in one transaction that takes their row locks with `SELECT … FOR UPDATE SKIP LOCKED`
-    /// (so it never waits for a lock and cannot deadlock). Returns the new values of the counters it
-    /// updated (the others are untouched), and the commit's LSN.
+    /// transaction, in one statement (see [`Db::write_alone`]) that takes their row locks with `SELECT …
+    /// FOR UPDATE SKIP LOCKED` (so it never waits for a lock and cannot deadlock). Returns the new values
+    /// of the counters it updated (the others are untouched), and the commit's LSN.
     pub(super) async fn add_to_free_counters(
         &self,
         keys: &[String],
         counts: &[i64],
     ) -> Result<(HashMap<String, i64>, Option<PgLsn>), DbError> {
-        let (updated, lsn) = self
-            .transact_plain(async |tx| {
-                let add = tx
-                    .prepare_cached(
-                        "WITH free AS (SELECT key FROM counters WHERE key = ANY($1) FOR UPDATE SKIP LOCKED) \
-                         UPDATE counters AS c SET value = c.value + d.n, last_modified = now() \
-                         FROM unnest($1::text[], $2::bigint[]) AS d(key, n) JOIN free ON free.key = d.key \
-                         WHERE c.key = d.key RETURNING c.key, c.value",
-                    )
-                    .await?;
-                let rows = tx.query(&add, &[&keys, &counts]).await?;
-                Ok(rows
-                    .iter()
-                    .map(|row| (row.get::<_, String>(0), row.get::<_, i64>(1)))
-                    .collect::<HashMap<_, _>>())
-            })
+        let (rows, lsn) = self
+            .write_alone(
+                "WITH free AS (SELECT key FROM counters WHERE key = ANY($1) FOR UPDATE SKIP LOCKED) \
+                 UPDATE counters AS c SET value = c.value + d.n, last_modified = now() \
+                 FROM unnest($1::text[], $2::bigint[]) AS d(key, n) JOIN free ON free.key = d.key \
+                 WHERE c.key = d.key RETURNING c.key, c.value",
+                &[&keys, &counts],
+            )
             .await?;
+        let updated: HashMap<String, i64> = rows.iter().map(|row| (row.get(0), row.get(1))).collect();
         let added: i64 =
             keys.iter().zip(counts).filter(|(key, _)| updated.contains_key(*key)).map(|(_, n)| n).sum();
         self.record_increments(added);
@@ -155,13 +161,20 @@ impl Db {
     }
 
     /// The counter's value (`None` if it does not exist), read from a replica that has replayed
-    /// `min_lsn` when one can serve it (see `db::read`), else from the primary.
+    /// `min_lsn` when one can serve it (see `db::read`), else from the primary. A read without `min_lsn`
+    /// shares a query with the node's other reads of the moment (see `db::coalesce`).
     pub async fn counter(&self, key: &str, min_lsn: Option<PgLsn>) -> Result<Read<Option<Counter>>, DbError> {
-        self.read(min_lsn, async |client| {
-            let select = client.prepare_cached("SELECT value FROM counters WHERE key = $1").await?;
-            let row = client.query_opt(&select, &[&key]).await?;
-            Ok(row.map(|row| Counter { key: key.to_owned(), value: row.get(0) }))
-        })
-        .await
+        let read = match min_lsn {
+            None => self.coalesced_read(key).await?,
+            Some(_) => {
+                self.read(min_lsn, async |client| {
+                    let select = client.prepare_cached("SELECT value FROM counters WHERE key = $1").await?;
+                    Ok(client.query_opt(&select, &[&key]).await?.map(|row| row.get(0)))
+                })
+                .await?
+            }
+        };
+        let value = read.value.map(|value| Counter { key: key.to_owned(), value });
+        Ok(Read { value, served_by: read.served_by })
     }
 }

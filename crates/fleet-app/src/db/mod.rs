@@ -175,6 +175,7 @@ pub struct Db {
     isolation: isolation::IsolationLab,
     lab: lab::LabBudget,
     stats: stats::StatsSnapshot,
+    reads: coalesce::Reads,
 }
 
 /// A value and the number of attempts it took.
@@ -226,6 +227,7 @@ impl Db {
             isolation: isolation::IsolationLab::new(config.pg_config()?),
             lab: lab::LabBudget::new(config.lab_max_connections()),
             stats: stats::StatsSnapshot::default(),
+            reads: coalesce::Reads::default(),
         })
     }
 

@@ -5,6 +5,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use deadpool_postgres::{Object, Transaction};
 use serde_json::Value;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::Row;
 
 use super::idempotency::{self, IdempotencyKey, StoredResponse};
 use super::{Db, DbError, PgLsn, Retried};
@@ -102,12 +104,45 @@ impl Db {
             err => err,
         })
     }
+
+    /// `statement` as a transaction of its own (sent outside BEGIN, PostgreSQL commits it as it
+    /// completes), retried like [`Db::transact`], with the WAL position asked in the same round trip: a
+    /// write that is one statement takes one round trip instead of four (BEGIN, the statement, COMMIT,
+    /// the position), and holds its row locks only while PostgreSQL runs and commits it. Once the
+    /// statement is sent, a lost connection or a passed deadline leaves its outcome unknown, as a lost
+    /// COMMIT does.
+    pub(super) async fn write_alone(
+        &self,
+        statement: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<(Vec<Row>, Option<PgLsn>), DbError> {
+        let sent = AtomicBool::new(false);
+        let done = self
+            .retrying(self.deadline(), async |_| {
+                sent.store(false, Ordering::Relaxed);
+                let client = self.client().await?;
+                let statement = client.prepare_cached(statement).await?;
+                sent.store(true, Ordering::Relaxed);
+                // Polled together, so sent together; the position is read after the statement committed.
+                let (rows, lsn) = tokio::join!(client.query(&statement, params), wal_position(&client));
+                Ok((rows.map_err(DbError::at_commit)?, lsn))
+            })
+            .await;
+        match done {
+            Ok(done) => Ok((done.value, done.lsn)),
+            Err(DbError::AttemptTimedOut) if sent.load(Ordering::Relaxed) => Err(DbError::CommitTimedOut),
+            Err(err) => Err(err),
+        }
+    }
 }
 
 /// The primary's WAL position now: after a COMMIT on this connection, at or after its commit record, so
 /// a replica that has replayed it sees the write (`X-Fleet-Lsn`). `None` if the query failed: the write
 /// is done either way.
 async fn wal_position(client: &Object) -> Option<PgLsn> {
-    let query = async { client.query_one("SELECT pg_current_wal_lsn()", &[]).await?.try_get(0) };
+    let query = async {
+        let select = client.prepare_cached("SELECT pg_current_wal_lsn()").await?;
+        client.query_one(&select, &[]).await?.try_get(0)
+    };
     query.await.inspect_err(|e| tracing::debug!(error = %e, "reading the WAL position failed")).ok()
 }
