@@ -156,6 +156,7 @@ async fn sigterm_turns_readiness_off_lets_requests_finish_and_exits_zero() {
 async fn metrics_pass_promtool_and_name_every_documented_family() {
     let app = TestApp::spawn(&[]);
     app.api.increment("m").await;
+    app.api.get("/api/counters/m").await;
     app.api.bulk_insert(&["x".to_owned()]).await;
     app.api.get("/nowhere").await;
     let text = app.api.metrics_text().await;
@@ -186,6 +187,8 @@ async fn metrics_pass_promtool_and_name_every_documented_family() {
         "fleet_db_transaction_retries_total",
         "fleet_increments_total",
         "fleet_increment_batch_size",
+        "fleet_read_batch_size",
+        "fleet_db_reads_total",
         "fleet_bulk_insert_rows_total",
         "fleet_build_info",
         "process_resident_memory_bytes",
@@ -194,6 +197,7 @@ async fn metrics_pass_promtool_and_name_every_documented_family() {
     }
     assert_eq!(fleet_tests::sample_value(&text, "fleet_increments_total"), 1.0);
     assert_eq!(fleet_tests::sample_value(&text, "fleet_bulk_insert_rows_total"), 1.0);
+    assert_eq!(fleet_tests::sample_value(&text, "fleet_read_batch_size_sum"), 1.0);
     assert_eq!(fleet_tests::sample_value(&text, "fleet_db_pool_max_connections"), 5.0);
 }
 

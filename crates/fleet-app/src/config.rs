@@ -27,6 +27,7 @@
 //! | `LAB_ENDPOINTS` | `true` | serve `/api/hold` and `/api/test-isolation` |
 //! | `LAB_MAX_CONNECTIONS` | `POOL_SIZE − 1` | connections the lab endpoints may use at once, pooled (a hold: 1) or their own (an isolation run: 4); beyond it they answer 429 `lab_busy`. Below `POOL_SIZE`, ordinary traffic always keeps a pooled connection; a larger value gives that up (the pool-size experiments do, to queue holds in the pool) |
 //! | `SHUTDOWN_DRAIN_MS` | `0` | after SIGTERM, how long readiness answers 503 while new connections are still served (responses say `Connection: close`), before new connections are turned away (`listener`): set it above the probe period of a balancer that follows readiness; nginx needs none (it sends a turned-away request to the next node) |
+//! | `HTTP_WORKERS` | `0` | threads serving HTTP; `0`: one per CPU core. A request's database connections and coalescing runners run on its worker's thread, so fewer workers hand off fewer requests between threads; a local fleet (`fleetctl up`) gives each node its share of the machine's cores |
 //! | `LOG_FORMAT` | `json` | `json` or `text` |
 //! | `NO_COLOR` | unset | any non-empty value: `text` logs without colour codes (the local fleet sets it; read by the log subscriber) |
 //! | `RUST_LOG` | `info` | log filter |
@@ -104,6 +105,9 @@ pub struct Config {
     pub lab_max_connections_setting: Option<usize>,
     #[serde(default)]
     pub shutdown_drain_ms: u64,
+    /// 0: one per CPU core (actix's default).
+    #[serde(default)]
+    pub http_workers: usize,
     #[serde(default)]
     pub log_format: LogFormat,
 }

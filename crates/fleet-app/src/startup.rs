@@ -83,9 +83,12 @@ impl Application {
         // not yet in a transaction then takes no value, and a write waiting at a row gate gives up its
         // place) rather than finish work nobody will read. HTTP clients do not half-close.
         .h1_allow_half_closed(false)
-        .shutdown_timeout(SHUTDOWN_TIMEOUT_S)
-        .listen(listener)?
-        .run();
+        .shutdown_timeout(SHUTDOWN_TIMEOUT_S);
+        let server = match config.http_workers {
+            0 => server,
+            workers => server.workers(workers),
+        };
+        let server = server.listen(listener)?.run();
         tracing::info!(
             "fleet-app listening on http://{}:{port} (container {}, pool {})",
             config.host,

@@ -38,6 +38,14 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// Each node's `SHUTDOWN_DRAIN_MS` unless the options say otherwise: above nginx's keep-alive timeout
 /// toward the nodes (4 s), so a SIGTERM'd node has left nginx's connection cache before its listener closes.
 const NODE_DRAIN_MS: &str = "5000";
+/// Each node's `HTTP_WORKERS`: its share of the machine's cores, at least one. The nodes of a local fleet
+/// share one machine, where more threads than cores only hand requests from thread to thread (a
+/// request's database connection and coalescing runner live on the thread that started them).
+fn http_workers(nodes: u32) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (cores / nodes.max(1) as usize).max(1)
+}
+
 /// How long nginx may take to start new workers after a reload.
 const RELOAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a node gets to drain on SIGTERM before it is killed.
@@ -179,11 +187,14 @@ impl Fleet {
                     database_url: db.url(),
                     pool_size: opts.pool_size,
                     port: 0,
-                    env: [("SHUTDOWN_DRAIN_MS".to_owned(), NODE_DRAIN_MS.to_owned())]
-                        .into_iter()
-                        .chain(read_url.clone())
-                        .chain(opts.node_env.iter().cloned())
-                        .collect(),
+                    env: [
+                        ("SHUTDOWN_DRAIN_MS".to_owned(), NODE_DRAIN_MS.to_owned()),
+                        ("HTTP_WORKERS".to_owned(), http_workers(opts.nodes).to_string()),
+                    ]
+                    .into_iter()
+                    .chain(read_url.clone())
+                    .chain(opts.node_env.iter().cloned())
+                    .collect(),
                     quiet: opts.quiet,
                     log_file: Some(logs.join(format!("app-{i}.log"))),
                 })
