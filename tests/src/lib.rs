@@ -63,6 +63,24 @@ pub fn start_fleet(nodes: u32, pool_size: u32, env: &[(&str, &str)]) -> Fleet {
     Fleet::start(opts).expect("start a fleet")
 }
 
+/// The IPv4 loopback TCP sockets of the machine in `state` (`/proc/net/tcp`'s hex code: `01` established,
+/// `06` TIME_WAIT), as (local port, remote port).
+pub fn loopback_sockets(state: &str) -> Vec<(u16, u16)> {
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("read /proc/net/tcp");
+    let port =
+        |address: &str| address.strip_prefix("0100007F:").and_then(|p| u16::from_str_radix(p, 16).ok());
+    // Columns: slot, local address, remote address, state, …
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let columns: Vec<&str> = line.split_whitespace().collect();
+            (columns.get(3) == Some(&state)).then_some(())?;
+            Some((port(columns.get(1)?)?, port(columns.get(2)?)?))
+        })
+        .collect()
+}
+
 /// Whether child processes' output is shown (`TEST_LOG=1`).
 pub fn test_log() -> bool {
     std::env::var_os("TEST_LOG").is_some_and(|v| !v.is_empty() && v != "0")

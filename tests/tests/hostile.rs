@@ -266,15 +266,7 @@ async fn commit_outlasting_the_attempt_deadline(increment_mode: &str) {
 
 /// How many TCP connections to 127.0.0.1:`port` the server side has accepted and holds open.
 fn accepted_connections(port: u16) -> usize {
-    let table = std::fs::read_to_string("/proc/net/tcp").expect("read /proc/net/tcp");
-    let local = format!("0100007F:{port:04X}");
-    // Columns: slot, local address, remote address, state (01: established), …
-    table
-        .lines()
-        .skip(1)
-        .filter(|line| line.split_whitespace().nth(1) == Some(&local))
-        .filter(|line| line.split_whitespace().nth(3) == Some("01"))
-        .count()
+    fleet_tests::loopback_sockets("01").iter().filter(|(local, _)| *local == port).count()
 }
 
 /// The counter of the lost-batch test: a coalesced batch is one statement (it commits as it completes),

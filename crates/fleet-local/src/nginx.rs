@@ -15,9 +15,12 @@ const COMPOSE_HA_NODES: usize = 2;
 /// The port every node listens on in its container (the node's default `PORT`).
 const COMPOSE_NODE_PORT: u16 = 3000;
 
-/// Idle connections each nginx worker keeps open to the whole fleet, and to one pinned node.
-const KEEPALIVE_FLEET: usize = 32;
-const KEEPALIVE_PINNED: usize = 8;
+/// Idle connections each nginx worker keeps open to the whole fleet, and to one pinned node: enough for
+/// hundreds of clients at once. A connection finished while the cache is full is closed, and the next
+/// request opens a new one: with 32, 64 clients through nginx's two workers had one request in nine pay
+/// for a new connection to its node.
+const KEEPALIVE_FLEET: usize = 256;
+const KEEPALIVE_PINNED: usize = 64;
 /// How long an idle upstream connection is kept: below actix-web's default keep-alive (5 s), so nginx
 /// always closes an idle connection before the node does and never sends a request on a socket the node
 /// is closing (a POST lost that way would be a 502, since nginx does not retry non-idempotent requests).

@@ -8,16 +8,20 @@
 //!    goes into one transaction that locks the counters it can get at once (`SELECT … FOR UPDATE SKIP
 //!    LOCKED`: it never waits for a lock, so it cannot deadlock or be held up by a busy key) and adds, to
 //!    each, the number of increments queued for it.
-//! 2. **The rest, one key at a time.** A counter that is missing, or locked by another transaction, goes
-//!    to a transaction of its own that creates it if needed and waits for its row lock. Increments of
-//!    that key arriving meanwhile join its next one (not a batch), so at most one such transaction per
-//!    key waits on a node, and a hot key is passed from node to node with many increments at a time.
+//! 2. **The rest, one key at a time.** A counter that is missing, or locked by another transaction (and
+//!    a batch of one key, which gains nothing from skipping a lock), goes to a transaction of its own
+//!    that creates it if needed and waits for its row lock. Increments of that key arriving meanwhile
+//!    join its next one (not a batch), so at most one such transaction per key waits on a node, and a
+//!    hot key is passed from node to node with many increments at a time.
+//!
+//! While the counter exists, either transaction is a single statement (see `Db::write_alone`).
 //!
 //! Each request gets its own value: a transaction that adds n to a counter now at v hands out v − n + 1 …
 //! v. A failed transaction applies none of its increments. When a many-key batch fails with an error tied
 //! to one row (a counter past i64: SQLSTATE class 22 or 23), its keys are retried one key at a time, so
 //! that failure reaches only the requests of its own key; any other failure (a pool timeout, a lost
-//! connection, a lost COMMIT: 08007) is every request's answer at once, so no request waits twice.
+//! connection, a sent statement left unanswered: 08007) is every request's answer at once, so no
+//! request waits twice.
 //!
 //! A request whose client went away before its transaction started is dropped from it and takes no
 //! value, so the callers who stayed see no gap.
@@ -137,6 +141,12 @@ impl Coalescer {
         loop {
             let next = lock(&self.state).queued.next();
             let Some(batch) = next else { break };
+            // One key alone waits for its row lock in a transaction of its own at once: skipping a
+            // locked row would only send it there after a round trip.
+            if batch.len() == 1 {
+                batch.into_iter().for_each(|(key, replies)| self.contend(key, replies));
+                continue;
+            }
             let (keys, counts): (Vec<String>, Vec<i64>) =
                 batch.iter().map(|(key, replies)| (key.clone(), replies.len() as i64)).unzip();
             match self.db.add_to_free_counters(&keys, &counts).await {

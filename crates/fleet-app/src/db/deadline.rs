@@ -54,6 +54,13 @@ impl Conn {
     pub(super) fn new(object: Object) -> Self {
         Conn { object: Some(object), abandoned: ABANDONED.try_with(Arc::clone).ok() }
     }
+
+    /// Closes the connection rather than return it to the pool.
+    pub(super) fn close(mut self) {
+        if let Some(object) = self.object.take() {
+            drop(Object::take(object));
+        }
+    }
 }
 
 impl Deref for Conn {

@@ -124,7 +124,11 @@ impl Db {
                     "DELETE FROM idempotency_keys WHERE created_at < now() - make_interval(secs => $1)",
                 )
                 .await?;
-            Ok(client.execute(&delete, &[&ttl.as_secs_f64()]).await?)
+            let deleted = client.execute(&delete, &[&ttl.as_secs_f64()]).await?;
+            // Opened on the main thread, this connection would keep its I/O there, and every request
+            // that used it later would cross threads twice per query.
+            client.close();
+            Ok(deleted)
         })
         .await
     }

@@ -298,8 +298,11 @@ pub fn goals(points: &[Point], probes: &[Probe], ceilings: &Ceilings) -> Vec<Goa
         })?;
         Some(probe.throughput() / copy_rate.filter(|c| *c > 0.0)?)
     };
+    // The database workloads: `GET /health/live` does no work behind which nginx's hop could hide, so
+    // its probes measure that hop itself (flagged in the probe table, not a stall).
     let worst_nginx = probes
         .iter()
+        .filter(|p| p.workload != Workload::Http)
         .filter_map(|p| nginx_over_direct(probes, p.workload, p.connections))
         .max_by(f64::total_cmp);
     let (seed_rps, seed_basis) = match keys_tps {
@@ -391,12 +394,14 @@ pub fn goals(points: &[Point], probes: &[Probe], ceilings: &Ceilings) -> Vec<Goa
             "GET /health/live through nginx, requests/s".into(),
         ),
         goal(
-            "p50 through nginx ≤ 1.5× straight to a node",
+            "p50 through nginx ≤ 1.5× straight to a node, every database workload",
             worst_nginx,
             Unit::Ratio,
             false,
             NGINX_P50_LIMIT,
-            "the worst workload and connection count of the probes".into(),
+            "the worst database workload and connection count of the probes (the HTTP ceiling's own \
+             probes time nginx's hop alone)"
+                .into(),
         ),
         goal(
             "opposite transfers on one pair ≥ 0.5× pgbench's transfer with rows locked in key order",
