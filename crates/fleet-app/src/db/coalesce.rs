@@ -36,6 +36,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use deadpool_postgres::Object;
 use tokio::sync::oneshot;
 
 use super::{Counter, Db, DbError, PgLsn, Read};
@@ -220,14 +221,7 @@ impl Db {
             let next = lock(&self.reads.0).next();
             let Some(batch) = next else { break };
             let keys: Vec<&str> = batch.keys().map(String::as_str).collect();
-            let read = self
-                .read(None, async |client| {
-                    let select =
-                        client.prepare_cached("SELECT key, value FROM counters WHERE key = ANY($1)").await?;
-                    let rows = client.query(&select, &[&keys]).await?;
-                    Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect::<HashMap<String, i64>>())
-                })
-                .await;
+            let read = self.read(None, async |client| select_counters(client, &keys).await).await;
             self.metrics.read_batch_size.observe(batch.values().map(Vec::len).sum::<usize>() as f64);
             match read {
                 Ok(read) => {
@@ -248,6 +242,13 @@ impl Db {
         }
         guard.finished();
     }
+}
+
+/// The values of those of `keys` that are counters.
+pub(super) async fn select_counters(client: &Object, keys: &[&str]) -> Result<HashMap<String, i64>, DbError> {
+    let select = client.prepare_cached("SELECT key, value FROM counters WHERE key = ANY($1)").await?;
+    let rows = client.query(&select, &[&keys]).await?;
+    Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
 }
 
 /// A runner's answer to one request.

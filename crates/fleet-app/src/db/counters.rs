@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use deadpool_postgres::GenericClient;
 use serde::Serialize;
 
+use super::coalesce::select_counters;
 use super::{Db, DbError, Once, PgLsn, Read, Retried, Written};
 use crate::config::LockOrder;
 
@@ -167,11 +168,8 @@ impl Db {
         let read = match min_lsn {
             None => self.coalesced_read(key).await?,
             Some(_) => {
-                self.read(min_lsn, async |client| {
-                    let select = client.prepare_cached("SELECT value FROM counters WHERE key = $1").await?;
-                    Ok(client.query_opt(&select, &[&key]).await?.map(|row| row.get(0)))
-                })
-                .await?
+                let read = self.read(min_lsn, async |client| select_counters(client, &[key]).await).await?;
+                Read { value: read.value.get(key).copied(), served_by: read.served_by }
             }
         };
         let value = read.value.map(|value| Counter { key: key.to_owned(), value });

@@ -99,10 +99,7 @@ impl Db {
                 Ok((Written::Fresh { value, stored }, wal_position(&client).await))
             })
             .await;
-        done.map_err(|err| match err {
-            DbError::AttemptTimedOut if commit_sent.load(Ordering::Relaxed) => DbError::CommitTimedOut,
-            err => err,
-        })
+        done.map_err(unknown_once(&commit_sent))
     }
 
     /// `statement` as a transaction of its own (sent outside BEGIN, PostgreSQL commits it as it
@@ -127,12 +124,18 @@ impl Db {
                 let (rows, lsn) = tokio::join!(client.query(&statement, params), wal_position(&client));
                 Ok((rows.map_err(DbError::at_commit)?, lsn))
             })
-            .await;
-        match done {
-            Ok(done) => Ok((done.value, done.lsn)),
-            Err(DbError::AttemptTimedOut) if sent.load(Ordering::Relaxed) => Err(DbError::CommitTimedOut),
-            Err(err) => Err(err),
-        }
+            .await
+            .map_err(unknown_once(&sent))?;
+        Ok((done.value, done.lsn))
+    }
+}
+
+/// An attempt that ran past its deadline after `sent` was set (its COMMIT, or its lone statement, had
+/// gone out) has an unknown outcome.
+fn unknown_once(sent: &AtomicBool) -> impl Fn(DbError) -> DbError + '_ {
+    move |err| match err {
+        DbError::AttemptTimedOut if sent.load(Ordering::Relaxed) => DbError::CommitTimedOut,
+        err => err,
     }
 }
 
