@@ -81,6 +81,17 @@ pub fn loopback_sockets(state: &str) -> Vec<(u16, u16)> {
         .collect()
 }
 
+/// How many threads of process `pid` serve HTTP (actix names them `actix-rt|system:N`).
+pub fn http_worker_threads(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("read the node's threads")
+        .flatten()
+        .filter(|task| {
+            std::fs::read_to_string(task.path().join("comm")).is_ok_and(|c| c.starts_with("actix-rt|system"))
+        })
+        .count()
+}
+
 /// Whether child processes' output is shown (`TEST_LOG=1`).
 pub fn test_log() -> bool {
     std::env::var_os("TEST_LOG").is_some_and(|v| !v.is_empty() && v != "0")

@@ -3,7 +3,9 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use fleet_tests::{fleetctl, fleetctl_up, node_options, start_fleet, start_postgres, Api};
+use fleet_tests::{
+    fleetctl, fleetctl_up, http_worker_threads, node_options, start_fleet, start_postgres, Api,
+};
 use futures_util::future::join_all;
 use reqwest::StatusCode;
 use serde_json::Value;
@@ -13,6 +15,11 @@ async fn the_fleet_proves_the_seeds_claims_through_nginx() {
     // Default settings: 250 requests per node queue for 5 connections, and some may be shed (503).
     let mut fleet = start_fleet(4, 5, &[]);
     let api = Api::new(fleet.url());
+    // Four nodes share the machine: each gets its share of the cores as HTTP workers.
+    let share = (std::thread::available_parallelism().unwrap().get() / 4).max(1);
+    for node in fleet.nodes() {
+        assert_eq!(http_worker_threads(node.pid()), share, "{}'s HTTP workers", node.container_id());
+    }
 
     // 1000 concurrent increments spread over the four pinned routes: every 200 a value of its own, and
     // the counter exactly the acknowledged ones (plus at most those whose outcome is unknown, 08007).

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use fleet_app::db::migrations::MIGRATION_LOCK_KEY;
 use fleet_local::{bins, Node};
-use fleet_tests::{node_bin, node_options, sample_value, start_postgres, Api, TestApp};
+use fleet_tests::{http_worker_threads, node_bin, node_options, sample_value, start_postgres, Api, TestApp};
 use futures_util::future::join_all;
 use reqwest::StatusCode;
 
@@ -279,4 +279,14 @@ async fn connections_killed_under_load_are_retried_unless_commit_was_in_flight()
         })
         .sum::<f64>();
     assert!(retried > 0.0, "a connection lost before COMMIT was retried");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_workers_sets_the_threads_serving_http_and_0_is_one_per_core() {
+    let cores = std::thread::available_parallelism().unwrap().get();
+    for (setting, threads) in [("3", 3), ("0", cores)] {
+        let app = TestApp::spawn(&[("HTTP_WORKERS", setting)]);
+        assert_eq!(app.api.get("/health/live").await.status, StatusCode::OK);
+        assert_eq!(http_worker_threads(app.node.pid()), threads, "HTTP_WORKERS={setting}");
+    }
 }
