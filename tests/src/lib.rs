@@ -4,6 +4,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub mod compose;
+pub mod isolation;
+pub mod load;
 pub mod proxy;
 
 use anyhow::Context;

@@ -35,20 +35,38 @@ fn nginx_ha_conf_is_the_rendering_of_the_ha_profiles_nodes() {
 }
 
 #[test]
-fn the_compose_prometheus_config_is_the_rendering_of_the_compose_topology() {
-    let nodes = compose_upstreams();
-    let targets = prometheus::Targets {
-        nodes: &nodes,
-        exporter: Some(prometheus::COMPOSE_EXPORTER_ADDRESS),
-        patroni: &[],
+fn the_compose_prometheus_finds_every_node_member_and_the_exporter_under_the_local_jobs() {
+    // By name in Docker's DNS, with the local config's job names and labels (rules and dashboards select
+    // on them): every node of both profiles, every Patroni member, the exporter.
+    let config = yaml("deploy/prometheus/prometheus.yml");
+    let compose = compose();
+    let services = compose["services"].as_object().unwrap();
+    let job = |name: &str| {
+        let jobs = config["scrape_configs"].as_array().unwrap();
+        let job = jobs.iter().find(|j| j["job_name"] == json!(name));
+        job.unwrap_or_else(|| panic!("no job {name}")).clone()
     };
-    let rendered = prometheus::config(
-        &targets,
-        COMPOSE_SCRAPE_INTERVAL,
-        &[COMPOSE_RULES],
-        prometheus::COMPOSE_SELF_ADDRESS,
-    );
-    golden("deploy/prometheus/prometheus.yml", &rendered);
+    let names = |job: &Value| -> (Vec<String>, Value) {
+        let sd = &job["dns_sd_configs"][0];
+        let names = sd["names"].as_array().unwrap().iter().map(|n| n.as_str().unwrap().to_owned()).collect();
+        (names, sd["port"].clone())
+    };
+    let label = |job: &Value| job["relabel_configs"][0]["target_label"].clone();
+
+    let nodes = job(prometheus::NODE_JOB);
+    let expected: Vec<String> = compose_upstreams().into_iter().chain(compose_ha_upstreams()).map(|n| n.name).collect();
+    assert_eq!(names(&nodes), (expected, json!(3000)));
+    assert_eq!(label(&nodes), json!("container"));
+
+    let patroni = job(prometheus::PATRONI_JOB);
+    let api_port = port_of(&yaml("deploy/patroni/patroni.yml")["restapi"]["listen"]);
+    assert_eq!(names(&patroni), (patroni_members(services), json!(api_port.parse::<u16>().unwrap())));
+    assert_eq!(label(&patroni), json!("member"));
+
+    let exporter = job(prometheus::POSTGRES_JOB);
+    assert_eq!(names(&exporter), (vec!["postgres-exporter".to_owned()], json!(9187)));
+    assert_eq!(services["postgres-exporter"]["expose"], json!(["9187"]));
+    assert_eq!(config["global"]["scrape_interval"], json!(COMPOSE_SCRAPE_INTERVAL));
 }
 
 #[test]
@@ -258,20 +276,21 @@ fn every_service_port_volume_and_file_docker_compose_yml_names_exists() {
         assert_eq!(service["environment"]["PORT"], json!(port), "{}", node.name);
         assert_eq!(service["environment"]["CONTAINER_ID"], json!(node.name));
     }
-    let built: BTreeSet<&str> =
-        services.iter().filter(|(_, s)| s.get("build").is_some()).map(|(n, _)| n.as_str()).collect();
-    let ha_nodes = compose_ha_upstreams();
-    let members = patroni_members(services);
-    let expected: BTreeSet<&str> = nodes
+    let from_node_image: BTreeSet<&str> = services
         .iter()
-        .chain(&ha_nodes)
-        .map(|n| n.name.as_str())
-        .chain(members.iter().map(String::as_str))
+        .filter(|(_, s)| s.get("build").is_some_and(|b| dockerfile(b) == repo().join("deploy/Dockerfile")))
+        .map(|(n, _)| n.as_str())
         .collect();
-    assert_eq!(built, expected, "the nodes, the ha profile's nodes and its Patroni members");
+    let ha_nodes = compose_ha_upstreams();
+    let expected: BTreeSet<&str> = nodes.iter().chain(&ha_nodes).map(|n| n.name.as_str()).collect();
+    assert_eq!(from_node_image, expected, "the nodes and the ha profile's nodes");
+    let pulled: Vec<&str> =
+        services.iter().filter(|(_, s)| s.get("build").is_none()).map(|(n, _)| n.as_str()).collect();
+    assert_eq!(pulled, ["grafana"], "every image but Grafana's is built here");
 
-    // nginx publishes 80, where the rendered config listens; each config is mounted where it is read.
-    assert_eq!(services["nginx"]["ports"], json!(["80:80"]));
+    // nginx publishes 80 (or FLEET_HTTP_PORT), where the rendered config listens; each config is
+    // mounted where it is read.
+    assert_eq!(services["nginx"]["ports"], json!(["${FLEET_HTTP_PORT:-80}:80"]));
     let mounted = |service: &str, source: &str| {
         let found = mounts(&services[service]).into_iter().find(|(s, _)| s == source);
         found.unwrap_or_else(|| panic!("{service} does not mount {source}")).1
@@ -373,7 +392,11 @@ fn the_ha_profile_runs_its_nodes_on_three_patroni_members_through_the_two_urls()
         let in_ha = members.contains(name)
             || compose_ha_upstreams().iter().any(|n| &n.name == name)
             || ["etcd", "ha-nginx"].contains(&name.as_str());
-        let profiles = if in_ha { json!(["ha"]) } else { Value::Null };
+        let profiles = match name.as_str() {
+            _ if in_ha => json!(["ha"]),
+            "grafana" => json!(["dashboards"]),
+            _ => Value::Null,
+        };
         assert_eq!(service["profiles"], profiles, "{name}");
     }
 }
@@ -437,20 +460,60 @@ fn the_node_image_is_built_in_stages_and_runs_unprivileged_with_a_healthcheck() 
 }
 
 #[test]
+fn every_image_is_built_from_debian_bookworm_with_one_postgresql_major() {
+    // The same server binaries as the local runtime: Debian's packages on debian:bookworm-slim (the node's
+    // build stage on the Rust image of the same release), PostgreSQL 15 wherever a server runs.
+    let compose = compose();
+    let mut dockerfiles: BTreeSet<PathBuf> = BTreeSet::new();
+    for service in compose["services"].as_object().unwrap().values() {
+        dockerfiles.extend(service.get("build").map(dockerfile));
+    }
+    assert!(dockerfiles.len() >= 7, "{dockerfiles:?}");
+    for path in &dockerfiles {
+        let text = fs::read_to_string(path).unwrap();
+        assert!(!text.starts_with("# syntax="), "{}: a syntax line pulls a frontend image", path.display());
+        assert!(!text.contains("--mount="), "{}: RUN --mount needs BuildKit", path.display());
+        for from in text.lines().filter_map(|l| l.strip_prefix("FROM ")) {
+            let image = from.split_whitespace().next().unwrap();
+            assert!(
+                ["debian:bookworm-slim", "debian:${DEBIAN_RELEASE}-slim", "rust:${RUST_VERSION}-slim-${DEBIAN_RELEASE}"]
+                    .contains(&image),
+                "{}: FROM {image}",
+                path.display()
+            );
+        }
+        if text.contains("postgresql-") {
+            assert!(text.contains("postgresql-15 "), "{}: PostgreSQL 15 as everywhere", path.display());
+        }
+    }
+    let node = read("deploy/Dockerfile");
+    assert!(node.contains("ARG DEBIAN_RELEASE=bookworm"), "{node}");
+}
+
+#[test]
 fn compose_requires_its_secrets_and_publishes_only_nginx() {
-    // Every secret is required (`${NAME:?message}`): no default, so no default password. Plain
-    // settings (`${LAB_ENDPOINTS:-true}`) may have one.
+    // Every secret is required, never defaulted. The default profile's are required by compose
+    // (`${NAME:?message}`); another profile's (`${NAME:-}`, empty) by the container that uses it, which
+    // names it and exits, so that a profile not asked for needs nothing. Plain settings
+    // (`${LAB_ENDPOINTS:-true}`) may have a default.
     let text = read("docker-compose.yml");
     let uses: Vec<&str> = text.split("${").skip(1).map(|rest| rest.split('}').next().unwrap()).collect();
     let secret = |name: &str| ["PASSWORD", "SECRET", "TOKEN"].iter().any(|s| name.contains(s));
     assert!(uses.iter().any(|v| secret(v)), "compose takes its passwords from the environment");
+    let checked_by_containers = [read("deploy/patroni/entrypoint.sh"), text.clone()].concat();
     for variable in &uses {
         let name = variable.split([':', '-', '?']).next().unwrap();
         assert!(name.chars().all(|c| c.is_ascii_uppercase() || c == '_'), "{variable}");
-        if secret(name) {
-            let (_, message) =
-                variable.split_once(":?").unwrap_or_else(|| panic!("the secret ${{{variable}}} is optional"));
-            assert!(!message.is_empty(), "{variable}");
+        if !secret(name) {
+            continue;
+        }
+        match variable.split_once(":?") {
+            Some((_, message)) => assert!(!message.is_empty(), "{variable}"),
+            None => {
+                assert_eq!(variable, &format!("{name}:-"), "the secret ${{{variable}}} has a default");
+                let refusal = format!("set {name},");
+                assert!(checked_by_containers.contains(&refusal), "no container refuses to run without {name}");
+            }
         }
     }
     for weak in ["apppass", "admin/admin"] {
@@ -468,10 +531,8 @@ fn compose_requires_its_secrets_and_publishes_only_nginx() {
             );
         }
     }
-    let prometheus = compose["services"]["prometheus"]["command"].to_string();
+    let prometheus = read("deploy/prometheus/Dockerfile");
     assert!(!prometheus.contains("--web.enable-lifecycle"), "{prometheus}");
-    let grafana = &compose["services"]["grafana"]["environment"];
-    assert!(grafana["GF_SECURITY_ADMIN_PASSWORD"].as_str().unwrap().contains(":?"), "{grafana}");
 }
 
 #[test]
@@ -479,15 +540,16 @@ fn in_compose_the_app_connects_as_its_own_role_created_by_the_init_script() {
     let compose = compose();
     let postgres = &compose["services"]["postgres"];
     let (db, node) = (&postgres["environment"], &compose["services"]["app-1"]["environment"]);
-    assert_ne!(db["POSTGRES_USER"], node["POSTGRES_USER"], "the app must not connect as the superuser");
+    assert_ne!(node["POSTGRES_USER"], json!("postgres"), "the app must not connect as the superuser");
     assert_ne!(db["POSTGRES_PASSWORD"], node["POSTGRES_PASSWORD"], "the superuser's password is its own");
     assert_eq!(db["APP_DB_USER"], node["POSTGRES_USER"]);
     assert_eq!(db["APP_DB_PASSWORD"], node["POSTGRES_PASSWORD"]);
     assert_eq!(db["APP_DB_NAME"], node["POSTGRES_DB"]);
-    let init =
-        mounts(postgres).into_iter().find(|(source, _)| source == "./deploy/postgres/create-app-role.sh");
-    let (_, target) = init.expect("postgres mounts the init script");
-    assert!(target.starts_with("/docker-entrypoint-initdb.d/") && target.ends_with(".sh"), "{target}");
+    // The image makes the role with the cluster, by the script the test below runs.
+    let image = read("deploy/postgres/Dockerfile");
+    assert!(image.contains("COPY postgres/create-app-role.sh"), "{image}");
+    let entrypoint = read("deploy/postgres/entrypoint.sh");
+    assert!(entrypoint.contains("POSTGRES_USER=postgres create-app-role.sh"), "{entrypoint}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

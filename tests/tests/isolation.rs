@@ -5,22 +5,11 @@
 use std::time::{Duration, Instant};
 
 use fleet_local::Node;
+use fleet_tests::isolation::{documented, matrix};
 use fleet_tests::{node_options, Api, Reply, TestApp};
 use futures_util::future::join_all;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-
-const PHENOMENA: [&str; 5] = ["dirtyRead", "nonRepeatableRead", "phantomRead", "lostUpdate", "writeSkew"];
-
-/// PostgreSQL's documentation, chapter 13.2: table 13.1 for dirty, non-repeatable and phantom reads and
-/// for serialization anomalies (here: write skew); the text of 13.2.1–13.2.2 for lost updates (READ
-/// COMMITTED lets a read-modify-write lose one; REPEATABLE READ aborts it with 40001).
-const DOCUMENTED: [(&str, [&str; 5]); 4] = [
-    ("READ UNCOMMITTED", ["prevented", "possible", "possible", "possible", "possible"]),
-    ("READ COMMITTED", ["prevented", "possible", "possible", "possible", "possible"]),
-    ("REPEATABLE READ", ["prevented", "prevented", "prevented", "prevented", "possible"]),
-    ("SERIALIZABLE", ["prevented", "prevented", "prevented", "prevented", "prevented"]),
-];
 
 const CONCURRENT_UPDATE: &str = "could not serialize access due to concurrent update";
 const READ_WRITE_DEPENDENCIES: &str = "could not serialize access due to read/write dependencies";
@@ -29,25 +18,6 @@ const READ_WRITE_DEPENDENCIES: &str = "could not serialize access due to read/wr
 /// error answer), so every blocked step was seen blocked, and released, as it happened.
 async fn run_lab(api: &Api, body: Value) -> Reply {
     api.post("/api/test-isolation", &body).await
-}
-
-/// `level → [dirtyRead, nonRepeatableRead, …]` of an all-levels reply.
-fn matrix(body: &Value) -> Vec<(String, Vec<String>)> {
-    let levels = body["levels"].as_array().unwrap_or_else(|| panic!("no levels in {body}"));
-    levels
-        .iter()
-        .map(|level| {
-            let observed = PHENOMENA.iter().map(|p| level[p].as_str().unwrap_or("missing").to_owned());
-            (level["level"].as_str().unwrap_or_default().to_owned(), observed.collect())
-        })
-        .collect()
-}
-
-fn documented() -> Vec<(String, Vec<String>)> {
-    DOCUMENTED
-        .iter()
-        .map(|(level, observed)| (level.to_string(), observed.iter().map(|o| o.to_string()).collect()))
-        .collect()
 }
 
 fn scenario<'a>(level: &'a Value, name: &str) -> &'a Value {
@@ -263,8 +233,8 @@ async fn levels_are_checked_against_the_four_names_and_never_reach_sql() {
         assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{level}: {:?}", reply.body);
         assert_eq!(reply.code(), "invalid_request", "{level}");
         let message = reply.body["error"].as_str().unwrap_or_default();
-        for (name, _) in DOCUMENTED {
-            assert!(message.contains(name), "{level}: {message}");
+        for (name, _) in documented() {
+            assert!(message.contains(&name), "{level}: {message}");
         }
     }
     let reply = run_lab(&app.api, json!({ "level": 42 })).await;

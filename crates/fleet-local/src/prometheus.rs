@@ -1,21 +1,17 @@
-//! Prometheus's configuration: one renderer for the compose file's `deploy/prometheus/prometheus.yml`
-//! and the local launcher's, both scraping every node directly (never through nginx, which would show
-//! one random node per scrape).
+//! The local fleet's Prometheus configuration, scraping every node directly (never through nginx, which
+//! would show one random node per scrape). The compose file's `deploy/prometheus/prometheus.yml` finds
+//! its targets by name instead, under the same jobs and labels (a test keeps them equal).
 
 use std::fmt::Write as _;
 
 use crate::nginx::Upstream;
 
 /// The job every node is scraped under; dashboards and rules select `job="fleet-app"`.
-const NODE_JOB: &str = "fleet-app";
+pub const NODE_JOB: &str = "fleet-app";
 /// The job every Patroni is scraped under (its REST API's `/metrics`).
-const PATRONI_JOB: &str = "patroni";
+pub const PATRONI_JOB: &str = "patroni";
 /// The job PostgreSQL's exporter is scraped under.
-const POSTGRES_JOB: &str = "postgres";
-/// Prometheus's own address in the compose file (its default listen port).
-pub const COMPOSE_SELF_ADDRESS: &str = "localhost:9090";
-/// PostgreSQL's exporter in the compose file (its service and default port).
-pub const COMPOSE_EXPORTER_ADDRESS: &str = "postgres-exporter:9187";
+pub const POSTGRES_JOB: &str = "postgres";
 
 /// What Prometheus scrapes besides itself.
 #[derive(Debug, Clone, Copy)]
@@ -88,8 +84,7 @@ fn job(out: &mut String, name: &str, label: &str, targets: &[Upstream]) {
     }
 }
 
-const HEADER: &str = "# Scrapes every fleet node directly. Rendered by fleet_local::prometheus::config: edit that,
-# not this file (the compose copy is refreshed with `UPDATE_GOLDEN=1 cargo test -p fleet-tests --test deploy`).
+const HEADER: &str = "# Scrapes every fleet node directly. Rendered by fleet_local::prometheus::config.
 ";
 
 /// A double-quoted YAML string.

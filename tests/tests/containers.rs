@@ -1,0 +1,354 @@
+//! The compose stack for real, on this machine's Docker engine: the images the repository's Dockerfiles
+//! build, started by docker-compose.yml from empty volumes, and used only through what it publishes
+//! (nginx, Prometheus on loopback). The seed's promises at a user's load, what an operator does to a
+//! running stack (stop, kill, restart, scale, down), and the `ha` profile surviving its leader's death.
+//! Without a Docker engine these tests fail under CI and say they did not run elsewhere.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use fleet_tests::compose::{build_images, docker, engine_or_skip, one_at_a_time, Stack};
+use fleet_tests::load::{acknowledged, failures, Load};
+use fleet_tests::{acknowledged_values, assert_transfers_applied_exactly_once, isolation, opposite_transfers, Api};
+use futures_util::future::join_all;
+use reqwest::StatusCode;
+use serde_json::{json, Value};
+
+/// The default profile's services a test starts: everything but the opt-in profiles.
+const DEFAULT_SERVICES: [&str; 8] =
+    ["postgres", "app-1", "app-2", "app-3", "app-4", "nginx", "postgres-exporter", "prometheus"];
+
+#[test]
+fn compose_needs_only_the_default_profiles_secrets_and_names_a_missing_one() {
+    if !engine_or_skip("compose config") {
+        return;
+    }
+    // The two secrets of the default profile are enough, for the default profile and for `ha` (whose own
+    // secrets its containers check when they start).
+    let stack = Stack::new("config")
+        .without_secret("REPLICATION_PASSWORD")
+        .without_secret("PATRONI_API_PASSWORD")
+        .without_secret("GRAFANA_ADMIN_PASSWORD");
+    stack.run(&["config", "-q"]);
+    stack.run(&["--profile", "ha", "--profile", "dashboards", "config", "-q"]);
+    // Either of them missing: refused, naming it.
+    for secret in ["POSTGRES_SUPERUSER_PASSWORD", "APP_DB_PASSWORD"] {
+        let out = Stack::new("config").without_secret(secret).compose(&["config", "-q"]).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && stderr.contains(&format!("set {secret}")), "{secret}: {stderr}");
+    }
+}
+
+#[test]
+fn a_profiles_container_refuses_to_start_without_its_secret_and_names_it() {
+    if !engine_or_skip("ha secrets") {
+        return;
+    }
+    let _one = one_at_a_time();
+    build_images();
+    // A Patroni member started without the replication password exits at once, naming the variable.
+    let out = std::process::Command::new("docker")
+        .args(["run", "--rm", "-e", "PATRONI_SUPERUSER_PASSWORD=x", "-e", "APP_DB_PASSWORD=x"])
+        .args(["-e", "PATRONI_RESTAPI_PASSWORD=x", "pgfleet/patroni:latest"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("set REPLICATION_PASSWORD"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_stack_comes_up_from_empty_volumes_and_keeps_the_seeds_promises_through_nginx() {
+    if !engine_or_skip("default stack") {
+        return;
+    }
+    let _one = one_at_a_time();
+    tokio::task::block_in_place(build_images);
+    let stack = Stack::new("default");
+    let took = tokio::task::block_in_place(|| stack.up(&[], &DEFAULT_SERVICES));
+    eprintln!("default profile: up to healthy in {:.1} s from empty volumes", took.as_secs_f64());
+    let api = Api::new(stack.url());
+
+    // 1000 concurrent increments over the four pinned routes and round robin: every one succeeds, and
+    // the values handed out are exactly 1..=1000.
+    let replies = join_all((0..1000).map(|i| {
+        let route = if i % 5 == 4 { String::new() } else { format!("/app-{}", i % 5 + 1) };
+        let api = Api::new(format!("{}{route}", stack.url()));
+        async move { api.increment("compose-shared").await }
+    }))
+    .await;
+    let failed: Vec<_> = replies.iter().filter(|r| r.status != StatusCode::OK).collect();
+    assert!(failed.is_empty(), "{} of 1000 increments failed, first: {:?}", failed.len(), failed.first());
+    assert_eq!(acknowledged_values(&replies), (1..=1000).collect::<BTreeSet<i64>>());
+    let containers: BTreeSet<&str> = replies.iter().filter_map(|r| r.body["container"].as_str()).collect();
+    assert_eq!(containers, ["app-1", "app-2", "app-3", "app-4"].into());
+
+    // Hundreds of opposite transfers at once: all succeed, deadlocks were met (40P01) and retried.
+    let nodes: Vec<Api> = (1..=4).map(|n| Api::new(format!("{}/app-{n}", stack.url()))).collect();
+    let sent = opposite_transfers(&nodes, "compose-a", "compose-b", 400, 200).await;
+    let value = |key: &'static str| {
+        let api = api.clone();
+        async move { api.get(&format!("/api/counters/{key}")).await.body["value"].as_i64().unwrap() }
+    };
+    assert_transfers_applied_exactly_once(&sent, (value("compose-a").await, value("compose-b").await));
+    let mut deadlocks = 0.0;
+    for node in &nodes {
+        deadlocks += node.metric(r#"fleet_db_transaction_retries_total{sqlstate="40P01"}"#).await;
+    }
+    assert!(deadlocks > 0.0, "no deadlock was met and retried by any node");
+
+    // A 100,000-row bulk insert (the default BULK_MAX_ROWS) through nginx: every row, in order.
+    let rows: Vec<String> = (0..100_000).map(|i| format!("row-{i}")).collect();
+    let bulk = api.bulk_insert(&rows).await;
+    assert_eq!(bulk.status, StatusCode::OK, "{:?}", bulk.body);
+    let ids = bulk.body["ids"].as_array().unwrap();
+    assert_eq!((ids.len(), bulk.body["count"].clone()), (100_000, json!(100_000)));
+    assert!(ids.windows(2).all(|w| w[0].as_i64() < w[1].as_i64()), "ids in input order");
+
+    // The isolation lab reports PostgreSQL's documented table.
+    let lab = api.post("/api/test-isolation", &json!({})).await;
+    assert_eq!(lab.status, StatusCode::OK, "{:?}", lab.body);
+    assert_eq!(isolation::matrix(&lab.body), isolation::documented());
+
+    // Prometheus scrapes every node, the exporter and itself, all up; the exporter reports PostgreSQL.
+    let prometheus = Api::new(stack.prometheus_url());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let targets = prometheus.get("/api/v1/targets?state=active").await.body;
+        let up = targets_up(&targets);
+        let pg_up = prometheus.get("/api/v1/query?query=pg_up%20%3D%3D%201").await.body;
+        let pg_seen = pg_up["data"]["result"].as_array().is_some_and(|r| r.len() == 1);
+        let expected = ["fleet-app app-1", "fleet-app app-2", "fleet-app app-3", "fleet-app app-4"];
+        let expected: BTreeSet<String> =
+            expected.iter().map(|s| s.to_string()).chain(["postgres".into(), "prometheus".into()]).collect();
+        if up == (expected.clone(), 0) && pg_seen {
+            break;
+        }
+        assert!(Instant::now() < deadline, "targets up (and down): {up:?}, pg_up {pg_up}; want {expected:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    // `down` keeps the data, `down -v` removes every container, network and volume of the project.
+    tokio::task::block_in_place(|| {
+        stack.run(&["down", "-t", "30"]);
+        stack.up(&[], &DEFAULT_SERVICES);
+    });
+    assert_eq!(value("compose-shared").await, 1000, "the counter survived down and up");
+    tokio::task::block_in_place(|| stack.down()).unwrap();
+    assert_eq!(stack.leftovers(), Vec::<String>::new(), "down -v left these behind");
+}
+
+/// Prometheus's active targets: those up, as `job container` (or `job member`, or `job`), and how
+/// many are not up.
+fn targets_up(targets: &Value) -> (BTreeSet<String>, usize) {
+    let active = targets["data"]["activeTargets"].as_array().cloned().unwrap_or_default();
+    let name = |t: &Value| {
+        let labels = &t["labels"];
+        let job = labels["job"].as_str().unwrap_or_default();
+        match labels["container"].as_str().or(labels["member"].as_str()) {
+            Some(who) => format!("{job} {who}"),
+            None => job.to_owned(),
+        }
+    };
+    let up = active.iter().filter(|t| t["health"] == "up").map(name).collect();
+    (up, active.iter().filter(|t| t["health"] != "up").count())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operator_stops_kills_restarts_and_scales_and_clients_see_what_they_were_promised() {
+    if !engine_or_skip("operations") {
+        return;
+    }
+    let _one = one_at_a_time();
+    tokio::task::block_in_place(build_images);
+    let stack = Stack::new("ops");
+    tokio::task::block_in_place(|| stack.up(&[], &DEFAULT_SERVICES));
+    let api = Api::new(stack.url());
+
+    // `docker compose stop app-2` drains it: a plain client (no retries) sees no failure, before,
+    // during or after.
+    let load = Load::start(&api, "stop", false).await;
+    let before = load.answered();
+    tokio::task::block_in_place(|| stack.run(&["stop", "app-2"]));
+    let during = load.answered() - before;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (writes, reads) = load.stop().await;
+    assert!(during > 0, "the load ran while app-2 stopped");
+    let all: Vec<_> = writes.values().flatten().chain(&reads).cloned().collect();
+    assert_eq!(failures(&all), Default::default(), "of {} requests while app-2 stopped", all.len());
+    tokio::task::block_in_place(|| {
+        stack.run(&["start", "app-2"]);
+        stack.wait_healthy(Duration::from_secs(120)).unwrap();
+    });
+
+    // `docker kill` of a node, and then a restart of the database, under a careful client (idempotency
+    // keys, retried until 200): nothing lost, nothing applied twice.
+    for (fault, services) in [("kill app-3", "app-3"), ("restart postgres", "postgres")] {
+        let prefix = fault.replace(' ', "-");
+        let load = Load::start(&api, &prefix, true).await;
+        let before = load.answered();
+        let container = stack.container(services);
+        tokio::task::block_in_place(|| match fault {
+            "kill app-3" => drop(docker(&["kill", &container])),
+            _ => drop(stack.run(&["restart", "-t", "30", services])),
+        });
+        let during = load.answered() - before;
+        // The load outlasts the fault: it goes on until the stack is whole again, and 2 s more.
+        if fault == "kill app-3" {
+            tokio::task::block_in_place(|| stack.run(&["start", services]));
+        }
+        tokio::task::block_in_place(|| stack.wait_healthy(Duration::from_secs(120))).unwrap();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (writes, reads) = load.stop().await;
+        assert!(during > 0, "{fault}: the load ran during the fault");
+        for (key, acked) in acknowledged(&writes) {
+            let stored = api.get(&format!("/api/counters/{key}")).await.body["value"].as_i64().unwrap_or(0);
+            assert_eq!(stored, acked, "{fault}: {key} holds one increment per acknowledged key");
+        }
+        let all_writes: Vec<_> = writes.values().flatten().cloned().collect();
+        eprintln!(
+            "{fault}, careful client: writes retried after {:?}; reads failed {:?} of {}",
+            failures(&all_writes),
+            failures(&reads),
+            reads.len()
+        );
+    }
+
+    // A second app-4: nginx and Prometheus find it by name, with no restart. Shown by stopping the first:
+    // the pinned route /app-4 still answers, from the new container.
+    tokio::task::block_in_place(|| stack.run(&["up", "-d", "--no-build", "--no-deps", "--scale", "app-4=2", "app-4"]));
+    tokio::task::block_in_place(|| stack.wait_healthy(Duration::from_secs(120))).unwrap();
+    let app4 = stack.containers_of("app-4");
+    assert_eq!(app4.len(), 2, "{app4:?}");
+    let pinned = Api::new(format!("{}/app-4", stack.url()));
+    let prometheus = Api::new(stack.prometheus_url());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (up, _) = targets_up(&prometheus.get("/api/v1/targets?state=active").await.body);
+        let query = prometheus.get("/api/v1/query?query=count(up%7Bcontainer%3D%22app-4%22%7D%20%3D%3D%201)").await;
+        let scraped = query.body["data"]["result"][0]["value"][1] == "2";
+        if scraped {
+            break;
+        }
+        assert!(Instant::now() < deadline, "Prometheus never scraped both app-4s: {up:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    // nginx reloads within its 2 s check once the new address resolves.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    tokio::task::block_in_place(|| docker(&["stop", "-t", "40", &app4[0]]));
+    let replies = join_all((0..50).map(|_| pinned.get("/api/pool-stats"))).await;
+    let failed: Vec<_> = replies.iter().filter(|r| r.status != StatusCode::OK).collect();
+    assert!(failed.is_empty(), "/app-4 with the first app-4 stopped: {} failed, first {:?}", failed.len(), failed.first());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ha_profile_bootstraps_three_members_and_survives_its_leaders_death_under_a_careful_client() {
+    if !engine_or_skip("ha profile") {
+        return;
+    }
+    let _one = one_at_a_time();
+    tokio::task::block_in_place(build_images);
+    let stack = Stack::new("ha");
+    let took = tokio::task::block_in_place(|| stack.up(&["ha"], &["ha-nginx", "prometheus"]));
+    eprintln!("ha profile: up to healthy in {:.1} s from empty volumes", took.as_secs_f64());
+
+    // One leader and a synchronous standby, every member running or streaming.
+    let cluster = |via: &str| -> Value {
+        let container = stack.container(via);
+        let out = docker(&["exec", &container, "curl", "-fsS", "http://127.0.0.1:8008/cluster"]);
+        serde_json::from_str(&out).expect("Patroni's /cluster")
+    };
+    let roles = |cluster: &Value| -> Vec<(String, String, String)> {
+        let members = cluster["members"].as_array().cloned().unwrap_or_default();
+        let field = |m: &Value, f: &str| m[f].as_str().unwrap_or_default().to_owned();
+        members.iter().map(|m| (field(m, "name"), field(m, "role"), field(m, "state"))).collect()
+    };
+    let whole = |members: &[(String, String, String)]| {
+        members.len() == 3
+            && members.iter().filter(|m| m.1 == "leader").count() == 1
+            && members.iter().any(|m| m.1 == "sync_standby")
+            && members.iter().all(|m| m.2 == "running" || m.2 == "streaming")
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !whole(&roles(&cluster("pg-1"))) {
+        assert!(Instant::now() < deadline, "never one leader and a sync standby: {:?}", roles(&cluster("pg-1")));
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let members = roles(&cluster("pg-1"));
+    let leader = members.iter().find(|m| m.1 == "leader").unwrap().0.clone();
+    eprintln!("ha profile: {members:?}");
+
+    // Prometheus scrapes every member and both HA nodes.
+    let prometheus = Api::new(stack.prometheus_url());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (up, _) = targets_up(&prometheus.get("/api/v1/targets?state=active").await.body);
+        let want = ["patroni pg-1", "patroni pg-2", "patroni pg-3", "fleet-app ha-app-1", "fleet-app ha-app-2"];
+        if want.iter().all(|w| up.contains(*w)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "Prometheus targets up: {up:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    // `docker kill` of the leader under a careful client: a new leader, writes again, nothing lost or
+    // applied twice; the load goes on until writes succeed again, and 2 s more.
+    let api = Api::new(stack.ha_url());
+    let load = Load::start(&api, "ha-careful", true).await;
+    let killed = Instant::now();
+    let before = load.answered();
+    tokio::task::block_in_place(|| docker(&["kill", &stack.container(&leader)]));
+    let survivor = members.iter().find(|m| m.0 != leader).unwrap().0.clone();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let new_leader = loop {
+        let now = roles(&cluster(&survivor));
+        if let Some(m) = now.iter().find(|m| m.1 == "leader" && m.0 != leader && m.2 == "running") {
+            break m.0.clone();
+        }
+        assert!(Instant::now() < deadline, "no new leader after {leader} was killed: {now:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    eprintln!("ha profile: {new_leader} leads {:.1} s after {leader} was killed", killed.elapsed().as_secs_f64());
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while api.increment("ha-after-failover").await.status != StatusCode::OK {
+        assert!(Instant::now() < deadline, "the nodes never wrote to the new leader");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!("ha profile: writes again {:.1} s after the kill", killed.elapsed().as_secs_f64());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let during = load.answered() - before;
+    let (writes, reads) = load.stop().await;
+    assert!(during > 0, "the load ran through the failover");
+    let psql = |sql: &str| {
+        let container = stack.container(&new_leader);
+        docker(&["exec", &container, "psql", "-U", "postgres", "-d", "appdb", "-Atc", sql])
+    };
+    for (key, acked) in acknowledged(&writes) {
+        // On the leader itself: a replica may not have replayed the last writes yet.
+        let stored = tokio::task::block_in_place(|| {
+            psql(&format!("SELECT coalesce((SELECT value FROM counters WHERE key = '{key}'), 0)"))
+        });
+        assert_eq!(stored.trim(), acked.to_string(), "{key}: one increment per acknowledged key");
+    }
+    let all_writes: Vec<_> = writes.values().flatten().cloned().collect();
+    eprintln!(
+        "ha kill-leader, careful client: writes retried after {:?}; reads failed {:?} of {}",
+        failures(&all_writes),
+        failures(&reads),
+        reads.len()
+    );
+
+    // The killed member rejoins as a replica when started again.
+    tokio::task::block_in_place(|| stack.run(&["--profile", "ha", "start", &leader]));
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let now = roles(&cluster(&new_leader));
+        let back = now.iter().any(|m| m.0 == leader && m.1 != "leader" && m.2 == "streaming");
+        if back && whole(&now) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{leader} never rejoined: {now:?}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    tokio::task::block_in_place(|| stack.down()).unwrap();
+    assert_eq!(stack.leftovers(), Vec::<String>::new(), "down -v left these behind");
+}
