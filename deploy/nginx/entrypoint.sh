@@ -1,11 +1,12 @@
 #!/bin/sh
-# Runs nginx (master as root, workers as www-data, Debian's nginx.conf) and keeps its upstreams current.
+# Runs nginx (master as root, workers as www-data: deploy/nginx/nginx.conf) and keeps its upstreams current.
 # nginx resolves the node names of its config once, when it loads it; compose gives a recreated or
 # scaled node a new address. So every 2 s this resolves those names and, when every one resolves and an
 # address changed, reloads nginx: requests in flight finish on the old workers. While a name does not
 # resolve (its node is stopped) nginx keeps its config, and its passive health checks skip that node.
-# SIGTERM stops nginx gracefully (SIGQUIT: open requests finish).
+# SIGTERM stops nginx gracefully (SIGQUIT: open requests finish). With arguments, runs them instead.
 set -eu
+[ "$#" -eq 0 ] || exec "$@"
 config=/etc/nginx/conf.d/default.conf
 names=$(sed -n 's/^ *server \([A-Za-z0-9.-]*\):[0-9]*.*/\1/p' "$config" | sort -u)
 

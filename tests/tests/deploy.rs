@@ -143,6 +143,13 @@ fn nginx_accepts_compose_file(path: &str, upstreams: &[Upstream]) {
 }
 
 #[test]
+fn the_compose_nginx_has_the_local_fleets_worker_limits() {
+    let main = read("deploy/nginx/nginx.conf");
+    assert!(main.contains(nginx::WORKER_LIMITS), "{main}");
+    assert!(main.contains("include /etc/nginx/conf.d/*.conf;"), "{main}");
+}
+
+#[test]
 fn nginx_accepts_the_local_config() {
     let dir = tempfile::tempdir().unwrap();
     let conf = nginx::local_config(dir.path(), "127.0.0.1:8080", &loopback_nodes(4), &["app-2".to_owned()]);
@@ -452,9 +459,13 @@ fn the_node_image_is_built_in_stages_and_runs_unprivileged_with_a_healthcheck() 
     let healthcheck = runtime.iter().find(|l| l.starts_with("HEALTHCHECK ")).expect("a HEALTHCHECK");
     assert!(healthcheck.ends_with(r#"CMD ["fleet-app", "healthcheck"]"#), "{healthcheck}");
 
-    // The build context keeps every workspace member (cargo needs them all to load the workspace).
+    // The build context keeps every workspace member's manifest (cargo needs them all to load the
+    // workspace) and the node's crate.
     let ignore = read(".dockerignore");
-    for kept in ["!Cargo.toml", "!Cargo.lock", "!crates/", "!tests/"] {
+    let members = ["crates/fleet-app", "crates/fleet-local", "crates/fleetctl", "tests"];
+    let manifests = members.map(|m| format!("!{m}/Cargo.toml"));
+    let kept = ["!Cargo.toml", "!Cargo.lock", "!crates/fleet-app/"].map(str::to_owned);
+    for kept in manifests.iter().chain(&kept) {
         assert!(ignore.lines().any(|l| l == kept), ".dockerignore must keep {kept}");
     }
 }

@@ -265,10 +265,8 @@ pub fn local_config(dir: &Path, listen: &str, nodes: &[Upstream], out_of_rotatio
     out.push_str("worker_processes auto;\n");
     let _ = writeln!(out, "pid {};", path("nginx.pid"));
     out.push_str("error_log stderr warn;\n\n");
-    // A client connection and its upstream connection both count: room for thousands of concurrent
-    // clients (the load tests open a thousand at once), each worker allowed the descriptors for them.
-    out.push_str("worker_rlimit_nofile 16384;\n");
-    out.push_str("events {\n    worker_connections 8192;\n}\n\n");
+    out.push_str(WORKER_LIMITS);
+    out.push('\n');
     out.push_str("http {\n");
     out.push_str("    access_log off;\n");
     out.push_str("    default_type application/octet-stream;\n");
@@ -287,6 +285,11 @@ pub fn local_config(dir: &Path, listen: &str, nodes: &[Upstream], out_of_rotatio
     out.push_str("}\n");
     out
 }
+
+/// nginx's worker limits, the local fleet's and the compose image's (deploy/nginx/nginx.conf). A client
+/// connection and its upstream connection both count: room for thousands of concurrent clients (the
+/// load tests open a thousand at once), each worker allowed the descriptors for them.
+pub const WORKER_LIMITS: &str = "worker_rlimit_nofile 16384;\nevents {\n    worker_connections 8192;\n}\n";
 
 /// `app-1` → `app_1`: the name of the upstream that holds only this node.
 fn upstream_name(node: &Upstream) -> String {
