@@ -57,7 +57,13 @@ impl Load {
 
 /// Increments on `keys` (one loop each, one request at a time) and reads of them, until `stop`:
 /// every write's answer by key (`Idempotency-Key`s retried until 200 when `careful`), every read's.
-async fn load(api: Api, keys: Vec<String>, careful: bool, stop: Arc<AtomicBool>, answered: Arc<AtomicUsize>) -> Seens {
+async fn load(
+    api: Api,
+    keys: Vec<String>,
+    careful: bool,
+    stop: Arc<AtomicBool>,
+    answered: Arc<AtomicUsize>,
+) -> Seens {
     let writers = keys.iter().cloned().map(|key| {
         let (api, stop, answered) = (api.clone(), stop.clone(), answered.clone());
         tokio::spawn(async move {

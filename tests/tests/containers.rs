@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use fleet_tests::compose::{build_images, docker, engine_or_skip, one_at_a_time, Stack};
 use fleet_tests::load::{acknowledged, failures, Load};
-use fleet_tests::{acknowledged_values, assert_transfers_applied_exactly_once, isolation, opposite_transfers, Api};
+use fleet_tests::{
+    acknowledged_values, assert_transfers_applied_exactly_once, isolation, opposite_transfers, Api,
+};
 use futures_util::future::join_all;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -44,7 +46,6 @@ fn a_profiles_container_refuses_to_start_without_its_secret_and_names_it() {
     if !engine_or_skip("ha secrets") {
         return;
     }
-    let _one = one_at_a_time();
     build_images();
     // A Patroni member started without the replication password exits at once, naming the variable.
     let out = std::process::Command::new("docker")
@@ -61,7 +62,7 @@ async fn the_default_stack_comes_up_from_empty_volumes_and_keeps_the_seeds_promi
     if !engine_or_skip("default stack") {
         return;
     }
-    let _one = one_at_a_time();
+    let _one = one_at_a_time().await;
     tokio::task::block_in_place(build_images);
     let stack = Stack::new("default");
     let took = tokio::task::block_in_place(|| stack.up(&[], &DEFAULT_SERVICES));
@@ -158,7 +159,7 @@ async fn an_operator_stops_kills_restarts_and_scales_and_clients_see_what_they_w
     if !engine_or_skip("operations") {
         return;
     }
-    let _one = one_at_a_time();
+    let _one = one_at_a_time().await;
     tokio::task::block_in_place(build_images);
     let stack = Stack::new("ops");
     tokio::task::block_in_place(|| stack.up(&[], &DEFAULT_SERVICES));
@@ -215,7 +216,9 @@ async fn an_operator_stops_kills_restarts_and_scales_and_clients_see_what_they_w
 
     // A second app-4: nginx and Prometheus find it by name, with no restart. Shown by stopping the first:
     // the pinned route /app-4 still answers, from the new container.
-    tokio::task::block_in_place(|| stack.run(&["up", "-d", "--no-build", "--no-deps", "--scale", "app-4=2", "app-4"]));
+    tokio::task::block_in_place(|| {
+        stack.run(&["up", "-d", "--no-build", "--no-deps", "--scale", "app-4=2", "app-4"])
+    });
     tokio::task::block_in_place(|| stack.wait_healthy(Duration::from_secs(120))).unwrap();
     let app4 = stack.containers_of("app-4");
     assert_eq!(app4.len(), 2, "{app4:?}");
@@ -224,7 +227,8 @@ async fn an_operator_stops_kills_restarts_and_scales_and_clients_see_what_they_w
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let (up, _) = targets_up(&prometheus.get("/api/v1/targets?state=active").await.body);
-        let query = prometheus.get("/api/v1/query?query=count(up%7Bcontainer%3D%22app-4%22%7D%20%3D%3D%201)").await;
+        let query =
+            prometheus.get("/api/v1/query?query=count(up%7Bcontainer%3D%22app-4%22%7D%20%3D%3D%201)").await;
         let scraped = query.body["data"]["result"][0]["value"][1] == "2";
         if scraped {
             break;
@@ -237,7 +241,12 @@ async fn an_operator_stops_kills_restarts_and_scales_and_clients_see_what_they_w
     tokio::task::block_in_place(|| docker(&["stop", "-t", "40", &app4[0]]));
     let replies = join_all((0..50).map(|_| pinned.get("/api/pool-stats"))).await;
     let failed: Vec<_> = replies.iter().filter(|r| r.status != StatusCode::OK).collect();
-    assert!(failed.is_empty(), "/app-4 with the first app-4 stopped: {} failed, first {:?}", failed.len(), failed.first());
+    assert!(
+        failed.is_empty(),
+        "/app-4 with the first app-4 stopped: {} failed, first {:?}",
+        failed.len(),
+        failed.first()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -245,7 +254,7 @@ async fn the_ha_profile_bootstraps_three_members_and_survives_its_leaders_death_
     if !engine_or_skip("ha profile") {
         return;
     }
-    let _one = one_at_a_time();
+    let _one = one_at_a_time().await;
     tokio::task::block_in_place(build_images);
     let stack = Stack::new("ha");
     let took = tokio::task::block_in_place(|| stack.up(&["ha"], &["ha-nginx", "prometheus"]));
@@ -270,7 +279,11 @@ async fn the_ha_profile_bootstraps_three_members_and_survives_its_leaders_death_
     };
     let deadline = Instant::now() + Duration::from_secs(120);
     while !whole(&roles(&cluster("pg-1"))) {
-        assert!(Instant::now() < deadline, "never one leader and a sync standby: {:?}", roles(&cluster("pg-1")));
+        assert!(
+            Instant::now() < deadline,
+            "never one leader and a sync standby: {:?}",
+            roles(&cluster("pg-1"))
+        );
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let members = roles(&cluster("pg-1"));
@@ -282,7 +295,8 @@ async fn the_ha_profile_bootstraps_three_members_and_survives_its_leaders_death_
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let (up, _) = targets_up(&prometheus.get("/api/v1/targets?state=active").await.body);
-        let want = ["patroni pg-1", "patroni pg-2", "patroni pg-3", "fleet-app ha-app-1", "fleet-app ha-app-2"];
+        let want =
+            ["patroni pg-1", "patroni pg-2", "patroni pg-3", "fleet-app ha-app-1", "fleet-app ha-app-2"];
         if want.iter().all(|w| up.contains(*w)) {
             break;
         }
@@ -307,7 +321,10 @@ async fn the_ha_profile_bootstraps_three_members_and_survives_its_leaders_death_
         assert!(Instant::now() < deadline, "no new leader after {leader} was killed: {now:?}");
         tokio::time::sleep(Duration::from_millis(250)).await;
     };
-    eprintln!("ha profile: {new_leader} leads {:.1} s after {leader} was killed", killed.elapsed().as_secs_f64());
+    eprintln!(
+        "ha profile: {new_leader} leads {:.1} s after {leader} was killed",
+        killed.elapsed().as_secs_f64()
+    );
     let deadline = Instant::now() + Duration::from_secs(120);
     while api.increment("ha-after-failover").await.status != StatusCode::OK {
         assert!(Instant::now() < deadline, "the nodes never wrote to the new leader");

@@ -54,7 +54,8 @@ fn the_compose_prometheus_finds_every_node_member_and_the_exporter_under_the_loc
     let label = |job: &Value| job["relabel_configs"][0]["target_label"].clone();
 
     let nodes = job(prometheus::NODE_JOB);
-    let expected: Vec<String> = compose_upstreams().into_iter().chain(compose_ha_upstreams()).map(|n| n.name).collect();
+    let expected: Vec<String> =
+        compose_upstreams().into_iter().chain(compose_ha_upstreams()).map(|n| n.name).collect();
     assert_eq!(names(&nodes), (expected, json!(3000)));
     assert_eq!(label(&nodes), json!("container"));
 
@@ -487,8 +488,12 @@ fn every_image_is_built_from_debian_bookworm_with_one_postgresql_major() {
         for from in text.lines().filter_map(|l| l.strip_prefix("FROM ")) {
             let image = from.split_whitespace().next().unwrap();
             assert!(
-                ["debian:bookworm-slim", "debian:${DEBIAN_RELEASE}-slim", "rust:${RUST_VERSION}-slim-${DEBIAN_RELEASE}"]
-                    .contains(&image),
+                [
+                    "debian:bookworm-slim",
+                    "debian:${DEBIAN_RELEASE}-slim",
+                    "rust:${RUST_VERSION}-slim-${DEBIAN_RELEASE}"
+                ]
+                .contains(&image),
                 "{}: FROM {image}",
                 path.display()
             );
@@ -523,7 +528,10 @@ fn compose_requires_its_secrets_and_publishes_only_nginx() {
             None => {
                 assert_eq!(variable, &format!("{name}:-"), "the secret ${{{variable}}} has a default");
                 let refusal = format!("set {name},");
-                assert!(checked_by_containers.contains(&refusal), "no container refuses to run without {name}");
+                assert!(
+                    checked_by_containers.contains(&refusal),
+                    "no container refuses to run without {name}"
+                );
             }
         }
     }
@@ -629,7 +637,9 @@ async fn the_compose_init_script_creates_an_unprivileged_role_that_migrates_its_
 /// docker-compose.yml as JSON, with YAML merge keys (`<<: *node`) applied as Compose applies them.
 fn compose() -> Value {
     let mut compose: serde_norway::Value = serde_norway::from_str(&read("docker-compose.yml")).unwrap();
+    // Twice: an anchor may itself merge another (`x-ha-node` is `x-node` and more).
     compose.apply_merge().expect("merge keys");
+    compose.apply_merge().expect("nested merge keys");
     serde_json::to_value(compose).unwrap()
 }
 
