@@ -447,10 +447,15 @@ impl PatroniCluster {
             .with_context(|| format!("on {name}"))
     }
 
-    /// Creates the application's role (no superuser) and database on the leader, unless they exist.
+    /// Creates the application's role (no superuser) and database on the leader, unless they exist. The
+    /// role may read replication statistics (`pg_read_all_stats`): a replica then tells the nodes the
+    /// timeline its WAL receiver streams, so after a failover the nodes trust it again at once, not after
+    /// its next restartpoint (see the node's `db::read`).
     fn create_app_database(&self) -> anyhow::Result<()> {
         let leader = self.leader()?;
-        create_app_database(&self.secrets.app, |database, sql| self.psql_on(&leader, database, sql))
+        let psql = |database: &str, sql: &str| self.psql_on(&leader, database, sql);
+        create_app_database(&self.secrets.app, psql)?;
+        psql("postgres", &format!("GRANT pg_read_all_stats TO {APP_USER}")).map(drop)
     }
 
     /// SIGKILL to member `name`'s Patroni and to its PostgreSQL's whole process tree, as when its
