@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub mod ha;
 pub mod proxy;
 
 use anyhow::Context;
