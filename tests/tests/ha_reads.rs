@@ -106,6 +106,22 @@ async fn a_replica_whose_link_goes_silent_serves_no_read_staler_than_read_max_la
     assert!(acked.iter().any(|a| a.at > silenced + MAX_LAG * 2 && a.at < healed), "writes went on");
     assert!(acked.iter().any(|a| a.at > healed + Duration::from_secs(1)), "the load outlasted the fault");
     assert!(seen.iter().any(|s| s.began > healed + Duration::from_secs(1)), "reads outlasted the fault");
+    // How stale each read was: since the first acknowledged write it did not see, if any.
+    let staleness = |read: &Seen| {
+        let missed = acked.iter().find(|a| a.value > read.value && a.at < read.began);
+        missed.map_or(Duration::ZERO, |a| read.began - a.at)
+    };
+    let last_by_replica = seen
+        .iter()
+        .filter(|s| s.served_by.starts_with("replica:") && s.began > silenced && s.began < healed)
+        .map(|s| s.began - silenced)
+        .max();
+    eprintln!(
+        "silenced replica: the stalest read missed writes acknowledged {} ms before it; the replica served \
+         its last read {} ms after the link went silent",
+        seen.iter().map(staleness).max().unwrap_or_default().as_millis(),
+        last_by_replica.map_or("no".to_owned(), |d| d.as_millis().to_string())
+    );
     // Bounded staleness: every read saw every write acknowledged READ_MAX_LAG_MS before it was sent.
     for read in &seen {
         let floor = acked.iter().filter(|a| a.at + MAX_LAG < read.began).map(|a| a.value).max().unwrap_or(0);
