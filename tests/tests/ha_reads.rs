@@ -160,6 +160,48 @@ async fn a_replica_whose_link_goes_silent_serves_no_read_staler_than_read_max_la
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_without_a_wal_receiver_serves_no_read_even_when_nothing_was_written() {
+    let mut cluster = tokio::task::block_in_place(start_cluster);
+    let members = cluster.status().unwrap();
+    let replica = members.iter().find(|m| m.role == "replica").expect("an async replica").name.clone();
+    let node = node_on(&cluster, &member_read_url(&cluster, &replica), &[]);
+    let api = Api::new(node.url());
+    let written = api.increment("receiver").await;
+    assert_eq!(written.status, StatusCode::OK);
+    let on_replica = format!("replica:{replica}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while served_by(&cluster, &read_counter(&api, "receiver", None).await).as_ref() != Some(&on_replica) {
+        assert!(Instant::now() < deadline, "the replica never served a plain read");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // No WAL receiver, and none restarted (replay, whose process would start one, is paused); nothing is
+    // written meanwhile, so the replica has every write but can no longer hear of new ones.
+    tokio::task::block_in_place(|| cluster.pause_replay(&replica)).unwrap();
+    tokio::task::block_in_place(|| cluster.end_receiver(&replica)).unwrap();
+    let receivers = "SELECT count(*) FROM pg_stat_wal_receiver";
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tokio::task::block_in_place(|| cluster.psql(&replica, receivers)).unwrap() != "0" {
+        assert!(Instant::now() < deadline, "the WAL receiver did not end");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for _ in 0..20 {
+        let read = read_counter(&api, "receiver", None).await;
+        assert_eq!(read.status, StatusCode::OK, "{:?}", read.body);
+        assert_eq!(read.body["value"], written.body["value"]);
+        assert_eq!(served_by(&cluster, &read).as_deref(), Some("primary"), "a replica that hears nothing");
+    }
+
+    // Replay resumed, it starts a WAL receiver again, and the replica serves again.
+    tokio::task::block_in_place(|| cluster.resume_replay(&replica)).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while served_by(&cluster, &read_counter(&api, "receiver", None).await).as_ref() != Some(&on_replica) {
+        assert!(Instant::now() < deadline, "the replica never served reads again");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_future_token_is_refused_without_a_wait_and_starves_no_plain_read() {
     let cluster = tokio::task::block_in_place(start_cluster);
     // Two read connections, and a wait long enough that reads waiting on bogus tokens would empty the

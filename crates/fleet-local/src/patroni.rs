@@ -608,21 +608,35 @@ impl PatroniCluster {
         Ok(())
     }
 
+    /// Ends replica `name`'s WAL receiver (SIGTERM: it exits cleanly). Its startup process starts another
+    /// one unless it is paused ([`PatroniCluster::pause_replay`]): then the replica has none meanwhile.
+    pub fn end_receiver(&mut self, name: &str) -> anyhow::Result<()> {
+        let receiver = self.child(name, "walreceiver")?;
+        kill(receiver, Signal::SIGTERM).with_context(|| format!("cannot end {name}'s WAL receiver"))?;
+        tracing::info!(member = name, "WAL receiver ended");
+        Ok(())
+    }
+
     /// SIGSTOP to the child of member `name`'s postmaster whose title names `process` (`startup`,
     /// `walreceiver`), once it shows as stopped; its PID.
     fn stop_child(&self, name: &str, process: &str) -> anyhow::Result<Pid> {
+        let child = self.child(name, process)?;
+        kill(child, Signal::SIGSTOP).with_context(|| format!("cannot stop {name}'s {process} process"))?;
+        proctree::wait_until_stopped(child)?;
+        Ok(child)
+    }
+
+    /// The child of member `name`'s postmaster whose title names `process`.
+    fn child(&self, name: &str, process: &str) -> anyhow::Result<Pid> {
         let member = &self.members[self.index(name)?];
         let postmaster =
             member.postmaster().with_context(|| format!("{name}'s PostgreSQL is not running"))?;
-        let child = proctree::descendants(postmaster)?
+        proctree::descendants(postmaster)?
             .into_iter()
             .find(|pid| {
                 fs::read_to_string(format!("/proc/{pid}/cmdline")).is_ok_and(|cmd| cmd.contains(process))
             })
-            .with_context(|| format!("{name} has no {process} process: it is not a streaming replica"))?;
-        kill(child, Signal::SIGSTOP).with_context(|| format!("cannot stop {name}'s {process} process"))?;
-        proctree::wait_until_stopped(child)?;
-        Ok(child)
+            .with_context(|| format!("{name} has no {process} process: it is not a streaming replica"))
     }
 
     /// Resumes WAL replay paused by [`PatroniCluster::pause_replay`]; does nothing if it is not paused.
