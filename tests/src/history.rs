@@ -74,9 +74,16 @@ impl History {
     /// `POST /api/increment` on `key`, once (`idempotency_key: None`) or, for a careful client, with that
     /// key, retried until it answers 200 or `give_up` passes: one operation from the first send to the
     /// last answer.
-    pub async fn increment(&self, api: &Api, key: &str, idempotency_key: Option<&str>, give_up: Duration) -> Outcome {
+    pub async fn increment(
+        &self,
+        api: &Api,
+        key: &str,
+        idempotency_key: Option<&str>,
+        give_up: Duration,
+    ) -> Outcome {
         let start = self.now();
-        let headers: Vec<(&str, &str)> = idempotency_key.map(|k| ("Idempotency-Key", k)).into_iter().collect();
+        let headers: Vec<(&str, &str)> =
+            idempotency_key.map(|k| ("Idempotency-Key", k)).into_iter().collect();
         let body = json!({ "key": key });
         let (outcome, served_by) = loop {
             let request = api.http.post(format!("{}/api/increment", api.url)).body(body.to_string());
@@ -88,7 +95,14 @@ impl History {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
-        self.record(Op { write: true, key: key.to_owned(), start, end: self.now(), outcome: outcome.clone(), served_by });
+        self.record(Op {
+            write: true,
+            key: key.to_owned(),
+            start,
+            end: self.now(),
+            outcome: outcome.clone(),
+            served_by,
+        });
         outcome
     }
 
@@ -98,7 +112,14 @@ impl History {
         let request = api.http.get(format!("{}/api/counters/{key}", api.url));
         let request = headers.iter().fold(request, |r, (name, value)| r.header(*name, *value));
         let (outcome, served_by) = answer(request.send().await, false).await;
-        self.record(Op { write: false, key: key.to_owned(), start, end: self.now(), outcome: outcome.clone(), served_by });
+        self.record(Op {
+            write: false,
+            key: key.to_owned(),
+            start,
+            end: self.now(),
+            outcome: outcome.clone(),
+            served_by,
+        });
         outcome
     }
 }
@@ -110,7 +131,8 @@ async fn answer(response: reqwest::Result<reqwest::Response>, write: bool) -> (O
         Err(e) => return (Outcome::Unknown(format!("no answer: {e}")), None),
     };
     let status = response.status();
-    let served_by = response.headers().get("x-fleet-served-by").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let served_by =
+        response.headers().get("x-fleet-served-by").and_then(|v| v.to_str().ok()).map(str::to_owned);
     let body: serde_json::Value = response.json().await.unwrap_or_default();
     let code = body["code"].as_str().unwrap_or_default().to_owned();
     let outcome = match status {
@@ -121,7 +143,9 @@ async fn answer(response: reqwest::Result<reqwest::Response>, write: bool) -> (O
         StatusCode::NOT_FOUND if !write => Outcome::Absent,
         _ if code == "08007" => Outcome::Unknown(code),
         // nginx's own 502/504 (`container: nginx`): it may have sent the request on.
-        StatusCode::BAD_GATEWAY | StatusCode::GATEWAY_TIMEOUT if write => Outcome::Unknown(format!("{} {code}", status.as_u16())),
+        StatusCode::BAD_GATEWAY | StatusCode::GATEWAY_TIMEOUT if write => {
+            Outcome::Unknown(format!("{} {code}", status.as_u16()))
+        }
         _ => Outcome::Failed(format!("{} {code}", status.as_u16())),
     };
     (outcome, served_by)
@@ -132,17 +156,19 @@ async fn answer(response: reqwest::Result<reqwest::Response>, write: bool) -> (O
 pub async fn run_load(history: History, api: Api, keys: Vec<String>, careful: bool, stop: Arc<AtomicBool>) {
     let mut tasks = Vec::new();
     for key in keys {
-        let (history, api, stop, key2) = (history.clone(), api.clone(), stop.clone(), key.clone());
+        let writer = (history.clone(), api.clone(), stop.clone(), key.clone());
         tasks.push(tokio::spawn(async move {
+            let (history, api, stop, key) = writer;
             let mut n = 0;
             while !stop.load(Ordering::Relaxed) {
                 n += 1;
-                let idempotency_key = careful.then(|| format!("{key2}-{n}"));
-                history.increment(&api, &key2, idempotency_key.as_deref(), Duration::from_secs(60)).await;
+                let idempotency_key = careful.then(|| format!("{key}-{n}"));
+                history.increment(&api, &key, idempotency_key.as_deref(), Duration::from_secs(60)).await;
             }
         }));
-        let (history, api, stop) = (history.clone(), api.clone(), stop.clone());
+        let reader = (history.clone(), api.clone(), stop.clone(), key);
         tasks.push(tokio::spawn(async move {
+            let (history, api, stop, key) = reader;
             while !stop.load(Ordering::Relaxed) {
                 history.read(&api, &key, &[]).await;
                 tokio::time::sleep(Duration::from_millis(10)).await;
@@ -178,7 +204,8 @@ pub fn check_increments(ops: &[Op], finals: &HashMap<String, i64>) -> Vec<String
             ));
         }
         if let Some(highest) = distinct.last().filter(|&&v| v > last) {
-            violations.push(format!("{key}: value {highest} was acknowledged, the counter ended at {last} (lost)"));
+            violations
+                .push(format!("{key}: value {highest} was acknowledged, the counter ended at {last} (lost)"));
         }
     }
     violations
@@ -214,7 +241,8 @@ pub fn check_staleness(ops: &[Op], bound: Duration) -> Vec<String> {
 /// The longest time without a successful operation of a kind (`write`) between `from` and `to`, and the
 /// p50 and p99 latency of the operations that completed in that span.
 pub fn window(ops: &[Op], write: bool, from: Duration, to: Duration) -> (Duration, Duration, Duration) {
-    let mut in_span: Vec<&Op> = ops.iter().filter(|op| op.write == write && op.end >= from && op.start <= to).collect();
+    let mut in_span: Vec<&Op> =
+        ops.iter().filter(|op| op.write == write && op.end >= from && op.start <= to).collect();
     in_span.sort_by_key(|op| op.end);
     let mut last = from;
     let mut gap = Duration::ZERO;
@@ -225,8 +253,9 @@ pub fn window(ops: &[Op], write: bool, from: Duration, to: Duration) -> (Duratio
     gap = gap.max(to.saturating_sub(last));
     let mut latencies: Vec<Duration> = in_span.iter().map(|op| op.end - op.start).collect();
     latencies.sort_unstable();
-    let quantile =
-        |q: f64| latencies.get(((latencies.len() as f64 - 1.0) * q).ceil() as usize).copied().unwrap_or_default();
+    let quantile = |q: f64| {
+        latencies.get(((latencies.len() as f64 - 1.0) * q).ceil() as usize).copied().unwrap_or_default()
+    };
     (gap, quantile(0.5), quantile(0.99))
 }
 
@@ -257,21 +286,38 @@ mod tests {
     #[test]
     fn the_checker_catches_a_lost_a_doubled_and_a_stale_history() {
         let finals = |n| HashMap::from([("k".to_owned(), n)]);
-        let history = [op(true, 0, 10, Outcome::Ok(1)), op(true, 20, 30, Outcome::Unknown("08007".into())), op(true, 40, 50, Outcome::Ok(3))];
+        let history = [
+            op(true, 0, 10, Outcome::Ok(1)),
+            op(true, 20, 30, Outcome::Unknown("08007".into())),
+            op(true, 40, 50, Outcome::Ok(3)),
+        ];
         assert_eq!(check_increments(&history, &finals(3)), Vec::<String>::new());
         assert_eq!(check_increments(&history, &finals(2)).len(), 1, "3 was acknowledged, 2 applied");
-        assert_eq!(check_increments(&history, &finals(4)).len(), 1, "4 applied of 2 acknowledged and 1 unknown");
+        assert_eq!(
+            check_increments(&history, &finals(4)).len(),
+            1,
+            "4 applied of 2 acknowledged and 1 unknown"
+        );
         let twice = [op(true, 0, 10, Outcome::Ok(1)), op(true, 20, 30, Outcome::Ok(1))];
         assert!(check_increments(&twice, &finals(2))[0].contains("twice"));
 
-        let reads = [op(true, 0, 10, Outcome::Ok(1)), op(false, 500, 510, Outcome::Absent), op(false, 1500, 1510, Outcome::Absent), op(false, 1600, 1610, Outcome::Ok(1))];
+        let reads = [
+            op(true, 0, 10, Outcome::Ok(1)),
+            op(false, 500, 510, Outcome::Absent),
+            op(false, 1500, 1510, Outcome::Absent),
+            op(false, 1600, 1610, Outcome::Ok(1)),
+        ];
         let stale = check_staleness(&reads, Duration::from_secs(1));
         assert_eq!(stale.len(), 1, "only the read 1.5 s after the write is stale: {stale:?}");
     }
 
     #[test]
     fn a_window_is_the_longest_time_without_a_success() {
-        let history = [op(true, 0, 100, Outcome::Ok(1)), op(true, 100, 2100, Outcome::Failed("503".into())), op(true, 2100, 2200, Outcome::Ok(2))];
+        let history = [
+            op(true, 0, 100, Outcome::Ok(1)),
+            op(true, 100, 2100, Outcome::Failed("503".into())),
+            op(true, 2100, 2200, Outcome::Ok(2)),
+        ];
         let (gap, _, p99) = window(&history, true, Duration::ZERO, Duration::from_millis(2300));
         assert_eq!((gap, p99), (Duration::from_millis(2100), Duration::from_millis(2000)));
     }

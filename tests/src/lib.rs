@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 pub mod compose;
+pub mod ha;
 pub mod history;
 pub mod isolation;
 pub mod load;

@@ -5,90 +5,18 @@
 //! load that fails no read and no write but those whose COMMIT was in flight.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fleet_app::routes::{routes, Database};
-use fleet_local::{Node, NodeOptions, PatroniCluster, PatroniOptions};
-use fleet_tests::{node_bin, test_log, Api, Reply};
+use fleet_local::PatroniCluster;
+use fleet_tests::ha::{
+    lsn, member_read_url, node_on, query, query_async, read_counter, served_by, start_cluster,
+};
+use fleet_tests::load::{failures, Load};
+use fleet_tests::Api;
 use futures_util::future::join_all;
 use reqwest::StatusCode;
 use serde_json::{json, Value};
-
-fn start_cluster() -> PatroniCluster {
-    PatroniCluster::start(PatroniOptions { quiet: !test_log(), ..PatroniOptions::default() })
-        .expect("start a 3-member Patroni cluster")
-}
-
-/// Runs `sql` through `url` (a libpq-style URL, multi-host allowed) with tokio-postgres, as the nodes
-/// connect; returns the first column of every row, as text.
-fn query(url: &str, sql: &str) -> Result<Vec<String>, tokio_postgres::Error> {
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("a runtime");
-    runtime.block_on(query_async(url, sql))
-}
-
-/// [`query`] from async code.
-async fn query_async(url: &str, sql: &str) -> Result<Vec<String>, tokio_postgres::Error> {
-    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls).await?;
-    tokio::spawn(connection);
-    let rows = client.simple_query(sql).await?;
-    Ok(rows
-        .iter()
-        .filter_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(row) => Some(row.get(0).unwrap_or_default().to_owned()),
-            _ => None,
-        })
-        .collect())
-}
-
-/// A node on `cluster`: writes through its read-write URL, reads through `read_url`, `env` last.
-fn node_on(cluster: &PatroniCluster, read_url: &str, env: &[(&str, &str)]) -> Node {
-    let mut all = vec![("DATABASE_READ_URL".to_owned(), read_url.to_owned())];
-    all.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    Node::spawn(NodeOptions {
-        bin: node_bin(),
-        container_id: "app-1".to_owned(),
-        database_url: cluster.url(),
-        pool_size: 5,
-        port: 0,
-        env: all,
-        quiet: !test_log(),
-        log_file: None,
-    })
-    .expect("start a node on the cluster")
-}
-
-/// `cluster`'s read URL narrowed to one member: `postgres://u:p@<that host>/db?…`.
-fn member_read_url(cluster: &PatroniCluster, member: &str) -> String {
-    let url = cluster.read_url();
-    let (scheme_and_user, rest) = url.split_once('@').unwrap();
-    let (_, path) = rest.split_once('/').unwrap();
-    format!("{scheme_and_user}@127.0.0.1:{}/{path}", cluster.port(member).unwrap())
-}
-
-/// Who served `reply` (its `X-Fleet-Served-By`), with a replica's `address:port` turned into its member.
-fn served_by(cluster: &PatroniCluster, reply: &Reply) -> Option<String> {
-    let header = reply.headers.get("x-fleet-served-by")?.to_str().unwrap().to_owned();
-    let Some(address) = header.strip_prefix("replica:") else { return Some(header) };
-    let member = cluster
-        .member_names()
-        .into_iter()
-        .find(|m| address == format!("127.0.0.1:{}", cluster.port(m).unwrap()));
-    Some(format!("replica:{}", member.unwrap_or_else(|| panic!("{header} names no member"))))
-}
-
-/// `GET /api/counters/{key}`, with `X-Fleet-Min-Lsn: min_lsn` when given.
-async fn read_counter(api: &Api, key: &str, min_lsn: Option<&str>) -> Reply {
-    let headers: Vec<(&str, &str)> = min_lsn.map(|lsn| ("X-Fleet-Min-Lsn", lsn)).into_iter().collect();
-    api.get_with(&format!("/api/counters/{key}"), &headers).await
-}
-
-/// The `X-Fleet-Lsn` of a write's reply.
-fn lsn(reply: &Reply) -> String {
-    let lsn =
-        reply.headers.get("x-fleet-lsn").unwrap_or_else(|| panic!("a write without X-Fleet-Lsn: {reply:?}"));
-    lsn.to_str().unwrap().to_owned()
-}
 
 /// Write-then-read pairs on fresh keys `{prefix}-{n}`, 20 at once: how many read their own write (and of
 /// those, how many on a replica), with the write's LSN as `X-Fleet-Min-Lsn` when `token`.
@@ -212,15 +140,6 @@ async fn a_killed_primary_is_replaced_and_a_careful_client_s_writes_land_exactly
     eventually(&format!("{old} has every row"), || {
         cluster.psql(&old, "SELECT count(*) FROM acked").is_ok_and(|n| n == "200")
     });
-}
-
-/// The answers that were neither 200 nor 404, counted by `status code`.
-fn failures(seen: &[Seen]) -> HashMap<String, usize> {
-    let mut failed = HashMap::new();
-    for s in seen.iter().filter(|s| s.status != StatusCode::OK && s.status != StatusCode::NOT_FOUND) {
-        *failed.entry(format!("{} {}", s.status.as_u16(), s.code)).or_default() += 1;
-    }
-    failed
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -422,79 +341,4 @@ async fn a_lagging_replica_serves_no_read_and_reads_with_a_token_go_to_the_prima
         assert!(Instant::now() < deadline, "the replica never served reads again after catching up");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// What a client saw of one request.
-#[derive(Debug, Clone)]
-struct Seen {
-    status: StatusCode,
-    code: String,
-}
-
-/// What the clients of a [`load`] saw: every write's answer by key, and every read's.
-type Seens = (HashMap<String, Vec<Seen>>, Vec<Seen>);
-
-/// [`load`] on 8 counters `{prefix}-{n}`, running in the background.
-struct Load {
-    stop: Arc<std::sync::atomic::AtomicBool>,
-    running: tokio::task::JoinHandle<Seens>,
-}
-
-impl Load {
-    /// Starts it, and lets it run for 2 s before the fault.
-    async fn start(api: &Api, prefix: &str, careful: bool) -> Load {
-        let keys = (0..8).map(|n| format!("{prefix}-{n}")).collect();
-        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let running = tokio::spawn(load(api.clone(), keys, careful, stop.clone()));
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        Load { stop, running }
-    }
-
-    /// Stops it, and says what its clients saw.
-    async fn stop(self) -> Seens {
-        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        self.running.await.unwrap()
-    }
-}
-
-/// Increments on `keys` (one loop each, one request at a time) and reads of them, until `stop`:
-/// every write's answer by key (`Idempotency-Key`s retried until 200 when `careful`), every read's.
-async fn load(api: Api, keys: Vec<String>, careful: bool, stop: Arc<std::sync::atomic::AtomicBool>) -> Seens {
-    use std::sync::atomic::Ordering;
-    let writers = keys.iter().cloned().map(|key| {
-        let (api, stop) = (api.clone(), stop.clone());
-        tokio::spawn(async move {
-            let mut seen = Vec::new();
-            let mut n = 0;
-            while !stop.load(Ordering::Relaxed) {
-                n += 1;
-                let idempotency_key = format!("{key}-{n}");
-                let headers: Vec<(&str, &str)> =
-                    careful.then_some(("Idempotency-Key", idempotency_key.as_str())).into_iter().collect();
-                loop {
-                    let reply = api.post_with("/api/increment", &json!({"key": key}), &headers).await;
-                    seen.push(Seen { status: reply.status, code: reply.code().to_owned() });
-                    if !careful || reply.status == StatusCode::OK {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-            (key, seen)
-        })
-    });
-    let readers = keys.iter().cloned().map(|key| {
-        let (api, stop) = (api.clone(), stop.clone());
-        tokio::spawn(async move {
-            let mut seen = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                let reply = read_counter(&api, &key, None).await;
-                seen.push(Seen { status: reply.status, code: reply.code().to_owned() });
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            seen
-        })
-    });
-    let (writes, reads) = futures_util::join!(join_all(writers), join_all(readers));
-    (writes.into_iter().map(|w| w.unwrap()).collect(), reads.into_iter().flat_map(|r| r.unwrap()).collect())
 }

@@ -9,8 +9,8 @@
 //! | `POSTGRES_HOST` / `POSTGRES_PORT` / `POSTGRES_DB` / `POSTGRES_USER` / `POSTGRES_PASSWORD` | `localhost` / `5432` / `appdb` / `appuser` / unset | the database, piece by piece |
 //! | `DATABASE_READ_URL` | unset | where reads go (`GET /api/counters/{key}`, `GET /api/stats`): a replica, or several as a libpq multi-host URL (`postgres://u:p@h1:5432,h2:5432/db?target_session_attrs=read-only&load_balance_hosts=random`), or CloudNativePG's `-ro` Service. Unset: everything reads from `DATABASE_URL`'s server. A replica that is down, lags, or has not replayed a read's `X-Fleet-Min-Lsn` is skipped for the primary (see `db::read`) |
 //! | `READ_POOL_SIZE` | `POOL_SIZE` | connections in this node's read pool (with `DATABASE_READ_URL`) |
-//! | `READ_MAX_LAG_MS` | `1000` | a replica further behind than this (received WAL not yet replayed, by the age of the last replayed commit) serves no read |
-//! | `READ_WAIT_MS` | `100` | how long a read with `X-Fleet-Min-Lsn` waits for its replica to replay that LSN before it reads from the primary |
+//! | `READ_MAX_LAG_MS` | `1000` | bounded staleness: a replica serves a read only if it has replayed a position the primary held at most this long before the read began (so the read sees every write acknowledged this long before), and its WAL receiver runs; the node reads the primary's position at most every quarter of this while reads come |
+//! | `READ_WAIT_MS` | `100` | how long a read with `X-Fleet-Min-Lsn` waits for its replica to replay that token before it reads from the primary (a token the primary has not reached is refused at once) |
 //! | `POOL_SIZE` | `5` | connections in this node's pool. Size the fleet so that `nodes × POOL_SIZE ≤ max_connections − headroom`: with PostgreSQL's default 100 and 10 kept for admins, 4 nodes × 5 = 20 leaves room for 18 nodes. |
 //! | `POOL_WAIT_TIMEOUT_MS` | `2000` | how long a request waits for (or to open) a connection before 503 |
 //! | `STATEMENT_TIMEOUT_MS` | `60000` | `statement_timeout` set on every connection |

@@ -36,6 +36,16 @@ pub enum ApiError {
     /// 400: JSON of the wrong shape or values out of range.
     #[error("{0}")]
     InvalidRequest(String),
+    /// 400: an `X-Fleet-Min-Lsn` that is no token.
+    #[error("{0}")]
+    InvalidToken(String),
+    /// 400: an `X-Fleet-Min-Lsn` naming a position the primary has not reached: no write of this
+    /// cluster gave it out (yet). Refused at once, never waited for.
+    #[error(
+        "X-Fleet-Min-Lsn names a timeline or WAL position the primary has not reached; send a token that a \
+         write's X-Fleet-Lsn gave"
+    )]
+    FutureToken,
     /// 404
     #[error("{0}")]
     NotFound(String),
@@ -91,6 +101,8 @@ impl ApiError {
         match self {
             ApiError::InvalidJson(_) => "invalid_json",
             ApiError::InvalidRequest(_) => "invalid_request",
+            ApiError::InvalidToken(_) => "invalid_token",
+            ApiError::FutureToken => "future_token",
             ApiError::NotFound(_) => "not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
@@ -112,7 +124,10 @@ impl ApiError {
 impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
-            ApiError::InvalidJson(_) | ApiError::InvalidRequest(_) => StatusCode::BAD_REQUEST,
+            ApiError::InvalidJson(_)
+            | ApiError::InvalidRequest(_)
+            | ApiError::InvalidToken(_)
+            | ApiError::FutureToken => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
@@ -181,6 +196,7 @@ impl ApiError {
                 ApiError::CommitUnknown
             }
             DbError::DeadlinePassed => ApiError::DeadlineExceeded,
+            DbError::FutureToken => ApiError::FutureToken,
             DbError::IdempotencyKeyReused => ApiError::IdempotencyKeyReused,
             DbError::IdempotencyKeyInUse => ApiError::IdempotencyKeyInUse,
             DbError::Pool(_) => {

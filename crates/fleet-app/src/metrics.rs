@@ -97,8 +97,9 @@ impl Metrics {
             read_fallbacks: IntCounterVec::new(
                 opts(
                     "db_read_fallbacks_total",
-                    "Reads a replica could not serve (lagging, behind the read's minimum LSN, unavailable), \
-                     served by the primary instead.",
+                    "Reads a replica could not serve (lagging: not shown current within READ_MAX_LAG_MS; \
+                     behind the read's token; busy: every read connection in use; unavailable), served by \
+                     the primary instead.",
                 ),
                 &["reason"],
             )?,
@@ -114,7 +115,7 @@ impl Metrics {
         for served_by in ["primary", "replica"] {
             metrics.reads.with_label_values(&[served_by]);
         }
-        for reason in ["lagging", "behind", "unavailable"] {
+        for reason in ["lagging", "behind", "busy", "unavailable"] {
             metrics.read_fallbacks.with_label_values(&[reason]);
         }
         let build_info = IntGaugeVec::new(opts("build_info", "Always 1; the node's version."), &["version"])?;

@@ -115,6 +115,8 @@ struct Member {
     patroni: Option<Child>,
     /// The startup process [`PatroniCluster::pause_replay`] stopped.
     replay_paused: Option<Pid>,
+    /// The WAL receiver [`PatroniCluster::silence_receiver`] stopped.
+    receiver_silenced: Option<Pid>,
 }
 
 impl std::fmt::Debug for Member {
@@ -203,6 +205,7 @@ impl PatroniCluster {
                 api_port: free_port()?,
                 patroni: None,
                 replay_paused: None,
+                receiver_silenced: None,
             };
             let place = MemberPlace {
                 name: &member.name,
@@ -447,16 +450,22 @@ impl PatroniCluster {
             .with_context(|| format!("on {name}"))
     }
 
-    /// Creates the application's role (no superuser) and database on the leader, unless they exist.
+    /// Creates the application's role (no superuser) and database on the leader, unless they exist. The
+    /// role may read replication statistics (`pg_read_all_stats`): a replica then tells the nodes the
+    /// timeline its WAL receiver streams, so after a failover the nodes trust it again at once, not after
+    /// its next restartpoint (see the node's `db::read`).
     fn create_app_database(&self) -> anyhow::Result<()> {
         let leader = self.leader()?;
-        create_app_database(&self.secrets.app, |database, sql| self.psql_on(&leader, database, sql))
+        let psql = |database: &str, sql: &str| self.psql_on(&leader, database, sql);
+        create_app_database(&self.secrets.app, psql)?;
+        psql("postgres", &format!("GRANT pg_read_all_stats TO {APP_USER}")).map(drop)
     }
 
     /// SIGKILL to member `name`'s Patroni and to its PostgreSQL's whole process tree, as when its
     /// machine dies: no shutdown, no handing over. It stays down until [`PatroniCluster::start_member`].
     pub fn kill_member(&mut self, name: &str) -> anyhow::Result<()> {
         self.resume_replay(name)?;
+        self.resume_receiver(name)?;
         let n = self.index(name)?;
         let member = &mut self.members[n];
         if let Some(mut patroni) = member.patroni.take() {
@@ -473,6 +482,7 @@ impl PatroniCluster {
     /// lock back first); both are killed if that takes longer than 30 s.
     pub fn stop_member(&mut self, name: &str) -> anyhow::Result<()> {
         self.resume_replay(name)?;
+        self.resume_receiver(name)?;
         let n = self.index(name)?;
         let member = &mut self.members[n];
         if let Some(mut patroni) = member.patroni.take() {
@@ -567,21 +577,66 @@ impl PatroniCluster {
     /// loop.) Undone by [`PatroniCluster::resume_replay`], which stopping the member calls first.
     pub fn pause_replay(&mut self, name: &str) -> anyhow::Result<()> {
         let n = self.index(name)?;
-        let member = &mut self.members[n];
-        ensure!(member.replay_paused.is_none(), "{name}'s replay is already paused");
-        let postmaster =
-            member.postmaster().with_context(|| format!("{name}'s PostgreSQL is not running"))?;
-        let startup = proctree::descendants(postmaster)?
-            .into_iter()
-            .find(|pid| {
-                fs::read_to_string(format!("/proc/{pid}/cmdline")).is_ok_and(|cmd| cmd.contains("startup"))
-            })
-            .with_context(|| format!("{name} has no startup process: it is not a replica"))?;
-        kill(startup, Signal::SIGSTOP).with_context(|| format!("cannot stop {name}'s startup process"))?;
-        proctree::wait_until_stopped(startup)?;
-        member.replay_paused = Some(startup);
+        ensure!(self.members[n].replay_paused.is_none(), "{name}'s replay is already paused");
+        let startup = self.stop_child(name, "startup")?;
+        self.members[n].replay_paused = Some(startup);
         tracing::info!(member = name, "WAL replay paused");
         Ok(())
+    }
+
+    /// Silences replica `name`'s link to its primary: SIGSTOP to its WAL receiver, so no WAL and no
+    /// keepalive reaches it and nothing fails, as in a partition before any timeout fires; it goes on
+    /// answering queries with what it has. (The primary ends the replication connection after
+    /// `wal_sender_timeout`, 60 s.) Undone by [`PatroniCluster::resume_receiver`], which stopping the
+    /// member calls first.
+    pub fn silence_receiver(&mut self, name: &str) -> anyhow::Result<()> {
+        let n = self.index(name)?;
+        ensure!(self.members[n].receiver_silenced.is_none(), "{name}'s WAL receiver is already silenced");
+        let receiver = self.stop_child(name, "walreceiver")?;
+        self.members[n].receiver_silenced = Some(receiver);
+        tracing::info!(member = name, "WAL receiver silenced");
+        Ok(())
+    }
+
+    /// Resumes the WAL receiver [`PatroniCluster::silence_receiver`] stopped; does nothing if none is.
+    pub fn resume_receiver(&mut self, name: &str) -> anyhow::Result<()> {
+        let n = self.index(name)?;
+        if let Some(receiver) = self.members[n].receiver_silenced.take() {
+            let _ = kill(receiver, Signal::SIGCONT);
+            tracing::info!(member = name, "WAL receiver resumed");
+        }
+        Ok(())
+    }
+
+    /// Ends replica `name`'s WAL receiver (SIGTERM: it exits cleanly). Its startup process starts another
+    /// one unless it is paused ([`PatroniCluster::pause_replay`]): then the replica has none meanwhile.
+    pub fn end_receiver(&mut self, name: &str) -> anyhow::Result<()> {
+        let receiver = self.child(name, "walreceiver")?;
+        kill(receiver, Signal::SIGTERM).with_context(|| format!("cannot end {name}'s WAL receiver"))?;
+        tracing::info!(member = name, "WAL receiver ended");
+        Ok(())
+    }
+
+    /// SIGSTOP to the child of member `name`'s postmaster whose title names `process` (`startup`,
+    /// `walreceiver`), once it shows as stopped; its PID.
+    fn stop_child(&self, name: &str, process: &str) -> anyhow::Result<Pid> {
+        let child = self.child(name, process)?;
+        kill(child, Signal::SIGSTOP).with_context(|| format!("cannot stop {name}'s {process} process"))?;
+        proctree::wait_until_stopped(child)?;
+        Ok(child)
+    }
+
+    /// The child of member `name`'s postmaster whose title names `process`.
+    fn child(&self, name: &str, process: &str) -> anyhow::Result<Pid> {
+        let member = &self.members[self.index(name)?];
+        let postmaster =
+            member.postmaster().with_context(|| format!("{name}'s PostgreSQL is not running"))?;
+        proctree::descendants(postmaster)?
+            .into_iter()
+            .find(|pid| {
+                fs::read_to_string(format!("/proc/{pid}/cmdline")).is_ok_and(|cmd| cmd.contains(process))
+            })
+            .with_context(|| format!("{name} has no {process} process: it is not a streaming replica"))
     }
 
     /// Resumes WAL replay paused by [`PatroniCluster::pause_replay`]; does nothing if it is not paused.

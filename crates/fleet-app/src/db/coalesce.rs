@@ -39,10 +39,10 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use deadpool_postgres::Object;
 use tokio::sync::oneshot;
 
-use super::{Counter, Db, DbError, PgLsn, Read};
+use super::{Counter, Db, DbError, Read, Token};
 
 /// A request's own value and its transaction's LSN, or the transaction's error.
-type Reply = oneshot::Sender<Result<(i64, Option<PgLsn>), Arc<DbError>>>;
+type Reply = oneshot::Sender<Result<(i64, Option<Token>), Arc<DbError>>>;
 
 /// Batches concurrent increments into shared transactions.
 #[derive(Debug, Clone)]
@@ -113,7 +113,7 @@ impl Coalescer {
     /// Adds 1 to `key` in the node's next shared transaction; returns this request's own new value and
     /// the transaction's LSN.
     #[tracing::instrument(skip_all, fields(counter.key = %key))]
-    pub async fn increment(&self, key: &str) -> Result<(Counter, Option<PgLsn>), DbError> {
+    pub async fn increment(&self, key: &str) -> Result<(Counter, Option<Token>), DbError> {
         let (reply, value) = oneshot::channel();
         let start = {
             let mut state = lock(&self.state);
@@ -294,7 +294,7 @@ fn still_waiting<T>(
 
 /// Hands each request its own value: the counter's new value `v` after adding `replies.len()` is shared
 /// out as v − n + 1 … v; or the same error to all.
-fn answer(replies: Vec<Reply>, result: Result<(i64, Option<PgLsn>), Arc<DbError>>) {
+fn answer(replies: Vec<Reply>, result: Result<(i64, Option<Token>), Arc<DbError>>) {
     match result {
         Ok((new_value, lsn)) => {
             let first = new_value - replies.len() as i64 + 1;

@@ -6,7 +6,7 @@ use deadpool_postgres::GenericClient;
 use serde::Serialize;
 
 use super::coalesce::select_counters;
-use super::{Db, DbError, Once, PgLsn, Read, Retried, Written};
+use super::{Db, DbError, Once, Read, Retried, Token, Written};
 use crate::config::LockOrder;
 
 /// A counter's value after a write.
@@ -79,7 +79,7 @@ impl Db {
     /// value and the commit's LSN. All or nothing: a failure applies none of them. While the counter
     /// exists, that transaction is one statement (see [`Db::write_alone`]), so the lock is held only
     /// while PostgreSQL runs and commits it; the first increment of a new key creates it.
-    pub(super) async fn add_to_counter(&self, key: &str, n: i64) -> Result<(i64, Option<PgLsn>), DbError> {
+    pub(super) async fn add_to_counter(&self, key: &str, n: i64) -> Result<(i64, Option<Token>), DbError> {
         let (rows, lsn) = self
             .write_alone(
                 "WITH locked AS (SELECT key FROM counters WHERE key = $1 FOR UPDATE) \
@@ -104,7 +104,7 @@ impl Db {
         &self,
         keys: &[String],
         counts: &[i64],
-    ) -> Result<(HashMap<String, i64>, Option<PgLsn>), DbError> {
+    ) -> Result<(HashMap<String, i64>, Option<Token>), DbError> {
         let (rows, lsn) = self
             .write_alone(
                 "WITH free AS (SELECT key FROM counters WHERE key = ANY($1) FOR UPDATE SKIP LOCKED) \
@@ -164,7 +164,7 @@ impl Db {
     /// The counter's value (`None` if it does not exist), read from a replica that has replayed
     /// `min_lsn` when one can serve it (see `db::read`), else from the primary. A read without `min_lsn`
     /// shares a query with the node's other reads of the moment (see `db::coalesce`).
-    pub async fn counter(&self, key: &str, min_lsn: Option<PgLsn>) -> Result<Read<Option<Counter>>, DbError> {
+    pub async fn counter(&self, key: &str, min_lsn: Option<Token>) -> Result<Read<Option<Counter>>, DbError> {
         let read = match min_lsn {
             None => self.coalesced_read(key).await?,
             Some(_) => {

@@ -11,6 +11,7 @@ mod lab;
 pub mod migrations;
 mod read;
 mod stats;
+mod token;
 mod transact;
 
 use std::future::Future;
@@ -30,8 +31,9 @@ use deadline::Conn;
 pub use coalesce::Coalescer;
 pub use counters::{Counter, Transfer};
 pub use idempotency::{IdempotencyKey, StoredResponse};
-pub use read::{parse_lsn, Read, ServedBy};
+pub use read::{Read, ServedBy};
 pub use stats::{DatabaseStats, Health, STATS_MAX_AGE};
+pub use token::{parse_token, Position, Token};
 pub use tokio_postgres::types::PgLsn;
 pub use transact::{Once, Written};
 
@@ -65,6 +67,9 @@ pub enum DbError {
     /// The request's deadline (`RETRY_DEADLINE_MS`) passed while it waited for its rows' gates.
     #[error("the request's deadline passed while it waited for a busy counter")]
     DeadlinePassed,
+    /// A read's `X-Fleet-Min-Lsn` names a position the primary has not reached (see `db::token`).
+    #[error("the read's token names a position the primary has not reached")]
+    FutureToken,
 }
 
 impl DbError {
@@ -83,7 +88,8 @@ impl DbError {
             DbError::AttemptTimedOut
             | DbError::IdempotencyKeyReused
             | DbError::IdempotencyKeyInUse
-            | DbError::DeadlinePassed => None,
+            | DbError::DeadlinePassed
+            | DbError::FutureToken => None,
         }
     }
 
@@ -97,7 +103,8 @@ impl DbError {
             DbError::BatchLost
             | DbError::IdempotencyKeyReused
             | DbError::IdempotencyKeyInUse
-            | DbError::DeadlinePassed => false,
+            | DbError::DeadlinePassed
+            | DbError::FutureToken => false,
         }
     }
 
@@ -183,9 +190,9 @@ pub struct Db {
 pub struct Retried<T> {
     pub value: T,
     pub attempts: u32,
-    /// A write's `X-Fleet-Lsn`: the primary's WAL position read after the successful attempt (at or
-    /// after its commit); `None` if that could not be read.
-    pub lsn: Option<PgLsn>,
+    /// A write's `X-Fleet-Lsn`: the primary's timeline and WAL position read after the successful attempt
+    /// (at or after its commit); `None` if that could not be read.
+    pub lsn: Option<Token>,
 }
 
 impl Db {
@@ -295,7 +302,7 @@ impl Db {
     async fn retrying<T>(
         &self,
         deadline: Instant,
-        mut attempt: impl AsyncFnMut(u32) -> Result<(T, Option<PgLsn>), DbError>,
+        mut attempt: impl AsyncFnMut(u32) -> Result<(T, Option<Token>), DbError>,
     ) -> Result<Retried<T>, DbError> {
         let mut attempts = 0;
         loop {

@@ -9,7 +9,8 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::Row;
 
 use super::idempotency::{self, IdempotencyKey, StoredResponse};
-use super::{Db, DbError, PgLsn, Retried};
+use super::token::PRIMARY_POSITION;
+use super::{Db, DbError, Position, Retried, Token};
 
 /// What a write transaction produced.
 #[derive(Debug)]
@@ -39,7 +40,7 @@ impl Db {
     pub(super) async fn transact_plain<T>(
         &self,
         write: impl AsyncFn(&Transaction<'_>) -> Result<T, DbError>,
-    ) -> Result<(T, Option<PgLsn>), DbError> {
+    ) -> Result<(T, Option<Token>), DbError> {
         let done = self.transact(None, write).await?;
         match done.value {
             Written::Fresh { value, .. } => Ok((value, done.lsn)),
@@ -112,7 +113,7 @@ impl Db {
         &self,
         statement: &str,
         params: &[&(dyn ToSql + Sync)],
-    ) -> Result<(Vec<Row>, Option<PgLsn>), DbError> {
+    ) -> Result<(Vec<Row>, Option<Token>), DbError> {
         let sent = AtomicBool::new(false);
         let done = self
             .retrying(self.deadline(), async |_| {
@@ -139,13 +140,14 @@ fn unknown_once(sent: &AtomicBool) -> impl Fn(DbError) -> DbError + '_ {
     }
 }
 
-/// The primary's WAL position now: after a COMMIT on this connection, at or after its commit record, so
-/// a replica that has replayed it sees the write (`X-Fleet-Lsn`). `None` if the query failed: the write
-/// is done either way.
-async fn wal_position(client: &Object) -> Option<PgLsn> {
+/// The primary's position now (its timeline and WAL position): after a COMMIT on this connection, at or
+/// after its commit record, so a replica on that timeline that has replayed it sees the write
+/// (`X-Fleet-Lsn`). `None` if the query failed: the write is done either way.
+async fn wal_position(client: &Object) -> Option<Token> {
     let query = async {
-        let select = client.prepare_cached("SELECT pg_current_wal_lsn()").await?;
-        client.query_one(&select, &[]).await?.try_get(0)
+        let select = client.prepare_cached(PRIMARY_POSITION).await?;
+        let row = client.query_one(&select, &[]).await?;
+        Ok::<_, tokio_postgres::Error>(Position::from_parts(row.try_get(1)?, row.try_get(0)?))
     };
-    query.await.inspect_err(|e| tracing::debug!(error = %e, "reading the WAL position failed")).ok()
+    query.await.inspect_err(|e| tracing::debug!(error = %e, "reading the WAL position failed")).ok().flatten()
 }

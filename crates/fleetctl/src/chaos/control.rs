@@ -1,6 +1,7 @@
 //! The control channel of a running `fleetctl up`: a Unix socket `<dir>/control.sock` that takes one
 //! line per connection (`kill-node 2`, `stop-node 3`, `restart-db`, `pause-db 2.5`; on a Patroni cluster
-//! `kill-primary`, `switchover`, `rolling-restart-db`, `lag-replica pg-2 5`) and answers one line,
+//! `kill-primary`, `switchover`, `rolling-restart-db`, `lag-replica pg-2 5`, `silence-replica pg-3 5`) and
+//! answers one line,
 //! `ok <what happened>` or `error <why>`. Only the process that started the fleet signals its
 //! children, so `fleetctl chaos` asks it through here instead of signalling PIDs itself.
 
@@ -28,7 +29,7 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(900);
 const MAX_PAUSE: Duration = Duration::from_secs(600);
 /// The commands, for error messages.
 const USAGE: &str = "commands: kill-node N, stop-node N, restart-db, pause-db SECONDS, kill-primary, \
-                     switchover, rolling-restart-db, lag-replica MEMBER SECONDS";
+                     switchover, rolling-restart-db, lag-replica MEMBER SECONDS, silence-replica MEMBER SECONDS";
 
 /// A fault the fleet injects into itself.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -49,6 +50,8 @@ pub enum Fault {
     RollingRestartDb,
     /// WAL replay paused on member pg-N (counting from 1) for the duration.
     LagReplica(usize, Duration),
+    /// Member pg-N's WAL receiver stopped for the duration: its link to the primary goes silent.
+    SilenceReplica(usize, Duration),
 }
 
 impl fmt::Display for Fault {
@@ -62,6 +65,9 @@ impl fmt::Display for Fault {
             Fault::Switchover => f.write_str("switchover"),
             Fault::RollingRestartDb => f.write_str("rolling-restart-db"),
             Fault::LagReplica(n, duration) => write!(f, "lag-replica pg-{n} {}", duration.as_secs_f64()),
+            Fault::SilenceReplica(n, duration) => {
+                write!(f, "silence-replica pg-{n} {}", duration.as_secs_f64())
+            }
         }
     }
 }
@@ -88,6 +94,9 @@ impl FromStr for Fault {
             ["rolling-restart-db"] => Ok(Fault::RollingRestartDb),
             ["lag-replica", member, seconds] => {
                 Ok(Fault::LagReplica(parse_member(member)?, parse_seconds(seconds)?))
+            }
+            ["silence-replica", member, seconds] => {
+                Ok(Fault::SilenceReplica(parse_member(member)?, parse_seconds(seconds)?))
             }
             _ => Err(format!("unknown command {line:?}; {USAGE}")),
         }
@@ -248,6 +257,8 @@ pub struct Injector {
     resume_at: Option<Instant>,
     /// The member whose replay `lag-replica` paused, and when to resume it.
     replay_resume_at: Option<(String, Instant)>,
+    /// The member whose WAL receiver `silence-replica` stopped, and when to resume it.
+    receiver_resume_at: Option<(String, Instant)>,
 }
 
 impl Injector {
@@ -313,6 +324,15 @@ impl Injector {
                 self.replay_resume_at = Some((member.clone(), Instant::now() + duration));
                 Ok(format!("paused {member}'s WAL replay for {} s", duration.as_secs_f64()))
             }
+            Fault::SilenceReplica(n, duration) => {
+                let member = format!("pg-{n}");
+                let cluster = fleet.cluster()?;
+                ensure!(self.receiver_resume_at.is_none(), "a replica's WAL receiver is silenced already");
+                ensure!(cluster.leader()? != member, "{member} is the leader, not a replica");
+                cluster.silence_receiver(&member)?;
+                self.receiver_resume_at = Some((member.clone(), Instant::now() + duration));
+                Ok(format!("silenced {member}'s WAL receiver for {} s", duration.as_secs_f64()))
+            }
         }
     }
 
@@ -329,6 +349,12 @@ impl Injector {
                 eprintln!("fleetctl: chaos: resumed {member}'s WAL replay");
             }
         }
+        if self.receiver_resume_at.as_ref().is_some_and(|(_, at)| Instant::now() >= *at) {
+            if let Some((member, _)) = self.receiver_resume_at.take() {
+                fleet.cluster()?.resume_receiver(&member)?;
+                eprintln!("fleetctl: chaos: resumed {member}'s WAL receiver");
+            }
+        }
         Ok(())
     }
 
@@ -339,6 +365,9 @@ impl Injector {
         }
         if let Some((member, _)) = self.replay_resume_at.take() {
             fleet.cluster()?.resume_replay(&member)?;
+        }
+        if let Some((member, _)) = self.receiver_resume_at.take() {
+            fleet.cluster()?.resume_receiver(&member)?;
         }
         Ok(())
     }
@@ -359,6 +388,7 @@ mod tests {
             Fault::Switchover,
             Fault::RollingRestartDb,
             Fault::LagReplica(2, Duration::from_secs(5)),
+            Fault::SilenceReplica(3, Duration::from_millis(1500)),
         ] {
             assert_eq!(fault.to_string().parse::<Fault>(), Ok(fault));
         }

@@ -1,8 +1,8 @@
 //! `fleetctl chaos`: break a running fleet on purpose and prove nothing acknowledged was lost or doubled.
 //!
 //! - `fleetctl chaos --dir D kill-node N | stop-node N | restart-db | pause-db SECONDS`, and on a fleet
-//!   started with `--replicas N` `kill-primary | switchover | rolling-restart-db | lag-replica M SECONDS`,
-//!   asks the fleet's own `fleetctl up` (the only process allowed to signal its children) through its
+//!   started with `--replicas N` `kill-primary | switchover | rolling-restart-db | lag-replica M SECONDS |
+//!   silence-replica M SECONDS`, asks the fleet's own `fleetctl up` (the only process allowed to signal its children) through its
 //!   control socket.
 //! - `fleetctl chaos --dir D run` drives careful clients (idempotency keys, retries) through nginx while it
 //!   injects those faults, then checks every acknowledged increment is in the database exactly once.
@@ -63,6 +63,15 @@ enum ChaosCommand {
         #[arg(value_parser = control::parse_seconds)]
         seconds: Duration,
     },
+    /// On a Patroni cluster: stop replica MEMBER's WAL receiver (SIGSTOP) for SECONDS, then resume it: its
+    /// link to the primary goes silent, no WAL and no error, as in a partition before any timeout fires.
+    /// (On the synchronous standby, writes wait meanwhile.)
+    SilenceReplica {
+        #[arg(value_parser = control::parse_member)]
+        member: usize,
+        #[arg(value_parser = control::parse_seconds)]
+        seconds: Duration,
+    },
     /// Load the fleet with careful clients while injecting faults; check and report.
     Run(run::RunArgs),
 }
@@ -77,6 +86,7 @@ pub fn run(args: ChaosArgs) -> anyhow::Result<()> {
         ChaosCommand::Switchover => Fault::Switchover,
         ChaosCommand::RollingRestartDb => Fault::RollingRestartDb,
         ChaosCommand::LagReplica { member, seconds } => Fault::LagReplica(member, seconds),
+        ChaosCommand::SilenceReplica { member, seconds } => Fault::SilenceReplica(member, seconds),
         ChaosCommand::Run(run_args) => return run::run(&args.dir, run_args),
     };
     println!("{}", control::send(&args.dir, &fault)?);
