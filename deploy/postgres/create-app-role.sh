@@ -7,6 +7,10 @@
 # (`fleet-app` applies migrations at start-up, as this role) is its own, and nothing outside it is.
 # No other role but the superuser may connect to that database.
 #
+# With APP_DB_READ_STATS=true (a replicated cluster's members) the role may also read replication
+# statistics (pg_read_all_stats): a replica then tells the nodes the timeline of the WAL it receives, which
+# read-your-writes tokens are checked against (docs/ha.md).
+#
 # The values go to psql as variables (:"name" quotes an identifier, :'name' a literal), never into SQL
 # text. Reading the SQL from stdin is what lets psql interpolate them.
 set -eu
@@ -18,3 +22,9 @@ CREATE ROLE :"app_user" LOGIN PASSWORD :'app_password' NOSUPERUSER NOCREATEDB NO
 CREATE DATABASE :"app_db" OWNER :"app_user";
 REVOKE ALL ON DATABASE :"app_db" FROM PUBLIC;
 SQL
+if [ "${APP_DB_READ_STATS:-false}" = true ]; then
+    psql -v ON_ERROR_STOP=1 --no-psqlrc --username "${POSTGRES_USER:-postgres}" --dbname postgres \
+        -v app_user="$APP_DB_USER" <<'SQL'
+GRANT pg_read_all_stats TO :"app_user";
+SQL
+fi
