@@ -224,6 +224,53 @@ impl Stack {
         format!("http://127.0.0.1:{}", self.prometheus_port)
     }
 
+    /// Patroni's members as `via` (a member's service) sees them: (name, role, state).
+    pub fn patroni_members(&self, via: &str) -> Vec<Member> {
+        let out = Command::new("docker")
+            .args([
+                "exec",
+                &self.container(via),
+                "curl",
+                "-fsS",
+                "--max-time",
+                "3",
+                "http://127.0.0.1:8008/cluster",
+            ])
+            .output();
+        let cluster: serde_json::Value =
+            out.ok().and_then(|o| serde_json::from_slice(&o.stdout).ok()).unwrap_or_default();
+        let members = cluster["members"].as_array().cloned().unwrap_or_default();
+        let field = |m: &serde_json::Value, f: &str| m[f].as_str().unwrap_or_default().to_owned();
+        members
+            .iter()
+            .map(|m| Member { name: field(m, "name"), role: field(m, "role"), state: field(m, "state") })
+            .collect()
+    }
+
+    /// Waits until some member sees the cluster [`whole`]. Returns the members.
+    pub fn wait_whole(&self, timeout: Duration) -> anyhow::Result<Vec<Member>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            for via in ["pg-1", "pg-2", "pg-3"] {
+                let members = self.patroni_members(via);
+                if whole(&members) {
+                    return Ok(members);
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("the cluster is not whole after {timeout:?}: {:?}", self.patroni_members("pg-1"));
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// `psql -Atc <sql>` on `member`'s database `appdb` as the superuser, over its Unix socket.
+    pub fn psql(&self, member: &str, sql: &str) -> String {
+        docker(&["exec", &self.container(member), "psql", "-U", "postgres", "-d", "appdb", "-Atc", sql])
+            .trim()
+            .to_owned()
+    }
+
     /// What of the project is left on the engine: containers, volumes, networks.
     pub fn leftovers(&self) -> Vec<String> {
         let filter = format!("label=com.docker.compose.project={}", self.project);
@@ -248,6 +295,26 @@ impl Stack {
         }
         Ok(())
     }
+}
+
+/// A Patroni member as `/cluster` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Member {
+    pub name: String,
+    /// `leader`, `sync_standby` or `replica`.
+    pub role: String,
+    /// `running`, `streaming`, `stopped`, …
+    pub state: String,
+}
+
+/// One leader running, a synchronous standby, and every replica streaming from the leader.
+pub fn whole(members: &[Member]) -> bool {
+    let leaders: Vec<&Member> = members.iter().filter(|m| m.role == "leader").collect();
+    members.len() == 3
+        && leaders.len() == 1
+        && leaders[0].state == "running"
+        && members.iter().any(|m| m.role == "sync_standby")
+        && members.iter().filter(|m| m.role != "leader").all(|m| m.state == "streaming")
 }
 
 impl Drop for Stack {

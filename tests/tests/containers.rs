@@ -261,33 +261,8 @@ async fn the_ha_profile_bootstraps_three_members_and_survives_its_leaders_death_
     eprintln!("ha profile: up to healthy in {:.1} s from empty volumes", took.as_secs_f64());
 
     // One leader and a synchronous standby, every member running or streaming.
-    let cluster = |via: &str| -> Value {
-        let container = stack.container(via);
-        let out = docker(&["exec", &container, "curl", "-fsS", "http://127.0.0.1:8008/cluster"]);
-        serde_json::from_str(&out).expect("Patroni's /cluster")
-    };
-    let roles = |cluster: &Value| -> Vec<(String, String, String)> {
-        let members = cluster["members"].as_array().cloned().unwrap_or_default();
-        let field = |m: &Value, f: &str| m[f].as_str().unwrap_or_default().to_owned();
-        members.iter().map(|m| (field(m, "name"), field(m, "role"), field(m, "state"))).collect()
-    };
-    let whole = |members: &[(String, String, String)]| {
-        members.len() == 3
-            && members.iter().filter(|m| m.1 == "leader").count() == 1
-            && members.iter().any(|m| m.1 == "sync_standby")
-            && members.iter().all(|m| m.2 == "running" || m.2 == "streaming")
-    };
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !whole(&roles(&cluster("pg-1"))) {
-        assert!(
-            Instant::now() < deadline,
-            "never one leader and a sync standby: {:?}",
-            roles(&cluster("pg-1"))
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    let members = roles(&cluster("pg-1"));
-    let leader = members.iter().find(|m| m.1 == "leader").unwrap().0.clone();
+    let members = tokio::task::block_in_place(|| stack.wait_whole(Duration::from_secs(120))).unwrap();
+    let leader = members.iter().find(|m| m.role == "leader").unwrap().name.clone();
     eprintln!("ha profile: {members:?}");
 
     // Prometheus scrapes every member and both HA nodes.
@@ -311,12 +286,12 @@ async fn the_ha_profile_bootstraps_three_members_and_survives_its_leaders_death_
     let killed = Instant::now();
     let before = load.answered();
     tokio::task::block_in_place(|| docker(&["kill", &stack.container(&leader)]));
-    let survivor = members.iter().find(|m| m.0 != leader).unwrap().0.clone();
+    let survivor = members.iter().find(|m| m.name != leader).unwrap().name.clone();
     let deadline = Instant::now() + Duration::from_secs(120);
     let new_leader = loop {
-        let now = roles(&cluster(&survivor));
-        if let Some(m) = now.iter().find(|m| m.1 == "leader" && m.0 != leader && m.2 == "running") {
-            break m.0.clone();
+        let now = tokio::task::block_in_place(|| stack.patroni_members(&survivor));
+        if let Some(m) = now.iter().find(|m| m.role == "leader" && m.name != leader && m.state == "running") {
+            break m.name.clone();
         }
         assert!(Instant::now() < deadline, "no new leader after {leader} was killed: {now:?}");
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -335,16 +310,15 @@ async fn the_ha_profile_bootstraps_three_members_and_survives_its_leaders_death_
     let during = load.answered() - before;
     let (writes, reads) = load.stop().await;
     assert!(during > 0, "the load ran through the failover");
-    let psql = |sql: &str| {
-        let container = stack.container(&new_leader);
-        docker(&["exec", &container, "psql", "-U", "postgres", "-d", "appdb", "-Atc", sql])
-    };
     for (key, acked) in acknowledged(&writes) {
         // On the leader itself: a replica may not have replayed the last writes yet.
         let stored = tokio::task::block_in_place(|| {
-            psql(&format!("SELECT coalesce((SELECT value FROM counters WHERE key = '{key}'), 0)"))
+            stack.psql(
+                &new_leader,
+                &format!("SELECT coalesce((SELECT value FROM counters WHERE key = '{key}'), 0)"),
+            )
         });
-        assert_eq!(stored.trim(), acked.to_string(), "{key}: one increment per acknowledged key");
+        assert_eq!(stored, acked.to_string(), "{key}: one increment per acknowledged key");
     }
     let all_writes: Vec<_> = writes.values().flatten().cloned().collect();
     eprintln!(
@@ -356,16 +330,9 @@ async fn the_ha_profile_bootstraps_three_members_and_survives_its_leaders_death_
 
     // The killed member rejoins as a replica when started again.
     tokio::task::block_in_place(|| stack.run(&["--profile", "ha", "start", &leader]));
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        let now = roles(&cluster(&new_leader));
-        let back = now.iter().any(|m| m.0 == leader && m.1 != "leader" && m.2 == "streaming");
-        if back && whole(&now) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{leader} never rejoined: {now:?}");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    let members = tokio::task::block_in_place(|| stack.wait_whole(Duration::from_secs(180))).unwrap();
+    let back = members.iter().find(|m| m.name == leader).unwrap();
+    assert!(back.role != "leader" && back.state == "streaming", "{leader} rejoins as a replica: {members:?}");
     tokio::task::block_in_place(|| stack.down()).unwrap();
     assert_eq!(stack.leftovers(), Vec::<String>::new(), "down -v left these behind");
 }
