@@ -67,8 +67,19 @@ impl History {
         self.ops.lock().unwrap().clone()
     }
 
-    fn record(&self, op: Op) {
+    /// Records an operation that began at `start` and ends now; returns its outcome.
+    fn record(
+        &self,
+        write: bool,
+        key: &str,
+        start: Duration,
+        outcome: Outcome,
+        served_by: Option<String>,
+    ) -> Outcome {
+        let op =
+            Op { write, key: key.to_owned(), start, end: self.now(), outcome: outcome.clone(), served_by };
         self.ops.lock().unwrap().push(op);
+        outcome
     }
 
     /// `POST /api/increment` on `key`, once (`idempotency_key: None`) or, for a careful client, with that
@@ -95,32 +106,15 @@ impl History {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
-        self.record(Op {
-            write: true,
-            key: key.to_owned(),
-            start,
-            end: self.now(),
-            outcome: outcome.clone(),
-            served_by,
-        });
-        outcome
+        self.record(true, key, start, outcome, served_by)
     }
 
-    /// `GET /api/counters/{key}`, with `headers`.
-    pub async fn read(&self, api: &Api, key: &str, headers: &[(&str, &str)]) -> Outcome {
+    /// `GET /api/counters/{key}`.
+    pub async fn read(&self, api: &Api, key: &str) -> Outcome {
         let start = self.now();
-        let request = api.http.get(format!("{}/api/counters/{key}", api.url));
-        let request = headers.iter().fold(request, |r, (name, value)| r.header(*name, *value));
-        let (outcome, served_by) = answer(request.send().await, false).await;
-        self.record(Op {
-            write: false,
-            key: key.to_owned(),
-            start,
-            end: self.now(),
-            outcome: outcome.clone(),
-            served_by,
-        });
-        outcome
+        let response = api.http.get(format!("{}/api/counters/{key}", api.url)).send().await;
+        let (outcome, served_by) = answer(response, false).await;
+        self.record(false, key, start, outcome, served_by)
     }
 }
 
@@ -170,7 +164,7 @@ pub async fn run_load(history: History, api: Api, keys: Vec<String>, careful: bo
         tasks.push(tokio::spawn(async move {
             let (history, api, stop, key) = reader;
             while !stop.load(Ordering::Relaxed) {
-                history.read(&api, &key, &[]).await;
+                history.read(&api, &key).await;
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }));

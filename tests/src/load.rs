@@ -113,6 +113,13 @@ pub fn failures(seen: &[Seen]) -> HashMap<String, usize> {
     failed
 }
 
+/// What went wrong for a load's clients, for a test's log: the failed writes (retried, for a careful
+/// client) and reads, by status and code.
+pub fn summary((writes, reads): &Seens) -> String {
+    let writes: Vec<Seen> = writes.values().flatten().cloned().collect();
+    format!("writes failed {:?}; reads failed {:?} of {}", failures(&writes), failures(reads), reads.len())
+}
+
 /// How many increments of each key were acknowledged (answered 200).
 pub fn acknowledged(writes: &HashMap<String, Vec<Seen>>) -> HashMap<String, i64> {
     let ok = |seen: &Vec<Seen>| seen.iter().filter(|s| s.status == StatusCode::OK).count() as i64;

@@ -8,7 +8,7 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use fleet_tests::compose::{build_images, docker, engine_or_skip, one_at_a_time, Stack};
-use fleet_tests::load::{acknowledged, failures, Load};
+use fleet_tests::load::{acknowledged, failures, summary, Load};
 use fleet_tests::{
     acknowledged_values, assert_transfers_applied_exactly_once, isolation, opposite_transfers, Api,
 };
@@ -183,35 +183,31 @@ async fn an_operator_stops_kills_restarts_and_scales_and_clients_see_what_they_w
 
     // `docker kill` of a node, and then a restart of the database, under a careful client (idempotency
     // keys, retried until 200): nothing lost, nothing applied twice.
-    for (fault, services) in [("kill app-3", "app-3"), ("restart postgres", "postgres")] {
-        let prefix = fault.replace(' ', "-");
-        let load = Load::start(&api, &prefix, true).await;
+    let kill_app_3: [&[&str]; 2] = [&["kill"], &["start", "app-3"]];
+    let restart_postgres: [&[&str]; 2] = [&["restart", "-t", "30", "postgres"], &[]];
+    for (fault, [break_it, recover]) in [("kill app-3", kill_app_3), ("restart postgres", restart_postgres)] {
+        let load = Load::start(&api, &fault.replace(' ', "-"), true).await;
         let before = load.answered();
-        let container = stack.container(services);
-        tokio::task::block_in_place(|| match fault {
-            "kill app-3" => drop(docker(&["kill", &container])),
-            _ => drop(stack.run(&["restart", "-t", "30", services])),
+        tokio::task::block_in_place(|| {
+            match break_it {
+                ["kill"] => drop(docker(&["kill", &stack.container("app-3")])),
+                compose => drop(stack.run(compose)),
+            }
+            if !recover.is_empty() {
+                stack.run(recover);
+            }
+            stack.wait_healthy(Duration::from_secs(120)).unwrap();
         });
+        // The load outlasts the fault: it ran until the stack was whole again, and goes on 2 s more.
         let during = load.answered() - before;
-        // The load outlasts the fault: it goes on until the stack is whole again, and 2 s more.
-        if fault == "kill app-3" {
-            tokio::task::block_in_place(|| stack.run(&["start", services]));
-        }
-        tokio::task::block_in_place(|| stack.wait_healthy(Duration::from_secs(120))).unwrap();
         tokio::time::sleep(Duration::from_secs(2)).await;
-        let (writes, reads) = load.stop().await;
+        let seen = load.stop().await;
         assert!(during > 0, "{fault}: the load ran during the fault");
-        for (key, acked) in acknowledged(&writes) {
+        for (key, acked) in acknowledged(&seen.0) {
             let stored = api.get(&format!("/api/counters/{key}")).await.body["value"].as_i64().unwrap_or(0);
             assert_eq!(stored, acked, "{fault}: {key} holds one increment per acknowledged key");
         }
-        let all_writes: Vec<_> = writes.values().flatten().cloned().collect();
-        eprintln!(
-            "{fault}, careful client: writes retried after {:?}; reads failed {:?} of {}",
-            failures(&all_writes),
-            failures(&reads),
-            reads.len()
-        );
+        eprintln!("{fault}, careful client: {}", summary(&seen));
     }
 
     // A second app-4: nginx and Prometheus find it by name, with no restart. Shown by stopping the first:
@@ -320,13 +316,7 @@ async fn the_ha_profile_bootstraps_three_members_and_survives_its_leaders_death_
         });
         assert_eq!(stored, acked.to_string(), "{key}: one increment per acknowledged key");
     }
-    let all_writes: Vec<_> = writes.values().flatten().cloned().collect();
-    eprintln!(
-        "ha kill-leader, careful client: writes retried after {:?}; reads failed {:?} of {}",
-        failures(&all_writes),
-        failures(&reads),
-        reads.len()
-    );
+    eprintln!("ha kill-leader, careful client: {}", summary(&(writes, reads)));
 
     // The killed member rejoins as a replica when started again.
     tokio::task::block_in_place(|| stack.run(&["--profile", "ha", "start", &leader]));

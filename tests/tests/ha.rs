@@ -12,7 +12,7 @@ use fleet_local::PatroniCluster;
 use fleet_tests::ha::{
     lsn, member_read_url, node_on, query, query_async, read_counter, served_by, start_cluster,
 };
-use fleet_tests::load::{failures, Load};
+use fleet_tests::load::{failures, summary, Load};
 use fleet_tests::Api;
 use futures_util::future::join_all;
 use reqwest::StatusCode;
@@ -125,12 +125,7 @@ async fn a_killed_primary_is_replaced_and_a_careful_client_s_writes_land_exactly
             query_async(&url, &format!("SELECT value FROM counters WHERE key = '{key}'")).await.unwrap();
         assert_eq!(stored, [ok.to_string()], "{key}: {} answers, {ok} writes acknowledged", seen.len());
     }
-    eprintln!(
-        "kill-primary, careful client: writes failed before success {:?}; reads failed {:?} of {}",
-        failures(&writes.values().flatten().cloned().collect::<Vec<_>>()),
-        failures(&reads),
-        reads.len()
-    );
+    eprintln!("kill-primary, careful client: {}", summary(&(writes, reads)));
 
     tokio::task::block_in_place(|| cluster.start_member(&old)).unwrap();
     tokio::task::block_in_place(|| cluster.wait_until_whole()).unwrap();
