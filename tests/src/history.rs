@@ -5,6 +5,8 @@
 //! - Increments: no acknowledged one lost, none applied twice; the acknowledged values of a key are
 //!   distinct; the final value lies between the acknowledged count and that plus the unknown outcomes.
 //! - Bounded staleness: a read returns at least every increment acknowledged `bound` before it began.
+//! - Read-your-writes: a read with the token an acknowledged increment answered (`X-Fleet-Min-Lsn`)
+//!   returns at least that increment's value.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -42,6 +44,8 @@ pub struct Op {
     pub outcome: Outcome,
     /// `X-Fleet-Served-By`.
     pub served_by: Option<String>,
+    /// A read with a token: the value the increment that answered the token acknowledged.
+    pub owed: Option<i64>,
 }
 
 /// Every operation of a run, recorded as it completes.
@@ -67,19 +71,19 @@ impl History {
         self.ops.lock().unwrap().clone()
     }
 
-    /// Records an operation that began at `start` and ends now; returns its outcome.
-    fn record(
-        &self,
-        write: bool,
-        key: &str,
-        start: Duration,
-        outcome: Outcome,
-        served_by: Option<String>,
-    ) -> Outcome {
-        let op =
-            Op { write, key: key.to_owned(), start, end: self.now(), outcome: outcome.clone(), served_by };
+    /// Records an operation that began at `start` and ends now with `answer`; returns the answer.
+    fn record(&self, write: bool, key: &str, start: Duration, answer: Answer, owed: Option<i64>) -> Answer {
+        let op = Op {
+            write,
+            key: key.to_owned(),
+            start,
+            end: self.now(),
+            outcome: answer.outcome.clone(),
+            served_by: answer.served_by.clone(),
+            owed,
+        };
         self.ops.lock().unwrap().push(op);
-        outcome
+        answer
     }
 
     /// `POST /api/increment` on `key`, once (`idempotency_key: None`) or, for a careful client, with that
@@ -91,42 +95,63 @@ impl History {
         key: &str,
         idempotency_key: Option<&str>,
         give_up: Duration,
-    ) -> Outcome {
+    ) -> Answer {
         let start = self.now();
         let headers: Vec<(&str, &str)> =
             idempotency_key.map(|k| ("Idempotency-Key", k)).into_iter().collect();
         let body = json!({ "key": key });
-        let (outcome, served_by) = loop {
+        let answer = loop {
             let request = api.http.post(format!("{}/api/increment", api.url)).body(body.to_string());
             let request = headers.iter().fold(request, |r, (name, value)| r.header(*name, *value));
-            let (outcome, served_by) = answer(request.send().await, true).await;
-            let retry = idempotency_key.is_some() && !matches!(outcome, Outcome::Ok(_));
+            let answer = answer(request.send().await, true).await;
+            let retry = idempotency_key.is_some() && !matches!(answer.outcome, Outcome::Ok(_));
             if !retry || self.now() - start > give_up {
-                break (outcome, served_by);
+                break answer;
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
-        self.record(true, key, start, outcome, served_by)
+        self.record(true, key, start, answer, None)
     }
 
-    /// `GET /api/counters/{key}`.
-    pub async fn read(&self, api: &Api, key: &str) -> Outcome {
+    /// `GET /api/counters/{key}`, with `X-Fleet-Min-Lsn: token` if given: the token an increment that
+    /// acknowledged `owed` answered.
+    pub async fn read(&self, api: &Api, key: &str, token: Option<(&str, i64)>) -> Answer {
         let start = self.now();
-        let response = api.http.get(format!("{}/api/counters/{key}", api.url)).send().await;
-        let (outcome, served_by) = answer(response, false).await;
-        self.record(false, key, start, outcome, served_by)
+        let request = api.http.get(format!("{}/api/counters/{key}", api.url));
+        let request = match token {
+            Some((token, _)) => request.header("X-Fleet-Min-Lsn", token),
+            None => request,
+        };
+        let answer = answer(request.send().await, false).await;
+        self.record(false, key, start, answer, token.map(|(_, owed)| owed))
     }
 }
 
-/// An answer as an outcome, and who served it.
-async fn answer(response: reqwest::Result<reqwest::Response>, write: bool) -> (Outcome, Option<String>) {
+/// What an operation's last answer said.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub outcome: Outcome,
+    /// `X-Fleet-Served-By`.
+    pub served_by: Option<String>,
+    /// `X-Fleet-Lsn`: a write's read-your-writes token.
+    pub token: Option<String>,
+}
+
+/// An answer as an outcome, who served it, and a write's token.
+async fn answer(response: reqwest::Result<reqwest::Response>, write: bool) -> Answer {
     let response = match response {
         Ok(response) => response,
-        Err(e) => return (Outcome::Unknown(format!("no answer: {e}")), None),
+        Err(e) => {
+            return Answer {
+                outcome: Outcome::Unknown(format!("no answer: {e}")),
+                served_by: None,
+                token: None,
+            }
+        }
     };
     let status = response.status();
-    let served_by =
-        response.headers().get("x-fleet-served-by").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let header = |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let (served_by, token) = (header("x-fleet-served-by"), header("x-fleet-lsn"));
     let body: serde_json::Value = response.json().await.unwrap_or_default();
     let code = body["code"].as_str().unwrap_or_default().to_owned();
     let outcome = match status {
@@ -142,11 +167,12 @@ async fn answer(response: reqwest::Result<reqwest::Response>, write: bool) -> (O
         }
         _ => Outcome::Failed(format!("{} {code}", status.as_u16())),
     };
-    (outcome, served_by)
+    Answer { outcome, served_by, token }
 }
 
 /// A load on `keys` until `stop`: per key, a writer (one increment at a time; careful ones with an
-/// idempotency key each, retried up to 60 s) and a reader (every 10 ms).
+/// idempotency key each, retried up to 60 s, then a read with the token it answered) and a plain reader
+/// (every 10 ms).
 pub async fn run_load(history: History, api: Api, keys: Vec<String>, careful: bool, stop: Arc<AtomicBool>) {
     let mut tasks = Vec::new();
     for key in keys {
@@ -157,14 +183,18 @@ pub async fn run_load(history: History, api: Api, keys: Vec<String>, careful: bo
             while !stop.load(Ordering::Relaxed) {
                 n += 1;
                 let idempotency_key = careful.then(|| format!("{key}-{n}"));
-                history.increment(&api, &key, idempotency_key.as_deref(), Duration::from_secs(60)).await;
+                let written =
+                    history.increment(&api, &key, idempotency_key.as_deref(), Duration::from_secs(60)).await;
+                if let (true, Outcome::Ok(value), Some(token)) = (careful, &written.outcome, &written.token) {
+                    history.read(&api, &key, Some((token, *value))).await;
+                }
             }
         }));
         let reader = (history.clone(), api.clone(), stop.clone(), key);
         tasks.push(tokio::spawn(async move {
             let (history, api, stop, key) = reader;
             while !stop.load(Ordering::Relaxed) {
-                history.read(&api, &key).await;
+                history.read(&api, &key, None).await;
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
         }));
@@ -205,11 +235,34 @@ pub fn check_increments(ops: &[Op], finals: &HashMap<String, i64>) -> Vec<String
     violations
 }
 
-/// Every read that returned less than what had been acknowledged `bound` before it began.
+/// Every read with a token that returned less than the write that answered the token acknowledged. A
+/// refused read (a 4xx naming the token, a 503) is no violation: it returned nothing.
+pub fn check_tokens(ops: &[Op]) -> Vec<String> {
+    let mut violations = Vec::new();
+    for read in ops.iter().filter(|op| !op.write) {
+        let Some(owed) = read.owed else { continue };
+        let seen = match read.outcome {
+            Outcome::Ok(value) => value,
+            Outcome::Absent => 0,
+            _ => continue,
+        };
+        if seen < owed {
+            violations.push(format!(
+                "{}: a read at {:.3} s with the token of value {owed} returned {seen} (served by {})",
+                read.key,
+                read.start.as_secs_f64(),
+                read.served_by.as_deref().unwrap_or("?")
+            ));
+        }
+    }
+    violations
+}
+
+/// Every plain read that returned less than what had been acknowledged `bound` before it began.
 pub fn check_staleness(ops: &[Op], bound: Duration) -> Vec<String> {
     let mut violations = Vec::new();
     let writes = by_key(ops.iter().filter(|op| op.write));
-    for (key, reads) in by_key(ops.iter().filter(|op| !op.write)) {
+    for (key, reads) in by_key(ops.iter().filter(|op| !op.write && op.owed.is_none())) {
         let acked: Vec<(Duration, i64)> =
             writes.get(key).into_iter().flatten().filter_map(|op| Some((op.end, ok(op)?))).collect();
         for read in reads {
@@ -274,7 +327,15 @@ mod tests {
 
     fn op(write: bool, start_ms: u64, end_ms: u64, outcome: Outcome) -> Op {
         let ms = Duration::from_millis;
-        Op { write, key: "k".into(), start: ms(start_ms), end: ms(end_ms), outcome, served_by: None }
+        Op {
+            write,
+            key: "k".into(),
+            start: ms(start_ms),
+            end: ms(end_ms),
+            outcome,
+            served_by: None,
+            owed: None,
+        }
     }
 
     #[test]
@@ -303,6 +364,12 @@ mod tests {
         ];
         let stale = check_staleness(&reads, Duration::from_secs(1));
         assert_eq!(stale.len(), 1, "only the read 1.5 s after the write is stale: {stale:?}");
+
+        let with_token = |outcome| Op { owed: Some(3), ..op(false, 60, 70, outcome) };
+        let tokens = [with_token(Outcome::Ok(3)), with_token(Outcome::Failed("400 future_token".into()))];
+        assert_eq!(check_tokens(&tokens), Vec::<String>::new());
+        assert_eq!(check_tokens(&[with_token(Outcome::Ok(2))]).len(), 1, "the token's write is missing");
+        assert_eq!(check_tokens(&[with_token(Outcome::Absent)]).len(), 1, "the token's write is missing");
     }
 
     #[test]

@@ -360,9 +360,14 @@ fn the_ha_profile_runs_its_nodes_on_three_patroni_members_through_the_two_urls()
     // The local cluster's timings and synchronous replication; the app role from the postgres image's script.
     let dcs = &config["bootstrap"]["dcs"];
     let timings = [dcs["ttl"].clone(), dcs["loop_wait"].clone(), dcs["retry_timeout"].clone()];
-    use fleet_local::patroni::{LOOP_WAIT_S, RETRY_TIMEOUT_S, TTL_S};
+    use fleet_local::patroni::{LOOP_WAIT_S, REPLICATION_TIMEOUT_S, RETRY_TIMEOUT_S, TTL_S};
     assert_eq!(timings, [json!(TTL_S), json!(LOOP_WAIT_S), json!(RETRY_TIMEOUT_S)]);
-    assert_eq!(dcs["synchronous_mode"], json!(true));
+    for mode in ["synchronous_mode", "synchronous_mode_strict", "failsafe_mode"] {
+        assert_eq!(dcs[mode], json!(true), "{mode}");
+    }
+    for timeout in ["wal_sender_timeout", "wal_receiver_timeout"] {
+        assert_eq!(dcs["postgresql"]["parameters"][timeout], json!(format!("{REPLICATION_TIMEOUT_S}s")));
+    }
     let image = read("deploy/patroni/Dockerfile");
     let post_bootstrap = config["bootstrap"]["post_bootstrap"].as_str().unwrap();
     assert!(image.contains(&format!("COPY postgres/create-app-role.sh {post_bootstrap}")), "{image}");

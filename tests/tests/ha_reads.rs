@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use fleet_tests::ha::{lsn, member_read_url, node_on, read_counter, served_by, start_cluster};
+use fleet_tests::history::{check_staleness, run_load, History, Outcome};
 use fleet_tests::Api;
 use futures_util::future::join_all;
 use reqwest::StatusCode;
@@ -19,19 +20,6 @@ fn timeline_of(token: &str) -> u64 {
     let (timeline, lsn) = token.split_once('/').unwrap_or_else(|| panic!("{token} names no timeline"));
     assert!(lsn.contains('/'), "{token}: <timeline>/<LSN>");
     timeline.parse().unwrap_or_else(|_| panic!("{token} names no timeline"))
-}
-
-/// A write a client saw acknowledged: when its answer arrived, and the value it gave.
-struct Acked {
-    at: Instant,
-    value: i64,
-}
-
-/// A plain read: when it was sent, the value it saw and who served it.
-struct Seen {
-    began: Instant,
-    value: i64,
-    served_by: String,
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -54,100 +42,56 @@ async fn a_replica_whose_link_goes_silent_serves_no_read_staler_than_read_max_la
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    // One writer and one reader on the counter, from before the fault until after it is healed.
+    // A plain writer and reader on the counter, from before the fault until after it is healed.
+    let history = History::default();
     let stop = Arc::new(AtomicBool::new(false));
-    let writer = tokio::spawn({
-        let (api, stop) = (api.clone(), stop.clone());
-        async move {
-            let mut acked = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                let reply = api.increment("silent").await;
-                assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
-                acked.push(Acked { at: Instant::now(), value: reply.body["value"].as_i64().unwrap() });
-            }
-            acked
-        }
-    });
-    let reader = tokio::spawn({
-        let (api, stop) = (api.clone(), stop.clone());
-        let cluster_ports: Vec<(String, u16)> =
-            cluster.member_names().into_iter().map(|m| (m.clone(), cluster.port(&m).unwrap())).collect();
-        async move {
-            let mut seen = Vec::new();
-            while !stop.load(Ordering::Relaxed) {
-                let began = Instant::now();
-                let reply = read_counter(&api, "silent", None).await;
-                assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
-                let header = reply.headers.get("x-fleet-served-by").unwrap().to_str().unwrap().to_owned();
-                let served_by = match header.strip_prefix("replica:127.0.0.1:") {
-                    Some(port) => {
-                        let member = cluster_ports.iter().find(|(_, p)| p.to_string() == port).unwrap();
-                        format!("replica:{}", member.0)
-                    }
-                    None => header,
-                };
-                seen.push(Seen { began, value: reply.body["value"].as_i64().unwrap(), served_by });
-                tokio::time::sleep(Duration::from_millis(5)).await;
-            }
-            seen
-        }
-    });
+    let load =
+        tokio::spawn(run_load(history.clone(), api.clone(), vec!["silent".to_owned()], false, stop.clone()));
     tokio::time::sleep(Duration::from_secs(1)).await;
     tokio::task::block_in_place(|| cluster.silence_receiver(&replica)).unwrap();
-    let silenced = Instant::now();
+    let silenced = history.now();
     tokio::time::sleep(MAX_LAG * 4).await;
     tokio::task::block_in_place(|| cluster.resume_receiver(&replica)).unwrap();
-    let healed = Instant::now();
+    let healed = history.now();
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.store(true, Ordering::Relaxed);
-    let (acked, seen) = (writer.await.unwrap(), reader.await.unwrap());
+    load.await.unwrap();
+    let ops = history.ops();
 
-    // The load outlasted the fault: writes were acknowledged throughout, and after it.
-    assert!(acked.iter().any(|a| a.at > silenced + MAX_LAG * 2 && a.at < healed), "writes went on");
-    assert!(acked.iter().any(|a| a.at > healed + Duration::from_secs(1)), "the load outlasted the fault");
-    assert!(seen.iter().any(|s| s.began > healed + Duration::from_secs(1)), "reads outlasted the fault");
-    // How stale each read was: since the first acknowledged write it did not see, if any.
-    let staleness = |read: &Seen| {
-        let missed = acked.iter().find(|a| a.value > read.value && a.at < read.began);
-        missed.map_or(Duration::ZERO, |a| read.began - a.at)
-    };
-    let last_by_replica = seen
-        .iter()
-        .filter(|s| s.served_by.starts_with("replica:") && s.began > silenced && s.began < healed)
-        .map(|s| s.began - silenced)
-        .max();
-    eprintln!(
-        "silenced replica: the stalest read missed writes acknowledged {} ms before it; the replica served \
-         its last read {} ms after the link went silent",
-        seen.iter().map(staleness).max().unwrap_or_default().as_millis(),
-        last_by_replica.map_or("no".to_owned(), |d| d.as_millis().to_string())
+    // Every operation succeeded, and the load outlasted the fault.
+    let failed: Vec<_> = ops.iter().filter(|op| !matches!(op.outcome, Outcome::Ok(_))).collect();
+    assert!(failed.is_empty(), "{} operations failed, first: {:?}", failed.len(), failed.first());
+    let writes_between = |from, to| ops.iter().any(|op| op.write && op.end > from && op.end < to);
+    assert!(writes_between(silenced + MAX_LAG * 2, healed), "writes went on");
+    assert!(writes_between(healed + Duration::from_secs(1), history.now()), "the load outlasted the fault");
+    assert!(
+        ops.iter().any(|op| !op.write && op.start > healed + Duration::from_secs(1)),
+        "reads outlasted it"
     );
     // Bounded staleness: every read saw every write acknowledged READ_MAX_LAG_MS before it was sent.
-    for read in &seen {
-        let floor = acked.iter().filter(|a| a.at + MAX_LAG < read.began).map(|a| a.value).max().unwrap_or(0);
-        assert!(
-            read.value >= floor,
-            "a read sent {:.2} s after the link went silent, served by {}, saw {} although {floor} was \
-             acknowledged more than {} ms before it",
-            read.began.saturating_duration_since(silenced).as_secs_f64(),
-            read.served_by,
-            read.value,
-            MAX_LAG.as_millis()
-        );
-    }
-    let during = |s: &&Seen| s.began > silenced + MAX_LAG * 2 && s.began < healed;
-    assert!(
-        seen.iter().filter(during).any(|s| s.served_by == "primary"),
-        "the primary served reads while the replica heard nothing"
-    );
+    let stale = check_staleness(&ops, MAX_LAG);
+    assert!(stale.is_empty(), "{} stale reads, first: {}", stale.len(), stale[0]);
+    let replica_address = format!("replica:127.0.0.1:{}", cluster.port(&replica).unwrap());
+    let reads_during = ops.iter().filter(|op| !op.write && op.start > silenced && op.start < healed);
+    let by = |who: &str| reads_during.clone().filter(|op| op.served_by.as_deref() == Some(who)).count();
+    let last_by_replica = reads_during
+        .clone()
+        .filter(|op| op.served_by.as_deref() == Some(replica_address.as_str()))
+        .map(|op| op.start - silenced)
+        .max();
     eprintln!(
-        "silenced replica: {} writes and {} reads ({} by the replica, {} by the primary) over {:.1} s",
-        acked.len(),
-        seen.len(),
-        seen.iter().filter(|s| s.served_by.starts_with("replica:")).count(),
-        seen.iter().filter(|s| s.served_by == "primary").count(),
-        (healed - silenced).as_secs_f64() + 3.0
+        "silenced replica: {} operations over {:.1} s; while silent, {} reads by the replica (the last {} ms \
+         after the link went silent) and {} by the primary",
+        ops.len(),
+        (history.now() - silenced).as_secs_f64(),
+        by(&replica_address),
+        last_by_replica.map_or("-".to_owned(), |d| d.as_millis().to_string()),
+        by("primary")
     );
+    let primary_late = reads_during
+        .clone()
+        .any(|op| op.start > silenced + MAX_LAG * 2 && op.served_by.as_deref() == Some("primary"));
+    assert!(primary_late, "the primary served reads while the replica heard nothing");
     assert!(api.metric(r#"fleet_db_read_fallbacks_total{reason="lagging"}"#).await > 0.0);
 
     // Healed, the replica serves plain reads again.

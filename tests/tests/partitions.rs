@@ -2,8 +2,10 @@
 //! containers): packets dropped both ways between named parties by `scripts/partition`, while a plain
 //! client (each request once) and a careful one (idempotency keys, retries) keep writing and reading
 //! through nginx. Every operation is recorded with its start, end and outcome, and the history is checked
-//! after each fault: no acknowledged increment lost, none applied twice, and no plain read older than what
-//! was acknowledged `READ_MAX_LAG_MS` before it began. One cluster serves every fault, healed between them.
+//! after each fault: no acknowledged increment lost, none applied twice, no plain read older than what
+//! was acknowledged `READ_MAX_LAG_MS` before it began, every read with a write's token sees that write,
+//! and no write is acknowledged while the primary has no standby to confirm it. One cluster serves every
+//! fault, healed between them. `PARTITIONS=sync-standby,etcd` runs only the faults named.
 
 use std::collections::HashMap;
 use std::process::Command;
@@ -12,7 +14,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use fleet_tests::compose::{build_images, engine_or_skip, one_at_a_time, repo, Stack};
-use fleet_tests::history::{check_increments, check_staleness, run_load, window, History};
+use fleet_tests::history::{
+    check_increments, check_staleness, check_tokens, run_load, window, History, Outcome,
+};
 use fleet_tests::Api;
 
 /// The nodes' `READ_MAX_LAG_MS` (the default, which docker-compose.yml keeps). The staleness check allows
@@ -24,17 +28,25 @@ const READ_MAX_LAG: Duration = Duration::from_millis(1000);
 struct Fault {
     args: &'static [&'static str],
     hold: Duration,
+    /// Whether it leaves the primary without any standby: then no write may be acknowledged
+    /// (`synchronous_mode_strict`) from shortly after it begins until it heals.
+    alone: bool,
 }
 
+/// Writes already past COMMIT when a fault begins may still be acknowledged this long after.
+const IN_FLIGHT: Duration = Duration::from_secs(2);
+
 const FAULTS: [Fault; 6] = [
-    // Longer than wal_receiver_timeout's half would not matter: a silent link never errors before 60 s.
-    Fault { args: &["async-replica"], hold: Duration::from_secs(15) },
-    Fault { args: &["sync-standby"], hold: Duration::from_secs(15) },
-    Fault { args: &["primary-replicas"], hold: Duration::from_secs(20) },
-    Fault { args: &["node-db", "ha-app-1"], hold: Duration::from_secs(15) },
-    // Longer than Patroni's ttl (20 s): the leader key expires and a replica takes over.
-    Fault { args: &["primary-etcd"], hold: Duration::from_secs(30) },
-    Fault { args: &["etcd"], hold: Duration::from_secs(20) },
+    // Longer than wal_receiver_timeout (5 s): the replica gives up on its primary and retries.
+    Fault { args: &["async-replica"], hold: Duration::from_secs(15), alone: false },
+    // Longer than wal_sender_timeout (5 s): the primary lets the standby go, Patroni picks the other.
+    Fault { args: &["sync-standby"], hold: Duration::from_secs(15), alone: false },
+    // Longer than a write's attempt deadline (32 s): abandoned COMMITs, then retries, while no standby hears.
+    Fault { args: &["primary-replicas"], hold: Duration::from_secs(40), alone: true },
+    Fault { args: &["node-db", "ha-app-1"], hold: Duration::from_secs(15), alone: false },
+    // Longer than Patroni's ttl (20 s): the leader key expires.
+    Fault { args: &["primary-etcd"], hold: Duration::from_secs(30), alone: false },
+    Fault { args: &["etcd"], hold: Duration::from_secs(30), alone: false },
 ];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -53,7 +65,9 @@ async fn the_ha_fleet_keeps_its_promises_when_links_go_silent() {
     let mut table = vec![
         "| fault | longest write gap | longest read gap | write p50 / p99 | read p50 / p99 |".to_owned(),
     ];
-    for fault in &FAULTS {
+    let only = std::env::var("PARTITIONS").unwrap_or_default();
+    let chosen = FAULTS.iter().filter(|f| only.is_empty() || only.split(',').any(|n| n == f.args[0]));
+    for fault in chosen {
         let name = fault.args[0];
         let history = History::default();
         let stop = Arc::new(AtomicBool::new(false));
@@ -91,11 +105,26 @@ async fn the_ha_fleet_keeps_its_promises_when_links_go_silent() {
                 (key, value.parse().unwrap())
             })
             .collect();
+        let lone_acks = ops.iter().filter(|op| {
+            let during = op.end > injected + IN_FLIGHT && op.end < healed;
+            fault.alone && op.write && during && matches!(op.outcome, Outcome::Ok(_))
+        });
+        let lone_acks = lone_acks.map(|op| {
+            format!(
+                "{}: acknowledged at {:.3} s while the primary had no standby",
+                op.key,
+                op.end.as_secs_f64()
+            )
+        });
         let found: Vec<String> = check_increments(&ops, &finals)
             .into_iter()
             .chain(check_staleness(&ops, READ_MAX_LAG))
+            .chain(check_tokens(&ops))
+            .chain(lone_acks)
             .map(|v| format!("{name}: {v}"))
             .collect();
+        let token_reads: Vec<_> = ops.iter().filter(|op| op.owed.is_some()).collect();
+        let refused = token_reads.iter().filter(|op| matches!(op.outcome, Outcome::Failed(_))).count();
         let (write_gap, write_p50, write_p99) = window(&ops, true, injected, whole_again);
         let (read_gap, read_p50, read_p99) = window(&ops, false, injected, whole_again);
         let s = |d: Duration| format!("{:.1} s", d.as_secs_f64());
@@ -112,8 +141,10 @@ async fn the_ha_fleet_keeps_its_promises_when_links_go_silent() {
             ms(read_p99)
         ));
         eprintln!(
-            "{name}: {} operations, {} violations; healed and whole again {:.1} s later: {members:?}",
+            "{name}: {} operations ({} reads with a token, {refused} refused), {} violations; healed and \
+             whole again {:.1} s later: {members:?}",
             ops.len(),
+            token_reads.len(),
             found.len(),
             (whole_again - healed).as_secs_f64()
         );

@@ -27,7 +27,7 @@ use serde_json::Value;
 use tempfile::TempDir;
 
 use config::{ClusterPlan, MemberPlace};
-pub use config::{Secrets, LOOP_WAIT_S, REST_API_USER, RETRY_TIMEOUT_S, TTL_S};
+pub use config::{Secrets, LOOP_WAIT_S, REPLICATION_TIMEOUT_S, REST_API_USER, RETRY_TIMEOUT_S, TTL_S};
 
 use crate::bins::{patroni_bin, postgres_bin};
 use crate::etcd::Etcd;
@@ -587,8 +587,8 @@ impl PatroniCluster {
     /// Silences replica `name`'s link to its primary: SIGSTOP to its WAL receiver, so no WAL and no
     /// keepalive reaches it and nothing fails, as in a partition before any timeout fires; it goes on
     /// answering queries with what it has. (The primary ends the replication connection after
-    /// `wal_sender_timeout`, 60 s.) Undone by [`PatroniCluster::resume_receiver`], which stopping the
-    /// member calls first.
+    /// `wal_sender_timeout`, [`REPLICATION_TIMEOUT_S`].) Undone by [`PatroniCluster::resume_receiver`],
+    /// which stopping the member calls first.
     pub fn silence_receiver(&mut self, name: &str) -> anyhow::Result<()> {
         let n = self.index(name)?;
         ensure!(self.members[n].receiver_silenced.is_none(), "{name}'s WAL receiver is already silenced");

@@ -85,6 +85,17 @@ pub(super) async fn claim(
     Ok(Some(StoredResponse { status: status as u16, body: row.get(2) }))
 }
 
+/// Makes the transaction replaying `idem`'s stored response wait at COMMIT for the synchronous standby,
+/// as a fresh write does. The transaction that stored it may have been cancelled while its COMMIT waited
+/// for the standby (an abandoned attempt, `statement_timeout`): it is then committed on the primary
+/// alone, visible here but not yet replicated. A no-op update of the key's row gives this transaction a
+/// commit record after that one, and synchronous replication confirms every record up to its own.
+pub(super) async fn await_replication(tx: &impl GenericClient, idem: &IdempotencyKey) -> Result<(), DbError> {
+    let touch = tx.prepare_cached("UPDATE idempotency_keys SET status = status WHERE key = $1").await?;
+    tx.execute(&touch, &[&idem.key]).await?;
+    Ok(())
+}
+
 /// Stores the response of the write that claimed `idem`, in the same transaction.
 pub(super) async fn store(
     tx: &impl GenericClient,

@@ -81,7 +81,9 @@ impl Db {
                 let tx = client.transaction().await?;
                 if let Some(once) = once {
                     if let Some(stored) = idempotency::claim(&tx, once.key).await? {
-                        drop(tx);
+                        idempotency::await_replication(&tx, once.key).await?;
+                        commit_sent.store(true, Ordering::Relaxed);
+                        tx.commit().await.map_err(DbError::at_commit)?;
                         return Ok((Written::Replayed(stored), wal_position(&client).await));
                     }
                 }

@@ -20,6 +20,11 @@ pub const LOOP_WAIT_S: u32 = 1;
 /// `loop_wait + 2 × retry_timeout ≤ ttl`.
 pub const RETRY_TIMEOUT_S: u32 = 5;
 const _: () = assert!(LOOP_WAIT_S + 2 * RETRY_TIMEOUT_S <= TTL_S, "Patroni refuses these timings");
+/// How long (s) a primary waits on a silent replica before it ends the replication connection
+/// (`wal_sender_timeout`), and a replica on a silent primary (`wal_receiver_timeout`). PostgreSQL's
+/// default is 60 s, CloudNativePG's 5 s. It bounds how long a silent synchronous standby stalls every
+/// COMMIT: Patroni picks another standby only once the primary has let the silent one go.
+pub const REPLICATION_TIMEOUT_S: u32 = 5;
 
 /// The cluster's credentials, random per cluster.
 #[derive(Clone)]
@@ -108,6 +113,8 @@ pub fn render(plan: &ClusterPlan<'_>, member: &MemberPlace<'_>) -> String {
         // Replicas report replay progress every second, so lag is seen within one.
         ("wal_receiver_status_interval", "1s".to_owned()),
         ("hot_standby_feedback", "on".to_owned()),
+        ("wal_sender_timeout", format!("{REPLICATION_TIMEOUT_S}s")),
+        ("wal_receiver_timeout", format!("{REPLICATION_TIMEOUT_S}s")),
     ];
     if !plan.durable {
         parameters.push(("fsync", "off".to_owned()));
@@ -144,6 +151,8 @@ bootstrap:
     retry_timeout: {RETRY_TIMEOUT_S}
     maximum_lag_on_failover: 1048576
     synchronous_mode: true
+    synchronous_mode_strict: true
+    failsafe_mode: true
     postgresql:
       use_pg_rewind: true
       remove_data_directory_on_rewind_failure: true
@@ -210,6 +219,8 @@ mod tests {
         assert!(yaml.contains("listen: 127.0.0.1:5433"));
         assert!(yaml.contains("listen: 127.0.0.1:8009"));
         assert!(yaml.contains("synchronous_mode: true"));
+        assert!(yaml.contains("synchronous_mode_strict: true"));
+        assert!(yaml.contains("        wal_sender_timeout: '5s'\n"));
         assert!(yaml.contains("        deadlock_timeout: '100ms'\n"));
         assert!(yaml.contains("        fsync: 'off'\n"));
         assert!(yaml.contains(&secrets.superuser));
