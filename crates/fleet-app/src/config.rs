@@ -420,6 +420,17 @@ mod tests {
     }
 
     #[test]
+    fn statement_timeout_ends_a_statement_before_its_attempts_deadline() {
+        let config = parse(&[("DB_ATTEMPT_TIMEOUT_MS", "4321")]).unwrap();
+        let options = config.pg_config().unwrap().get_options().unwrap().to_owned();
+        assert!(options.contains("-c statement_timeout=4321"), "unset, it is the attempt's: {options}");
+        let err = parse(&[("STATEMENT_TIMEOUT_MS", "4001"), ("DB_ATTEMPT_TIMEOUT_MS", "4000")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("STATEMENT_TIMEOUT_MS") && err.contains("DB_ATTEMPT_TIMEOUT_MS"), "{err}");
+    }
+
+    #[test]
     fn secrets_never_show_in_debug_output() {
         let config =
             parse(&[("DATABASE_URL", "postgres://u:hunter2@db/app"), ("POSTGRES_PASSWORD", "hunter3")])

@@ -20,6 +20,10 @@ use super::{Db, DbError};
 pub const MAX_KEY_CHARS: usize = 255;
 /// How often each node deletes expired keys (more often when the TTL is shorter).
 const CLEANUP_INTERVAL: Duration = Duration::from_secs(60);
+/// Most expired keys one statement of the cleanup deletes.
+pub const CLEANUP_BATCH_KEYS: usize = 1000;
+/// Arbitrary but fixed: the advisory lock a node holds while it deletes expired keys.
+pub const CLEANUP_LOCK_KEY: i64 = 0x0069_6465_6d67_6321; // "idemgc!" in ASCII
 
 /// A client's idempotency key and the fingerprint of the request it was sent with.
 #[derive(Debug, Clone)]

@@ -32,7 +32,7 @@ pub use coalesce::Coalescer;
 pub use counters::{Counter, Transfer};
 pub use idempotency::{IdempotencyKey, StoredResponse};
 pub use read::{Read, ServedBy};
-pub use stats::{DatabaseStats, Health, STATS_MAX_AGE};
+pub use stats::{DatabaseStats, Health, STATS_MAX_AGE, STATS_QUERY};
 pub use token::{parse_token, Position, Token};
 pub use tokio_postgres::types::PgLsn;
 pub use transact::{Once, Written};

@@ -12,6 +12,11 @@ use super::{Db, DbError, Read};
 /// last count and its age.
 pub const STATS_MAX_AGE: Duration = Duration::from_secs(5);
 
+/// Everything `/api/stats` reports about the database, for the node `$1`.
+pub const STATS_QUERY: &str = "SELECT (SELECT count(*) FROM data), (SELECT count(*) FROM counters), \
+     (SELECT COALESCE(max(value), 0) FROM counters), \
+     (SELECT count(*) FROM data WHERE container_id = $1)";
+
 /// The last count and when it was taken. One refresh at a time: callers that find it stale while
 /// another refreshes wait for that one (holding no connection) instead of counting again.
 pub(super) type StatsSnapshot = Arc<tokio::sync::Mutex<Option<(Instant, Read<DatabaseStats>)>>>;
@@ -60,13 +65,7 @@ impl Db {
     /// Counts everything `/api/stats` reports: a scan of `data`.
     async fn count_stats(&self) -> Result<Read<DatabaseStats>, DbError> {
         self.read(None, async |client| {
-            let select = client
-                .prepare_cached(
-                    "SELECT (SELECT count(*) FROM data), (SELECT count(*) FROM counters), \
-                     (SELECT COALESCE(max(value), 0) FROM counters), \
-                     (SELECT count(*) FROM data WHERE container_id = $1)",
-                )
-                .await?;
+            let select = client.prepare_cached(STATS_QUERY).await?;
             let row = client.query_one(&select, &[&self.container_id]).await?;
             Ok(DatabaseStats {
                 total_records: row.get(0),
