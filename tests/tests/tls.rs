@@ -111,7 +111,7 @@ async fn a_node_speaks_tls_to_a_server_that_requires_it_and_verifies_it_as_libpq
     let isolation = api.post("/api/test-isolation", &json!({"level": "READ COMMITTED"})).await;
     assert_eq!(isolation.status, StatusCode::OK, "{:?}", isolation.body);
     let sessions = node_sessions_over_tls(&pg);
-    assert!(sessions.starts_with("t/"), "every session of the node is encrypted: {sessions}");
+    assert!(sessions.starts_with("true/"), "every session of the node is encrypted: {sessions}");
     drop(node);
 
     // No sslmode is libpq's `prefer`: TLS when the server offers it; `require` encrypts without checking
