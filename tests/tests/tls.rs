@@ -132,7 +132,7 @@ async fn a_node_speaks_tls_to_a_server_that_requires_it_and_verifies_it_as_libpq
         ("127.0.0.1", format!("sslmode=require&{other_ca}"), "certificate"),
         ("127.0.0.1", "sslmode=disable".to_owned(), "no encryption"),
     ] {
-        let (error, took) = spawn(&pg, url(&pg, host, &query), &[]).err().expect(&query);
+        let (error, took) = spawn(&pg, url(&pg, host, &query), &[]).expect_err(&query);
         assert!(error.contains(why), "{query}: {error}");
         assert!(took < Duration::from_secs(10), "{query}: refused after {took:?}, not at once");
     }

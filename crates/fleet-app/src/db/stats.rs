@@ -58,7 +58,7 @@ impl Db {
     pub async fn stats(&self) -> Result<(Read<DatabaseStats>, Duration), DbError> {
         let mut snapshot = self.stats.lock().await;
         let max_age = |counted: &Counted| if counted.is_ok() { STATS_MAX_AGE } else { STATS_FAILURE_MAX_AGE };
-        if !snapshot.as_ref().is_some_and(|(taken, counted)| taken.elapsed() < max_age(counted)) {
+        if snapshot.as_ref().is_none_or(|(taken, counted)| taken.elapsed() >= max_age(counted)) {
             *snapshot = Some((Instant::now(), self.count_stats().await.map_err(Arc::new)));
         }
         match snapshot.as_ref().expect("counted just now if not before") {
