@@ -2,6 +2,7 @@
 
 use std::time::{Duration, Instant};
 
+use fleet_app::db::idempotency::{CLEANUP_BATCH_KEYS, CLEANUP_LOCK_KEY};
 use fleet_local::Node;
 use fleet_tests::{node_options, Api, Reply, TestApp};
 use futures_util::future::join_all;
@@ -142,46 +143,57 @@ async fn until_lock_waiters(app: &TestApp, n: i64) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_repeat_waits_for_a_slow_first_request_and_replays_its_response() {
+async fn repeats_while_the_first_request_runs_get_409_at_once_and_leave_the_pool_to_others() {
     let app = TestApp::spawn(&[]);
-    let locker = lock_counter(&app, "slow").await;
-    let body = json!({"from": "slow", "to": "fast", "amount": 7});
+    // The first bulk insert claims its key, then waits for the table (as a slow insert would). A bulk
+    // insert locks no counter, so its repeats wait at no gate of the node: each takes a connection.
+    let (locker, connection) =
+        tokio_postgres::connect(&app.pg.admin_url(), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    locker.batch_execute("BEGIN; LOCK TABLE data IN SHARE MODE").await.unwrap();
+    let rows = json!({"data": ["once"]});
     let first = tokio::spawn({
-        let (api, body) = (app.api.clone(), body.clone());
-        async move { post_once(&api, "/api/transfer", "wait-1", &body).await }
+        let (api, rows) = (app.api.clone(), rows.clone());
+        async move { post_once(&api, "/api/bulk-insert", "busy", &rows).await }
     });
     until_lock_waiters(&app, 1).await;
-    let repeat = tokio::spawn({
-        let (api, body) = (app.api.clone(), body.clone());
-        async move { post_once(&api, "/api/transfer", "wait-1", &body).await }
-    });
-    // The repeat waits for the first request's transaction, which holds the key.
-    until_lock_waiters(&app, 2).await;
-    assert!(!first.is_finished() && !repeat.is_finished(), "both wait while the row is locked");
+
+    // Twice the pool's size of repeats, and requests of other keys among them.
+    let start = Instant::now();
+    let repeats = join_all((0..10).map(|_| post_once(&app.api, "/api/bulk-insert", "busy", &rows)));
+    let others = join_all((0..10).map(|i| {
+        let api = app.api.clone();
+        async move {
+            let reply = post_once(&api, "/api/increment", &format!("other-{i}"), &json!({"key": "o"})).await;
+            (reply, start.elapsed())
+        }
+    }));
+    let (repeats, others) = tokio::join!(repeats, others);
+    for reply in &repeats {
+        assert_eq!(reply.status, StatusCode::CONFLICT, "{:?}", reply.body);
+        assert_eq!(reply.code(), "idempotency_key_in_use");
+    }
+    assert!(start.elapsed() < Duration::from_secs(2), "the repeats took {:?}", start.elapsed());
+    for (reply, took) in &others {
+        assert_eq!(reply.status, StatusCode::OK, "another key was refused: {:?}", reply.body);
+        assert!(*took < Duration::from_secs(2), "another key waited {took:?}");
+    }
+    assert!(!first.is_finished(), "the first request still waits for the table");
+
     locker.batch_execute("COMMIT").await.unwrap();
-    let (first, repeat) = (first.await.unwrap(), repeat.await.unwrap());
-    assert_eq!(
-        (first.status, repeat.status),
-        (StatusCode::OK, StatusCode::OK),
-        "{:?} {:?}",
-        first.body,
-        repeat.body
-    );
-    assert!(!replayed(&first) && replayed(&repeat), "the first wrote, the repeat replayed it");
-    assert_eq!(repeat.body, first.body);
-    assert_eq!(
-        app.sql("SELECT string_agg(key || '=' || value, ',' ORDER BY key) FROM counters"),
-        "fast=7,slow=-7",
-        "moved once"
-    );
+    let first = first.await.unwrap();
+    assert_eq!(first.status, StatusCode::OK, "{:?}", first.body);
+    let later = post_once(&app.api, "/api/bulk-insert", "busy", &rows).await;
+    assert!(replayed(&later), "once the first is done, a repeat replays it");
+    assert_eq!(later.body, first.body);
+    assert_eq!(app.sql_i64("SELECT count(*) FROM data"), 1, "inserted once");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_repeat_that_waits_too_long_for_the_first_gets_409_in_use_and_writes_nothing() {
+async fn a_repeat_on_another_node_while_the_first_runs_gets_409_in_use_and_writes_nothing() {
     let app = TestApp::spawn(&[]);
-    // The repeat goes to a node whose statement_timeout ends its wait for the key after a second.
-    let impatient = Node::spawn(node_options(&app.pg, "app-2", &[("STATEMENT_TIMEOUT_MS", "1000")])).unwrap();
-    let impatient = Api::new(impatient.url());
+    let other = Node::spawn(node_options(&app.pg, "app-2", &[])).unwrap();
+    let other = Api::new(other.url());
     let locker = lock_counter(&app, "held").await;
     let body = json!({"key": "held"});
     let first = tokio::spawn({
@@ -189,14 +201,16 @@ async fn a_repeat_that_waits_too_long_for_the_first_gets_409_in_use_and_writes_n
         async move { post_once(&api, "/api/increment", "in-use", &body).await }
     });
     until_lock_waiters(&app, 1).await;
-    let repeat = post_once(&impatient, "/api/increment", "in-use", &body).await;
+    let asked = Instant::now();
+    let repeat = post_once(&other, "/api/increment", "in-use", &body).await;
     assert_eq!(repeat.status, StatusCode::CONFLICT, "{:?}", repeat.body);
+    assert!(asked.elapsed() < Duration::from_secs(1), "the repeat waited {:?}", asked.elapsed());
     assert_eq!(repeat.code(), "idempotency_key_in_use");
     assert!(!first.is_finished(), "the first request still waits for the row");
     locker.batch_execute("COMMIT").await.unwrap();
     let first = first.await.unwrap();
     assert_eq!(first.status, StatusCode::OK, "{:?}", first.body);
-    let later = post_once(&impatient, "/api/increment", "in-use", &body).await;
+    let later = post_once(&other, "/api/increment", "in-use", &body).await;
     assert!(replayed(&later), "once the first is done, a repeat replays it");
     assert_eq!(later.body, first.body);
     assert_eq!(app.sql_i64("SELECT value FROM counters WHERE key = 'held'"), 1, "incremented once");
@@ -222,4 +236,61 @@ async fn cleanup_deletes_only_keys_older_than_the_ttl() {
     assert_eq!(young, 1, "a key younger than the TTL survives the cleanup");
     let again = post_once(&app.api, "/api/increment", "young", &json!({"key": "young"})).await;
     assert!(replayed(&again), "and still replays");
+}
+
+/// Records, in table `deletions`, how many keys each statement that deletes idempotency keys deleted.
+fn record_deletions(app: &TestApp) {
+    app.sql(
+        "CREATE TABLE deletions (keys BIGINT NOT NULL); GRANT INSERT ON deletions TO appuser; \
+         CREATE FUNCTION record_deletion() RETURNS trigger LANGUAGE plpgsql AS \
+         $$ BEGIN INSERT INTO deletions SELECT count(*) FROM gone; RETURN NULL; END $$; \
+         CREATE TRIGGER record_deletion AFTER DELETE ON idempotency_keys REFERENCING OLD TABLE AS gone \
+         FOR EACH STATEMENT EXECUTE FUNCTION record_deletion()",
+    );
+}
+
+/// Stores `n` keys that expired a day ago, named `<prefix>-1` … `<prefix>-n`.
+fn store_expired_keys(app: &TestApp, prefix: &str, n: usize) {
+    app.sql(&format!(
+        "INSERT INTO idempotency_keys (key, fingerprint, status, response, created_at) \
+         SELECT '{prefix}-' || i, '\\x00', 200, 'null', now() - interval '1 day' FROM generate_series(1, {n}) i"
+    ));
+}
+
+async fn until_no_key_left(app: &TestApp, prefix: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let left = format!("SELECT count(*) FROM idempotency_keys WHERE key LIKE '{prefix}-%'");
+    while app.sql_i64(&left) > 0 {
+        assert!(Instant::now() < deadline, "expired keys were never deleted");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_keys_are_deleted_in_short_batches() {
+    let app = TestApp::spawn(&[("IDEMPOTENCY_TTL_S", "1")]);
+    record_deletions(&app);
+    store_expired_keys(&app, "old", 2 * CLEANUP_BATCH_KEYS + CLEANUP_BATCH_KEYS / 2);
+    until_no_key_left(&app, "old").await;
+    let batches = app.sql_i64("SELECT count(*) FROM deletions WHERE keys > 0");
+    let largest = app.sql_i64("SELECT max(keys) FROM deletions");
+    assert!(batches >= 3, "{batches} statements deleted them all");
+    assert!(largest <= CLEANUP_BATCH_KEYS as i64, "one statement deleted {largest} keys");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cleanup_runs_on_one_node_at_a_time() {
+    // A cleanup every second (the TTL), while the test holds the lock a node's cleanup holds as it runs.
+    let app = TestApp::spawn(&[("IDEMPOTENCY_TTL_S", "1")]);
+    let (other, connection) =
+        tokio_postgres::connect(&app.pg.admin_url(), tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    other.execute("SELECT pg_advisory_lock($1)", &[&CLEANUP_LOCK_KEY]).await.unwrap();
+    store_expired_keys(&app, "meanwhile", 10);
+    // Three of the node's cleanups come and go.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let left = app.sql_i64("SELECT count(*) FROM idempotency_keys WHERE key LIKE 'meanwhile-%'");
+    assert_eq!(left, 10, "the node cleaned up while another cleanup ran");
+    other.execute("SELECT pg_advisory_unlock($1)", &[&CLEANUP_LOCK_KEY]).await.unwrap();
+    until_no_key_left(&app, "meanwhile").await;
 }

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use fleet_app::config::Config;
+use fleet_app::db::tls::SslMode;
 use fleet_app::routes::routes;
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -287,7 +288,7 @@ fn the_nodes_write_to_the_primary_and_read_from_the_replicas_of_the_app_database
         let database = str_at(cluster, "/spec/bootstrap/initdb/database");
         let owner = str_at(cluster, "/spec/bootstrap/initdb/owner");
         // The operator's secret `<cluster>-app`, as it fills it: the owner, its password, and a URI
-        // naming the -rw Service.
+        // naming the -rw Service (which the nodes do not use: it says nothing of TLS).
         let password = "Zq3x9K0aWb7RtY2m";
         let secret = BTreeMap::from([
             ("username", owner.to_owned()),
@@ -299,13 +300,17 @@ fn the_nodes_write_to_the_primary_and_read_from_the_replicas_of_the_app_database
             envy::from_iter(env).unwrap_or_else(|e| panic!("{overlay}: the node refuses its settings: {e}"));
 
         // Writes go to the primary, reads to the replicas' Service (any instance's with no replica),
-        // both as the owner in its database, as the node itself parses the URLs.
+        // both as the owner in its database, as the node itself parses the URLs, over TLS checked
+        // against the operator's CA for the Service's name.
         let write = config.pg_config().unwrap();
         let read = config.pg_read_config().unwrap().expect("DATABASE_READ_URL is set");
         let instances = cluster["spec"]["instances"].as_u64().unwrap();
         let replicas = if instances > 1 { format!("{name}-ro") } else { format!("{name}-r") };
-        for (pg, host) in [(&write, format!("{name}-rw.pgfleet")), (&read, replicas)] {
+        let ca = operator_ca_file(&resources, name);
+        for ((pg, tls), host) in [(&write, format!("{name}-rw")), (&read, replicas)] {
             assert_eq!(pg.get_hosts(), [Host::Tcp(host)], "{overlay}");
+            assert_eq!(tls.mode, SslMode::VerifyFull, "{overlay}");
+            assert_eq!(tls.root_cert.as_ref(), Some(&ca), "{overlay}");
             assert_eq!(pg.get_ports(), [5432]);
             assert_eq!(pg.get_dbname(), Some(database));
             assert_eq!(pg.get_user(), Some(owner));
@@ -320,6 +325,26 @@ fn the_nodes_write_to_the_primary_and_read_from_the_replicas_of_the_app_database
             fleet_local::DEADLOCK_TIMEOUT
         );
     }
+}
+
+/// Where the node container finds the CA of cluster `cluster`'s server certificates: the operator's
+/// secret `<cluster>-ca`, mounted read-only, its certificate only (never its key).
+fn operator_ca_file(resources: &[Value], cluster: &str) -> PathBuf {
+    let pod = &find(resources, "Deployment", "fleet-app")["spec"]["template"]["spec"];
+    let volumes = pod["volumes"].as_array().expect("the pod has volumes");
+    let volume = volumes
+        .iter()
+        .find(|v| v["secret"]["secretName"] == format!("{cluster}-ca"))
+        .expect("the operator's CA is mounted");
+    assert_eq!(
+        volume["secret"]["items"],
+        json!([{"key": "ca.crt", "path": "ca.crt"}]),
+        "the CA's key stays out"
+    );
+    let mounts = node_container(resources)["volumeMounts"].as_array().unwrap();
+    let mount = mounts.iter().find(|m| m["name"] == volume["name"]).expect("the CA's volume is mounted");
+    assert_eq!(mount["readOnly"], true);
+    Path::new(str_at(mount, "/mountPath")).join("ca.crt")
 }
 
 /// The node container's environment as the kubelet builds it: the ConfigMap's settings, then `env` in

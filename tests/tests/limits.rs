@@ -4,6 +4,7 @@
 
 use std::time::{Duration, Instant};
 
+use fleet_app::db::STATS_QUERY;
 use fleet_local::Node;
 use fleet_tests::{node_options, start_postgres, Api, Reply, TestApp};
 use futures_util::future::join_all;
@@ -119,6 +120,52 @@ async fn stats_are_a_snapshot_shared_by_every_caller_and_say_how_old_they_are() 
         }
         assert!(Instant::now() < deadline, "the snapshot was never refreshed: {stats}");
         tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_scan_each_table_at_most_once_and_find_a_nodes_rows_by_index() {
+    let app = TestApp::spawn(&[]);
+    app.sql(
+        "INSERT INTO data (content, container_id) \
+         SELECT 'row ' || i, 'app-' || (i % 8 + 1) FROM generate_series(1, 40000) i",
+    );
+    app.sql("VACUUM ANALYZE data");
+    let plan =
+        app.sql(&format!("PREPARE stats(text) AS {STATS_QUERY}; EXPLAIN (COSTS OFF) EXECUTE stats('app-1')"));
+    assert!(plan.contains("data_container_id_idx"), "a node's rows are not found by index:\n{plan}");
+    let scans = |table: &str| plan.lines().filter(|l| l.contains(&format!(" on {table}"))).count();
+    assert_eq!(scans("counters"), 1, "counters scanned more than once:\n{plan}");
+    // Besides the node's rows by their index (a bitmap scan's heap reads are a line of their own).
+    let whole_data = plan
+        .lines()
+        .filter(|l| l.contains(" on data") && !l.contains("data_container_id_idx"))
+        .filter(|l| !l.contains("Bitmap Heap Scan"))
+        .count();
+    assert_eq!(whole_data, 1, "data counted more than once:\n{plan}");
+    let stats = app.api.get("/api/stats").await.body;
+    assert_eq!(
+        (&stats["database"]["total_records"], &stats["database"]["container_records"]),
+        (&json!(40000), &json!(5000))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_stats_count_is_shared_by_the_callers_that_come_right_after() {
+    let app = TestApp::spawn(&[]);
+    app.sql("REVOKE SELECT ON data FROM appuser");
+    let checkouts = app.api.metric("fleet_db_pool_wait_seconds_count").await;
+    let replies = join_all((0..50).map(|_| app.api.get("/api/stats"))).await;
+    let counted = app.api.metric("fleet_db_pool_wait_seconds_count").await - checkouts;
+    assert!(replies.iter().all(|r| r.status.is_server_error()), "{:?}", replies.iter().map(|r| r.status));
+    assert!(counted <= 1.0, "50 calls tried to count {counted} times");
+
+    // Briefly: once the database can answer again, the next calls count again.
+    app.sql("GRANT SELECT ON data TO appuser");
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while app.api.get("/api/stats").await.status != StatusCode::OK {
+        assert!(Instant::now() < deadline, "the failure was kept too long");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

@@ -5,7 +5,7 @@
 //! | `CONTAINER_ID` | the hostname | this node's name in every response and in `data.container_id` (1–50 chars) |
 //! | `HOST` | `0.0.0.0` | address to listen on |
 //! | `PORT` | `3000` | port to listen on (`0` picks a free one; the log line says which) |
-//! | `DATABASE_URL` | unset | `postgres://user:password@host:port/db`; when set, the `POSTGRES_*` variables are ignored |
+//! | `DATABASE_URL` | unset | `postgres://user:password@host:port/db`; when set, the `POSTGRES_*` variables are ignored. TLS as libpq does it (see `db::tls`): `?sslmode=verify-full&sslrootcert=/path/ca.crt` checks the server's certificate and name; `sslmode` is `disable`, `prefer` (the default: TLS when the server offers it, and then the certificate unchecked unless `sslrootcert` is given), `require`, `verify-ca` or `verify-full`. A certificate refused, or a server that refuses the node (`pg_hba.conf`), stops the start-up at once |
 //! | `POSTGRES_HOST` / `POSTGRES_PORT` / `POSTGRES_DB` / `POSTGRES_USER` / `POSTGRES_PASSWORD` | `localhost` / `5432` / `appdb` / `appuser` / unset | the database, piece by piece |
 //! | `DATABASE_READ_URL` | unset | where reads go (`GET /api/counters/{key}`, `GET /api/stats`): a replica, or several as a libpq multi-host URL (`postgres://u:p@h1:5432,h2:5432/db?target_session_attrs=read-only&load_balance_hosts=random`), or CloudNativePG's `-ro` Service. Unset: everything reads from `DATABASE_URL`'s server. A replica that is down, lags, or has not replayed a read's `X-Fleet-Min-Lsn` is skipped for the primary (see `db::read`) |
 //! | `READ_POOL_SIZE` | `POOL_SIZE` | connections in this node's read pool (with `DATABASE_READ_URL`) |
@@ -13,8 +13,8 @@
 //! | `READ_WAIT_MS` | `100` | how long a read with `X-Fleet-Min-Lsn` waits for its replica to replay that token before it reads from the primary (a token the primary has not reached is refused at once) |
 //! | `POOL_SIZE` | `5` | connections in this node's pool. Size the fleet so that `nodes × POOL_SIZE ≤ max_connections − headroom`: with PostgreSQL's default 100 and 10 kept for admins, 4 nodes × 5 = 20 leaves room for 18 nodes. |
 //! | `POOL_WAIT_TIMEOUT_MS` | `2000` | how long a request waits for (or to open) a connection before 503 |
-//! | `STATEMENT_TIMEOUT_MS` | `60000` | `statement_timeout` set on every connection |
-//! | `DB_ATTEMPT_TIMEOUT_MS` | `30000` | the client-side deadline of one database attempt (a transaction, or a query) once it has its connection: a request whose database stops answering (a stalled server, a blackholed network) gets 503 within `POOL_WAIT_TIMEOUT_MS` + this, and the connection is closed, never reused. Also the connections' TCP user timeout (unacknowledged data for longer closes the connection); TCP keepalives probe idle connections after 10 s, every 2 s, 3 times |
+//! | `STATEMENT_TIMEOUT_MS` | `DB_ATTEMPT_TIMEOUT_MS` | `statement_timeout` set on every connection; at most `DB_ATTEMPT_TIMEOUT_MS`, so PostgreSQL ends a statement by itself before the node gives up on it |
+//! | `DB_ATTEMPT_TIMEOUT_MS` | `30000` | the client-side deadline of one database attempt (a transaction, or a query) once it has its connection: a request whose database stops answering (a stalled server, a blackholed network) gets 503 within `POOL_WAIT_TIMEOUT_MS` + this, the connection is closed, never reused, and what it ran is cancelled on the server. Also the connections' TCP user timeout (unacknowledged data for longer closes the connection); TCP keepalives probe idle connections after 10 s, every 2 s, 3 times |
 //! | `IDLE_IN_TRANSACTION_TIMEOUT_MS` | `5000` | `idle_in_transaction_session_timeout` on every connection: PostgreSQL ends a session whose open transaction waits this long for the node's next statement (a node cut off mid-transaction), which frees its row locks. The node sends a transaction's statements back to back, so only a lost node ever reaches it |
 //! | `BULK_MAX_ROWS` | `100000` | most rows one `/api/bulk-insert` takes (more: 413) |
 //! | `BULK_MAX_ROW_BYTES` | `65536` (64 KiB) | longest row (in bytes of UTF-8) one `/api/bulk-insert` takes (longer: 413); rows are checked while the body is parsed |
@@ -35,8 +35,10 @@
 use std::fmt;
 use std::time::Duration;
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use serde::Deserialize;
+
+use crate::db::tls::{self, Target, TlsSettings};
 
 /// An idle connection is probed after this long without traffic …
 const KEEPALIVE_IDLE: Duration = Duration::from_secs(10);
@@ -76,8 +78,9 @@ pub struct Config {
     pub pool_size: usize,
     #[serde(default = "default_pool_wait_timeout_ms")]
     pub pool_wait_timeout_ms: u64,
-    #[serde(default = "default_statement_timeout_ms")]
-    pub statement_timeout_ms: u64,
+    /// Unset: `DB_ATTEMPT_TIMEOUT_MS`; see [`Config::statement_timeout_ms`].
+    #[serde(rename = "statement_timeout_ms")]
+    pub statement_timeout_setting: Option<u64>,
     #[serde(default = "default_db_attempt_timeout_ms")]
     pub db_attempt_timeout_ms: u64,
     #[serde(default = "default_idle_in_transaction_timeout_ms")]
@@ -176,8 +179,8 @@ impl Config {
         let positive = [
             ("POOL_SIZE", self.pool_size as u64),
             ("POOL_WAIT_TIMEOUT_MS", self.pool_wait_timeout_ms),
-            ("STATEMENT_TIMEOUT_MS", self.statement_timeout_ms),
             ("DB_ATTEMPT_TIMEOUT_MS", self.db_attempt_timeout_ms),
+            ("STATEMENT_TIMEOUT_MS", self.statement_timeout_ms()),
             ("IDLE_IN_TRANSACTION_TIMEOUT_MS", self.idle_in_transaction_timeout_ms),
             ("BULK_MAX_ROWS", self.bulk_max_rows as u64),
             ("BULK_MAX_ROW_BYTES", self.bulk_max_row_bytes as u64),
@@ -189,14 +192,23 @@ impl Config {
         if let Some((name, _)) = positive.iter().find(|(_, value)| *value == 0) {
             bail!("{name} must be at least 1");
         }
+        if self.statement_timeout_ms() > self.db_attempt_timeout_ms {
+            bail!(
+                "STATEMENT_TIMEOUT_MS ({}) must not exceed DB_ATTEMPT_TIMEOUT_MS ({}): a statement would run \
+                 on after the node gave up on it",
+                self.statement_timeout_ms(),
+                self.db_attempt_timeout_ms
+            );
+        }
         self.pg_config()?;
         self.pg_read_config().map(drop)
     }
 
-    /// The connection settings for PostgreSQL: `statement_timeout`, `idle_in_transaction_session_timeout`
-    /// and `application_name` set for the session, TCP keepalives and user timeout on the socket.
-    pub fn pg_config(&self) -> anyhow::Result<tokio_postgres::Config> {
-        let pg = match &self.database_url {
+    /// The connection settings for PostgreSQL (`statement_timeout`, `idle_in_transaction_session_timeout`
+    /// and `application_name` set for the session, TCP keepalives and user timeout on the socket), and
+    /// its TLS settings.
+    pub fn pg_config(&self) -> anyhow::Result<(tokio_postgres::Config, TlsSettings)> {
+        let (pg, tls) = match &self.database_url {
             Some(url) => parse_url("DATABASE_URL", url)?,
             None => {
                 let mut pg = tokio_postgres::Config::new();
@@ -207,16 +219,27 @@ impl Config {
                 if let Some(password) = &self.postgres_password {
                     pg.password(password.expose());
                 }
-                pg
+                (pg, TlsSettings::default())
             }
         };
-        Ok(self.session(pg))
+        Ok((self.session(pg), tls))
     }
 
     /// [`Config::pg_config`] for `DATABASE_READ_URL`, when set.
-    pub fn pg_read_config(&self) -> anyhow::Result<Option<tokio_postgres::Config>> {
+    pub fn pg_read_config(&self) -> anyhow::Result<Option<(tokio_postgres::Config, TlsSettings)>> {
         let Some(url) = &self.database_read_url else { return Ok(None) };
-        Ok(Some(self.session(parse_url("DATABASE_READ_URL", url)?)))
+        let (pg, tls) = parse_url("DATABASE_READ_URL", url)?;
+        Ok(Some((self.session(pg), tls)))
+    }
+
+    /// Where the node writes: [`Config::pg_config`] with its TLS connector (which reads `sslrootcert`).
+    pub fn target(&self) -> anyhow::Result<Target> {
+        target("DATABASE_URL", self.pg_config()?)
+    }
+
+    /// Where the node reads, when `DATABASE_READ_URL` is set.
+    pub fn read_target(&self) -> anyhow::Result<Option<Target>> {
+        self.pg_read_config()?.map(|pg| target("DATABASE_READ_URL", pg)).transpose()
     }
 
     /// `pg` with this node's session settings and socket deadlines.
@@ -224,7 +247,8 @@ impl Config {
         pg.application_name(format!("fleet-app/{}", self.container_id))
             .options(format!(
                 "-c statement_timeout={} -c idle_in_transaction_session_timeout={}",
-                self.statement_timeout_ms, self.idle_in_transaction_timeout_ms
+                self.statement_timeout_ms(),
+                self.idle_in_transaction_timeout_ms
             ))
             .connect_timeout(self.pool_wait_timeout())
             .keepalives(true)
@@ -233,6 +257,11 @@ impl Config {
             .keepalives_retries(KEEPALIVE_RETRIES)
             .tcp_user_timeout(self.db_attempt_timeout());
         pg
+    }
+
+    /// `STATEMENT_TIMEOUT_MS`, or `DB_ATTEMPT_TIMEOUT_MS` when unset.
+    pub fn statement_timeout_ms(&self) -> u64 {
+        self.statement_timeout_setting.unwrap_or(self.db_attempt_timeout_ms)
     }
 
     /// `READ_POOL_SIZE`, or `POOL_SIZE` when unset.
@@ -270,11 +299,21 @@ impl Config {
     }
 }
 
-/// A connection URL or key=value string; the error names the variable, never its value (a password).
-fn parse_url(name: &str, url: &Secret) -> anyhow::Result<tokio_postgres::Config> {
-    url.expose()
+/// A connection URL or key=value string, and its TLS settings; the error names the variable, never its
+/// value (a password).
+fn parse_url(name: &str, url: &Secret) -> anyhow::Result<(tokio_postgres::Config, TlsSettings)> {
+    let (url, tls) = tls::split_url(url.expose()).with_context(|| format!("{name}: invalid TLS settings"))?;
+    let mut pg: tokio_postgres::Config = url
         .parse()
-        .map_err(|_| anyhow::anyhow!("{name} is not a valid postgres:// URL or key=value string"))
+        .map_err(|_| anyhow::anyhow!("{name} is not a valid postgres:// URL or key=value string"))?;
+    pg.ssl_mode(tls.pg_mode());
+    Ok((pg, tls))
+}
+
+/// `pg` with the TLS connector its settings ask for; the error names the variable `name`.
+fn target(name: &str, (pg, tls): (tokio_postgres::Config, TlsSettings)) -> anyhow::Result<Target> {
+    let tls = tls.connector().with_context(|| format!("{name}: cannot set up TLS"))?;
+    Ok(Target { pg, tls })
 }
 
 fn default_container_id() -> String {
@@ -315,9 +354,6 @@ fn default_pool_size() -> usize {
 fn default_pool_wait_timeout_ms() -> u64 {
     2000
 }
-fn default_statement_timeout_ms() -> u64 {
-    60_000
-}
 /// Half of `STATEMENT_TIMEOUT_MS`, and 4× the longest attempt measured: 100,000-row inserts, five at
 /// once on two cores, with a debug build (7.6 s).
 fn default_db_attempt_timeout_ms() -> u64 {
@@ -352,6 +388,7 @@ fn default_true() -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::db::tls::SslMode;
 
     fn parse(vars: &[(&str, &str)]) -> anyhow::Result<Config> {
         let vars = vars.iter().map(|(k, v)| (k.to_string(), v.to_string()));
@@ -381,7 +418,7 @@ mod tests {
         let url =
             "postgres://u:p@r1:5432,r2:5433/app?target_session_attrs=read-only&load_balance_hosts=random";
         let config = parse(&[("DATABASE_READ_URL", url), ("READ_POOL_SIZE", "3")]).unwrap();
-        let read = config.pg_read_config().unwrap().unwrap();
+        let (read, _) = config.pg_read_config().unwrap().unwrap();
         assert_eq!(read.get_hosts().len(), 2);
         assert_eq!(read.get_target_session_attrs(), tokio_postgres::config::TargetSessionAttrs::ReadOnly);
         assert!(read.get_options().unwrap().contains("idle_in_transaction_session_timeout"));
@@ -408,15 +445,47 @@ mod tests {
     fn connections_carry_the_server_side_timeouts_and_tcp_deadlines() {
         let config =
             parse(&[("IDLE_IN_TRANSACTION_TIMEOUT_MS", "1234"), ("DB_ATTEMPT_TIMEOUT_MS", "4321")]).unwrap();
-        let pg = config.pg_config().unwrap();
+        let (pg, _) = config.pg_config().unwrap();
         let options = pg.get_options().unwrap();
-        assert!(options.contains("-c statement_timeout=60000"), "{options}");
+        assert!(options.contains("-c statement_timeout=4321"), "{options}");
         assert!(options.contains("-c idle_in_transaction_session_timeout=1234"), "{options}");
         assert_eq!(pg.get_tcp_user_timeout(), Some(&Duration::from_millis(4321)));
         assert!(pg.get_keepalives());
         assert_eq!(pg.get_keepalives_idle(), KEEPALIVE_IDLE);
         let err = parse(&[("DB_ATTEMPT_TIMEOUT_MS", "0")]).unwrap_err().to_string();
         assert!(err.contains("DB_ATTEMPT_TIMEOUT_MS"), "{err}");
+    }
+
+    #[test]
+    fn statement_timeout_ends_a_statement_before_its_attempts_deadline() {
+        let config = parse(&[("DB_ATTEMPT_TIMEOUT_MS", "4321")]).unwrap();
+        let options = config.pg_config().unwrap().0.get_options().unwrap().to_owned();
+        assert!(options.contains("-c statement_timeout=4321"), "unset, it is the attempt's: {options}");
+        let err = parse(&[("STATEMENT_TIMEOUT_MS", "4001"), ("DB_ATTEMPT_TIMEOUT_MS", "4000")])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("STATEMENT_TIMEOUT_MS") && err.contains("DB_ATTEMPT_TIMEOUT_MS"), "{err}");
+    }
+
+    #[test]
+    fn tls_settings_come_from_each_url_and_a_bad_one_names_its_variable() {
+        let url = "postgres://u:p@db:5432/app?sslmode=verify-full&sslrootcert=/ca/ca.crt";
+        let config = parse(&[("DATABASE_URL", url), ("DATABASE_READ_URL", "postgres://u:p@ro/app")]).unwrap();
+        let (pg, tls) = config.pg_config().unwrap();
+        assert_eq!((tls.mode, tls.root_cert.as_deref()), (SslMode::VerifyFull, Some("/ca/ca.crt".as_ref())));
+        assert_eq!(pg.get_ssl_mode(), tokio_postgres::config::SslMode::Require);
+        let (read, read_tls) = config.pg_read_config().unwrap().unwrap();
+        assert_eq!(
+            (read_tls.mode, read.get_ssl_mode()),
+            (SslMode::Prefer, tokio_postgres::config::SslMode::Prefer)
+        );
+        for (name, bad) in [
+            ("DATABASE_URL", "postgres://u:secret@db/app?sslmode=verify-full"),
+            ("DATABASE_READ_URL", "postgres://u:secret@db/app?sslmode=bogus"),
+        ] {
+            let err = format!("{:#}", parse(&[(name, bad)]).unwrap_err());
+            assert!(err.contains(name) && err.contains("sslmode") && !err.contains("secret"), "{err}");
+        }
     }
 
     #[test]

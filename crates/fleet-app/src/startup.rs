@@ -9,9 +9,10 @@ use actix_web::middleware::{from_fn, DefaultHeaders, Next};
 use actix_web::{web, App, HttpServer};
 use anyhow::Context;
 use tokio::signal::unix::{signal, SignalKind};
+use tokio_postgres::error::SqlState;
 
 use crate::config::Config;
-use crate::db::{migrations, Db};
+use crate::db::{migrations, tls, Db};
 use crate::errors;
 use crate::listener::{self, Sink};
 use crate::metrics::Metrics;
@@ -191,17 +192,15 @@ impl Tally {
     }
 }
 
-/// Applies pending migrations over a dedicated connection, retrying while the database is unreachable.
+/// Applies pending migrations over a dedicated connection, retrying while the database is unreachable;
+/// a server that refuses the node (its certificate, or `pg_hba.conf`) fails at once.
 pub async fn migrate(config: &Config) -> anyhow::Result<()> {
-    let pg = config.pg_config()?;
+    let target = config.target()?;
     let deadline = Instant::now() + STARTUP_DB_WAIT;
     let mut client = loop {
-        match pg.connect(tokio_postgres::NoTls).await {
-            Ok((client, connection)) => {
-                tokio::spawn(connection);
-                break client;
-            }
-            Err(e) if Instant::now() < deadline => {
+        match target.connect().await {
+            Ok(client) => break client,
+            Err(e) if Instant::now() < deadline && !refused(&e) => {
                 tracing::warn!(error = %e, "waiting for the database");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
@@ -211,4 +210,11 @@ pub async fn migrate(config: &Config) -> anyhow::Result<()> {
     let applied = migrations::run(&mut client).await.context("migrations failed")?;
     tracing::info!(migrations.applied = ?applied, "schema up to date");
     Ok(())
+}
+
+/// Refused in a way waiting does not mend: the TLS handshake failed (a certificate not from
+/// `sslrootcert`'s CA, or for another name), or `pg_hba.conf` has no entry for the node (28000; such as a
+/// connection without TLS to a server that accepts TLS only).
+fn refused(e: &tokio_postgres::Error) -> bool {
+    tls::is_tls_error(e) || e.code() == Some(&SqlState::INVALID_AUTHORIZATION_SPECIFICATION)
 }

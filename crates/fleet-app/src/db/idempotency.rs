@@ -3,23 +3,36 @@
 //! response instead of writing again.
 //!
 //! Claiming a key is `INSERT … ON CONFLICT DO NOTHING`: while the first request's transaction is open,
-//! PostgreSQL makes a repeat wait for it (bounded by `statement_timeout`), then the repeat sees the stored
-//! response, or claims the key itself if the first rolled back. Keys older than `IDEMPOTENCY_TTL_S` are
-//! deleted by every node once a minute (or once per TTL, if that is shorter).
+//! PostgreSQL makes a repeat wait for it, then the repeat sees the stored response, or claims the key
+//! itself if the first rolled back. The wait holds a pooled connection, so it is short
+//! ([`CLAIM_LOCK_TIMEOUT`]): a repeat that comes while the first still runs gets 409
+//! `idempotency_key_in_use` at once, and any number of repeats cannot hold the pool.
+//!
+//! Keys older than `IDEMPOTENCY_TTL_S` are deleted once a minute (or once per TTL, if that is shorter),
+//! by one node at a time ([`CLEANUP_LOCK_KEY`]), in statements of at most [`CLEANUP_BATCH_KEYS`] keys,
+//! so no statement holds many row locks or runs long whatever the backlog.
 
 use std::time::Duration;
 
-use deadpool_postgres::GenericClient;
+use deadpool_postgres::{GenericClient, Object};
 use serde::Serialize;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
+use tokio_postgres::types::ToSql;
 
 use super::{Db, DbError};
 
 /// Longest idempotency key, in characters (`idempotency_keys.key VARCHAR(255)`).
 pub const MAX_KEY_CHARS: usize = 255;
+/// How long a repeat waits for the transaction of the request that holds its key: enough for an ordinary
+/// write to commit (milliseconds), then 409.
+const CLAIM_LOCK_TIMEOUT: &str = "SET LOCAL lock_timeout = '100ms'";
 /// How often each node deletes expired keys (more often when the TTL is shorter).
 const CLEANUP_INTERVAL: Duration = Duration::from_secs(60);
+/// Most expired keys one statement of the cleanup deletes.
+pub const CLEANUP_BATCH_KEYS: usize = 1000;
+/// Arbitrary but fixed: the advisory lock a node holds while it deletes expired keys.
+pub const CLEANUP_LOCK_KEY: i64 = 0x0069_6465_6d67_6321; // "idemgc!" in ASCII
 
 /// A client's idempotency key and the fingerprint of the request it was sent with.
 #[derive(Debug, Clone)]
@@ -64,13 +77,22 @@ pub(super) async fn claim(
              ON CONFLICT (key) DO NOTHING",
         )
         .await?;
-    let claimed = tx.execute(&insert, &[&idem.key, &idem.fingerprint]).await.map_err(|e| {
-        // Waiting for the first request's transaction ran past statement_timeout or lock_timeout.
+    // Sent together (one round trip); the transaction's later statements wait for locks as before.
+    let params: [&(dyn ToSql + Sync); 2] = [&idem.key, &idem.fingerprint];
+    let (bounded, claimed, reset) = tokio::join!(
+        tx.batch_execute(CLAIM_LOCK_TIMEOUT),
+        tx.execute(&insert, &params),
+        tx.batch_execute("SET LOCAL lock_timeout TO DEFAULT"),
+    );
+    bounded?;
+    let claimed = claimed.map_err(|e| {
+        // Waiting for the first request's transaction ran past lock_timeout or statement_timeout.
         match e.code().map(|c| c.code()) {
             Some("57014" | "55P03") => DbError::IdempotencyKeyInUse,
             _ => DbError::Postgres(e),
         }
     })?;
+    reset?;
     if claimed == 1 {
         return Ok(None);
     }
@@ -117,8 +139,9 @@ impl Db {
             loop {
                 every.tick().await;
                 match db.delete_expired_keys(ttl).await {
-                    Ok(0) => {}
-                    Ok(deleted) => {
+                    Ok(None) => tracing::debug!("another node is deleting expired idempotency keys"),
+                    Ok(Some(0)) => {}
+                    Ok(Some(deleted)) => {
                         tracing::info!(idempotency.deleted = deleted, "expired idempotency keys deleted")
                     }
                     Err(e) => tracing::warn!(error = %e, "idempotency key cleanup failed; will retry"),
@@ -127,21 +150,42 @@ impl Db {
         });
     }
 
-    async fn delete_expired_keys(&self, ttl: Duration) -> Result<u64, DbError> {
+    /// Deletes the expired keys unless another node is at it (`None`); returns how many.
+    async fn delete_expired_keys(&self, ttl: Duration) -> Result<Option<u64>, DbError> {
         self.observed(async {
             let client = self.client().await?;
-            let delete = client
-                .prepare_cached(
-                    "DELETE FROM idempotency_keys WHERE created_at < now() - make_interval(secs => $1)",
-                )
-                .await?;
-            let deleted = client.execute(&delete, &[&ttl.as_secs_f64()]).await?;
-            // Opened on the main thread, this connection would keep its I/O there, and every request
-            // that used it later would cross threads twice per query.
+            let deleted = delete_in_batches(&client, ttl).await;
+            // Closed whatever happened, which ends the session's lock. (And opened on the main thread,
+            // this connection would keep its I/O there: every request that used it later would cross
+            // threads twice per query.)
             client.close();
-            Ok(deleted)
+            deleted
         })
         .await
+    }
+}
+
+/// Under the cleanup's session lock, if no other session holds it: deletes expired keys, a batch per
+/// statement (each its own transaction), until a batch comes back short.
+async fn delete_in_batches(client: &Object, ttl: Duration) -> Result<Option<u64>, DbError> {
+    let lock = client.prepare_cached("SELECT pg_try_advisory_lock($1)").await?;
+    if !client.query_one(&lock, &[&CLEANUP_LOCK_KEY]).await?.get::<_, bool>(0) {
+        return Ok(None);
+    }
+    let delete = client
+        .prepare_cached(
+            "DELETE FROM idempotency_keys WHERE key IN (SELECT key FROM idempotency_keys \
+             WHERE created_at < now() - make_interval(secs => $1) LIMIT $2)",
+        )
+        .await?;
+    let (ttl, batch) = (ttl.as_secs_f64(), CLEANUP_BATCH_KEYS as i64);
+    let mut deleted = 0;
+    loop {
+        let n = client.execute(&delete, &[&ttl, &batch]).await?;
+        deleted += n;
+        if n < CLEANUP_BATCH_KEYS as u64 {
+            return Ok(Some(deleted));
+        }
     }
 }
 

@@ -11,6 +11,7 @@ mod lab;
 pub mod migrations;
 mod read;
 mod stats;
+pub mod tls;
 mod token;
 mod transact;
 
@@ -22,7 +23,6 @@ use deadpool_postgres::{
     Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime, Status, Timeouts,
 };
 use rand::Rng;
-use tokio_postgres::NoTls;
 
 use crate::config::{Config, LockOrder};
 use crate::metrics::Metrics;
@@ -32,7 +32,7 @@ pub use coalesce::Coalescer;
 pub use counters::{Counter, Transfer};
 pub use idempotency::{IdempotencyKey, StoredResponse};
 pub use read::{Read, ServedBy};
-pub use stats::{DatabaseStats, Health, STATS_MAX_AGE};
+pub use stats::{DatabaseStats, Health, STATS_MAX_AGE, STATS_QUERY};
 pub use token::{parse_token, Position, Token};
 pub use tokio_postgres::types::PgLsn;
 pub use transact::{Once, Written};
@@ -167,6 +167,8 @@ fn err_is_connection(e: &tokio_postgres::Error) -> bool {
 #[derive(Debug, Clone)]
 pub struct Db {
     pool: Pool,
+    /// The pool's TLS connector, for its connections' cancel requests.
+    tls: tls::Tls,
     /// `DATABASE_READ_URL`'s pool, when set.
     replicas: Option<read::Replicas>,
     metrics: Metrics,
@@ -198,13 +200,13 @@ pub struct Retried<T> {
 impl Db {
     /// Builds the pool; no connection is opened until the first checkout.
     pub fn new(config: &Config, metrics: Metrics) -> anyhow::Result<Self> {
-        let pool = |pg: tokio_postgres::Config, size: usize| {
+        let pool = |target: &tls::Target, size: usize| {
             // A connection's I/O task runs on the runtime of the task that opened it, an HTTP worker's
             // or the main one's: a request that gets a connection its own worker opened sends and reads
             // its queries without a thread hand-off (2 per query otherwise). No worker stops while a
             // request is in flight (see `startup`), so no request loses a connection with it.
-            let manager =
-                Manager::from_config(pg, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+            let fast = ManagerConfig { recycling_method: RecyclingMethod::Fast };
+            let manager = Manager::from_config(target.pg.clone(), target.tls.0.clone(), fast);
             let wait = Some(config.pool_wait_timeout());
             Pool::builder(manager)
                 .max_size(size)
@@ -212,16 +214,19 @@ impl Db {
                 .timeouts(Timeouts { wait, create: wait, recycle: wait })
                 .build()
         };
-        let replicas = match config.pg_read_config()? {
-            Some(pg) => Some(read::Replicas::new(
-                pool(pg, config.read_pool_size())?,
+        let replicas = match config.read_target()? {
+            Some(target) => Some(read::Replicas::new(
+                pool(&target, config.read_pool_size())?,
+                target.tls,
                 config.read_max_lag(),
                 config.read_wait(),
             )),
             None => None,
         };
+        let target = config.target()?;
         Ok(Db {
-            pool: pool(config.pg_config()?, config.pool_size)?,
+            pool: pool(&target, config.pool_size)?,
+            tls: target.tls.clone(),
             replicas,
             metrics,
             container_id: config.container_id.clone(),
@@ -231,7 +236,7 @@ impl Db {
             attempt_timeout: config.db_attempt_timeout(),
             lock_order: config.lock_order,
             gates: gate::RowGates::default(),
-            isolation: isolation::IsolationLab::new(config.pg_config()?),
+            isolation: isolation::IsolationLab::new(target),
             lab: lab::LabBudget::new(config.lab_max_connections()),
             stats: stats::StatsSnapshot::default(),
             reads: coalesce::Reads::default(),
@@ -251,7 +256,7 @@ impl Db {
         let start = Instant::now();
         let client = self.pool.get().await;
         self.metrics.pool_wait.observe(start.elapsed().as_secs_f64());
-        Ok(Conn::new(client?))
+        Ok(Conn::new(client?, &self.tls))
     }
 
     /// Runs `work` as one attempt within its deadline (see [`deadline`]), counting its error (if any)

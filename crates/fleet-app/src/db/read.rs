@@ -45,6 +45,7 @@ use std::time::{Duration, Instant};
 use deadpool_postgres::{Object, Pool, PoolError, TimeoutType};
 
 use super::deadline::Conn;
+use super::tls::Tls;
 use super::token::{Position, Token, PRIMARY_POSITION};
 use super::{Db, DbError};
 
@@ -85,6 +86,7 @@ pub struct Read<T> {
 #[derive(Debug, Clone)]
 pub(super) struct Replicas {
     pub(super) pool: Pool,
+    tls: Tls,
     max_lag: Duration,
     wait: Duration,
     /// Until when (milliseconds since `epoch`) reads skip the replicas; 0: they don't.
@@ -144,8 +146,9 @@ impl Drop for Refreshing<'_> {
 }
 
 impl Replicas {
-    pub(super) fn new(pool: Pool, max_lag: Duration, wait: Duration) -> Self {
+    pub(super) fn new(pool: Pool, tls: Tls, max_lag: Duration, wait: Duration) -> Self {
         Replicas {
+            tls,
             pool,
             max_lag,
             wait,
@@ -317,7 +320,7 @@ impl Db {
         min: Option<Token>,
         read: &impl AsyncFn(&Object) -> Result<T, DbError>,
     ) -> Result<Result<Read<T>, Refusal>, DbError> {
-        let client = Conn::new(replicas.pool.get().await?);
+        let client = Conn::new(replicas.pool.get().await?, &replicas.tls);
         let standing_query = client.prepare_cached(STANDING).await?;
         let wait_until = Instant::now() + replicas.wait;
         let mut judged_future = false;
@@ -373,13 +376,15 @@ impl Standing {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::db::tls::TlsSettings;
     use tokio_postgres::types::PgLsn;
 
     fn replicas(max_lag_ms: u64) -> Replicas {
         let config = tokio_postgres::Config::new();
-        let manager = deadpool_postgres::Manager::new(config, tokio_postgres::NoTls);
+        let tls = TlsSettings::default().connector().unwrap();
+        let manager = deadpool_postgres::Manager::new(config, tls.0.clone());
         let pool = Pool::builder(manager).max_size(1).build().unwrap();
-        Replicas::new(pool, Duration::from_millis(max_lag_ms), Duration::from_millis(100))
+        Replicas::new(pool, tls, Duration::from_millis(max_lag_ms), Duration::from_millis(100))
     }
 
     fn at(timeline: u32, lsn: u64) -> Position {

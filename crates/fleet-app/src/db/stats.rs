@@ -11,10 +11,21 @@ use super::{Db, DbError, Read};
 /// node counts at most once per this period, whatever the request rate; callers in between get the
 /// last count and its age.
 pub const STATS_MAX_AGE: Duration = Duration::from_secs(5);
+/// How long a failed count is the answer: callers meanwhile get its error at once, rather than each
+/// count again (one at a time, each waiting for the last to fail) while the database cannot answer.
+const STATS_FAILURE_MAX_AGE: Duration = Duration::from_secs(1);
 
-/// The last count and when it was taken. One refresh at a time: callers that find it stale while
-/// another refreshes wait for that one (holding no connection) instead of counting again.
-pub(super) type StatsSnapshot = Arc<tokio::sync::Mutex<Option<(Instant, Read<DatabaseStats>)>>>;
+/// Everything `/api/stats` reports about the database, for the node `$1`: one count of all of `data`,
+/// the node's rows by index (`data_container_id_idx`), and one pass over `counters`.
+pub const STATS_QUERY: &str = "SELECT (SELECT count(*) FROM data), c.total, c.max_value, \
+     (SELECT count(*) FROM data WHERE container_id = $1) \
+     FROM (SELECT count(*) AS total, COALESCE(max(value), 0) AS max_value FROM counters) c";
+
+/// The last count (or its failure) and when it was taken. One refresh at a time: callers that find it
+/// stale while another refreshes wait for that one (holding no connection) instead of counting again.
+pub(super) type StatsSnapshot = Arc<tokio::sync::Mutex<Option<(Instant, Counted)>>>;
+
+type Counted = Result<Read<DatabaseStats>, Arc<DbError>>;
 
 /// What `/api/stats` reports about the database.
 #[derive(Debug, Clone, Serialize)]
@@ -46,27 +57,20 @@ impl Db {
     /// serve it), and how long ago.
     pub async fn stats(&self) -> Result<(Read<DatabaseStats>, Duration), DbError> {
         let mut snapshot = self.stats.lock().await;
-        if let Some((taken, stats)) = snapshot.as_ref() {
-            if taken.elapsed() < STATS_MAX_AGE {
-                return Ok((stats.clone(), taken.elapsed()));
-            }
+        let max_age = |counted: &Counted| if counted.is_ok() { STATS_MAX_AGE } else { STATS_FAILURE_MAX_AGE };
+        if snapshot.as_ref().is_none_or(|(taken, counted)| taken.elapsed() >= max_age(counted)) {
+            *snapshot = Some((Instant::now(), self.count_stats().await.map_err(Arc::new)));
         }
-        let taken = Instant::now();
-        let stats = self.count_stats().await?;
-        *snapshot = Some((taken, stats.clone()));
-        Ok((stats, taken.elapsed()))
+        match snapshot.as_ref().expect("counted just now if not before") {
+            (taken, Ok(stats)) => Ok((stats.clone(), taken.elapsed())),
+            (_, Err(err)) => Err(DbError::Shared(Arc::clone(err))),
+        }
     }
 
     /// Counts everything `/api/stats` reports: a scan of `data`.
     async fn count_stats(&self) -> Result<Read<DatabaseStats>, DbError> {
         self.read(None, async |client| {
-            let select = client
-                .prepare_cached(
-                    "SELECT (SELECT count(*) FROM data), (SELECT count(*) FROM counters), \
-                     (SELECT COALESCE(max(value), 0) FROM counters), \
-                     (SELECT count(*) FROM data WHERE container_id = $1)",
-                )
-                .await?;
+            let select = client.prepare_cached(STATS_QUERY).await?;
             let row = client.query_one(&select, &[&self.container_id]).await?;
             Ok(DatabaseStats {
                 total_records: row.get(0),

@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 use serde::{Serialize, Serializer};
 use tokio_postgres::IsolationLevel;
 
+use super::tls::Target;
 use super::{Db, DbError};
 use run::Lab;
 
@@ -179,16 +180,16 @@ pub enum LabError {
     Db(#[from] DbError),
 }
 
-/// The lab's own connection config (never the pool's connections).
+/// Where the lab opens its own connections (never the pool's).
 #[derive(Debug, Clone)]
 pub struct IsolationLab {
-    pg: tokio_postgres::Config,
+    target: Target,
 }
 
 impl IsolationLab {
-    /// `pg` is the node's connection config; the lab adds its own timeouts and application name.
-    pub fn new(pg: tokio_postgres::Config) -> Self {
-        IsolationLab { pg: session::lab_config(&pg) }
+    /// `node` is where the node writes; the lab adds its own timeouts and application name.
+    pub fn new(node: Target) -> Self {
+        IsolationLab { target: Target { pg: session::lab_config(&node.pg), tls: node.tls } }
     }
 }
 
@@ -198,7 +199,7 @@ impl Db {
     pub async fn test_isolation(&self, levels: &[Level]) -> Result<Vec<LevelReport>, LabError> {
         let _share = self.lab.take(CONNECTIONS)?;
         let start = Instant::now();
-        let mut lab = self.observed(Lab::open(&self.isolation.pg)).await?;
+        let mut lab = self.observed(Lab::open(&self.isolation.target)).await?;
         let opened = start.elapsed();
         let result = tokio::time::timeout(RUN_DEADLINE, self.observed(lab.run(levels))).await;
         let ran = start.elapsed();

@@ -1,7 +1,7 @@
 //! One call's run: its connections, a fresh set of scratch rows per scenario, the catalogue at each
 //! level, and the clean-up.
 
-use tokio_postgres::Config;
+use crate::db::tls::Target;
 
 use super::session::{Observer, Session};
 use super::{basics, predicates, skew, Level, LevelReport, Scenario};
@@ -17,9 +17,13 @@ pub(super) struct Lab {
 
 impl Lab {
     /// Opens the call's four connections and removes scratch rows that a crashed node left behind.
-    pub(super) async fn open(pg: &Config) -> Result<Self, DbError> {
-        let (t1, t2, t3, observer) =
-            tokio::try_join!(Session::open(pg), Session::open(pg), Session::open(pg), Observer::open(pg))?;
+    pub(super) async fn open(lab: &Target) -> Result<Self, DbError> {
+        let (t1, t2, t3, observer) = tokio::try_join!(
+            Session::open(lab),
+            Session::open(lab),
+            Session::open(lab),
+            Observer::open(lab)
+        )?;
         observer.purge_stale().await?;
         Ok(Lab { sessions: [t1, t2, t3], observer, runs: Vec::new() })
     }

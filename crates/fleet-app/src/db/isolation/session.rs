@@ -1,11 +1,12 @@
 //! The lab's dedicated connections (never the pool's: a run holds four at once, and concurrent runs
 //! could deadlock a pool of 5) and the statements they run.
 
-use tokio_postgres::{Client, Config, NoTls, Statement, Transaction};
+use tokio_postgres::{Client, Config, Statement, Transaction};
 
 use super::report::LabRow;
 use super::script::Done;
 use super::Level;
+use crate::db::tls::Target;
 use crate::db::DbError;
 
 /// A step waits at most this long for a row lock: blocking is detected and released in milliseconds,
@@ -33,16 +34,6 @@ pub(super) fn lab_config(node: &Config) -> Config {
     let name = format!("{}/isolation-lab", node.get_application_name().unwrap_or("fleet-app"));
     pg.options(options).application_name(name);
     pg
-}
-
-async fn connect(pg: &Config) -> Result<Client, DbError> {
-    let (client, connection) = pg.connect(NoTls).await?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::debug!(error = %e, "isolation lab connection ended");
-        }
-    });
-    Ok(client)
 }
 
 /// One statement of a scenario, on the call's scratch rows (`run_id = $1`), values as parameters.
@@ -153,8 +144,8 @@ pub(super) struct Session {
 }
 
 impl Session {
-    pub(super) async fn open(pg: &Config) -> Result<Self, DbError> {
-        let client = connect(pg).await?;
+    pub(super) async fn open(lab: &Target) -> Result<Self, DbError> {
+        let client = lab.connect().await?;
         let pid = client.query_one("SELECT pg_backend_pid()", &[]).await?.get(0);
         let statements = Statements::prepare(&client).await?;
         Ok(Session { client, pid, statements })
@@ -173,8 +164,8 @@ pub(super) struct Observer {
 }
 
 impl Observer {
-    pub(super) async fn open(pg: &Config) -> Result<Self, DbError> {
-        let client = connect(pg).await?;
+    pub(super) async fn open(lab: &Target) -> Result<Self, DbError> {
+        let client = lab.connect().await?;
         let (seed, rows, waiting) = tokio::try_join!(
             client.prepare("INSERT INTO isolation_lab (run_id, id, value) VALUES ($1, 1, 10), ($1, 2, 20)"),
             client.prepare(SELECT_ALL),
