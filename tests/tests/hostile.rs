@@ -1,10 +1,11 @@
-//! Hostile clients: bodies built to exhaust a node's memory or to arrive forever, and a network that
-//! stops forwarding.
+//! Hostile clients: bodies built to exhaust a node's memory or to arrive forever, a network that stops
+//! forwarding, and strangers at the lab and operator endpoints.
 
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use fleet_local::fleet::{Fleet, FleetOptions};
 use fleet_local::{Node, Postgres};
 use fleet_tests::proxy::Proxy;
 use fleet_tests::{node_options, proc_status_bytes, start_postgres, Api, Reply, TestApp};
@@ -448,4 +449,64 @@ async fn a_coalesced_batch_whose_answer_is_lost_answers_every_caller_08007_and_a
     // The cut connection left the pool; the node serves on.
     let next = api.increment(LOST_KEY).await;
     assert_eq!((next.status, next.body["value"].as_i64()), (StatusCode::OK, Some(stored + 1)));
+}
+
+// ---- strangers at the lab and operator endpoints ----
+
+/// The endpoints nginx serves only to the operator's networks, round robin and pinned; the last one
+/// spelled with an escape, as a stranger might try.
+const OPERATOR_ONLY: [(&str, &str); 9] = [
+    ("POST", "/api/hold"),
+    ("POST", "/api/test-isolation"),
+    ("GET", "/api/pool-stats"),
+    ("GET", "/metrics"),
+    ("POST", "/app-1/api/hold"),
+    ("POST", "/app-1/api/test-isolation"),
+    ("GET", "/app-1/api/pool-stats"),
+    ("GET", "/app-1/metrics"),
+    ("POST", "/api/%68old"),
+];
+
+/// A one-node fleet whose nginx admits `networks` (its default when `None`) to those endpoints.
+fn fleet_admitting(networks: Option<&[&str]>) -> Fleet {
+    let mut opts = FleetOptions::new(fleet_tests::node_bin());
+    (opts.nodes, opts.port, opts.prometheus, opts.durable) = (1, 0, false, false);
+    opts.quiet = !fleet_tests::test_log();
+    if let Some(networks) = networks {
+        opts.operator_networks = networks.iter().map(|n| n.to_string()).collect();
+    }
+    Fleet::start(opts).expect("start a fleet")
+}
+
+async fn call(api: &Api, method: &str, path: &str) -> Reply {
+    match method {
+        "GET" => api.get(path).await,
+        _ => api.post(path, &json!({ "ms": 1, "level": "SERIALIZABLE" })).await,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lab_and_operator_endpoints_answer_403_through_nginx_outside_the_operators_networks() {
+    // Loopback is not among this fleet's operator networks: the test's client is a stranger.
+    let fleet = fleet_admitting(Some(&["10.0.0.0/8", "fc00::/7"]));
+    let api = Api::new(fleet.url());
+    for (method, path) in OPERATOR_ONLY {
+        let reply = call(&api, method, path).await;
+        assert_eq!((reply.status, reply.code()), (StatusCode::FORBIDDEN, "forbidden"), "{method} {path}");
+        assert_eq!(reply.body["container"], "nginx", "{method} {path}");
+        assert_eq!(reply.headers["x-container-id"], "nginx", "{method} {path}");
+    }
+    // Everything else is served as before.
+    assert_eq!(api.increment("k").await.status, StatusCode::OK);
+    assert_eq!(api.get("/app-1/api/counters/k").await.status, StatusCode::OK);
+    assert_eq!(api.get("/health").await.status, StatusCode::OK);
+    fleet.stop().unwrap();
+
+    // By default the operator's networks are loopback and the private ranges: the test's client is in.
+    let fleet = fleet_admitting(None);
+    let api = Api::new(fleet.url());
+    for (method, path) in OPERATOR_ONLY {
+        assert_eq!(call(&api, method, path).await.status, StatusCode::OK, "{method} {path}");
+    }
+    fleet.stop().unwrap();
 }
