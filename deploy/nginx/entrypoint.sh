@@ -5,8 +5,14 @@
 # address changed, reloads nginx: requests in flight finish on the old workers. While a name does not
 # resolve (its node is stopped) nginx keeps its config, and its passive health checks skip that node.
 # SIGTERM stops nginx gracefully (SIGQUIT: open requests finish). With arguments, runs them instead.
+# FLEET_OPERATOR_NETWORKS (comma-separated addresses or CIDR ranges), when set, replaces the networks
+# admitted to the lab and operator endpoints (default: loopback and the private ranges).
 set -eu
 [ "$#" -eq 0 ] || exec "$@"
+if [ -n "${FLEET_OPERATOR_NETWORKS:-}" ]; then
+    operator-networks.sh > /etc/nginx/operator-networks.conf.new
+    mv /etc/nginx/operator-networks.conf.new /etc/nginx/operator-networks.conf
+fi
 config=/etc/nginx/conf.d/default.conf
 names=$(sed -n 's/^ *server \([A-Za-z0-9.-]*\):[0-9]*.*/\1/p' "$config" | sort -u)
 

@@ -97,6 +97,14 @@ pub fn http_worker_threads(pid: u32) -> usize {
         .count()
 }
 
+/// A `/proc/<pid>/status` field in bytes (`VmHWM`: peak resident set; `VmRSS`: resident now).
+pub fn proc_status_bytes(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read the process's status");
+    let line = status.lines().find_map(|l| l.strip_prefix(field)?.strip_prefix(':')).expect(field);
+    let kib: u64 = line.trim().trim_end_matches("kB").trim().parse().expect("a size in kB");
+    kib * 1024
+}
+
 /// Whether child processes' output is shown (`TEST_LOG=1`).
 pub fn test_log() -> bool {
     std::env::var_os("TEST_LOG").is_some_and(|v| !v.is_empty() && v != "0")

@@ -35,6 +35,26 @@ fn nginx_ha_conf_is_the_rendering_of_the_ha_profiles_nodes() {
 }
 
 #[test]
+fn the_compose_nginx_images_operator_networks_are_the_default_ones() {
+    let default: Vec<String> = nginx::OPERATOR_NETWORKS.iter().map(|n| n.to_string()).collect();
+    golden("deploy/nginx/operator-networks.conf", &nginx::operator_networks_conf(&default));
+}
+
+#[test]
+fn the_compose_nginx_renders_fleet_operator_networks_as_the_local_fleet_does() {
+    let script = repo().join("deploy/nginx/operator-networks.sh");
+    let render = |networks: &str| {
+        let out = Command::new("sh").arg(&script).env("FLEET_OPERATOR_NETWORKS", networks).output().unwrap();
+        (out.status.success(), String::from_utf8(out.stdout).unwrap())
+    };
+    let networks = ["10.1.0.0/16", "192.0.2.7", "2001:db8::/32"].map(str::to_owned);
+    assert_eq!(render(&networks.join(",")), (true, nginx::operator_networks_conf(&networks)));
+    for bad in ["10.0.0.0/8;deny", "10.0.0.0/8 1; }", "localhost", "1.2.3.4/8/8"] {
+        assert!(!render(bad).0, "{bad} was taken");
+    }
+}
+
+#[test]
 fn the_compose_prometheus_finds_every_node_member_and_the_exporter_under_the_local_jobs() {
     // By name in Docker's DNS, with the local config's job names and labels (rules and dashboards select
     // on them): every node of both profiles, every Patroni member, the exporter.
@@ -133,6 +153,9 @@ fn nginx_accepts_compose_file(path: &str, upstreams: &[Upstream]) {
     let dir = tempfile::tempdir().unwrap();
     fs::create_dir(dir.path().join("conf.d")).unwrap();
     fs::write(dir.path().join("conf.d/default.conf"), conf).unwrap();
+    // Included from nginx's config directory, where the image puts it.
+    let networks = read("deploy/nginx/operator-networks.conf");
+    fs::write(dir.path().join(nginx::OPERATOR_NETWORKS_FILE), networks).unwrap();
     let main = format!(
         "pid nginx.pid;\nerror_log stderr;\nevents {{}}\nhttp {{\n{}    include conf.d/default.conf;\n}}\n",
         ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"]
@@ -153,7 +176,14 @@ fn the_compose_nginx_has_the_local_fleets_worker_limits() {
 #[test]
 fn nginx_accepts_the_local_config() {
     let dir = tempfile::tempdir().unwrap();
-    let conf = nginx::local_config(dir.path(), "127.0.0.1:8080", &loopback_nodes(4), &["app-2".to_owned()]);
+    let operators: Vec<String> = nginx::OPERATOR_NETWORKS.iter().map(|n| n.to_string()).collect();
+    let conf = nginx::local_config(
+        dir.path(),
+        "127.0.0.1:8080",
+        &loopback_nodes(4),
+        &["app-2".to_owned()],
+        &operators,
+    );
     fs::write(dir.path().join("nginx.conf"), conf).unwrap();
     nginx_t(dir.path());
 }
@@ -813,7 +843,8 @@ async fn local_nginx_balances_pins_passes_escapes_and_skips_a_stopped_node() {
     let dir = tempfile::tempdir().unwrap();
     let port = free_port().unwrap();
     let conf = dir.path().join("nginx.conf");
-    fs::write(&conf, nginx::local_config(dir.path(), &format!("127.0.0.1:{port}"), &upstreams, &[])).unwrap();
+    let listen = format!("127.0.0.1:{port}");
+    fs::write(&conf, nginx::local_config(dir.path(), &listen, &upstreams, &[], &[])).unwrap();
     let mut cmd = Command::new(nginx_bin().unwrap());
     cmd.arg("-c").arg(&conf).arg("-p").arg(dir.path());
     let mut nginx = Child::spawn("nginx", cmd, !test_log()).expect("start nginx");

@@ -1,15 +1,18 @@
-//! Hostile clients: bodies built to exhaust a node's memory, and a network that stops forwarding.
+//! Hostile clients: bodies built to exhaust a node's memory or to arrive forever, a network that stops
+//! forwarding, and strangers at the lab and operator endpoints.
 
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use fleet_local::fleet::{Fleet, FleetOptions};
 use fleet_local::{Node, Postgres};
 use fleet_tests::proxy::Proxy;
-use fleet_tests::{node_options, start_postgres, Api, Reply, TestApp};
+use fleet_tests::{node_options, proc_status_bytes, start_postgres, Api, Reply, TestApp};
 use futures_util::future::join_all;
 use reqwest::StatusCode;
 use serde_json::json;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_postgres::{Client, NoTls};
 
 /// The node's defaults (see `fleet_app::config`): a test of what a user gets out of the box.
@@ -24,14 +27,6 @@ const STRING_BYTES: usize = 24;
 const ROW_BYTES: usize = 64;
 /// Allowance for the allocator's fragmentation and the HTTP machinery of the connections.
 const SLACK_BYTES: u64 = 32 * 1024 * 1024;
-
-/// A `/proc/<pid>/status` field in bytes (`VmHWM`: peak resident set; `VmRSS`: resident now).
-fn proc_status_bytes(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read the node's status");
-    let line = status.lines().find_map(|l| l.strip_prefix(field)?.strip_prefix(':')).expect(field);
-    let kib: u64 = line.trim().trim_end_matches("kB").trim().parse().expect("a size in kB");
-    kib * 1024
-}
 
 /// A body of exactly `BODY_LIMIT_BYTES`: `{"data":["","",…,""]}`, millions of empty rows.
 fn tiny_rows_body() -> String {
@@ -103,6 +98,110 @@ async fn maximum_size_bodies_however_many_at_once_keep_the_nodes_memory_bounded(
     eprintln!("8 bodies of real rows: VmHWM {baseline} → {real_peak} bytes (bound {bound})");
     assert!(real_peak < bound, "peak RSS {real_peak} B passed {bound} B");
     assert_eq!(app.sql_i64("SELECT count(*) FROM data"), 8 * BULK_MAX_ROWS as i64);
+}
+
+// ---- bodies that take forever to arrive ----
+
+/// The tests' `BODY_READ_TIMEOUT_MS`: short, so that the tests are.
+const BODY_READ_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A client that declares a body of `declared` bytes for `path` and sends it a byte every 100 ms; returns
+/// the status line of the node's answer and how long that took.
+async fn trickle(port: u16, path: &str, declared: usize) -> (String, Duration) {
+    let start = Instant::now();
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("connect to the node");
+    let (mut read, mut write) = stream.into_split();
+    let head = format!("POST {path} HTTP/1.1\r\nHost: node\r\nContent-Length: {declared}\r\n\r\n{{");
+    write.write_all(head.as_bytes()).await.expect("send the head");
+    let sender = tokio::spawn(async move {
+        while write.write_all(b" ").await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let mut answer = Vec::new();
+    let mut buf = [0; 1024];
+    let deadline = start + Duration::from_secs(60);
+    while !answer.windows(2).any(|w| w == b"\r\n") {
+        let read = tokio::time::timeout_at(deadline.into(), read.read(&mut buf)).await;
+        match read.expect("the node answers within 60 s").expect("read the answer") {
+            0 => break,
+            n => answer.extend_from_slice(&buf[..n]),
+        }
+    }
+    sender.abort();
+    let answer = String::from_utf8_lossy(&answer);
+    (answer.lines().next().unwrap_or_default().to_owned(), start.elapsed())
+}
+
+/// Rows enough for a body above 64 KiB, which draws on the node's body budget.
+fn rows_of(bytes: usize) -> Vec<String> {
+    (0..bytes / 100).map(|i| format!("{i:0>97}")).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_that_trickle_maximum_size_bodies_hold_the_body_budget_only_until_their_deadline() {
+    let app = TestApp::spawn(&[("BODY_READ_TIMEOUT_MS", &BODY_READ_TIMEOUT.as_millis().to_string())]);
+    let port = app.node.port();
+    // Four clients declare a maximum-size body each, the node's whole body budget, and trickle it.
+    let tricklers: Vec<_> =
+        (0..4).map(|_| tokio::spawn(trickle(port, "/api/bulk-insert", BODY_LIMIT_BYTES))).collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while accepted_connections(port) < 4 {
+        assert!(Instant::now() < deadline, "the node never had the four connections");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Their heads are parsed and their shares reserved within a moment of their connections.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // A normal bulk insert waits for the budget until the tricklers' deadline cuts them off, no longer.
+    let start = Instant::now();
+    let bound = 2 * BODY_READ_TIMEOUT + SCHEDULING_SLACK;
+    let insert = tokio::time::timeout(bound, app.api.bulk_insert(&rows_of(200_000))).await;
+    let took = start.elapsed();
+    let reply = insert.unwrap_or_else(|_| panic!("the bulk insert was still blocked after {bound:?}"));
+    assert_eq!(reply.status, StatusCode::OK, "{:?}", reply.body);
+    assert!(took > BODY_READ_TIMEOUT / 2, "it waited for the budget the tricklers held: {took:?}");
+    for trickler in tricklers {
+        let (status, after) = trickler.await.unwrap();
+        assert!(status.starts_with("HTTP/1.1 408"), "a trickler got {status:?}");
+        assert!(after < BODY_READ_TIMEOUT + SCHEDULING_SLACK, "a trickler was cut off after {after:?}");
+    }
+    assert_eq!(app.sql_i64("SELECT count(*) FROM data"), 2000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_body_waits_for_the_body_budget_at_most_body_read_timeout_then_gets_503() {
+    let timeout = BODY_READ_TIMEOUT.as_millis().to_string();
+    let app = TestApp::spawn(&[("BODY_READ_TIMEOUT_MS", &timeout), ("BODY_LIMIT_BYTES", "1048576")]);
+    // Four bulk inserts of about 1 MB hold the whole budget (4 MiB) while a lock on `data` holds them.
+    let admin = connect(&app.pg.admin_url()).await;
+    admin.batch_execute("BEGIN; LOCK TABLE data").await.unwrap();
+    let inserts: Vec<_> = (0..4)
+        .map(|_| {
+            let api = app.api.clone();
+            tokio::spawn(async move { api.bulk_insert(&rows_of(1_000_000)).await })
+        })
+        .collect();
+    let waiting = "SELECT count(*) FROM pg_stat_activity \
+                   WHERE application_name = 'fleet-app/app-1' AND wait_event_type = 'Lock'";
+    // Watched from another session: the locking one's transaction would see one snapshot of the statistics.
+    let watch = connect(&app.pg.admin_url()).await;
+    assert_eq!(poll(&watch, waiting, Duration::from_secs(30), |n| n == 4).await, 4, "the inserts wait");
+
+    let start = Instant::now();
+    let bound = BODY_READ_TIMEOUT + SCHEDULING_SLACK;
+    let fifth = tokio::time::timeout(bound, app.api.bulk_insert(&rows_of(1_000_000))).await;
+    let reply = fifth.unwrap_or_else(|_| panic!("the fifth insert still waited after {bound:?}"));
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE, "{:?}", reply.body);
+    assert_eq!(reply.code(), "body_budget_busy");
+    assert!(reply.headers.contains_key("retry-after"));
+    assert!(start.elapsed() >= BODY_READ_TIMEOUT, "it waited its turn first: {:?}", start.elapsed());
+
+    admin.batch_execute("COMMIT").await.unwrap();
+    for insert in inserts {
+        assert_eq!(insert.await.unwrap().status, StatusCode::OK);
+    }
+    assert_eq!(app.sql_i64("SELECT count(*) FROM data"), 4 * 10_000);
 }
 
 // ---- a network that stops forwarding ----
@@ -355,4 +454,64 @@ async fn a_coalesced_batch_whose_answer_is_lost_answers_every_caller_08007_and_a
     // The cut connection left the pool; the node serves on.
     let next = api.increment(LOST_KEY).await;
     assert_eq!((next.status, next.body["value"].as_i64()), (StatusCode::OK, Some(stored + 1)));
+}
+
+// ---- strangers at the lab and operator endpoints ----
+
+/// The endpoints nginx serves only to the operator's networks, round robin and pinned; the last one
+/// spelled with an escape, as a stranger might try.
+const OPERATOR_ONLY: [(&str, &str); 9] = [
+    ("POST", "/api/hold"),
+    ("POST", "/api/test-isolation"),
+    ("GET", "/api/pool-stats"),
+    ("GET", "/metrics"),
+    ("POST", "/app-1/api/hold"),
+    ("POST", "/app-1/api/test-isolation"),
+    ("GET", "/app-1/api/pool-stats"),
+    ("GET", "/app-1/metrics"),
+    ("POST", "/api/%68old"),
+];
+
+/// A one-node fleet whose nginx admits `networks` (its default when `None`) to those endpoints.
+fn fleet_admitting(networks: Option<&[&str]>) -> Fleet {
+    let mut opts = FleetOptions::new(fleet_tests::node_bin());
+    (opts.nodes, opts.port, opts.prometheus, opts.durable) = (1, 0, false, false);
+    opts.quiet = !fleet_tests::test_log();
+    if let Some(networks) = networks {
+        opts.operator_networks = networks.iter().map(|n| n.to_string()).collect();
+    }
+    Fleet::start(opts).expect("start a fleet")
+}
+
+async fn call(api: &Api, method: &str, path: &str) -> Reply {
+    match method {
+        "GET" => api.get(path).await,
+        _ => api.post(path, &json!({ "ms": 1, "level": "SERIALIZABLE" })).await,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lab_and_operator_endpoints_answer_403_through_nginx_outside_the_operators_networks() {
+    // Loopback is not among this fleet's operator networks: the test's client is a stranger.
+    let fleet = fleet_admitting(Some(&["10.0.0.0/8", "fc00::/7"]));
+    let api = Api::new(fleet.url());
+    for (method, path) in OPERATOR_ONLY {
+        let reply = call(&api, method, path).await;
+        assert_eq!((reply.status, reply.code()), (StatusCode::FORBIDDEN, "forbidden"), "{method} {path}");
+        assert_eq!(reply.body["container"], "nginx", "{method} {path}");
+        assert_eq!(reply.headers["x-container-id"], "nginx", "{method} {path}");
+    }
+    // Everything else is served as before.
+    assert_eq!(api.increment("k").await.status, StatusCode::OK);
+    assert_eq!(api.get("/app-1/api/counters/k").await.status, StatusCode::OK);
+    assert_eq!(api.get("/health").await.status, StatusCode::OK);
+    fleet.stop().unwrap();
+
+    // By default the operator's networks are loopback and the private ranges: the test's client is in.
+    let fleet = fleet_admitting(None);
+    let api = Api::new(fleet.url());
+    for (method, path) in OPERATOR_ONLY {
+        assert_eq!(call(&api, method, path).await.status, StatusCode::OK, "{method} {path}");
+    }
+    fleet.stop().unwrap();
 }

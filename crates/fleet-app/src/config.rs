@@ -18,7 +18,8 @@
 //! | `IDLE_IN_TRANSACTION_TIMEOUT_MS` | `5000` | `idle_in_transaction_session_timeout` on every connection: PostgreSQL ends a session whose open transaction waits this long for the node's next statement (a node cut off mid-transaction), which frees its row locks. The node sends a transaction's statements back to back, so only a lost node ever reaches it |
 //! | `BULK_MAX_ROWS` | `100000` | most rows one `/api/bulk-insert` takes (more: 413) |
 //! | `BULK_MAX_ROW_BYTES` | `65536` (64 KiB) | longest row (in bytes of UTF-8) one `/api/bulk-insert` takes (longer: 413); rows are checked while the body is parsed |
-//! | `BODY_LIMIT_BYTES` | `16777216` (16 MiB) | largest request body (more: 413): `BULK_MAX_ROWS` rows of up to 160 bytes each (the benchmark's rows are 64), and what a node holds per request in flight. Bodies above 64 KiB share a budget of 4 × this per node (see `routes::body::BodyBudget`), so memory stays bounded however many arrive at once |
+//! | `BODY_LIMIT_BYTES` | `16777216` (16 MiB) | largest `/api/bulk-insert` body (more: 413): `BULK_MAX_ROWS` rows of up to 160 bytes each (the benchmark's rows are 64), and what a node holds per request in flight. The other routes take a few small fields and at most 64 KiB (or this, if lower). Bodies above 64 KiB share a budget of 4 × this per node (see `routes::body::BodyBudget`), so memory stays bounded however many arrive at once |
+//! | `BODY_READ_TIMEOUT_MS` | `20000` | how long a request body may take to arrive once the node reads it (later: 408 `request_timeout`; a 16 MiB body needs 7 Mbit/s), and how long a large body waits for its share of the body budget (longer: 503 `body_budget_busy`). A share is held by a body being read for at most this long, so clients that trickle their bodies cannot keep other bodies waiting for longer |
 //! | `RETRY_MAX_ATTEMPTS` | `0` (no limit) | most attempts for a transaction that hits a deadlock (40P01) or serialization failure (40001); `0`: as many as fit before `RETRY_DEADLINE_MS`, which is what bounds a request's wait (set a count only to see 409 sooner in experiments) |
 //! | `INCREMENT_MODE` | `coalesce` | `coalesce`: concurrent increments share transactions (see `db::Coalescer`); `transaction`: one transaction per request |
 //! | `RETRY_DEADLINE_MS` | `10000` | a write's deadline: waiting for a busy counter (without a connection) and its attempts share it; no attempt starts after it (the last error is the answer) |
@@ -91,6 +92,8 @@ pub struct Config {
     pub bulk_max_row_bytes: usize,
     #[serde(default = "default_body_limit_bytes")]
     pub body_limit_bytes: usize,
+    #[serde(default = "default_body_read_timeout_ms")]
+    pub body_read_timeout_ms: u64,
     #[serde(default = "default_retry_max_attempts")]
     pub retry_max_attempts: u32,
     #[serde(default = "default_retry_deadline_ms")]
@@ -185,6 +188,7 @@ impl Config {
             ("BULK_MAX_ROWS", self.bulk_max_rows as u64),
             ("BULK_MAX_ROW_BYTES", self.bulk_max_row_bytes as u64),
             ("BODY_LIMIT_BYTES", self.body_limit_bytes as u64),
+            ("BODY_READ_TIMEOUT_MS", self.body_read_timeout_ms),
             ("RETRY_DEADLINE_MS", self.retry_deadline_ms),
             ("IDEMPOTENCY_TTL_S", self.idempotency_ttl_s),
             ("READ_POOL_SIZE", self.read_pool_size() as u64),
@@ -288,6 +292,11 @@ impl Config {
         Duration::from_millis(self.pool_wait_timeout_ms)
     }
 
+    /// `BODY_READ_TIMEOUT_MS`.
+    pub fn body_read_timeout(&self) -> Duration {
+        Duration::from_millis(self.body_read_timeout_ms)
+    }
+
     /// `DB_ATTEMPT_TIMEOUT_MS`.
     pub fn db_attempt_timeout(&self) -> Duration {
         Duration::from_millis(self.db_attempt_timeout_ms)
@@ -372,6 +381,11 @@ fn default_bulk_max_row_bytes() -> usize {
 fn default_body_limit_bytes() -> usize {
     16 * 1024 * 1024
 }
+/// A 16 MiB body (`BODY_LIMIT_BYTES`) in 20 s needs 7 Mbit/s; nginx reads a client's body itself and
+/// sends it to the node at once.
+fn default_body_read_timeout_ms() -> u64 {
+    20_000
+}
 fn default_retry_max_attempts() -> u32 {
     0
 }
@@ -403,6 +417,7 @@ mod tests {
         assert_eq!(config.pool_size, 5);
         assert_eq!(config.bulk_max_rows, 100_000);
         assert_eq!(config.body_limit_bytes, 16 * 1024 * 1024);
+        assert_eq!(config.body_read_timeout(), Duration::from_secs(20));
         assert!(config.body_limit_bytes >= config.bulk_max_rows * (160 + 3), "100,000 rows of 160 bytes fit");
         assert_eq!(config.lock_order, LockOrder::Request);
         assert_eq!(config.increment_mode, IncrementMode::Coalesce);

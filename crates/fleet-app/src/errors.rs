@@ -52,6 +52,9 @@ pub enum ApiError {
     /// 405
     #[error("method not allowed")]
     MethodNotAllowed,
+    /// 408: the body did not arrive within `BODY_READ_TIMEOUT_MS` (the connection is closed).
+    #[error("the request body did not arrive within {ms} ms")]
+    BodyTimeout { ms: u64 },
     /// 413
     #[error("{0}")]
     PayloadTooLarge(String),
@@ -88,6 +91,9 @@ pub enum ApiError {
     /// 503: the request's deadline (`RETRY_DEADLINE_MS`) passed while it waited for a busy counter.
     #[error("the request's deadline passed while it waited for a busy counter; retry later")]
     DeadlineExceeded,
+    /// 503: the node's budget for large bodies stayed full for `BODY_READ_TIMEOUT_MS`; the body was not read.
+    #[error("this node is reading as many large request bodies as it holds at once; retry later")]
+    BodyBudgetBusy,
     /// 503: the node is shutting down.
     #[error("this node is shutting down")]
     Draining,
@@ -105,6 +111,7 @@ impl ApiError {
             ApiError::FutureToken => "future_token",
             ApiError::NotFound(_) => "not_found",
             ApiError::MethodNotAllowed => "method_not_allowed",
+            ApiError::BodyTimeout { .. } => "request_timeout",
             ApiError::PayloadTooLarge(_) => "payload_too_large",
             ApiError::Conflict { sqlstate, .. } => sqlstate,
             ApiError::OutOfRange(_) => "22003",
@@ -116,6 +123,7 @@ impl ApiError {
             ApiError::IdempotencyKeyReused => "idempotency_key_reused",
             ApiError::LabBusy(_) => "lab_busy",
             ApiError::DeadlineExceeded => "deadline_exceeded",
+            ApiError::BodyBudgetBusy => "body_budget_busy",
             ApiError::Internal => "internal",
         }
     }
@@ -130,6 +138,7 @@ impl ResponseError for ApiError {
             | ApiError::FutureToken => StatusCode::BAD_REQUEST,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::Conflict { .. } | ApiError::IdempotencyKeyInUse => StatusCode::CONFLICT,
             ApiError::IdempotencyKeyReused => StatusCode::UNPROCESSABLE_ENTITY,
@@ -139,6 +148,7 @@ impl ResponseError for ApiError {
             | ApiError::StatementTimeout
             | ApiError::CommitUnknown
             | ApiError::DeadlineExceeded
+            | ApiError::BodyBudgetBusy
             | ApiError::Draining => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::LabBusy(_) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -150,6 +160,10 @@ impl ResponseError for ApiError {
         let mut response = HttpResponse::build(status);
         if matches!(status, StatusCode::SERVICE_UNAVAILABLE | StatusCode::TOO_MANY_REQUESTS) {
             response.insert_header((header::RETRY_AFTER, RETRY_AFTER_S));
+        }
+        // The rest of a late body may still come: the connection cannot carry another request.
+        if matches!(self, ApiError::BodyTimeout { .. }) {
+            response.force_close();
         }
         response.json(json!({
             "success": false,

@@ -79,6 +79,9 @@ pub struct FleetOptions {
     /// Replicas beside the primary: 0 = one PostgreSQL; N > 0 = a Patroni cluster of N + 1 members
     /// (kept in `<dir>/patroni`), the nodes getting its write and read URLs.
     pub replicas: u32,
+    /// The networks nginx admits to the lab and operator endpoints (CIDR or single addresses); others
+    /// get 403. Default: [`nginx::OPERATOR_NETWORKS`].
+    pub operator_networks: Vec<String>,
 }
 
 impl FleetOptions {
@@ -96,6 +99,7 @@ impl FleetOptions {
             quiet: false,
             durable: true,
             replicas: 0,
+            operator_networks: nginx::OPERATOR_NETWORKS.iter().map(|n| n.to_string()).collect(),
         }
     }
 }
@@ -126,6 +130,8 @@ pub struct Fleet {
     dir: PathBuf,
     port: u16,
     upstreams: Vec<Upstream>,
+    /// Who nginx admits to the lab and operator endpoints.
+    operator_networks: Vec<String>,
     /// Nodes taken out of nginx's round robin (before they were stopped).
     out_of_rotation: Vec<String>,
     /// What the user should know about how the fleet started (a database that could not be kept).
@@ -138,6 +144,9 @@ impl Fleet {
     /// Prometheus, and returns once every node answers through nginx.
     pub fn start(opts: FleetOptions) -> anyhow::Result<Fleet> {
         check_capacity(opts.nodes, opts.pool_size)?;
+        for network in &opts.operator_networks {
+            nginx::check_network(network).map_err(anyhow::Error::msg)?;
+        }
         let keep_database = opts.keep_database && opts.dir.is_some();
         let (dir, temp_dir) = match &opts.dir {
             Some(dir) => (prepare_dir(dir, keep_database)?, None),
@@ -211,7 +220,8 @@ impl Fleet {
             })
             .collect();
         let port = if opts.port == 0 { free_port()? } else { opts.port };
-        let nginx = start_nginx(&dir.join("nginx"), port, &upstreams, &logs, opts.quiet)?;
+        let nginx =
+            start_nginx(&dir.join("nginx"), port, &upstreams, &opts.operator_networks, &logs, opts.quiet)?;
         let (prometheus, exporter) = match opts.prometheus {
             true => {
                 // PostgreSQL's exporter speaks to one server; a cluster's members are seen through
@@ -253,6 +263,7 @@ impl Fleet {
             dir,
             port,
             upstreams,
+            operator_networks: opts.operator_networks,
             out_of_rotation: Vec::new(),
             warnings,
             _temp_dir: temp_dir,
@@ -404,7 +415,7 @@ impl Fleet {
     fn take_out_of_rotation(&mut self, name: &str) -> anyhow::Result<()> {
         self.out_of_rotation.push(name.to_owned());
         let dir = self.dir.join("nginx");
-        write_nginx_config(&dir, self.port, &self.upstreams, &self.out_of_rotation)?;
+        write_nginx_config(&dir, self.port, &self.upstreams, &self.out_of_rotation, &self.operator_networks)?;
         let master = Pid::from_raw(i32::try_from(self.nginx.pid()).context("PID out of range")?);
         let old_workers = proctree::descendants(master)?;
         signal::kill(master, Signal::SIGHUP).context("cannot ask nginx to reload")?;
@@ -521,9 +532,11 @@ fn write_nginx_config(
     port: u16,
     upstreams: &[Upstream],
     out_of_rotation: &[String],
+    operator_networks: &[String],
 ) -> anyhow::Result<PathBuf> {
     let conf = dir.join("nginx.conf");
-    let text = nginx::local_config(dir, &format!("127.0.0.1:{port}"), upstreams, out_of_rotation);
+    let listen = format!("127.0.0.1:{port}");
+    let text = nginx::local_config(dir, &listen, upstreams, out_of_rotation, operator_networks);
     fs::write(&conf, text).with_context(|| format!("cannot write {}", conf.display()))?;
     Ok(conf)
 }
@@ -532,11 +545,12 @@ fn start_nginx(
     dir: &Path,
     port: u16,
     upstreams: &[Upstream],
+    operator_networks: &[String],
     logs: &Path,
     quiet: bool,
 ) -> anyhow::Result<Child> {
     fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let conf = write_nginx_config(dir, port, upstreams, &[])?;
+    let conf = write_nginx_config(dir, port, upstreams, &[], operator_networks)?;
     let mut cmd = Command::new(nginx_bin()?);
     cmd.arg("-c").arg(&conf).arg("-p").arg(dir);
     let mut child = Child::spawn_logged("nginx", cmd, quiet, &logs.join("nginx.log"))?;

@@ -54,11 +54,26 @@ pub const CLIENT_BODY_BUFFER_SIZE: &str = "1m";
 const LAB_RATE: &str = "5r/s";
 const LAB_BURST: u32 = 20;
 
+/// Who may reach the lab endpoints (`/api/hold`, `/api/test-isolation`) and the operator's
+/// (`/metrics`, `/api/pool-stats`) through nginx, by default: loopback and the private ranges, where the
+/// operator, Prometheus and the compose networks are. Anyone else gets 403 `forbidden` from nginx. A
+/// local fleet takes another list from `fleetctl up --operator-networks`, the compose image from
+/// `FLEET_OPERATOR_NETWORKS` (both comma-separated). nginx judges the address that connects to it: behind
+/// another proxy, that is the proxy's.
+pub const OPERATOR_NETWORKS: &[&str] =
+    &["127.0.0.0/8", "::1", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"];
+/// Where the compose site config finds the operator's networks, relative to nginx's config directory:
+/// the image's default (`deploy/nginx/operator-networks.conf`, rendered by [`operator_networks_conf`]),
+/// which `FLEET_OPERATOR_NETWORKS` replaces when set (`deploy/nginx/operator-networks.sh`).
+pub const OPERATOR_NETWORKS_FILE: &str = "operator-networks.conf";
+
 /// The errors nginx answers itself (a body too large, a node down or too slow, a request nginx cannot
 /// parse), each in the API's error shape: status, `code`, message. A node's own errors pass through
 /// untouched (no `proxy_intercept_errors`).
 const NGINX_ERRORS: &[(u16, &str, &str)] = &[
     (400, "invalid_request", "the request is malformed"),
+    // A lab or operator endpoint, asked from outside the operator's networks (see OPERATOR_NETWORKS).
+    (403, "forbidden", "this endpoint is served only to the networks of the operator"),
     (404, "not_found", "no such route"),
     (405, "method_not_allowed", "method not allowed"),
     (408, "request_timeout", "the request took too long to arrive"),
@@ -111,6 +126,8 @@ pub fn compose_ha_upstreams() -> Vec<Upstream> {
 ///   `/app-2/api/increment` reaches node 2 as `/api/increment` and percent-escapes (`%2F` in a counter
 ///   key) and the query string arrive unchanged.
 /// - `location = /nginx-health`: `200 ok` from nginx itself (its readiness probe).
+/// - The lab and operator endpoints, round robin or pinned, answer 403 to a client outside the operator's
+///   networks, which the compose config reads from [`OPERATOR_NETWORKS_FILE`].
 ///
 /// Upstreams keep idle connections (`keepalive`, HTTP/1.1, `Connection ""`) for less than the nodes'
 /// own keep-alive; nodes see the client in `X-Forwarded-For` and the original `Host`.
@@ -119,12 +136,13 @@ pub fn compose_ha_upstreams() -> Vec<Upstream> {
 /// If a node's name is empty or has characters other than ASCII letters, digits, `-` and `_`
 /// (names come from code, never from users).
 pub fn site_config(listen: &str, nodes: &[Upstream]) -> String {
-    site(listen, nodes, &[])
+    site(listen, nodes, &[], &format!("    include {OPERATOR_NETWORKS_FILE};\n"))
 }
 
 /// [`site_config`], with the nodes named in `out_of_rotation` marked `down` in the round-robin upstream
-/// (their pinned routes stay): how a local fleet takes a node out before stopping it.
-fn site(listen: &str, nodes: &[Upstream], out_of_rotation: &[String]) -> String {
+/// (their pinned routes stay): how a local fleet takes a node out before stopping it; and `operators`,
+/// the body of the `geo` block that lists the operator's networks.
+fn site(listen: &str, nodes: &[Upstream], out_of_rotation: &[String], operators: &str) -> String {
     for node in nodes {
         assert!(
             !node.name.is_empty() && node.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_".contains(c)),
@@ -135,6 +153,9 @@ fn site(listen: &str, nodes: &[Upstream], out_of_rotation: &[String]) -> String 
     let mut out = String::from(SITE_HEADER);
     out.push_str(LAB_LIMIT_HEADER);
     let _ = writeln!(out, "limit_req_zone $fleet_lab_client zone=fleet_lab:1m rate={LAB_RATE};");
+    out.push_str(OPERATOR_HEADER);
+    out.push_str(operators);
+    out.push_str(OPERATOR_MAP);
     out.push_str(
         "\n# Round robin over every node. A node that fails max_fails times within fail_timeout is\n",
     );
@@ -170,6 +191,10 @@ fn site(listen: &str, nodes: &[Upstream], out_of_rotation: &[String]) -> String 
     );
     let _ = writeln!(out, "    limit_req zone=fleet_lab burst={LAB_BURST} nodelay;");
     out.push_str("    limit_req_status 429;\n");
+    out.push_str(
+        "\n    # The lab and operator endpoints, from outside the operator's networks: see $fleet_refused.\n",
+    );
+    out.push_str("    if ($fleet_refused) {\n        return 403;\n    }\n");
     out.push_str(SITE_LOCATIONS);
     for node in nodes {
         let _ = writeln!(out, "\n    location /{}/ {{", node.name);
@@ -222,6 +247,67 @@ map $uri $fleet_lab_client {
 }
 "#;
 
+/// Who is on the operator's networks (`$fleet_operator` 1): the `geo` block [`site`] completes with them.
+const OPERATOR_HEADER: &str = r#"
+# Clients on the operator's networks ($fleet_operator 1): only they reach the lab and operator endpoints.
+geo $fleet_operator {
+    default 0;
+"#;
+
+/// The lab and operator endpoints, round robin or pinned, asked from elsewhere: `$fleet_refused` 1.
+/// `$uri` is the path decoded and normalised (`/api/%68old`, `//metrics`), as the nodes route it.
+const OPERATOR_MAP: &str = r#"}
+
+# The lab and operator endpoints, asked from outside the operator's networks: answered 403.
+map "$fleet_operator:$uri" $fleet_refused {
+    default 0;
+    "~^0:(/app-[^/]+)?/(api/(hold|test-isolation|pool-stats)|metrics)$" 1;
+}
+"#;
+
+/// The networks of [`OPERATOR_NETWORKS_FILE`], one `<network> 1;` line each (a `geo` block's body).
+///
+/// # Panics
+/// If one is not an address or a CIDR range (see [`check_network`]).
+pub fn operator_networks_conf(networks: &[String]) -> String {
+    let mut out = String::from(
+        "# The operator's networks, for the site config's geo block: one address or CIDR range a line.\n",
+    );
+    out.push_str(&geo_lines(networks, ""));
+    out
+}
+
+/// `<indent><network> 1;` for each of `networks`.
+fn geo_lines(networks: &[String], indent: &str) -> String {
+    let mut out = String::new();
+    for network in networks {
+        if let Err(why) = check_network(network) {
+            panic!("{why}");
+        }
+        let _ = writeln!(out, "{indent}{network} 1;");
+    }
+    out
+}
+
+/// An IPv4 or IPv6 address, alone or as a CIDR range (`10.0.0.0/8`, `::1`, `fc00::/7`): what nginx's `geo`
+/// takes, and nothing that could break its config.
+pub fn check_network(network: &str) -> Result<(), String> {
+    let (address, prefix) = match network.split_once('/') {
+        Some((address, prefix)) => (address, Some(prefix)),
+        None => (network, None),
+    };
+    let bits = match address.parse::<std::net::IpAddr>() {
+        Ok(std::net::IpAddr::V4(_)) => 32,
+        Ok(std::net::IpAddr::V6(_)) => 128,
+        Err(_) => return Err(format!("{network:?} is not an IP address or CIDR range")),
+    };
+    match prefix.map(str::parse::<u8>) {
+        None => Ok(()),
+        Some(Ok(prefix)) if prefix <= bits => Ok(()),
+        Some(_) => Err(format!("{network:?}: the prefix length must be 0 to {bits}")),
+    }
+}
+
 /// HTTP/1.1 with keep-alive toward the nodes, and who the client was.
 const PROXY_HEADERS: &str = r#"    proxy_http_version 1.1;
     proxy_set_header Connection "";
@@ -253,7 +339,18 @@ const SITE_LOCATIONS: &str = r#"
 /// about its compiled-in error log before it reads this file) and for root: then workers run as
 /// `user root`, because the default worker user (`nobody`) cannot enter a private (0700) `dir` to buffer
 /// a large request body in its temp directories.
-pub fn local_config(dir: &Path, listen: &str, nodes: &[Upstream], out_of_rotation: &[String]) -> String {
+///
+/// Only `operator_networks` reach the lab and operator endpoints (see [`OPERATOR_NETWORKS`]).
+///
+/// # Panics
+/// As [`site_config`], and if an operator network is not an address or a CIDR range.
+pub fn local_config(
+    dir: &Path,
+    listen: &str,
+    nodes: &[Upstream],
+    out_of_rotation: &[String],
+    operator_networks: &[String],
+) -> String {
     let path = |name: &str| quote(&dir.join(name).to_string_lossy());
     let mut out = String::new();
     out.push_str("# A local fleet's nginx. Rendered by fleet_local::nginx::local_config.\n");
@@ -274,7 +371,8 @@ pub fn local_config(dir: &Path, listen: &str, nodes: &[Upstream], out_of_rotatio
         let _ = writeln!(out, "    {temp}_temp_path {};", path(&format!("{temp}_temp")));
     }
     out.push('\n');
-    for line in site(listen, nodes, out_of_rotation).lines() {
+    let operators = geo_lines(operator_networks, "    ");
+    for line in site(listen, nodes, out_of_rotation, &operators).lines() {
         match line {
             "" => out.push('\n'),
             _ => {
@@ -331,7 +429,7 @@ mod tests {
     #[test]
     fn the_local_config_keeps_every_file_inside_its_directory() {
         let dir = Path::new("/tmp/fleet dir/nginx");
-        let conf = local_config(dir, "127.0.0.1:8080", &[local(1), local(2)], &["app-2".to_owned()]);
+        let conf = local_config(dir, "127.0.0.1:8080", &[local(1), local(2)], &["app-2".to_owned()], &[]);
         assert!(
             conf.contains(&format!("server {} max_fails=2 fail_timeout=5s down;", local(2).address)),
             "{conf}"
@@ -358,6 +456,38 @@ mod tests {
         let too_large = NGINX_ERRORS.iter().find(|(status, _, _)| *status == 413).unwrap().2;
         let limit = format!("{} MiB", CLIENT_MAX_BODY_SIZE.trim_end_matches('m'));
         assert!(too_large.ends_with(&limit), "{too_large} names nginx's limit {CLIENT_MAX_BODY_SIZE}");
+    }
+
+    fn networks(list: &[&str]) -> Vec<String> {
+        list.iter().map(|n| n.to_string()).collect()
+    }
+
+    #[test]
+    fn the_lab_and_operator_endpoints_are_refused_outside_the_operators_networks() {
+        let dir = Path::new("/tmp/fleet");
+        let conf = local_config(dir, "127.0.0.1:8080", &[local(1)], &[], &networks(&["10.0.0.0/8", "::1"]));
+        assert!(
+            conf.contains(
+                "geo $fleet_operator {\n        default 0;\n        10.0.0.0/8 1;\n        ::1 1;\n    }"
+            ),
+            "{conf}"
+        );
+        assert!(conf.contains("    if ($fleet_refused) {\n            return 403;\n        }"), "{conf}");
+        // Compose reads them from the image's file, which FLEET_OPERATOR_NETWORKS may replace.
+        let compose = site_config("80", &[local(1)]);
+        assert!(compose.contains("    default 0;\n    include operator-networks.conf;\n}"), "{compose}");
+        let file = operator_networks_conf(&networks(OPERATOR_NETWORKS));
+        assert!(file.lines().skip(1).eq(OPERATOR_NETWORKS.iter().map(|n| format!("{n} 1;"))), "{file}");
+    }
+
+    #[test]
+    fn an_operator_network_is_an_address_or_a_cidr_range() {
+        for good in ["127.0.0.1", "10.0.0.0/8", "0.0.0.0/0", "::1", "fc00::/7", "::/0"] {
+            assert_eq!(check_network(good), Ok(()), "{good}");
+        }
+        for bad in ["", "localhost", "10.0.0.0/33", "::/129", "10.0.0.0/", "1.2.3.4 1; }", "10/8"] {
+            assert!(check_network(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

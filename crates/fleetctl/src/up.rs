@@ -47,6 +47,12 @@ pub struct UpArgs {
     /// Extra environment for every node, as NAME=VALUE (repeatable), e.g. --env LOCK_ORDER=sorted.
     #[arg(long = "env", value_parser = parse_env)]
     env: Vec<(String, String)>,
+    /// Who nginx admits to the lab and operator endpoints (/api/hold, /api/test-isolation, /metrics,
+    /// /api/pool-stats): comma-separated addresses or CIDR ranges; anyone else gets 403. Default:
+    /// loopback and the private ranges.
+    #[arg(long, env = "FLEET_OPERATOR_NETWORKS", value_delimiter = ',',
+          value_parser = parse_network, default_values = fleet_local::nginx::OPERATOR_NETWORKS)]
+    operator_networks: Vec<String>,
 }
 
 /// Deletes the database kept in `dir` (after checking that `dir` is a fleet directory of ours).
@@ -132,6 +138,10 @@ pub(crate) fn parse_env(s: &str) -> Result<(String, String), String> {
     Ok((name.to_owned(), value.to_owned()))
 }
 
+fn parse_network(s: &str) -> Result<String, String> {
+    fleet_local::nginx::check_network(s).map(|()| s.to_owned())
+}
+
 /// The `fleet-app` binary: `FLEET_APP_BIN`, else next to this executable, else on PATH.
 pub(crate) fn node_bin() -> anyhow::Result<PathBuf> {
     if let Some(bin) = std::env::var_os("FLEET_APP_BIN") {
@@ -184,6 +194,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     opts.prometheus = !args.no_prometheus;
     opts.quiet = !args.verbose;
     opts.node_env = args.env;
+    opts.operator_networks = args.operator_networks;
     let mut fleet = Fleet::start(opts)?;
     for warning in fleet.warnings() {
         eprintln!("fleetctl: {warning}");
@@ -234,4 +245,28 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     result?;
     eprintln!("fleet stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Up {
+        #[command(flatten)]
+        args: UpArgs,
+    }
+
+    #[test]
+    fn operator_networks_default_to_loopback_and_the_private_ranges_and_are_checked() {
+        // FLEET_OPERATOR_NETWORKS would take the default's place: the suite never sets it.
+        let networks = |args: &[&str]| Up::try_parse_from(args).map(|up| up.args.operator_networks);
+        let default = networks(&["up"]).unwrap();
+        assert_eq!(default, fleet_local::nginx::OPERATOR_NETWORKS);
+        let listed = networks(&["up", "--operator-networks", "10.0.0.0/8,::1"]).unwrap();
+        assert_eq!(listed, ["10.0.0.0/8", "::1"]);
+        assert!(networks(&["up", "--operator-networks", "10.0.0.0/8,everyone"]).is_err());
+    }
 }

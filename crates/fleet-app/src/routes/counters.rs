@@ -94,8 +94,7 @@ pub async fn get_counter(
 ) -> Result<HttpResponse, ApiError> {
     check_text("key", &key, Some(MAX_KEY_CHARS))?;
     let read = state.db.counter(&key, min_lsn).await?;
-    let counter =
-        read.value.ok_or_else(|| ApiError::NotFound(format!("no counter named {:?}", key.as_str())))?;
+    let counter = read.value.ok_or_else(|| ApiError::NotFound("no such counter".to_owned()))?;
     let mut response = HttpResponse::Ok();
     served_by(&mut response, &read.served_by);
     Ok(response.json(json!({

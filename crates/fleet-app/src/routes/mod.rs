@@ -14,7 +14,7 @@ mod stats;
 
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use actix_web::body::MessageBody;
 use actix_web::dev::{ServiceRequest, ServiceResponse};
@@ -41,6 +41,8 @@ pub struct AppState {
     pub bulk_max_rows: usize,
     pub bulk_max_row_bytes: usize,
     pub body_limit_bytes: usize,
+    /// `BODY_READ_TIMEOUT_MS`: how long a body may take to arrive, and may wait for the budget.
+    pub body_read_timeout: Duration,
     /// Shared by every request with a large body.
     pub body_budget: BodyBudget,
     pub started: Instant,
@@ -58,6 +60,7 @@ impl AppState {
             bulk_max_rows: config.bulk_max_rows,
             bulk_max_row_bytes: config.bulk_max_row_bytes,
             body_limit_bytes: config.body_limit_bytes,
+            body_read_timeout: config.body_read_timeout(),
             body_budget: BodyBudget::new(config.body_limit_bytes),
             started: Instant::now(),
             draining: Arc::new(AtomicBool::new(false)),
@@ -225,14 +228,14 @@ fn millis_since(start: Instant) -> f64 {
 
 /// Reads a JSON number that is a whole number into an integer type: `10`, and also `10.0` or `1e1`, which
 /// JSON Schema counts as integers too. Fractions, and numbers out of `T`'s range or past 2^53 written as
-/// floats (where a float cannot be exact), are refused.
+/// floats (where a float cannot be exact), are refused; so is anything but a number, without quoting it.
 fn whole_number<'de, D, T>(deserializer: D) -> Result<T, D::Error>
 where
     D: serde::Deserializer<'de>,
     T: TryFrom<i64> + TryFrom<u64>,
 {
-    use serde::de::{Deserialize, Error};
-    let number = serde_json::Number::deserialize(deserializer)?;
+    use serde::de::Error;
+    let number = deserializer.deserialize_any(NumberVisitor)?;
     let exact = |f: f64| f.fract() == 0.0 && f.abs() <= 2f64.powi(53);
     let value = match (number.as_u64(), number.as_i64(), number.as_f64()) {
         (Some(n), _, _) => T::try_from(n).ok(),
@@ -241,6 +244,34 @@ where
         _ => None,
     };
     value.ok_or_else(|| D::Error::custom(format!("expected a whole number in range, got {number}")))
+}
+
+/// A JSON number. serde's own visitors quote a string they refuse, whole: this one only says it was one.
+struct NumberVisitor;
+
+impl serde::de::Visitor<'_> for NumberVisitor {
+    type Value = serde_json::Number;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a whole number")
+    }
+
+    fn visit_u64<E>(self, n: u64) -> Result<Self::Value, E> {
+        Ok(n.into())
+    }
+
+    fn visit_i64<E>(self, n: i64) -> Result<Self::Value, E> {
+        Ok(n.into())
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, n: f64) -> Result<Self::Value, E> {
+        serde_json::Number::from_f64(n)
+            .ok_or_else(|| E::invalid_value(serde::de::Unexpected::Float(n), &self))
+    }
+
+    fn visit_str<E: serde::de::Error>(self, _: &str) -> Result<Self::Value, E> {
+        Err(E::invalid_type(serde::de::Unexpected::Other("string"), &self))
+    }
 }
 
 /// Checks a string field: `max_chars` at most (when given), never empty when bounded, and no NUL
@@ -290,5 +321,7 @@ mod tests {
         for refused in ["1.5", "-1", "65536", "1e300", "\"10\"", "null"] {
             assert!(n(&format!(r#"{{"n": {refused}}}"#)).is_err(), "{refused}");
         }
+        let string = n(r#"{"n": "a long string"}"#).unwrap_err();
+        assert!(string.starts_with("invalid type: string, expected a whole number"), "{string}");
     }
 }

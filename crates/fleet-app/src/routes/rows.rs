@@ -13,7 +13,7 @@ use serde::de::{self, DeserializeSeed, IgnoredAny, MapAccess, SeqAccess, Visitor
 use serde::Deserialize;
 use tokio::sync::OwnedSemaphorePermit;
 
-use super::body::{off_worker, parse_with, read_body};
+use super::body::{off_worker, parse_with, read_body, BodySize};
 use super::{check_text, AppState};
 use crate::errors::ApiError;
 
@@ -42,7 +42,7 @@ impl FromRequest for BulkRows {
             Limits { max_rows: usize::MAX, max_row_bytes: usize::MAX },
             |state| Limits { max_rows: state.bulk_max_rows, max_row_bytes: state.bulk_max_row_bytes },
         );
-        let body = read_body(req, payload);
+        let body = read_body(req, payload, BodySize::Large);
         Box::pin(async move {
             let body = body.await?;
             let (bytes, share) = (body.bytes, body.share);
@@ -119,7 +119,9 @@ impl<'de> DeserializeSeed<'de> for Rows<'_> {
     type Value = Vec<String>;
 
     fn deserialize<D: de::Deserializer<'de>>(self, deserializer: D) -> Result<Self::Value, D::Error> {
-        deserializer.deserialize_seq(self)
+        // Not `deserialize_seq`: serde_json would refuse a string there by quoting it whole, without asking
+        // this visitor (see `visit_str`).
+        deserializer.deserialize_any(self)
     }
 }
 
@@ -128,6 +130,11 @@ impl<'de> Visitor<'de> for Rows<'_> {
 
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("an array of strings")
+    }
+
+    /// serde's default quotes the string whole, and it may be megabytes.
+    fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
+        Err(E::invalid_type(de::Unexpected::Other("string"), &self))
     }
 
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
@@ -236,5 +243,9 @@ mod tests {
         assert_eq!(code(r#"{"data": ["a\u0000"]}"#), "invalid_request");
         assert_eq!(code(r#"{"data": ["a""#), "invalid_json");
         assert_eq!(code(r#"{"data": []} trailing"#), "invalid_json");
+        let err = parse(br#"{"data": "a long string"}"#, LIMITS).unwrap_err().to_string();
+        assert!(err.starts_with("data: invalid type: string, expected an array of strings"), "{err}");
+        let err = parse(br#"{"data": ["a", 1]}"#, LIMITS).unwrap_err().to_string();
+        assert!(err.starts_with("data[1]: invalid type: integer `1`, expected a string"), "{err}");
     }
 }
