@@ -197,8 +197,8 @@ impl ApiError {
                 Some("22003") => ApiError::OutOfRange("value out of range for a 64-bit counter".to_owned()),
                 Some("57014") => ApiError::StatementTimeout,
                 _ if err.is_connection_error() => ApiError::DatabaseUnavailable,
-                _ => {
-                    tracing::error!(error = %err, "database error");
+                sqlstate => {
+                    tracing::error!(error = %err, sqlstate, "database error");
                     ApiError::Internal
                 }
             },

@@ -152,7 +152,11 @@ impl Db {
             // Both updates sent at once (tokio-postgres pipelines the queries of one connection polled
             // together; PostgreSQL runs them in order): the rows stay locked a round trip less. The locks
             // are not pipelined: a round trip between them is the window in which opposite transfers meet.
-            let (from_value, to_value) = tokio::try_join!(add(tx, from, -amount), add(tx, to, amount))?;
+            // Both answers are awaited and the first statement's error wins: once it fails, the second
+            // only reports the aborted transaction (25P02), and `try_join!` would return whichever it
+            // polled first.
+            let (from_value, to_value) = tokio::join!(add(tx, from, -amount), add(tx, to, amount));
+            let (from_value, to_value) = (from_value?, to_value?);
             Ok(Transfer {
                 from: Counter { key: from.to_owned(), value: from_value },
                 to: Counter { key: to.to_owned(), value: to_value },
