@@ -133,6 +133,34 @@ async fn trickle(port: u16, path: &str, declared: usize) -> (String, Duration) {
     (answer.lines().next().unwrap_or_default().to_owned(), start.elapsed())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nginx_ends_a_request_whose_head_or_body_stops_arriving_within_its_client_timeout() {
+    let fleet = fleet_admitting(None);
+    let port: u16 = fleet.url().rsplit(':').next().and_then(|p| p.parse().ok()).expect("nginx's port");
+    let timeout =
+        Duration::from_secs(fleet_local::nginx::CLIENT_TIMEOUT.trim_end_matches('s').parse().unwrap());
+    for head in [
+        // A body declared and never sent beyond its first byte.
+        "POST /api/bulk-insert HTTP/1.1\r\nHost: fleet\r\nContent-Length: 1000\r\n\r\n{".to_owned(),
+        // A head that never ends.
+        "GET /health HTTP/1.1\r\nHost: fleet\r\n".to_owned(),
+    ] {
+        let start = Instant::now();
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await.expect("connect to nginx");
+        stream.write_all(head.as_bytes()).await.expect("send the head");
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(timeout * 3, stream.read_to_end(&mut answer)).await;
+        let took = start.elapsed();
+        assert!(read.is_ok(), "nginx still held a silent request after {took:?}: {head:?}");
+        assert!(took < timeout + Duration::from_secs(5), "nginx waited {took:?} for {head:?}");
+        let answer = String::from_utf8_lossy(&answer);
+        let status = answer.lines().next().unwrap_or_default();
+        assert!(status.is_empty() || status.contains(" 408 "), "nginx answered {status:?} to {head:?}");
+    }
+    assert_eq!(Api::new(fleet.url()).get("/health").await.status, StatusCode::OK, "nginx still serves");
+    fleet.stop().unwrap();
+}
+
 /// Rows enough for a body above 64 KiB, which draws on the node's body budget.
 fn rows_of(bytes: usize) -> Vec<String> {
     (0..bytes / 100).map(|i| format!("{i:0>97}")).collect()

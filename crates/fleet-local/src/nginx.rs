@@ -47,6 +47,11 @@ const CLIENT_MAX_BODY_SIZE: &str = "16m";
 /// keeps nginx's memory per request in flight at 1 MiB. (`proxy_request_buffering off` would also set
 /// `TCP_NODELAY`, but would hand a slow client's upload to the node, whose body budget it would hold.)
 pub const CLIENT_BODY_BUFFER_SIZE: &str = "1m";
+/// How long nginx waits for a client between two reads of its request head or body (nginx's default is
+/// 60 s): a client that stops sending holds an nginx connection and its body buffer at most this long,
+/// then gets 408. nginx buffers a body before it goes to a node, so a slow client never holds a node's
+/// body budget.
+pub const CLIENT_TIMEOUT: &str = "10s";
 
 /// The lab endpoints (`/api/hold`, `/api/test-isolation`, round robin or pinned) per client address:
 /// each request holds database connections on purpose, so a client gets a short burst and then this
@@ -180,7 +185,9 @@ fn site(listen: &str, nodes: &[Upstream], out_of_rotation: &[String], operators:
     let _ = writeln!(out, "\nserver {{\n    listen {listen};");
     out.push_str("    server_tokens off;\n");
     let _ = writeln!(out, "    client_max_body_size {CLIENT_MAX_BODY_SIZE};");
-    let _ = writeln!(out, "    client_body_buffer_size {CLIENT_BODY_BUFFER_SIZE};\n");
+    let _ = writeln!(out, "    client_body_buffer_size {CLIENT_BODY_BUFFER_SIZE};");
+    let _ = writeln!(out, "    client_header_timeout {CLIENT_TIMEOUT};");
+    let _ = writeln!(out, "    client_body_timeout {CLIENT_TIMEOUT};\n");
     out.push_str(PROXY_HEADERS);
     let _ = writeln!(out, "    proxy_connect_timeout {PROXY_CONNECT_TIMEOUT};");
     let _ = writeln!(out, "    proxy_read_timeout {PROXY_READ_TIMEOUT};");
