@@ -176,6 +176,8 @@ async fn four_at_once(
 
 /// Every answer is a small 4xx error with `code`.
 fn assert_small_errors(answers: &[(String, StatusCode, usize, Value)], code: &str) {
+    let largest = answers.iter().map(|(_, _, size, _)| size).max();
+    eprintln!("{} answers `{code}`, the largest {largest:?} bytes", answers.len());
     for (path, status, size, body) in answers {
         assert!(*size < MAX_ERROR_BYTES, "{path}: {status} with a {size}-byte answer");
         assert!(status.is_client_error(), "{path}: {status} {body}");
