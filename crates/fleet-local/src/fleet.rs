@@ -345,6 +345,15 @@ impl Fleet {
         &self.dir
     }
 
+    /// Every component's name and PID: nginx (its master), Prometheus, the exporter, the nodes.
+    pub fn component_pids(&self) -> Vec<(String, u32)> {
+        let others = std::iter::once(&self.nginx)
+            .chain(self.prometheus.as_ref().map(|(c, _)| c))
+            .chain(self.exporter.as_ref().map(|(c, _)| c));
+        let nodes = self.nodes.iter().map(|n| (n.container_id().to_owned(), n.pid()));
+        others.map(|c| (c.name().to_owned(), c.pid())).chain(nodes).collect()
+    }
+
     /// The components that have exited (`app-2`, `nginx`, `prometheus`, `postgres-exporter`).
     pub fn exited_components(&mut self) -> Vec<String> {
         let nodes = self.nodes.iter_mut().map(Node::child);

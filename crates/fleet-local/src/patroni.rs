@@ -282,6 +282,11 @@ impl PatroniCluster {
         self.members.iter().position(|m| m.name == name).with_context(|| format!("no member called {name}"))
     }
 
+    /// The cluster's etcd, while it runs.
+    pub fn etcd(&self) -> Option<&Etcd> {
+        self.etcd.as_ref()
+    }
+
     /// Every member's name, in order (pg-1 …).
     pub fn member_names(&self) -> Vec<String> {
         self.members.iter().map(|m| m.name.clone()).collect()
