@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
+use crate::files::write_new;
 use crate::{exporter_bin, free_port, Child, Postgres};
 
 /// How long the exporter may take to answer its `/metrics`.
@@ -37,7 +38,7 @@ pg_lock_waits:
 pub fn start(pg: &Postgres, dir: &Path, logs: &Path, quiet: bool) -> anyhow::Result<(Child, u16)> {
     fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let queries = dir.join("postgres-exporter-queries.yaml");
-    fs::write(&queries, QUERIES).with_context(|| format!("cannot write {}", queries.display()))?;
+    write_new(&queries, QUERIES.as_bytes(), 0o600, None)?;
     let port = free_port()?;
     let mut cmd = Command::new(exporter_bin()?);
     cmd.arg(format!("--web.listen-address=127.0.0.1:{port}"))

@@ -22,6 +22,7 @@ use nix::sys::signal::{self, Signal};
 use nix::unistd::Pid;
 use tempfile::TempDir;
 
+use crate::files::write_new;
 use crate::nginx::{self, Upstream};
 use crate::postgres::{check_reachable, postgres_user};
 use crate::{
@@ -60,8 +61,8 @@ pub struct FleetOptions {
     pub pool_size: u32,
     /// nginx's port on 127.0.0.1; 0 picks a free one.
     pub port: u16,
-    /// Where configs and logs go; `None` = a temp dir, removed on stop. A given directory is created
-    /// private (0700) or must already be ours and writable by us only; nginx's and Prometheus's files
+    /// Where configs and logs go; `None` = a temp dir, removed on stop. A given directory (not a link)
+    /// is created private (0700) or must already be ours and writable by us only; nginx's and Prometheus's files
     /// there are removed on stop, the logs (and a kept database) stay.
     pub dir: Option<PathBuf>,
     /// Keep the database in `<dir>/postgres` across starts (needs `dir`); otherwise it is a throwaway
@@ -479,12 +480,17 @@ impl Fleet {
 /// The fleet directory's subdirectory for logs.
 const LOGS: &str = "logs";
 
-/// Makes `dir` the fleet's private directory and returns its canonical path: created mode 0700 if
-/// missing; an existing one must be owned by us and writable by nobody else (a directory another user
+/// Makes `dir` the fleet's private directory and returns its canonical path: a symbolic link is refused
+/// (before anything is changed); created mode 0700 if missing; an existing one must be owned by us and writable by nobody else (a directory another user
 /// could write to could be swapped under us) and is then closed to others (0700). When the database is
 /// kept there and PostgreSQL runs as the `postgres` user (we are root), that user's group may enter
 /// (0710, group `postgres`): it needs to reach `dir/postgres`, and can list nothing.
 pub fn prepare_dir(dir: &Path, keep_database: bool) -> anyhow::Result<PathBuf> {
+    ensure!(
+        !fs::symlink_metadata(dir).is_ok_and(|meta| meta.file_type().is_symlink()),
+        "refusing the fleet directory {}: it is a symbolic link; name the directory itself",
+        dir.display()
+    );
     if !dir.exists() {
         fs::DirBuilder::new()
             .recursive(true)
@@ -546,7 +552,7 @@ fn write_nginx_config(
     let conf = dir.join("nginx.conf");
     let listen = format!("127.0.0.1:{port}");
     let text = nginx::local_config(dir, &listen, upstreams, out_of_rotation, operator_networks);
-    fs::write(&conf, text).with_context(|| format!("cannot write {}", conf.display()))?;
+    write_new(&conf, text.as_bytes(), 0o600, None)?;
     Ok(conf)
 }
 
@@ -576,7 +582,8 @@ fn start_prometheus(
     fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let conf = dir.join("prometheus.yml");
     let port = free_port()?;
-    fs::write(&conf, prometheus::config(targets, "1s", &[], &format!("127.0.0.1:{port}")))?;
+    let text = prometheus::config(targets, "1s", &[], &format!("127.0.0.1:{port}"));
+    write_new(&conf, text.as_bytes(), 0o600, None)?;
     let mut cmd = Command::new(prometheus_bin("prometheus")?);
     cmd.arg(format!("--config.file={}", conf.display()))
         .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
@@ -618,6 +625,17 @@ mod tests {
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
         prepare_dir(dir.path(), false).unwrap();
         assert_eq!(fs::metadata(dir.path()).unwrap().mode() & 0o777, 0o700, "an open one is closed");
+    }
+
+    #[test]
+    fn a_fleet_directory_given_as_a_link_is_refused_and_its_target_left_alone() {
+        let temp = tempfile::tempdir().unwrap();
+        let target = temp.path().join("target");
+        fs::DirBuilder::new().mode(0o755).create(&target).unwrap();
+        std::os::unix::fs::symlink(&target, temp.path().join("fleet")).unwrap();
+        let error = prepare_dir(&temp.path().join("fleet"), true).unwrap_err().to_string();
+        assert!(error.contains("symbolic link"), "{error}");
+        assert_eq!(fs::metadata(&target).unwrap().mode() & 0o777, 0o755);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 pub mod bins;
 pub mod etcd;
 pub mod exporter;
+pub mod files;
 pub mod fleet;
 pub mod nginx;
 pub mod node;

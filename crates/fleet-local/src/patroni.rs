@@ -13,7 +13,6 @@
 mod config;
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::Command;
@@ -31,6 +30,7 @@ pub use config::{Secrets, LOOP_WAIT_S, REPLICATION_TIMEOUT_S, REST_API_USER, RET
 
 use crate::bins::{patroni_bin, postgres_bin};
 use crate::etcd::Etcd;
+use crate::files::{private_dir, write_new};
 use crate::postgres::{
     cluster_dir, create_app_database, hand_over, postgres_user, run_psql, ADMIN_USER, APP_DATABASE, APP_USER,
 };
@@ -195,9 +195,10 @@ impl PatroniCluster {
         for n in 1..=opts.members {
             let name = format!("pg-{n}");
             let member_dir = dir.join(&name);
-            fs::create_dir_all(&member_dir)
-                .with_context(|| format!("cannot create {}", member_dir.display()))?;
-            fs::set_permissions(&member_dir, fs::Permissions::from_mode(0o700))?;
+            private_dir(&member_dir, None)?;
+            if let Some(user) = &run_as {
+                hand_over(&member_dir, user)?;
+            }
             let member = Member {
                 name,
                 dir: member_dir,
@@ -213,14 +214,9 @@ impl PatroniCluster {
                 pg_port: member.pg_port,
                 api_port: member.api_port,
             };
-            let config_file = member.dir.join("patroni.yml");
-            fs::write(&config_file, config::render(&plan, &place))
-                .with_context(|| format!("cannot write {}", config_file.display()))?;
-            fs::set_permissions(&config_file, fs::Permissions::from_mode(0o600))?;
-            if let Some(user) = &run_as {
-                hand_over(&member.dir, user)?;
-                std::os::unix::fs::chown(&config_file, Some(user.uid.as_raw()), Some(user.gid.as_raw()))?;
-            }
+            // The member's directory is the postgres user's: written without following a link there.
+            let config = config::render(&plan, &place);
+            write_new(&member.dir.join("patroni.yml"), config.as_bytes(), 0o600, run_as.as_ref())?;
             // A postmaster left running by a Patroni that was killed with its owner (it detaches its
             // PostgreSQL) would hold the port and the data directory: stop it before Patroni starts.
             if let Some(orphan) = member.postmaster() {

@@ -6,9 +6,8 @@
 //! listens on 127.0.0.1 only and requires passwords (scram-sha-256); the socket (inside a directory
 //! only its owner can enter) trusts.
 
-use std::fs::{self, File};
+use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -21,7 +20,8 @@ use nix::unistd::{Pid, User};
 use tempfile::TempDir;
 
 use crate::bins::postgres_bin;
-use crate::process::{die_with_parent, open_log, signal_and_wait, wait_timeout};
+use crate::files::{open_append, open_read, write_new};
+use crate::process::{die_with_parent, signal_and_wait, wait_timeout};
 
 mod credentials;
 mod setup;
@@ -261,18 +261,8 @@ impl Postgres {
     fn initdb(&self, durable: bool) -> anyhow::Result<()> {
         // initdb reads the superuser's password from a file; it lives only as long as initdb runs.
         let password_file = self.dir.join("initdb-password");
-        let _ = fs::remove_file(&password_file);
-        fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&password_file)
-            .and_then(|mut file| file.write_all(self.credentials.admin.as_bytes()))
+        write_new(&password_file, self.credentials.admin.as_bytes(), 0o600, self.run_as.as_ref())
             .context("cannot write initdb's password file")?;
-        if let Some(user) = &self.run_as {
-            std::os::unix::fs::chown(&password_file, Some(user.uid.as_raw()), Some(user.gid.as_raw()))
-                .context("cannot hand initdb's password file to the postgres user")?;
-        }
         let mut cmd = self.command("initdb")?;
         cmd.arg("-D").arg(&self.data_dir).args(["-U", ADMIN_USER]).arg("--pwfile").arg(&password_file);
         cmd.args(["--auth-local=trust", "--auth-host=scram-sha-256", "--encoding=UTF8", "--locale=C"]);
@@ -318,7 +308,7 @@ impl Postgres {
     }
 
     fn spawn_postmaster(&mut self) -> anyhow::Result<()> {
-        let log = open_log(&self.log_file)?;
+        let log = open_append(&self.log_file)?;
         let mut cmd = self.command("postgres")?;
         cmd.arg("-D").arg(&self.data_dir).arg("-p").arg(self.port.to_string());
         for (name, value) in &self.settings {
@@ -373,9 +363,9 @@ impl Postgres {
     /// The last lines the server wrote to its log since byte `since`.
     fn log_tail(&self, since: u64) -> String {
         let mut text = String::new();
-        let read = File::open(self.log_file()).and_then(|mut file| {
+        let read = open_read(&self.log_file()).and_then(|mut file| {
             file.seek(SeekFrom::Start(since))?;
-            file.read_to_string(&mut text)
+            Ok(file.read_to_string(&mut text)?)
         });
         if let Err(error) = read {
             return format!("(cannot read {}: {error})", self.log_file().display());

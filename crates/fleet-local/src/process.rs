@@ -2,7 +2,7 @@
 //! stopped by PID, never by name.
 
 use std::collections::VecDeque;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -78,7 +78,7 @@ impl Child {
 
     /// [`Child::spawn`], also appending every line the child prints to the file `log` (created 0600).
     pub fn spawn_logged(name: &str, cmd: Command, quiet: bool, log: &Path) -> anyhow::Result<Child> {
-        let file = open_log(log)?;
+        let file = crate::files::open_append(log)?;
         Child::start(name, cmd, quiet, Some(Arc::new(file)))
     }
 
@@ -240,17 +240,6 @@ impl Drop for Child {
             tracing::warn!(child.name = %self.name, error = %format!("{error:#}"), "cannot stop child");
         }
     }
-}
-
-/// Opens `path` for appending, created readable and writable by its owner only (logs may quote data).
-pub fn open_log(path: &Path) -> anyhow::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("cannot open the log file {}", path.display()))
 }
 
 /// Starts a thread copying `stream` line by line into `output`, into `log` if any, and to our stderr

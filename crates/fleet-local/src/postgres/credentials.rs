@@ -3,14 +3,15 @@
 //! `PGPASSFILE=<dir>/pgpass psql -h 127.0.0.1 -p PORT -U appuser appdb`.
 
 use std::fmt;
-use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context};
 
 use super::{ADMIN_USER, APP_USER};
+use crate::files::{open_read, write_new};
 
 /// The file's name in the cluster directory.
 const FILE_NAME: &str = "pgpass";
@@ -55,29 +56,24 @@ impl Credentials {
 /// Writes a libpq password file at `path` (mode 0600, replacing one left there) with one line
 /// `*:*:*:USER:PASSWORD` per entry: any host, port and database.
 pub(crate) fn write_password_file(path: &Path, entries: &[(&str, &str)]) -> anyhow::Result<()> {
-    let _ = fs::remove_file(path);
     let text: String = entries.iter().map(|(user, password)| format!("*:*:*:{user}:{password}\n")).collect();
-    OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .and_then(|mut file| file.write_all(text.as_bytes()))
-        .with_context(|| format!("cannot write {}", path.display()))
+    write_new(path, text.as_bytes(), 0o600, None)
 }
 
 /// The passwords of a file [`write_password_file`] wrote, which must be ours and private.
 pub(crate) fn read_password_file(path: &Path) -> anyhow::Result<PasswordFile> {
-    let meta = fs::metadata(path).with_context(|| {
+    let mut file = open_read(path).with_context(|| {
         format!("the cluster has no password file {}; start over with a fresh cluster", path.display())
     })?;
+    let meta = file.metadata()?;
     ensure!(
         meta.mode() & 0o077 == 0 && meta.uid() == nix::unistd::geteuid().as_raw(),
         "{} must be ours and readable by us only (it is mode {:o}); refusing to use it",
         path.display(),
         meta.mode() & 0o777
     );
-    let text = fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut text = String::new();
+    file.read_to_string(&mut text).with_context(|| format!("cannot read {}", path.display()))?;
     Ok(PasswordFile { path: path.to_owned(), text })
 }
 
@@ -111,6 +107,7 @@ pub(crate) fn random_password() -> anyhow::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
     use std::os::unix::fs::PermissionsExt;
 
     #[test]
