@@ -31,6 +31,7 @@ use credentials::Credentials;
 pub(crate) use credentials::{random_password, read_password_file, write_password_file};
 pub(crate) use setup::hand_over;
 use setup::settings;
+pub(crate) use setup::LOG_SETTINGS;
 pub use setup::{check_reachable, PostgresOptions, DEADLOCK_TIMEOUT};
 
 /// The superuser created by initdb.

@@ -3,7 +3,9 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use crate::postgres::{random_password, read_password_file, write_password_file, ADMIN_USER, APP_USER};
+use crate::postgres::{
+    random_password, read_password_file, write_password_file, ADMIN_USER, APP_USER, LOG_SETTINGS,
+};
 
 /// The user of Patroni's REST API (not a PostgreSQL role).
 pub const REST_API_USER: &str = "patroni";
@@ -116,6 +118,7 @@ pub fn render(plan: &ClusterPlan<'_>, member: &MemberPlace<'_>) -> String {
         ("wal_sender_timeout", format!("{REPLICATION_TIMEOUT_S}s")),
         ("wal_receiver_timeout", format!("{REPLICATION_TIMEOUT_S}s")),
     ];
+    parameters.extend(LOG_SETTINGS.iter().map(|(name, value)| (*name, (*value).to_owned())));
     if !plan.durable {
         parameters.push(("fsync", "off".to_owned()));
         parameters.push(("full_page_writes", "off".to_owned()));
@@ -223,6 +226,7 @@ mod tests {
         assert!(yaml.contains("        wal_sender_timeout: '5s'\n"));
         assert!(yaml.contains("        deadlock_timeout: '100ms'\n"));
         assert!(yaml.contains("        fsync: 'off'\n"));
+        assert!(yaml.contains("        log_min_error_statement: 'panic'\n"));
         assert!(yaml.contains(&secrets.superuser));
     }
 }
