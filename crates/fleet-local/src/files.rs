@@ -81,6 +81,14 @@ pub fn private_dir(dir: &Path, owner: Option<&User>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Makes `dir` an empty [`private_dir`] of `owner`'s: what an earlier run left there is removed first.
+pub fn fresh_dir(dir: &Path, owner: Option<&User>) -> anyhow::Result<()> {
+    if fs::symlink_metadata(dir).is_ok() {
+        fs::remove_dir_all(dir).with_context(|| format!("cannot clear {}", dir.display()))?;
+    }
+    private_dir(dir, owner)
+}
+
 /// Removes the file or link at `path`, if any; a directory there is an error.
 fn remove_entry(path: &Path) -> anyhow::Result<()> {
     match fs::remove_file(path) {

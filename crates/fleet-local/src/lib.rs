@@ -13,6 +13,7 @@ pub mod postgres;
 pub mod process;
 mod proctree;
 pub mod prometheus;
+pub mod users;
 
 pub use bins::{etcd_bin, exporter_bin, nginx_bin, patroni_bin, postgres_bin, prometheus_bin};
 pub use node::{Node, NodeOptions};

@@ -2,8 +2,8 @@
 //! process that starts, stops, promotes and demotes its own PostgreSQL, with synchronous replication
 //! (`synchronous_mode`), so an acknowledged write survives losing the primary.
 //!
-//! Layout of the cluster directory: `etcd/` (the store), `pgpass` (every password of the cluster, in
-//! libpq's password-file format, 0600), and per member `pg-N/` with `patroni.yml` (0600: it holds the
+//! Layout of the cluster directory: `etcd/` (the store, the service user's), `pgpass` (every password
+//! of the cluster, etcd's too, in libpq's password-file format, 0600), and per member `pg-N/` with `patroni.yml` (0600: it holds the
 //! passwords), `data/` (PGDATA), Patroni's own `pgpass` and the Unix socket. A directory that already
 //! holds a cluster is started again with its data and passwords (every member at once: any of them may
 //! have been the last leader). Patroni and PostgreSQL run as the `postgres` user when we are root.
@@ -13,7 +13,6 @@
 mod config;
 
 use std::fs;
-use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::Command;
 use std::thread;
@@ -34,6 +33,7 @@ use crate::files::{private_dir, write_new};
 use crate::postgres::{
     cluster_dir, create_app_database, hand_over, postgres_user, run_psql, ADMIN_USER, APP_DATABASE, APP_USER,
 };
+use crate::users::run_as;
 use crate::{free_port, proctree, Child};
 
 /// Patroni's cluster name (its key prefix in etcd).
@@ -168,7 +168,6 @@ impl PatroniCluster {
         ensure!(opts.members >= 1, "a cluster needs at least one member");
         let run_as = postgres_user()?;
         let (dir, temp_dir) = cluster_dir(opts.dir.as_deref(), "pgfleet-ha-")?;
-        let etcd = Etcd::start(&dir, opts.quiet, opts.logs.as_deref())?;
         let password_file = dir.join(PASSWORD_FILE);
         let kept = (1..=opts.members).any(|n| dir.join(format!("pg-{n}/data/PG_VERSION")).exists());
         let secrets = match kept {
@@ -176,6 +175,7 @@ impl PatroniCluster {
             false => Secrets::random()?,
         };
         secrets.write(&password_file)?;
+        let etcd = Etcd::start(&dir, &secrets.etcd, opts.quiet, opts.logs.as_deref())?;
         // Patroni runs every server tool from one directory (pg_controldata, pg_rewind …): the real one,
         // not a directory of symlinks to a few of them.
         let postgres =
@@ -258,9 +258,10 @@ impl PatroniCluster {
         let member = &self.members[n];
         let mut cmd = Command::new(patroni_bin()?);
         cmd.arg(member.dir.join("patroni.yml")).current_dir(&member.dir).env("PYTHONUNBUFFERED", "1");
-        if let Some(user) = &self.run_as {
-            cmd.uid(user.uid.as_raw()).gid(user.gid.as_raw()).env("HOME", &member.dir);
+        if self.run_as.is_some() {
+            cmd.env("HOME", &member.dir);
         }
+        run_as(&mut cmd, self.run_as.as_ref());
         let child = match &self.logs {
             Some(logs) => Child::spawn_logged(
                 &member.name,

@@ -8,7 +8,6 @@
 
 use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::thread;
@@ -26,6 +25,8 @@ use crate::process::{die_with_parent, signal_and_wait, wait_timeout};
 mod credentials;
 mod setup;
 
+pub(crate) use crate::users::postgres_user;
+use crate::users::run_as;
 use crate::{free_port, proctree};
 use credentials::Credentials;
 pub(crate) use credentials::{random_password, read_password_file, write_password_file};
@@ -38,6 +39,8 @@ pub use setup::{check_reachable, PostgresOptions, DEADLOCK_TIMEOUT};
 pub const ADMIN_USER: &str = "postgres";
 /// The application's role, owner of [`APP_DATABASE`].
 pub const APP_USER: &str = "appuser";
+/// The exporter's role: it may log in and read every statistic (`pg_monitor`), nothing more.
+pub const MONITOR_USER: &str = "exporter";
 /// The application's database.
 pub const APP_DATABASE: &str = "appdb";
 
@@ -74,18 +77,6 @@ pub struct Postgres {
     paused: Option<Vec<Pid>>,
     /// Removed on drop, after the server has stopped.
     temp_dir: Option<TempDir>,
-}
-
-/// The user PostgreSQL must run as: `None` (ourselves) unless we are root, who must hand it to
-/// `postgres` (PostgreSQL refuses to run as root).
-pub(crate) fn postgres_user() -> anyhow::Result<Option<User>> {
-    if !nix::unistd::geteuid().is_root() {
-        return Ok(None);
-    }
-    let user = User::from_name(ADMIN_USER)
-        .context("cannot look up the `postgres` user")?
-        .context("running as root, PostgreSQL must run as the `postgres` user, which does not exist (install the Debian package `postgresql`)")?;
-    Ok(Some(user))
 }
 
 impl Postgres {
@@ -138,6 +129,14 @@ impl Postgres {
     /// The superuser's URL, to the application's database, password included (a secret).
     pub fn admin_url(&self) -> String {
         format!("postgres://{ADMIN_USER}:{}@127.0.0.1:{}/{APP_DATABASE}", self.credentials.admin, self.port)
+    }
+
+    /// The exporter's URL ([`MONITOR_USER`]), to the application's database, password included (a secret).
+    pub fn monitor_url(&self) -> String {
+        format!(
+            "postgres://{MONITOR_USER}:{}@127.0.0.1:{}/{APP_DATABASE}",
+            self.credentials.monitor, self.port
+        )
     }
 
     /// The file holding the cluster's passwords, in libpq's format (`PGPASSFILE=<it> psql …`), mode 0600.
@@ -253,9 +252,7 @@ impl Postgres {
     fn command(&self, name: &str) -> anyhow::Result<Command> {
         let mut cmd = Command::new(postgres_bin(name)?);
         cmd.current_dir(&self.dir).stdin(Stdio::null());
-        if let Some(user) = &self.run_as {
-            cmd.uid(user.uid.as_raw()).gid(user.gid.as_raw());
-        }
+        run_as(&mut cmd, self.run_as.as_ref());
         Ok(cmd)
     }
 
@@ -356,9 +353,22 @@ impl Postgres {
         }
     }
 
-    /// Creates [`APP_USER`] and [`APP_DATABASE`] unless they exist (a reused dir has them already).
+    /// Creates [`APP_USER`] and [`APP_DATABASE`] unless they exist (a reused dir has them already), and
+    /// makes [`MONITOR_USER`] a login with `pg_monitor`'s rights and its password from the credentials.
     fn create_app_database(&self) -> anyhow::Result<()> {
-        create_app_database(&self.credentials.app, |database, sql| self.psql_on(database, sql))
+        create_app_database(&self.credentials.app, |database, sql| self.psql_on(database, sql))?;
+        // The password is hex digits (see `credentials`), so it needs no quoting.
+        self.psql_on(
+            "postgres",
+            &format!(
+                "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{MONITOR_USER}') THEN \
+                 CREATE ROLE {MONITOR_USER}; END IF; END $$; \
+                 ALTER ROLE {MONITOR_USER} LOGIN PASSWORD '{}' NOSUPERUSER NOCREATEDB NOCREATEROLE; \
+                 GRANT pg_monitor TO {MONITOR_USER};",
+                self.credentials.monitor
+            ),
+        )?;
+        Ok(())
     }
 
     /// The last lines the server wrote to its log since byte `since`.

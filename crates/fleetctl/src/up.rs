@@ -63,7 +63,7 @@ fn forget_database(dir: &std::path::Path) -> anyhow::Result<()> {
     if !dir.exists() {
         return Ok(());
     }
-    let dir = fleet_local::fleet::prepare_dir(dir, true)?;
+    let dir = fleet_local::fleet::prepare_dir(dir)?;
     for database in [dir.join("postgres"), dir.join("patroni")] {
         if database.exists() {
             std::fs::remove_dir_all(&database)

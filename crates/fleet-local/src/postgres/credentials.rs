@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context};
 
-use super::{ADMIN_USER, APP_USER};
+use super::{ADMIN_USER, APP_USER, MONITOR_USER};
 use crate::files::{open_read, write_new};
 
 /// The file's name in the cluster directory.
@@ -18,12 +18,13 @@ const FILE_NAME: &str = "pgpass";
 /// Random bytes per password (shown as twice as many hex digits).
 const PASSWORD_BYTES: usize = 16;
 
-/// The superuser's and the application role's passwords. Hex digits only, so they need no quoting in
-/// SQL, URLs or the password file.
+/// The superuser's, the application role's and the exporter's role's passwords. Hex digits only, so
+/// they need no quoting in SQL, URLs or the password file.
 #[derive(Clone)]
 pub(super) struct Credentials {
     pub(super) admin: String,
     pub(super) app: String,
+    pub(super) monitor: String,
 }
 
 impl fmt::Debug for Credentials {
@@ -41,15 +42,28 @@ impl Credentials {
     /// New random passwords for a new cluster in `dir`, written to its password file (replacing one
     /// left by an earlier cluster there).
     pub(super) fn create(dir: &Path) -> anyhow::Result<Credentials> {
-        let credentials = Credentials { admin: random_password()?, app: random_password()? };
-        write_password_file(&path(dir), &[(ADMIN_USER, &credentials.admin), (APP_USER, &credentials.app)])?;
+        let credentials =
+            Credentials { admin: random_password()?, app: random_password()?, monitor: random_password()? };
+        credentials.write(dir)?;
         Ok(credentials)
     }
 
-    /// The passwords of the existing cluster in `dir`.
+    /// The passwords of the existing cluster in `dir` (a new one for the exporter's role if the file has
+    /// none: a cluster kept from before that role), written back.
     pub(super) fn read(dir: &Path) -> anyhow::Result<Credentials> {
         let passwords = read_password_file(&path(dir))?;
-        Ok(Credentials { admin: passwords.get(ADMIN_USER)?, app: passwords.get(APP_USER)? })
+        let credentials = Credentials {
+            admin: passwords.get(ADMIN_USER)?,
+            app: passwords.get(APP_USER)?,
+            monitor: passwords.get(MONITOR_USER).or_else(|_| random_password())?,
+        };
+        credentials.write(dir)?;
+        Ok(credentials)
+    }
+
+    fn write(&self, dir: &Path) -> anyhow::Result<()> {
+        let entries = [(ADMIN_USER, &self.admin), (APP_USER, &self.app), (MONITOR_USER, &self.monitor)];
+        write_password_file(&path(dir), &entries.map(|(user, password)| (user, password.as_str())))
     }
 }
 
