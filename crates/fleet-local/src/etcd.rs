@@ -11,7 +11,7 @@ use anyhow::{bail, Context};
 use serde_json::{json, Value};
 
 use crate::bins::etcd_bin;
-use crate::files::private_dir;
+use crate::files::{hand_over_tree, private_dir};
 use crate::users::{run_as, service_user};
 use crate::{free_port, Child};
 
@@ -34,6 +34,10 @@ impl Etcd {
     pub fn start(dir: &Path, password: &str, quiet: bool, logs: Option<&Path>) -> anyhow::Result<Etcd> {
         let user = service_user()?;
         let data_dir = dir.join("etcd");
+        if let Some(user) = &user {
+            // A cluster kept from before etcd ran as the service user has root's files there.
+            hand_over_tree(&data_dir, user)?;
+        }
         private_dir(&data_dir, user.as_ref())?;
         let (client_port, peer_port) = (free_port()?, free_port()?);
         let client = format!("http://127.0.0.1:{client_port}");

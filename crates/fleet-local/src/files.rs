@@ -4,7 +4,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use anyhow::{bail, ensure, Context};
@@ -81,6 +81,27 @@ pub fn private_dir(dir: &Path, owner: Option<&User>) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Gives `dir` and everything under it to `owner`, never following a link (`lchown`), if `dir` is still
+/// ours: what an earlier version of the launcher left there as root. A directory `owner` already has is
+/// left as it is (who could have planted what in it is `owner`'s business).
+pub fn hand_over_tree(dir: &Path, owner: &User) -> anyhow::Result<()> {
+    let ours = nix::unistd::geteuid().as_raw();
+    if fs::symlink_metadata(dir).map(|meta| meta.uid()).ok() != Some(ours) {
+        return Ok(());
+    }
+    let (uid, gid) = (Some(owner.uid.as_raw()), Some(owner.gid.as_raw()));
+    std::os::unix::fs::lchown(dir, uid, gid).with_context(|| format!("cannot give {}", dir.display()))?;
+    for entry in fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))? {
+        let path = entry?.path();
+        match fs::symlink_metadata(&path)?.is_dir() {
+            true => hand_over_tree(&path, owner)?,
+            false => std::os::unix::fs::lchown(&path, uid, gid)
+                .with_context(|| format!("cannot give {}", path.display()))?,
+        }
+    }
+    Ok(())
+}
+
 /// Makes `dir` an empty [`private_dir`] of `owner`'s: what an earlier run left there is removed first.
 pub fn fresh_dir(dir: &Path, owner: Option<&User>) -> anyhow::Result<()> {
     if fs::symlink_metadata(dir).is_ok() {
@@ -122,5 +143,25 @@ mod tests {
         std::os::unix::fs::symlink(&target, dir.path().join("link")).unwrap();
         assert!(open_read(&dir.path().join("link")).is_err(), "a link is not read through");
         assert!(private_dir(&dir.path().join("link"), None).is_err(), "a link is no directory");
+    }
+
+    #[test]
+    fn a_tree_left_by_root_is_handed_over_without_following_its_links() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: only root can hand files to another user");
+            return;
+        }
+        let nobody = User::from_name("nobody").unwrap().expect("a `nobody` user");
+        let dir = tempfile::tempdir().unwrap();
+        let (tree, outside) = (dir.path().join("tree"), dir.path().join("outside"));
+        fs::create_dir_all(tree.join("member")).unwrap();
+        fs::write(tree.join("member/db"), "").unwrap();
+        fs::write(&outside, "").unwrap();
+        std::os::unix::fs::symlink(&outside, tree.join("link")).unwrap();
+        hand_over_tree(&tree, &nobody).unwrap();
+        for path in [&tree, &tree.join("member"), &tree.join("member/db"), &tree.join("link")] {
+            assert_eq!(fs::symlink_metadata(path).unwrap().uid(), nobody.uid.as_raw(), "{}", path.display());
+        }
+        assert_eq!(fs::metadata(&outside).unwrap().uid(), 0, "a link's target stays root's");
     }
 }

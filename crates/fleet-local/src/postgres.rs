@@ -408,12 +408,24 @@ pub(crate) fn run_psql(port: u16, admin_password: &str, database: &str, sql: &st
     written.context("cannot send SQL to psql")?;
     if !output.status.success() {
         bail!(
-            "psql failed ({}) running {sql:?}: {}",
+            "psql failed ({}) running {:?}: {}",
             output.status,
+            without_passwords(sql),
             String::from_utf8_lossy(&output.stderr).trim()
         );
     }
     Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+}
+
+/// `sql` with every `PASSWORD '…'` literal replaced by `<redacted>`, for error messages.
+fn without_passwords(sql: &str) -> String {
+    match sql.split_once("PASSWORD '") {
+        Some((head, rest)) => {
+            let tail = rest.split_once('\'').map_or("", |(_, tail)| tail);
+            format!("{head}PASSWORD '<redacted>'{}", without_passwords(tail))
+        }
+        None => sql.to_owned(),
+    }
 }
 
 /// Creates [`APP_USER`] (password `app_password`) and [`APP_DATABASE`] through `psql(database, sql)`,
@@ -478,5 +490,20 @@ impl Drop for Postgres {
                 tracing::warn!(dir = %path.display(), %error, "cannot remove PostgreSQL's temporary directory");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_sql_is_quoted_without_its_passwords() {
+        let sql = "CREATE ROLE a PASSWORD 'secret1'; ALTER ROLE b LOGIN PASSWORD 'secret2' NOSUPERUSER";
+        let shown = without_passwords(sql);
+        assert_eq!(
+            shown,
+            "CREATE ROLE a PASSWORD '<redacted>'; ALTER ROLE b LOGIN PASSWORD '<redacted>' NOSUPERUSER"
+        );
     }
 }
