@@ -13,6 +13,7 @@
 mod config;
 
 use std::fs;
+use std::io::Read;
 use std::path::PathBuf;
 use std::process::Command;
 use std::thread;
@@ -29,7 +30,7 @@ pub use config::{Secrets, LOOP_WAIT_S, REPLICATION_TIMEOUT_S, REST_API_USER, RET
 
 use crate::bins::{patroni_bin, postgres_bin};
 use crate::etcd::Etcd;
-use crate::files::{private_dir, write_new};
+use crate::files::{open_read, private_dir, write_new};
 use crate::postgres::{
     cluster_dir, create_app_database, hand_over, postgres_user, run_psql, ADMIN_USER, APP_DATABASE, APP_USER,
 };
@@ -136,9 +137,11 @@ impl Member {
     }
 
     /// The postmaster's PID from `postmaster.pid`, if that process still runs and is this member's
-    /// (its command line names the data directory: a PID reused by another process is not).
+    /// (its command line names the data directory: a PID reused by another process is not). The file
+    /// is the postgres user's: read only if it is a regular file, never through a link.
     fn postmaster(&self) -> Option<Pid> {
-        let text = fs::read_to_string(self.data_dir().join("postmaster.pid")).ok()?;
+        let mut text = String::new();
+        open_read(&self.data_dir().join("postmaster.pid")).ok()?.read_to_string(&mut text).ok()?;
         let pid = Pid::from_raw(text.lines().next()?.trim().parse().ok()?);
         let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
         let data_dir = self.data_dir();
