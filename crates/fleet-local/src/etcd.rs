@@ -1,16 +1,24 @@
-//! A one-member etcd on loopback: the store Patroni keeps its leader lock and cluster state in.
+//! A one-member etcd on loopback: the store Patroni keeps its leader lock and cluster state in. It runs
+//! as the service user, listens on 127.0.0.1 only (clients and peers), and serves only its `root` user
+//! (etcd's v3 authentication), whose password the caller keeps: no other local user can read or change
+//! who leads the cluster.
 
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
+use anyhow::{bail, Context};
+use serde_json::{json, Value};
 
 use crate::bins::etcd_bin;
+use crate::files::{hand_over_tree, private_dir};
+use crate::users::{run_as, service_user};
 use crate::{free_port, Child};
 
 /// How long etcd may take to answer `/health`.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// etcd's user with every right (its `root` role); Patroni connects as it.
+pub const ROOT_USER: &str = "root";
 
 /// A running etcd, stopped (SIGTERM) when dropped. Its data lives in the directory it was given.
 #[derive(Debug)]
@@ -20,15 +28,23 @@ pub struct Etcd {
 }
 
 impl Etcd {
-    /// Starts etcd with its data in `dir/etcd`, clients on a free 127.0.0.1 port, and waits until it is
-    /// healthy. Its output also goes to `<logs>/etcd.log`, if given.
-    pub fn start(dir: &Path, quiet: bool, logs: Option<&Path>) -> anyhow::Result<Etcd> {
+    /// Starts etcd with its data in `dir/etcd`, clients on a free 127.0.0.1 port, waits until it is
+    /// healthy, and turns its authentication on with [`ROOT_USER`]'s `password` (a kept etcd has it on
+    /// already, with that password). Its output also goes to `<logs>/etcd.log`, if given.
+    pub fn start(dir: &Path, password: &str, quiet: bool, logs: Option<&Path>) -> anyhow::Result<Etcd> {
+        let user = service_user()?;
+        let data_dir = dir.join("etcd");
+        if let Some(user) = &user {
+            // A cluster kept from before etcd ran as the service user has root's files there.
+            hand_over_tree(&data_dir, user)?;
+        }
+        private_dir(&data_dir, user.as_ref())?;
         let (client_port, peer_port) = (free_port()?, free_port()?);
         let client = format!("http://127.0.0.1:{client_port}");
         let peer = format!("http://127.0.0.1:{peer_port}");
         let mut cmd = Command::new(etcd_bin()?);
         cmd.arg("--name=etcd")
-            .arg(format!("--data-dir={}", dir.join("etcd").display()))
+            .arg(format!("--data-dir={}", data_dir.display()))
             .arg(format!("--listen-client-urls={client}"))
             .arg(format!("--advertise-client-urls={client}"))
             .arg(format!("--listen-peer-urls={peer}"))
@@ -37,6 +53,7 @@ impl Etcd {
             .args(["--log-level=warn", "--logger=zap"])
             // Debian's etcd 3.4 serves the v3 API's JSON gateway (which Patroni's etcd3 store uses) by default.
             .current_dir(dir);
+        run_as(&mut cmd, user.as_ref());
         let mut child = match logs {
             Some(logs) => Child::spawn_logged("etcd", cmd, quiet, &logs.join("etcd.log"))?,
             None => Child::spawn("etcd", cmd, quiet)?,
@@ -44,7 +61,36 @@ impl Etcd {
         child
             .wait_for_http(&format!("{client}/health"), Instant::now() + READY_TIMEOUT)
             .context("etcd did not become healthy")?;
-        Ok(Etcd { child, client_port })
+        let etcd = Etcd { child, client_port };
+        etcd.require_authentication(password)?;
+        Ok(etcd)
+    }
+
+    /// Creates [`ROOT_USER`] with `password` and the `root` role, then turns authentication on; does
+    /// nothing if that password already opens it.
+    fn require_authentication(&self, password: &str) -> anyhow::Result<()> {
+        let login = json!({"name": ROOT_USER, "password": password});
+        if self.call("auth/authenticate", &login).is_ok() {
+            return Ok(());
+        }
+        self.call("auth/user/add", &login)?;
+        self.call("auth/role/add", &json!({"name": "root"}))?;
+        self.call("auth/user/grant", &json!({"user": ROOT_USER, "role": "root"}))?;
+        self.call("auth/enable", &json!({}))?;
+        Ok(())
+    }
+
+    /// POSTs `body` to the v3 API's `path` (`auth/enable`); its error names the path, never the body.
+    fn call(&self, path: &str, body: &Value) -> anyhow::Result<Value> {
+        let url = format!("http://{}/v3/{path}", self.address());
+        match ureq::post(&url).timeout(Duration::from_secs(10)).send_json(body) {
+            Ok(response) => response.into_json().with_context(|| format!("etcd's {path} answered no JSON")),
+            Err(ureq::Error::Status(status, response)) => {
+                let answer = response.into_string().unwrap_or_default();
+                bail!("etcd refused {path} ({status}): {answer}")
+            }
+            Err(error) => Err(error).with_context(|| format!("cannot reach etcd's {path}")),
+        }
     }
 
     /// `host:port` for clients.

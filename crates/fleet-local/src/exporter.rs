@@ -1,14 +1,13 @@
-//! PostgreSQL's metrics for Prometheus: the Debian package `prometheus-postgres-exporter`, connected as
-//! the cluster's superuser, with the fleet's own queries ([`QUERIES`]) beside its defaults
+//! PostgreSQL's metrics for Prometheus: the Debian package `prometheus-postgres-exporter`, run as the
+//! service user and connected as the cluster's [`crate::postgres::MONITOR_USER`] (`pg_monitor`'s rights, no superuser), with the fleet's own queries ([`QUERIES`]) beside its defaults
 //! (`pg_up`, `pg_stat_activity_count{state}`, `pg_stat_database_deadlocks`, `pg_stat_database_xact_*` …).
 
-use std::fs;
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
-
+use crate::files::write_new;
+use crate::users::{run_as, service_user};
 use crate::{exporter_bin, free_port, Child, Postgres};
 
 /// How long the exporter may take to answer its `/metrics`.
@@ -32,22 +31,24 @@ pg_lock_waits:
         description: How long the longest-waiting lock request has waited
 "#;
 
-/// Starts the exporter on a free loopback port against `pg` (its queries file in `dir`, its output in
-/// `logs/postgres-exporter.log`) and returns it with its port once its `/metrics` answers.
+/// Starts the exporter as the service user on a free loopback port against `pg` (its queries file in
+/// `dir`, its output in `logs/postgres-exporter.log`) and returns it with its port once its `/metrics`
+/// answers.
 pub fn start(pg: &Postgres, dir: &Path, logs: &Path, quiet: bool) -> anyhow::Result<(Child, u16)> {
-    fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let user = service_user()?;
     let queries = dir.join("postgres-exporter-queries.yaml");
-    fs::write(&queries, QUERIES).with_context(|| format!("cannot write {}", queries.display()))?;
+    write_new(&queries, QUERIES.as_bytes(), 0o600, user.as_ref())?;
     let port = free_port()?;
     let mut cmd = Command::new(exporter_bin()?);
     cmd.arg(format!("--web.listen-address=127.0.0.1:{port}"))
         .arg(format!("--extend.query-path={}", queries.display()))
-        // The connection string holds the superuser's password: the environment (readable by us
+        // The connection string holds a password: the environment (readable by its user and root
         // only), never the command line.
         .env(
             "DATA_SOURCE_NAME",
-            format!("{}?sslmode=disable&application_name=postgres-exporter", pg.admin_url()),
+            format!("{}?sslmode=disable&application_name=postgres-exporter", pg.monitor_url()),
         );
+    run_as(&mut cmd, user.as_ref());
     let mut child =
         Child::spawn_logged("postgres-exporter", cmd, quiet, &logs.join("postgres-exporter.log"))?;
     child.wait_for_http(&format!("http://127.0.0.1:{port}/metrics"), Instant::now() + READY_TIMEOUT)?;

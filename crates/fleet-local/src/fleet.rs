@@ -19,11 +19,13 @@ use anyhow::{ensure, Context};
 mod database;
 pub use database::Database;
 use nix::sys::signal::{self, Signal};
-use nix::unistd::Pid;
+use nix::unistd::{Pid, User};
 use tempfile::TempDir;
 
+use crate::files::{fresh_dir, write_new};
 use crate::nginx::{self, Upstream};
 use crate::postgres::{check_reachable, postgres_user};
+use crate::users::{run_as, service_user};
 use crate::{
     exporter, free_port, nginx_bin, proctree, prometheus, prometheus_bin, Child, Node, NodeOptions,
     PatroniCluster, PatroniOptions, Postgres, PostgresOptions, DEADLOCK_TIMEOUT,
@@ -60,8 +62,8 @@ pub struct FleetOptions {
     pub pool_size: u32,
     /// nginx's port on 127.0.0.1; 0 picks a free one.
     pub port: u16,
-    /// Where configs and logs go; `None` = a temp dir, removed on stop. A given directory is created
-    /// private (0700) or must already be ours and writable by us only; nginx's and Prometheus's files
+    /// Where configs and logs go; `None` = a temp dir, removed on stop. A given directory (not a link)
+    /// is created private (0700) or must already be ours and writable by us only; nginx's and Prometheus's files
     /// there are removed on stop, the logs (and a kept database) stay.
     pub dir: Option<PathBuf>,
     /// Keep the database in `<dir>/postgres` across starts (needs `dir`); otherwise it is a throwaway
@@ -136,6 +138,8 @@ pub struct Fleet {
     out_of_rotation: Vec<String>,
     /// What the user should know about how the fleet started (a database that could not be kept).
     warnings: Vec<String>,
+    /// Who nginx, Prometheus, the exporter and the nodes run as (see [`crate::users`]).
+    service_user: Option<User>,
     _temp_dir: Option<TempDir>,
 }
 
@@ -149,13 +153,15 @@ impl Fleet {
         }
         let keep_database = opts.keep_database && opts.dir.is_some();
         let (dir, temp_dir) = match &opts.dir {
-            Some(dir) => (prepare_dir(dir, keep_database)?, None),
+            Some(dir) => (prepare_dir(dir)?, None),
             None => {
                 let temp = tempfile::Builder::new().prefix("pgfleet-").tempdir()?;
                 (temp.path().to_owned(), Some(temp))
             }
         };
-        let logs = fresh_logs_dir(&dir)?;
+        let logs = dir.join(LOGS);
+        fresh_dir(&logs, None)?;
+        let service_user = service_user()?;
         let mut warnings = Vec::new();
         let kept_dir = dir.join(if opts.replicas > 0 { "patroni" } else { "postgres" });
         let database_dir = match (keep_database, postgres_user()?) {
@@ -220,16 +226,23 @@ impl Fleet {
             })
             .collect();
         let port = if opts.port == 0 { free_port()? } else { opts.port };
-        let nginx =
-            start_nginx(&dir.join("nginx"), port, &upstreams, &opts.operator_networks, &logs, opts.quiet)?;
+        let nginx = start_nginx(
+            &dir.join("nginx"),
+            service_user.as_ref(),
+            port,
+            &upstreams,
+            &opts.operator_networks,
+            &logs,
+            opts.quiet,
+        )?;
         let (prometheus, exporter) = match opts.prometheus {
             true => {
+                let prometheus_dir = dir.join("prometheus");
+                fresh_dir(&prometheus_dir, service_user.as_ref())?;
                 // PostgreSQL's exporter speaks to one server; a cluster's members are seen through
                 // their Patroni's `/metrics` instead.
                 let exporter = match &db {
-                    Database::Single(pg) => {
-                        Some(exporter::start(pg, &dir.join("prometheus"), &logs, opts.quiet)?)
-                    }
+                    Database::Single(pg) => Some(exporter::start(pg, &prometheus_dir, &logs, opts.quiet)?),
                     Database::Cluster(_) => None,
                 };
                 let exporter_address = exporter.as_ref().map(|(_, port)| format!("127.0.0.1:{port}"));
@@ -249,7 +262,8 @@ impl Fleet {
                     exporter: exporter_address.as_deref(),
                     patroni: &patroni,
                 };
-                let prometheus = start_prometheus(&dir.join("prometheus"), &targets, &logs, opts.quiet)?;
+                let prometheus =
+                    start_prometheus(&prometheus_dir, service_user.as_ref(), &targets, &logs, opts.quiet)?;
                 (Some(prometheus), exporter)
             }
             false => (None, None),
@@ -266,6 +280,7 @@ impl Fleet {
             operator_networks: opts.operator_networks,
             out_of_rotation: Vec::new(),
             warnings,
+            service_user,
             _temp_dir: temp_dir,
         };
         fleet.wait_through_nginx()?;
@@ -345,6 +360,15 @@ impl Fleet {
         &self.dir
     }
 
+    /// Every component's name and PID: nginx (its master), Prometheus, the exporter, the nodes.
+    pub fn component_pids(&self) -> Vec<(String, u32)> {
+        let others = std::iter::once(&self.nginx)
+            .chain(self.prometheus.as_ref().map(|(c, _)| c))
+            .chain(self.exporter.as_ref().map(|(c, _)| c));
+        let nodes = self.nodes.iter().map(|n| (n.container_id().to_owned(), n.pid()));
+        others.map(|c| (c.name().to_owned(), c.pid())).chain(nodes).collect()
+    }
+
     /// The components that have exited (`app-2`, `nginx`, `prometheus`, `postgres-exporter`).
     pub fn exited_components(&mut self) -> Vec<String> {
         let nodes = self.nodes.iter_mut().map(Node::child);
@@ -415,7 +439,9 @@ impl Fleet {
     fn take_out_of_rotation(&mut self, name: &str) -> anyhow::Result<()> {
         self.out_of_rotation.push(name.to_owned());
         let dir = self.dir.join("nginx");
-        write_nginx_config(&dir, self.port, &self.upstreams, &self.out_of_rotation, &self.operator_networks)?;
+        let site =
+            Site { port: self.port, upstreams: &self.upstreams, operator_networks: &self.operator_networks };
+        write_nginx_config(&dir, self.service_user.as_ref(), &site, &self.out_of_rotation)?;
         let master = Pid::from_raw(i32::try_from(self.nginx.pid()).context("PID out of range")?);
         let old_workers = proctree::descendants(master)?;
         signal::kill(master, Signal::SIGHUP).context("cannot ask nginx to reload")?;
@@ -470,12 +496,18 @@ impl Fleet {
 /// The fleet directory's subdirectory for logs.
 const LOGS: &str = "logs";
 
-/// Makes `dir` the fleet's private directory and returns its canonical path: created mode 0700 if
-/// missing; an existing one must be owned by us and writable by nobody else (a directory another user
-/// could write to could be swapped under us) and is then closed to others (0700). When the database is
-/// kept there and PostgreSQL runs as the `postgres` user (we are root), that user's group may enter
-/// (0710, group `postgres`): it needs to reach `dir/postgres`, and can list nothing.
-pub fn prepare_dir(dir: &Path, keep_database: bool) -> anyhow::Result<PathBuf> {
+/// Makes `dir` the fleet's private directory and returns its canonical path: a symbolic link is refused
+/// (before anything is changed); created mode 0700 if missing; an existing one must be owned by us and
+/// writable by nobody else (a directory another user could write to could be swapped under us) and is
+/// then closed to others (0700). When we are root, the `postgres` user must reach `dir/postgres` and
+/// the service user `dir/nginx` and `dir/prometheus`: others may enter (0711), but list nothing, and
+/// every entry is private to its owner.
+pub fn prepare_dir(dir: &Path) -> anyhow::Result<PathBuf> {
+    ensure!(
+        !fs::symlink_metadata(dir).is_ok_and(|meta| meta.file_type().is_symlink()),
+        "refusing the fleet directory {}: it is a symbolic link; name the directory itself",
+        dir.display()
+    );
     if !dir.exists() {
         fs::DirBuilder::new()
             .recursive(true)
@@ -500,78 +532,79 @@ pub fn prepare_dir(dir: &Path, keep_database: bool) -> anyhow::Result<PathBuf> {
         meta.mode() & 0o7777,
         dir.display()
     );
-    let (group, mode) = match (keep_database, postgres_user()?) {
-        (true, Some(user)) => (Some(user.gid.as_raw()), 0o710),
-        _ => (None, 0o700),
-    };
-    if group.is_some() {
-        std::os::unix::fs::chown(&dir, None, group)
-            .with_context(|| format!("cannot let the postgres group into {}", dir.display()))?;
-    }
-    fs::set_permissions(&dir, fs::Permissions::from_mode(mode))
+    fs::set_permissions(&dir, fs::Permissions::from_mode(fleet_dir_mode()))
         .with_context(|| format!("cannot make {} private", dir.display()))?;
     Ok(dir)
 }
 
-/// `dir/logs`, private and emptied of an earlier start's logs.
-fn fresh_logs_dir(dir: &Path) -> anyhow::Result<PathBuf> {
-    let logs = dir.join(LOGS);
-    if logs.exists() {
-        fs::remove_dir_all(&logs).with_context(|| format!("cannot clear {}", logs.display()))?;
+/// The fleet directory's mode (see [`prepare_dir`]): 0711 when we are root, else 0700.
+fn fleet_dir_mode() -> u32 {
+    if nix::unistd::geteuid().is_root() {
+        0o711
+    } else {
+        0o700
     }
-    fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&logs)
-        .with_context(|| format!("cannot create {}", logs.display()))?;
-    Ok(logs)
 }
 
-/// Writes `dir/nginx.conf` for a fleet on `port`; returns its path.
+/// Where nginx listens and what it serves.
+struct Site<'a> {
+    port: u16,
+    upstreams: &'a [Upstream],
+    operator_networks: &'a [String],
+}
+
+/// Writes `dir/nginx.conf` (readable by `user`, who runs nginx) for `site`, with the nodes named in
+/// `out_of_rotation` out of the round robin; returns its path.
 fn write_nginx_config(
     dir: &Path,
-    port: u16,
-    upstreams: &[Upstream],
+    user: Option<&User>,
+    site: &Site<'_>,
     out_of_rotation: &[String],
-    operator_networks: &[String],
 ) -> anyhow::Result<PathBuf> {
     let conf = dir.join("nginx.conf");
-    let listen = format!("127.0.0.1:{port}");
-    let text = nginx::local_config(dir, &listen, upstreams, out_of_rotation, operator_networks);
-    fs::write(&conf, text).with_context(|| format!("cannot write {}", conf.display()))?;
+    let listen = format!("127.0.0.1:{}", site.port);
+    let text = nginx::local_config(dir, &listen, site.upstreams, out_of_rotation, site.operator_networks);
+    write_new(&conf, text.as_bytes(), 0o600, user)?;
     Ok(conf)
 }
 
+/// Starts nginx as `user` with its config, pid file and temp files in `dir` (emptied first, `user`'s).
 fn start_nginx(
     dir: &Path,
+    user: Option<&User>,
     port: u16,
     upstreams: &[Upstream],
     operator_networks: &[String],
     logs: &Path,
     quiet: bool,
 ) -> anyhow::Result<Child> {
-    fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let conf = write_nginx_config(dir, port, upstreams, &[], operator_networks)?;
+    fresh_dir(dir, user)?;
+    let conf = write_nginx_config(dir, user, &Site { port, upstreams, operator_networks }, &[])?;
     let mut cmd = Command::new(nginx_bin()?);
     cmd.arg("-c").arg(&conf).arg("-p").arg(dir);
+    run_as(&mut cmd, user);
     let mut child = Child::spawn_logged("nginx", cmd, quiet, &logs.join("nginx.log"))?;
     child.wait_for_http(&format!("http://127.0.0.1:{port}/nginx-health"), Instant::now() + READY_TIMEOUT)?;
     Ok(child)
 }
 
+/// Starts Prometheus as `user` with its config and data in `dir` (`user`'s).
 fn start_prometheus(
     dir: &Path,
+    user: Option<&User>,
     targets: &prometheus::Targets<'_>,
     logs: &Path,
     quiet: bool,
 ) -> anyhow::Result<(Child, u16)> {
-    fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let conf = dir.join("prometheus.yml");
     let port = free_port()?;
-    fs::write(&conf, prometheus::config(targets, "1s", &[], &format!("127.0.0.1:{port}")))?;
+    let text = prometheus::config(targets, "1s", &[], &format!("127.0.0.1:{port}"));
+    write_new(&conf, text.as_bytes(), 0o600, user)?;
     let mut cmd = Command::new(prometheus_bin("prometheus")?);
     cmd.arg(format!("--config.file={}", conf.display()))
         .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
         .arg(format!("--web.listen-address=127.0.0.1:{port}"));
+    run_as(&mut cmd, user);
     let mut child = Child::spawn_logged("prometheus", cmd, quiet, &logs.join("prometheus.log"))?;
     child.wait_for_http(&format!("http://127.0.0.1:{port}/-/ready"), Instant::now() + READY_TIMEOUT)?;
     Ok((child, port))
@@ -594,8 +627,8 @@ mod tests {
     #[test]
     fn a_new_fleet_directory_is_private() {
         let parent = tempfile::tempdir().unwrap();
-        let dir = prepare_dir(&parent.path().join("a/.fleet"), false).unwrap();
-        assert_eq!(fs::metadata(&dir).unwrap().mode() & 0o777, 0o700);
+        let dir = prepare_dir(&parent.path().join("a/.fleet")).unwrap();
+        assert_eq!(fs::metadata(&dir).unwrap().mode() & 0o777, fleet_dir_mode());
     }
 
     #[test]
@@ -603,12 +636,27 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         for mode in [0o777, 0o1777, 0o770] {
             fs::set_permissions(dir.path(), fs::Permissions::from_mode(mode)).unwrap();
-            let error = prepare_dir(dir.path(), false).unwrap_err().to_string();
+            let error = prepare_dir(dir.path()).unwrap_err().to_string();
             assert!(error.contains("others can write to it"), "{mode:o}: {error}");
         }
         fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
-        prepare_dir(dir.path(), false).unwrap();
-        assert_eq!(fs::metadata(dir.path()).unwrap().mode() & 0o777, 0o700, "an open one is closed");
+        prepare_dir(dir.path()).unwrap();
+        assert_eq!(
+            fs::metadata(dir.path()).unwrap().mode() & 0o777,
+            fleet_dir_mode(),
+            "an open one is closed"
+        );
+    }
+
+    #[test]
+    fn a_fleet_directory_given_as_a_link_is_refused_and_its_target_left_alone() {
+        let temp = tempfile::tempdir().unwrap();
+        let target = temp.path().join("target");
+        fs::DirBuilder::new().mode(0o755).create(&target).unwrap();
+        std::os::unix::fs::symlink(&target, temp.path().join("fleet")).unwrap();
+        let error = prepare_dir(&temp.path().join("fleet")).unwrap_err().to_string();
+        assert!(error.contains("symbolic link"), "{error}");
+        assert_eq!(fs::metadata(&target).unwrap().mode() & 0o777, 0o755);
     }
 
     #[test]
@@ -620,19 +668,7 @@ mod tests {
         }
         let dir = tempfile::tempdir().unwrap();
         std::os::unix::fs::chown(dir.path(), Some(nobody.uid.as_raw()), None).unwrap();
-        let error = prepare_dir(dir.path(), false).unwrap_err().to_string();
+        let error = prepare_dir(dir.path()).unwrap_err().to_string();
         assert!(error.contains("belongs to user"), "{error}");
-    }
-
-    #[test]
-    fn a_kept_database_lets_only_the_postgres_group_enter_the_fleet_directory() {
-        let Some(postgres) = postgres_user().unwrap() else {
-            eprintln!("skipped: PostgreSQL runs as ourselves when we are not root");
-            return;
-        };
-        let dir = tempfile::tempdir().unwrap();
-        prepare_dir(dir.path(), true).unwrap();
-        let meta = fs::metadata(dir.path()).unwrap();
-        assert_eq!((meta.mode() & 0o777, meta.gid()), (0o710, postgres.gid.as_raw()));
     }
 }

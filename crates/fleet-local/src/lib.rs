@@ -4,6 +4,7 @@
 pub mod bins;
 pub mod etcd;
 pub mod exporter;
+pub mod files;
 pub mod fleet;
 pub mod nginx;
 pub mod node;
@@ -12,6 +13,7 @@ pub mod postgres;
 pub mod process;
 mod proctree;
 pub mod prometheus;
+pub mod users;
 
 pub use bins::{etcd_bin, exporter_bin, nginx_bin, patroni_bin, postgres_bin, prometheus_bin};
 pub use node::{Node, NodeOptions};

@@ -342,10 +342,9 @@ const SITE_LOCATIONS: &str = r#"
 /// `daemon off;` (the launcher supervises it), the pid file and every `*_temp_path` inside `dir`, errors
 /// to stderr, no access log, and `http { <site_config(listen, nodes)> }`.
 ///
-/// It works for a normal user (nothing outside `dir` is written; nginx may still print a harmless alert
-/// about its compiled-in error log before it reads this file) and for root: then workers run as
-/// `user root`, because the default worker user (`nobody`) cannot enter a private (0700) `dir` to buffer
-/// a large request body in its temp directories.
+/// It runs as any user who owns `dir`: nothing outside `dir` is written (nginx may still print a harmless
+/// alert about its compiled-in error log before it reads this file). A launcher running as root starts
+/// it as the unprivileged service user (see [`crate::users`]), master and workers alike.
 ///
 /// Only `operator_networks` reach the lab and operator endpoints (see [`OPERATOR_NETWORKS`]).
 ///
@@ -363,9 +362,6 @@ pub fn local_config(
     out.push_str("# A local fleet's nginx. Rendered by fleet_local::nginx::local_config.\n");
     let _ = writeln!(out, "# Run: nginx -c {} -p {}", path("nginx.conf"), quote(&dir.to_string_lossy()));
     out.push_str("daemon off;\n");
-    if nix::unistd::geteuid().is_root() {
-        out.push_str("user root;\n");
-    }
     out.push_str("worker_processes auto;\n");
     let _ = writeln!(out, "pid {};", path("nginx.pid"));
     out.push_str("error_log stderr warn;\n\n");

@@ -1,4 +1,5 @@
-//! A fleet-app node process: spawned with its environment, ready once `/health/ready` answers 200.
+//! A fleet-app node process: spawned with its environment (as the service user when we are root), ready
+//! once `/health/ready` answers 200.
 
 use std::fmt;
 use std::io::IsTerminal;
@@ -9,6 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 
 use crate::process::Child;
+use crate::users::{run_as, service_user};
 
 /// How long a node may take to listen and become ready (migrations included).
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -89,6 +91,7 @@ impl Node {
             cmd.env("NO_COLOR", "1");
         }
         cmd.envs(opts.env.iter().map(|(name, value)| (name, value)));
+        run_as(&mut cmd, service_user()?.as_ref());
         let child = match &opts.log_file {
             Some(log) => Child::spawn_logged(&opts.container_id, cmd, opts.quiet, log),
             None => Child::spawn(&opts.container_id, cmd, opts.quiet),

@@ -2,8 +2,8 @@
 //! process that starts, stops, promotes and demotes its own PostgreSQL, with synchronous replication
 //! (`synchronous_mode`), so an acknowledged write survives losing the primary.
 //!
-//! Layout of the cluster directory: `etcd/` (the store), `pgpass` (every password of the cluster, in
-//! libpq's password-file format, 0600), and per member `pg-N/` with `patroni.yml` (0600: it holds the
+//! Layout of the cluster directory: `etcd/` (the store, the service user's), `pgpass` (every password
+//! of the cluster, etcd's too, in libpq's password-file format, 0600), and per member `pg-N/` with `patroni.yml` (0600: it holds the
 //! passwords), `data/` (PGDATA), Patroni's own `pgpass` and the Unix socket. A directory that already
 //! holds a cluster is started again with its data and passwords (every member at once: any of them may
 //! have been the last leader). Patroni and PostgreSQL run as the `postgres` user when we are root.
@@ -13,8 +13,7 @@
 mod config;
 
 use std::fs;
-use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
+use std::io::Read;
 use std::path::PathBuf;
 use std::process::Command;
 use std::thread;
@@ -31,9 +30,11 @@ pub use config::{Secrets, LOOP_WAIT_S, REPLICATION_TIMEOUT_S, REST_API_USER, RET
 
 use crate::bins::{patroni_bin, postgres_bin};
 use crate::etcd::Etcd;
+use crate::files::{open_read, private_dir, write_new};
 use crate::postgres::{
     cluster_dir, create_app_database, hand_over, postgres_user, run_psql, ADMIN_USER, APP_DATABASE, APP_USER,
 };
+use crate::users::run_as;
 use crate::{free_port, proctree, Child};
 
 /// Patroni's cluster name (its key prefix in etcd).
@@ -136,9 +137,11 @@ impl Member {
     }
 
     /// The postmaster's PID from `postmaster.pid`, if that process still runs and is this member's
-    /// (its command line names the data directory: a PID reused by another process is not).
+    /// (its command line names the data directory: a PID reused by another process is not). The file
+    /// is the postgres user's: read only if it is a regular file, never through a link.
     fn postmaster(&self) -> Option<Pid> {
-        let text = fs::read_to_string(self.data_dir().join("postmaster.pid")).ok()?;
+        let mut text = String::new();
+        open_read(&self.data_dir().join("postmaster.pid")).ok()?.read_to_string(&mut text).ok()?;
         let pid = Pid::from_raw(text.lines().next()?.trim().parse().ok()?);
         let cmdline = fs::read(format!("/proc/{pid}/cmdline")).ok()?;
         let data_dir = self.data_dir();
@@ -168,7 +171,6 @@ impl PatroniCluster {
         ensure!(opts.members >= 1, "a cluster needs at least one member");
         let run_as = postgres_user()?;
         let (dir, temp_dir) = cluster_dir(opts.dir.as_deref(), "pgfleet-ha-")?;
-        let etcd = Etcd::start(&dir, opts.quiet, opts.logs.as_deref())?;
         let password_file = dir.join(PASSWORD_FILE);
         let kept = (1..=opts.members).any(|n| dir.join(format!("pg-{n}/data/PG_VERSION")).exists());
         let secrets = match kept {
@@ -176,6 +178,7 @@ impl PatroniCluster {
             false => Secrets::random()?,
         };
         secrets.write(&password_file)?;
+        let etcd = Etcd::start(&dir, &secrets.etcd, opts.quiet, opts.logs.as_deref())?;
         // Patroni runs every server tool from one directory (pg_controldata, pg_rewind …): the real one,
         // not a directory of symlinks to a few of them.
         let postgres =
@@ -195,9 +198,10 @@ impl PatroniCluster {
         for n in 1..=opts.members {
             let name = format!("pg-{n}");
             let member_dir = dir.join(&name);
-            fs::create_dir_all(&member_dir)
-                .with_context(|| format!("cannot create {}", member_dir.display()))?;
-            fs::set_permissions(&member_dir, fs::Permissions::from_mode(0o700))?;
+            private_dir(&member_dir, None)?;
+            if let Some(user) = &run_as {
+                hand_over(&member_dir, user)?;
+            }
             let member = Member {
                 name,
                 dir: member_dir,
@@ -213,14 +217,9 @@ impl PatroniCluster {
                 pg_port: member.pg_port,
                 api_port: member.api_port,
             };
-            let config_file = member.dir.join("patroni.yml");
-            fs::write(&config_file, config::render(&plan, &place))
-                .with_context(|| format!("cannot write {}", config_file.display()))?;
-            fs::set_permissions(&config_file, fs::Permissions::from_mode(0o600))?;
-            if let Some(user) = &run_as {
-                hand_over(&member.dir, user)?;
-                std::os::unix::fs::chown(&config_file, Some(user.uid.as_raw()), Some(user.gid.as_raw()))?;
-            }
+            // The member's directory is the postgres user's: written without following a link there.
+            let config = config::render(&plan, &place);
+            write_new(&member.dir.join("patroni.yml"), config.as_bytes(), 0o600, run_as.as_ref())?;
             // A postmaster left running by a Patroni that was killed with its owner (it detaches its
             // PostgreSQL) would hold the port and the data directory: stop it before Patroni starts.
             if let Some(orphan) = member.postmaster() {
@@ -262,9 +261,10 @@ impl PatroniCluster {
         let member = &self.members[n];
         let mut cmd = Command::new(patroni_bin()?);
         cmd.arg(member.dir.join("patroni.yml")).current_dir(&member.dir).env("PYTHONUNBUFFERED", "1");
-        if let Some(user) = &self.run_as {
-            cmd.uid(user.uid.as_raw()).gid(user.gid.as_raw()).env("HOME", &member.dir);
+        if self.run_as.is_some() {
+            cmd.env("HOME", &member.dir);
         }
+        run_as(&mut cmd, self.run_as.as_ref());
         let child = match &self.logs {
             Some(logs) => Child::spawn_logged(
                 &member.name,
@@ -280,6 +280,11 @@ impl PatroniCluster {
 
     fn index(&self, name: &str) -> anyhow::Result<usize> {
         self.members.iter().position(|m| m.name == name).with_context(|| format!("no member called {name}"))
+    }
+
+    /// The cluster's etcd, while it runs.
+    pub fn etcd(&self) -> Option<&Etcd> {
+        self.etcd.as_ref()
     }
 
     /// Every member's name, in order (pg-1 …).

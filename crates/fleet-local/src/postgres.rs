@@ -6,10 +6,8 @@
 //! listens on 127.0.0.1 only and requires passwords (scram-sha-256); the socket (inside a directory
 //! only its owner can enter) trusts.
 
-use std::fs::{self, File};
+use std::fs;
 use std::io::{Read, Seek, SeekFrom, Write};
-use std::os::unix::fs::OpenOptionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::thread;
@@ -21,22 +19,28 @@ use nix::unistd::{Pid, User};
 use tempfile::TempDir;
 
 use crate::bins::postgres_bin;
-use crate::process::{die_with_parent, open_log, signal_and_wait, wait_timeout};
+use crate::files::{open_append, open_read, write_new};
+use crate::process::{die_with_parent, signal_and_wait, wait_timeout};
 
 mod credentials;
 mod setup;
 
+pub(crate) use crate::users::postgres_user;
+use crate::users::run_as;
 use crate::{free_port, proctree};
 use credentials::Credentials;
 pub(crate) use credentials::{random_password, read_password_file, write_password_file};
 pub(crate) use setup::hand_over;
 use setup::settings;
+pub(crate) use setup::LOG_SETTINGS;
 pub use setup::{check_reachable, PostgresOptions, DEADLOCK_TIMEOUT};
 
 /// The superuser created by initdb.
 pub const ADMIN_USER: &str = "postgres";
 /// The application's role, owner of [`APP_DATABASE`].
 pub const APP_USER: &str = "appuser";
+/// The exporter's role: it may log in and read every statistic (`pg_monitor`), nothing more.
+pub const MONITOR_USER: &str = "exporter";
 /// The application's database.
 pub const APP_DATABASE: &str = "appdb";
 
@@ -73,18 +77,6 @@ pub struct Postgres {
     paused: Option<Vec<Pid>>,
     /// Removed on drop, after the server has stopped.
     temp_dir: Option<TempDir>,
-}
-
-/// The user PostgreSQL must run as: `None` (ourselves) unless we are root, who must hand it to
-/// `postgres` (PostgreSQL refuses to run as root).
-pub(crate) fn postgres_user() -> anyhow::Result<Option<User>> {
-    if !nix::unistd::geteuid().is_root() {
-        return Ok(None);
-    }
-    let user = User::from_name(ADMIN_USER)
-        .context("cannot look up the `postgres` user")?
-        .context("running as root, PostgreSQL must run as the `postgres` user, which does not exist (install the Debian package `postgresql`)")?;
-    Ok(Some(user))
 }
 
 impl Postgres {
@@ -137,6 +129,14 @@ impl Postgres {
     /// The superuser's URL, to the application's database, password included (a secret).
     pub fn admin_url(&self) -> String {
         format!("postgres://{ADMIN_USER}:{}@127.0.0.1:{}/{APP_DATABASE}", self.credentials.admin, self.port)
+    }
+
+    /// The exporter's URL ([`MONITOR_USER`]), to the application's database, password included (a secret).
+    pub fn monitor_url(&self) -> String {
+        format!(
+            "postgres://{MONITOR_USER}:{}@127.0.0.1:{}/{APP_DATABASE}",
+            self.credentials.monitor, self.port
+        )
     }
 
     /// The file holding the cluster's passwords, in libpq's format (`PGPASSFILE=<it> psql …`), mode 0600.
@@ -252,27 +252,15 @@ impl Postgres {
     fn command(&self, name: &str) -> anyhow::Result<Command> {
         let mut cmd = Command::new(postgres_bin(name)?);
         cmd.current_dir(&self.dir).stdin(Stdio::null());
-        if let Some(user) = &self.run_as {
-            cmd.uid(user.uid.as_raw()).gid(user.gid.as_raw());
-        }
+        run_as(&mut cmd, self.run_as.as_ref());
         Ok(cmd)
     }
 
     fn initdb(&self, durable: bool) -> anyhow::Result<()> {
         // initdb reads the superuser's password from a file; it lives only as long as initdb runs.
         let password_file = self.dir.join("initdb-password");
-        let _ = fs::remove_file(&password_file);
-        fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o600)
-            .open(&password_file)
-            .and_then(|mut file| file.write_all(self.credentials.admin.as_bytes()))
+        write_new(&password_file, self.credentials.admin.as_bytes(), 0o600, self.run_as.as_ref())
             .context("cannot write initdb's password file")?;
-        if let Some(user) = &self.run_as {
-            std::os::unix::fs::chown(&password_file, Some(user.uid.as_raw()), Some(user.gid.as_raw()))
-                .context("cannot hand initdb's password file to the postgres user")?;
-        }
         let mut cmd = self.command("initdb")?;
         cmd.arg("-D").arg(&self.data_dir).args(["-U", ADMIN_USER]).arg("--pwfile").arg(&password_file);
         cmd.args(["--auth-local=trust", "--auth-host=scram-sha-256", "--encoding=UTF8", "--locale=C"]);
@@ -318,7 +306,7 @@ impl Postgres {
     }
 
     fn spawn_postmaster(&mut self) -> anyhow::Result<()> {
-        let log = open_log(&self.log_file)?;
+        let log = open_append(&self.log_file)?;
         let mut cmd = self.command("postgres")?;
         cmd.arg("-D").arg(&self.data_dir).arg("-p").arg(self.port.to_string());
         for (name, value) in &self.settings {
@@ -365,17 +353,30 @@ impl Postgres {
         }
     }
 
-    /// Creates [`APP_USER`] and [`APP_DATABASE`] unless they exist (a reused dir has them already).
+    /// Creates [`APP_USER`] and [`APP_DATABASE`] unless they exist (a reused dir has them already), and
+    /// makes [`MONITOR_USER`] a login with `pg_monitor`'s rights and its password from the credentials.
     fn create_app_database(&self) -> anyhow::Result<()> {
-        create_app_database(&self.credentials.app, |database, sql| self.psql_on(database, sql))
+        create_app_database(&self.credentials.app, |database, sql| self.psql_on(database, sql))?;
+        // The password is hex digits (see `credentials`), so it needs no quoting.
+        self.psql_on(
+            "postgres",
+            &format!(
+                "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{MONITOR_USER}') THEN \
+                 CREATE ROLE {MONITOR_USER}; END IF; END $$; \
+                 ALTER ROLE {MONITOR_USER} LOGIN PASSWORD '{}' NOSUPERUSER NOCREATEDB NOCREATEROLE; \
+                 GRANT pg_monitor TO {MONITOR_USER};",
+                self.credentials.monitor
+            ),
+        )?;
+        Ok(())
     }
 
     /// The last lines the server wrote to its log since byte `since`.
     fn log_tail(&self, since: u64) -> String {
         let mut text = String::new();
-        let read = File::open(self.log_file()).and_then(|mut file| {
+        let read = open_read(&self.log_file()).and_then(|mut file| {
             file.seek(SeekFrom::Start(since))?;
-            file.read_to_string(&mut text)
+            Ok(file.read_to_string(&mut text)?)
         });
         if let Err(error) = read {
             return format!("(cannot read {}: {error})", self.log_file().display());
@@ -407,12 +408,24 @@ pub(crate) fn run_psql(port: u16, admin_password: &str, database: &str, sql: &st
     written.context("cannot send SQL to psql")?;
     if !output.status.success() {
         bail!(
-            "psql failed ({}) running {sql:?}: {}",
+            "psql failed ({}) running {:?}: {}",
             output.status,
+            without_passwords(sql),
             String::from_utf8_lossy(&output.stderr).trim()
         );
     }
     Ok(String::from_utf8_lossy(&output.stdout).trim().to_owned())
+}
+
+/// `sql` with every `PASSWORD '…'` literal replaced by `<redacted>`, for error messages.
+fn without_passwords(sql: &str) -> String {
+    match sql.split_once("PASSWORD '") {
+        Some((head, rest)) => {
+            let tail = rest.split_once('\'').map_or("", |(_, tail)| tail);
+            format!("{head}PASSWORD '<redacted>'{}", without_passwords(tail))
+        }
+        None => sql.to_owned(),
+    }
 }
 
 /// Creates [`APP_USER`] (password `app_password`) and [`APP_DATABASE`] through `psql(database, sql)`,
@@ -477,5 +490,20 @@ impl Drop for Postgres {
                 tracing::warn!(dir = %path.display(), %error, "cannot remove PostgreSQL's temporary directory");
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failed_sql_is_quoted_without_its_passwords() {
+        let sql = "CREATE ROLE a PASSWORD 'secret1'; ALTER ROLE b LOGIN PASSWORD 'secret2' NOSUPERUSER";
+        let shown = without_passwords(sql);
+        assert_eq!(
+            shown,
+            "CREATE ROLE a PASSWORD '<redacted>'; ALTER ROLE b LOGIN PASSWORD '<redacted>' NOSUPERUSER"
+        );
     }
 }

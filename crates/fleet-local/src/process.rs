@@ -2,7 +2,7 @@
 //! stopped by PID, never by name.
 
 use std::collections::VecDeque;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -19,6 +19,9 @@ use nix::unistd::Pid;
 const RECENT_LINES: usize = 200;
 /// How often a waiting loop checks whether a process has exited.
 const POLL_INTERVAL: Duration = Duration::from_millis(20);
+/// The size a child's log file may reach before it is emptied (and says so): a Patroni member's log
+/// carries its PostgreSQL's, which reports every deadlock, hundreds a second under load by design.
+const LOG_MAX_BYTES: u64 = 64 << 20;
 /// How long [`Drop`] lets a child stop on SIGTERM before it sends SIGKILL.
 const DROP_GRACE: Duration = Duration::from_secs(2);
 
@@ -78,7 +81,7 @@ impl Child {
 
     /// [`Child::spawn`], also appending every line the child prints to the file `log` (created 0600).
     pub fn spawn_logged(name: &str, cmd: Command, quiet: bool, log: &Path) -> anyhow::Result<Child> {
-        let file = open_log(log)?;
+        let file = crate::files::open_append(log)?;
         Child::start(name, cmd, quiet, Some(Arc::new(file)))
     }
 
@@ -242,17 +245,6 @@ impl Drop for Child {
     }
 }
 
-/// Opens `path` for appending, created readable and writable by its owner only (logs may quote data).
-pub fn open_log(path: &Path) -> anyhow::Result<File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    OpenOptions::new()
-        .create(true)
-        .append(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("cannot open the log file {}", path.display()))
-}
-
 /// Starts a thread copying `stream` line by line into `output`, into `log` if any, and to our stderr
 /// unless `quiet`.
 fn forward(
@@ -275,9 +267,8 @@ fn forward(
                 if !quiet {
                     eprintln!("{prefix}{line}");
                 }
-                if let Some(mut file) = log.as_deref() {
-                    // One write per line: with O_APPEND, the two streams' lines never interleave mid-line.
-                    let _ = file.write_all(format!("{line}\n").as_bytes());
+                if let Some(file) = log.as_deref() {
+                    append_capped(file, &line);
                 }
                 let mut state = output.lock();
                 if state.lines.len() == RECENT_LINES {
@@ -293,6 +284,16 @@ fn forward(
         })
         .with_context(|| format!("cannot start the output thread for {name}"))?;
     Ok(())
+}
+
+/// Appends `line` to `log`, emptying the file first (with a line saying so) once it has reached
+/// [`LOG_MAX_BYTES`]. One write per line: with O_APPEND, two streams' lines never interleave mid-line.
+fn append_capped(mut log: &File, line: &str) {
+    if log.metadata().is_ok_and(|meta| meta.len() >= LOG_MAX_BYTES) && log.set_len(0).is_ok() {
+        let _ =
+            log.write_all(format!("(this log reached {LOG_MAX_BYTES} bytes and was emptied)\n").as_bytes());
+    }
+    let _ = log.write_all(format!("{line}\n").as_bytes());
 }
 
 /// Makes the process spawned from `cmd` receive SIGKILL when the thread that spawned it exits, and puts it
@@ -405,6 +406,24 @@ mod tests {
         lines.sort_unstable();
         assert_eq!(lines, ["done", "one", "two"]);
         assert_eq!(std::fs::metadata(&log).unwrap().permissions().mode() & 0o777, 0o600);
+    }
+
+    #[test]
+    fn a_childs_log_is_emptied_once_it_reaches_its_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("chatty.log");
+        // 100 KB lines, 1.5 times the cap in all.
+        let bytes = LOG_MAX_BYTES * 3 / 2;
+        let script = format!("head -c {bytes} /dev/zero | tr '\\0' x | fold -w 100000; echo done");
+        let child = Child::spawn_logged("chatty", sh(&script), true, &log).unwrap();
+        child.wait_for_line("done", Duration::from_secs(60)).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !std::fs::read_to_string(&log).unwrap().ends_with("done\n") && Instant::now() < deadline {
+            thread::sleep(POLL_INTERVAL);
+        }
+        let text = std::fs::read_to_string(&log).unwrap();
+        assert!(text.starts_with("(this log reached") && text.ends_with("done\n"), "{}", &text[..80]);
+        assert!((text.len() as u64) < LOG_MAX_BYTES, "{} bytes", text.len());
     }
 
     #[test]

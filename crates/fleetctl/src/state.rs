@@ -48,16 +48,8 @@ pub fn path(dir: &Path) -> PathBuf {
 impl FleetState {
     /// Writes `<dir>/fleet.json`, readable by us only.
     pub fn write(&self, dir: &Path) -> anyhow::Result<()> {
-        use std::io::Write;
-        use std::os::unix::fs::OpenOptionsExt;
-        fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(path(dir))
-            .and_then(|mut file| file.write_all(&serde_json::to_vec_pretty(self)?))
-            .context("cannot write fleet.json")
+        let json = serde_json::to_vec_pretty(self)?;
+        fleet_local::files::write_new(&path(dir), &json, 0o600, None).context("cannot write fleet.json")
     }
 
     pub fn read(dir: &Path) -> anyhow::Result<Self> {

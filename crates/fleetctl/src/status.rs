@@ -1,7 +1,9 @@
 //! `fleetctl status` and `fleetctl down`: talk to a fleet started by another `fleetctl up`. On a Patroni
 //! cluster, status also shows each member: role, state, timeline and replication lag.
 
-use std::path::Path;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -13,21 +15,41 @@ use fleet_local::patroni::parse_cluster;
 use fleet_local::MemberStatus;
 
 use crate::state::FleetState;
+use crate::up::DEFAULT_DIR;
 
-/// Whether `pid` is a live `fleetctl` process (so a stale fleet.json never makes us signal a stranger).
-pub fn is_fleetctl(pid: u32) -> bool {
-    std::fs::read(format!("/proc/{pid}/cmdline"))
-        .map(|cmdline| {
-            let argv0 = cmdline.split(|&b| b == 0).next().unwrap_or_default();
-            String::from_utf8_lossy(argv0).ends_with("fleetctl")
-        })
-        .unwrap_or(false)
+/// Whether `pid` is a live `fleetctl up` running the fleet in `dir`: the same program as ours (its
+/// `/proc/<pid>/exe`, even if rebuilt since), run as `up` with a `--dir` naming the same directory once
+/// resolved from its working directory. A stale or forged fleet.json never makes us signal another process.
+pub fn runs_fleet(pid: u32, dir: &Path) -> bool {
+    let proc = PathBuf::from(format!("/proc/{pid}"));
+    let (Ok(exe), Ok(ours), Ok(cmdline)) =
+        (std::fs::read_link(proc.join("exe")), std::env::current_exe(), std::fs::read(proc.join("cmdline")))
+    else {
+        return false;
+    };
+    let exe = exe.to_string_lossy();
+    if exe.strip_suffix(" (deleted)").unwrap_or(&exe) != ours.to_string_lossy() {
+        return false;
+    }
+    let args: Vec<&OsStr> = cmdline.split(|&b| b == 0).map(OsStr::from_bytes).collect();
+    let their_dir = match args.iter().position(|&arg| arg == "--dir") {
+        Some(i) => args.get(i + 1).copied(),
+        None => args.iter().find_map(|arg| arg.as_bytes().strip_prefix(b"--dir=").map(OsStr::from_bytes)),
+    };
+    let their_dir = proc.join("cwd").join(their_dir.unwrap_or(OsStr::new(DEFAULT_DIR)));
+    args.get(1).is_some_and(|&command| command == "up")
+        && their_dir.canonicalize().ok().is_some_and(|theirs| dir.canonicalize().is_ok_and(|d| d == theirs))
 }
 
 pub fn down(dir: &Path) -> anyhow::Result<()> {
     let state = FleetState::read(dir)?;
-    if !is_fleetctl(state.pid) {
-        bail!("the fleet recorded in {} (fleetctl PID {}) is not running", dir.display(), state.pid);
+    if !runs_fleet(state.pid, dir) {
+        bail!(
+            "the fleet recorded in {} (fleetctl PID {}) is not running: that PID is not `fleetctl up --dir {}`",
+            dir.display(),
+            state.pid,
+            dir.display()
+        );
     }
     let pid = Pid::from_raw(i32::try_from(state.pid)?);
     kill(pid, Signal::SIGTERM).with_context(|| format!("cannot signal fleetctl PID {pid}"))?;

@@ -17,6 +17,9 @@ use fleet_local::fleet::{Database, Fleet, FleetOptions};
 use crate::chaos::control::{ControlServer, Injector};
 use crate::state::{self, FleetState, MemberState, NodeState};
 
+/// `--dir`'s default, relative to the working directory.
+pub const DEFAULT_DIR: &str = ".fleet";
+
 #[derive(Debug, Args)]
 pub struct UpArgs {
     /// How many nodes (app-1 … app-N).
@@ -33,7 +36,7 @@ pub struct UpArgs {
     #[arg(long, default_value_t = 8080)]
     port: u16,
     /// The fleet's private directory: the kept database, logs, configs and fleet.json.
-    #[arg(long, default_value = ".fleet")]
+    #[arg(long, default_value = DEFAULT_DIR)]
     dir: PathBuf,
     /// Start with an empty database (the kept one is deleted).
     #[arg(long)]
@@ -60,7 +63,7 @@ fn forget_database(dir: &std::path::Path) -> anyhow::Result<()> {
     if !dir.exists() {
         return Ok(());
     }
-    let dir = fleet_local::fleet::prepare_dir(dir, true)?;
+    let dir = fleet_local::fleet::prepare_dir(dir)?;
     for database in [dir.join("postgres"), dir.join("patroni")] {
         if database.exists() {
             std::fs::remove_dir_all(&database)
@@ -164,7 +167,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     if state::path(&args.dir).exists() {
         if let Ok(running) = FleetState::read(&args.dir) {
             anyhow::ensure!(
-                !crate::status::is_fleetctl(running.pid),
+                !crate::status::runs_fleet(running.pid, &args.dir),
                 "a fleet is already running from {} (fleetctl PID {}); stop it with `fleetctl down --dir {}`",
                 args.dir.display(),
                 running.pid,

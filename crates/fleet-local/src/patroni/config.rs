@@ -3,7 +3,10 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
-use crate::postgres::{random_password, read_password_file, write_password_file, ADMIN_USER, APP_USER};
+use crate::etcd::ROOT_USER;
+use crate::postgres::{
+    random_password, read_password_file, write_password_file, ADMIN_USER, APP_USER, LOG_SETTINGS,
+};
 
 /// The user of Patroni's REST API (not a PostgreSQL role).
 pub const REST_API_USER: &str = "patroni";
@@ -34,6 +37,8 @@ pub struct Secrets {
     pub app: String,
     /// For Patroni's REST API endpoints that change the cluster (switchover, restart …).
     pub rest_api: String,
+    /// etcd's [`ROOT_USER`]'s: Patroni's only way into its store.
+    pub etcd: String,
 }
 
 impl std::fmt::Debug for Secrets {
@@ -49,6 +54,7 @@ impl Secrets {
             replication: random_password()?,
             app: random_password()?,
             rest_api: random_password()?,
+            etcd: random_password()?,
         })
     }
 
@@ -62,11 +68,13 @@ impl Secrets {
                 (APP_USER, &self.app),
                 (REPLICATION_USER, &self.replication),
                 (REST_API_USER, &self.rest_api),
+                (ROOT_USER, &self.etcd),
             ],
         )
     }
 
-    /// The passwords [`Secrets::write`] kept in `path`.
+    /// The passwords [`Secrets::write`] kept in `path`; a new etcd password if the file has none (a
+    /// cluster kept from before etcd required one).
     pub fn read(path: &Path) -> anyhow::Result<Secrets> {
         let file = read_password_file(path)?;
         Ok(Secrets {
@@ -74,6 +82,7 @@ impl Secrets {
             replication: file.get(REPLICATION_USER)?,
             app: file.get(APP_USER)?,
             rest_api: file.get(REST_API_USER)?,
+            etcd: file.get(ROOT_USER).or_else(|_| random_password())?,
         })
     }
 }
@@ -116,6 +125,7 @@ pub fn render(plan: &ClusterPlan<'_>, member: &MemberPlace<'_>) -> String {
         ("wal_sender_timeout", format!("{REPLICATION_TIMEOUT_S}s")),
         ("wal_receiver_timeout", format!("{REPLICATION_TIMEOUT_S}s")),
     ];
+    parameters.extend(LOG_SETTINGS.iter().map(|(name, value)| (*name, (*value).to_owned())));
     if !plan.durable {
         parameters.push(("fsync", "off".to_owned()));
         parameters.push(("full_page_writes", "off".to_owned()));
@@ -129,7 +139,7 @@ pub fn render(plan: &ClusterPlan<'_>, member: &MemberPlace<'_>) -> String {
         let _ = writeln!(params, "        {name}: '{value}'");
     }
     let dir = member.dir.display();
-    let Secrets { superuser, replication, rest_api, .. } = plan.secrets;
+    let Secrets { superuser, replication, rest_api, etcd: etcd_password, .. } = plan.secrets;
     format!(
         r#"scope: {scope}
 name: {name}
@@ -144,6 +154,8 @@ restapi:
     password: '{rest_api}'
 etcd3:
   hosts: {etcd}
+  username: {ROOT_USER}
+  password: '{etcd_password}'
 bootstrap:
   dcs:
     ttl: {TTL_S}
@@ -223,6 +235,8 @@ mod tests {
         assert!(yaml.contains("        wal_sender_timeout: '5s'\n"));
         assert!(yaml.contains("        deadlock_timeout: '100ms'\n"));
         assert!(yaml.contains("        fsync: 'off'\n"));
+        assert!(yaml.contains("        log_min_error_statement: 'panic'\n"));
         assert!(yaml.contains(&secrets.superuser));
+        assert!(yaml.contains(&format!("  username: root\n  password: '{}'\n", secrets.etcd)));
     }
 }

@@ -3,26 +3,28 @@
 //! `PGPASSFILE=<dir>/pgpass psql -h 127.0.0.1 -p PORT -U appuser appdb`.
 
 use std::fmt;
-use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Write};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::fs::File;
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context};
 
-use super::{ADMIN_USER, APP_USER};
+use super::{ADMIN_USER, APP_USER, MONITOR_USER};
+use crate::files::{open_read, write_new};
 
 /// The file's name in the cluster directory.
 const FILE_NAME: &str = "pgpass";
 /// Random bytes per password (shown as twice as many hex digits).
 const PASSWORD_BYTES: usize = 16;
 
-/// The superuser's and the application role's passwords. Hex digits only, so they need no quoting in
-/// SQL, URLs or the password file.
+/// The superuser's, the application role's and the exporter's role's passwords. Hex digits only, so
+/// they need no quoting in SQL, URLs or the password file.
 #[derive(Clone)]
 pub(super) struct Credentials {
     pub(super) admin: String,
     pub(super) app: String,
+    pub(super) monitor: String,
 }
 
 impl fmt::Debug for Credentials {
@@ -40,44 +42,52 @@ impl Credentials {
     /// New random passwords for a new cluster in `dir`, written to its password file (replacing one
     /// left by an earlier cluster there).
     pub(super) fn create(dir: &Path) -> anyhow::Result<Credentials> {
-        let credentials = Credentials { admin: random_password()?, app: random_password()? };
-        write_password_file(&path(dir), &[(ADMIN_USER, &credentials.admin), (APP_USER, &credentials.app)])?;
+        let credentials =
+            Credentials { admin: random_password()?, app: random_password()?, monitor: random_password()? };
+        credentials.write(dir)?;
         Ok(credentials)
     }
 
-    /// The passwords of the existing cluster in `dir`.
+    /// The passwords of the existing cluster in `dir` (a new one for the exporter's role if the file has
+    /// none: a cluster kept from before that role), written back.
     pub(super) fn read(dir: &Path) -> anyhow::Result<Credentials> {
         let passwords = read_password_file(&path(dir))?;
-        Ok(Credentials { admin: passwords.get(ADMIN_USER)?, app: passwords.get(APP_USER)? })
+        let credentials = Credentials {
+            admin: passwords.get(ADMIN_USER)?,
+            app: passwords.get(APP_USER)?,
+            monitor: passwords.get(MONITOR_USER).or_else(|_| random_password())?,
+        };
+        credentials.write(dir)?;
+        Ok(credentials)
+    }
+
+    fn write(&self, dir: &Path) -> anyhow::Result<()> {
+        let entries = [(ADMIN_USER, &self.admin), (APP_USER, &self.app), (MONITOR_USER, &self.monitor)];
+        write_password_file(&path(dir), &entries.map(|(user, password)| (user, password.as_str())))
     }
 }
 
 /// Writes a libpq password file at `path` (mode 0600, replacing one left there) with one line
 /// `*:*:*:USER:PASSWORD` per entry: any host, port and database.
 pub(crate) fn write_password_file(path: &Path, entries: &[(&str, &str)]) -> anyhow::Result<()> {
-    let _ = fs::remove_file(path);
     let text: String = entries.iter().map(|(user, password)| format!("*:*:*:{user}:{password}\n")).collect();
-    OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .and_then(|mut file| file.write_all(text.as_bytes()))
-        .with_context(|| format!("cannot write {}", path.display()))
+    write_new(path, text.as_bytes(), 0o600, None)
 }
 
 /// The passwords of a file [`write_password_file`] wrote, which must be ours and private.
 pub(crate) fn read_password_file(path: &Path) -> anyhow::Result<PasswordFile> {
-    let meta = fs::metadata(path).with_context(|| {
+    let mut file = open_read(path).with_context(|| {
         format!("the cluster has no password file {}; start over with a fresh cluster", path.display())
     })?;
+    let meta = file.metadata()?;
     ensure!(
         meta.mode() & 0o077 == 0 && meta.uid() == nix::unistd::geteuid().as_raw(),
         "{} must be ours and readable by us only (it is mode {:o}); refusing to use it",
         path.display(),
         meta.mode() & 0o777
     );
-    let text = fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let mut text = String::new();
+    file.read_to_string(&mut text).with_context(|| format!("cannot read {}", path.display()))?;
     Ok(PasswordFile { path: path.to_owned(), text })
 }
 
@@ -111,6 +121,7 @@ pub(crate) fn random_password() -> anyhow::Result<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs;
     use std::os::unix::fs::PermissionsExt;
 
     #[test]

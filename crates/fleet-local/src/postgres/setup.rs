@@ -53,6 +53,11 @@ impl Default for PostgresOptions {
 /// `command:`.
 pub const DEADLOCK_TIMEOUT: &str = "1ms";
 
+/// Logging settings of every cluster the launcher creates (plain or Patroni's). Opposite transfers
+/// deadlock by design, hundreds of times a second under load: PostgreSQL logs each deadlock (which
+/// sessions, which locks) but, with this, not the statement of each error, which the client already got.
+pub(crate) const LOG_SETTINGS: &[(&str, &str)] = &[("log_min_error_statement", "panic")];
+
 /// The server settings passed as `-c name=value`.
 pub(super) fn settings(opts: &PostgresOptions, dir: &Path) -> Vec<(String, String)> {
     // The socket path is `<dir>/.s.PGSQL.<port>`; a longer one would stop the server from starting.
@@ -70,6 +75,7 @@ pub(super) fn settings(opts: &PostgresOptions, dir: &Path) -> Vec<(String, Strin
         ("logging_collector", "off".to_owned()),
         ("log_destination", "stderr".to_owned()),
     ];
+    settings.extend(LOG_SETTINGS.iter().map(|(name, value)| (*name, (*value).to_owned())));
     if !opts.durable {
         for name in ["fsync", "synchronous_commit", "full_page_writes"] {
             settings.push((name, "off".to_owned()));
