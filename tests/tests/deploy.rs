@@ -7,6 +7,7 @@
 
 use std::collections::BTreeSet;
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -613,8 +614,16 @@ async fn the_compose_init_script_creates_an_unprivileged_role_that_migrates_its_
     // and a psql variable in it, to show that nothing is spliced into SQL text.
     let (user, password, database) = ("fleet_app", r#"it's "quoted" :app_user"#, "fleet db");
     let socket_dir = pg.data_dir().parent().unwrap().to_owned();
-    let psql_dir = fleet_local::postgres_bin("psql").unwrap().parent().unwrap().to_owned();
-    let path = format!("{}:{}", psql_dir.display(), std::env::var("PATH").unwrap_or_default());
+    // psql through a wrapper that writes down its arguments: every local user can read a process's
+    // arguments (/proc/<pid>/cmdline), so the password must be in none of them.
+    let wrapper = tempfile::tempdir().unwrap();
+    let arguments = wrapper.path().join("arguments");
+    let psql = fleet_local::postgres_bin("psql").unwrap();
+    let record = format!("printf '%s\\n' \"$@\" >>'{}'", arguments.display());
+    fs::write(wrapper.path().join("psql"), format!("#!/bin/sh\n{record}\nexec '{}' \"$@\"\n", psql.display()))
+        .unwrap();
+    fs::set_permissions(wrapper.path().join("psql"), fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!("{}:{}", wrapper.path().display(), std::env::var("PATH").unwrap_or_default());
     let mut script = Command::new("sh");
     script
         .arg(repo().join("deploy/postgres/create-app-role.sh"))
@@ -623,6 +632,9 @@ async fn the_compose_init_script_creates_an_unprivileged_role_that_migrates_its_
     script.env("PGPORT", pg.port().to_string()).env("POSTGRES_USER", fleet_local::postgres::ADMIN_USER);
     script.env("APP_DB_USER", user).env("APP_DB_PASSWORD", password).env("APP_DB_NAME", database);
     run(&mut script);
+    let arguments = fs::read_to_string(arguments).unwrap();
+    assert!(arguments.contains("--no-psqlrc"), "the script ran psql through the wrapper");
+    assert!(!arguments.contains(password), "the app role's password was in psql's arguments");
 
     let mut config = tokio_postgres::Config::new();
     config.host("127.0.0.1").port(pg.port()).user(user).password(password).dbname(database);
