@@ -42,16 +42,27 @@ fn the_compose_nginx_images_operator_networks_are_the_default_ones() {
 }
 
 #[test]
-fn the_compose_nginx_renders_fleet_operator_networks_as_the_local_fleet_does() {
-    let script = repo().join("deploy/nginx/operator-networks.sh");
-    let render = |networks: &str| {
-        let out = Command::new("sh").arg(&script).env("FLEET_OPERATOR_NETWORKS", networks).output().unwrap();
+fn the_compose_nginx_images_trusted_proxies_are_none() {
+    golden("deploy/nginx/trusted-proxies.conf", &nginx::trusted_proxies_conf(&[]));
+}
+
+#[test]
+fn the_compose_nginx_renders_its_operator_networks_and_trusted_proxies_as_the_local_fleet_does() {
+    let script = repo().join("deploy/nginx/networks.sh");
+    let render = |include: &str, variable: &str, networks: &str| {
+        let out = Command::new("sh").arg(&script).arg(include).env(variable, networks).output().unwrap();
         (out.status.success(), String::from_utf8(out.stdout).unwrap())
     };
     let networks = ["10.1.0.0/16", "192.0.2.7", "2001:db8::/32"].map(str::to_owned);
-    assert_eq!(render(&networks.join(",")), (true, nginx::operator_networks_conf(&networks)));
-    for bad in ["10.0.0.0/8;deny", "10.0.0.0/8 1; }", "localhost", "1.2.3.4/8/8"] {
-        assert!(!render(bad).0, "{bad} was taken");
+    let rendered = [
+        ("operator-networks", "FLEET_OPERATOR_NETWORKS", nginx::operator_networks_conf(&networks)),
+        ("trusted-proxies", "FLEET_TRUSTED_PROXIES", nginx::trusted_proxies_conf(&networks)),
+    ];
+    for (include, variable, conf) in rendered {
+        assert_eq!(render(include, variable, &networks.join(",")), (true, conf), "{include}");
+        for bad in ["10.0.0.0/8;deny", "10.0.0.0/8 1; }", "localhost", "1.2.3.4/8/8"] {
+            assert!(!render(include, variable, bad).0, "{include}: {bad} was taken");
+        }
     }
 }
 
@@ -154,9 +165,10 @@ fn nginx_accepts_compose_file(path: &str, upstreams: &[Upstream]) {
     let dir = tempfile::tempdir().unwrap();
     fs::create_dir(dir.path().join("conf.d")).unwrap();
     fs::write(dir.path().join("conf.d/default.conf"), conf).unwrap();
-    // Included from nginx's config directory, where the image puts it.
-    let networks = read("deploy/nginx/operator-networks.conf");
-    fs::write(dir.path().join(nginx::OPERATOR_NETWORKS_FILE), networks).unwrap();
+    // Included from nginx's config directory, where the image puts them.
+    for file in [nginx::OPERATOR_NETWORKS_FILE, nginx::TRUSTED_PROXIES_FILE] {
+        fs::write(dir.path().join(file), read(&format!("deploy/nginx/{file}"))).unwrap();
+    }
     let main = format!(
         "pid nginx.pid;\nerror_log stderr;\nevents {{}}\nhttp {{\n{}    include conf.d/default.conf;\n}}\n",
         ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"]
@@ -178,12 +190,15 @@ fn the_compose_nginx_has_the_local_fleets_worker_limits() {
 fn nginx_accepts_the_local_config() {
     let dir = tempfile::tempdir().unwrap();
     let operators: Vec<String> = nginx::OPERATOR_NETWORKS.iter().map(|n| n.to_string()).collect();
+    // With trusted proxies: nginx has the real IP module and takes its directives where they are.
+    let proxies = ["127.0.0.1".to_owned(), "fc00::/7".to_owned()];
     let conf = nginx::local_config(
         dir.path(),
         "127.0.0.1:8080",
         &loopback_nodes(4),
         &["app-2".to_owned()],
         &operators,
+        &proxies,
     );
     fs::write(dir.path().join("nginx.conf"), conf).unwrap();
     nginx_t(dir.path());
@@ -620,8 +635,11 @@ async fn the_compose_init_script_creates_an_unprivileged_role_that_migrates_its_
     let arguments = wrapper.path().join("arguments");
     let psql = fleet_local::postgres_bin("psql").unwrap();
     let record = format!("printf '%s\\n' \"$@\" >>'{}'", arguments.display());
-    fs::write(wrapper.path().join("psql"), format!("#!/bin/sh\n{record}\nexec '{}' \"$@\"\n", psql.display()))
-        .unwrap();
+    fs::write(
+        wrapper.path().join("psql"),
+        format!("#!/bin/sh\n{record}\nexec '{}' \"$@\"\n", psql.display()),
+    )
+    .unwrap();
     fs::set_permissions(wrapper.path().join("psql"), fs::Permissions::from_mode(0o755)).unwrap();
     let path = format!("{}:{}", wrapper.path().display(), std::env::var("PATH").unwrap_or_default());
     let mut script = Command::new("sh");
@@ -856,7 +874,7 @@ async fn local_nginx_balances_pins_passes_escapes_and_skips_a_stopped_node() {
     let port = free_port().unwrap();
     let conf = dir.path().join("nginx.conf");
     let listen = format!("127.0.0.1:{port}");
-    fs::write(&conf, nginx::local_config(dir.path(), &listen, &upstreams, &[], &[])).unwrap();
+    fs::write(&conf, nginx::local_config(dir.path(), &listen, &upstreams, &[], &[], &[])).unwrap();
     let mut cmd = Command::new(nginx_bin().unwrap());
     cmd.arg("-c").arg(&conf).arg("-p").arg(dir.path());
     let mut nginx = Child::spawn("nginx", cmd, !test_log()).expect("start nginx");

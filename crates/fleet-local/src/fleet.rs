@@ -82,6 +82,8 @@ pub struct FleetOptions {
     /// The networks nginx admits to the lab and operator endpoints (CIDR or single addresses); others
     /// get 403. Default: [`nginx::OPERATOR_NETWORKS`].
     pub operator_networks: Vec<String>,
+    /// Proxies whose `X-Forwarded-For` nginx believes (see [`nginx::trusted_proxies_conf`]). Default: none.
+    pub trusted_proxies: Vec<String>,
 }
 
 impl FleetOptions {
@@ -100,6 +102,7 @@ impl FleetOptions {
             durable: true,
             replicas: 0,
             operator_networks: nginx::OPERATOR_NETWORKS.iter().map(|n| n.to_string()).collect(),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -130,8 +133,9 @@ pub struct Fleet {
     dir: PathBuf,
     port: u16,
     upstreams: Vec<Upstream>,
-    /// Who nginx admits to the lab and operator endpoints.
+    /// Who nginx admits to the lab and operator endpoints, and which proxies it believes about the client.
     operator_networks: Vec<String>,
+    trusted_proxies: Vec<String>,
     /// Nodes taken out of nginx's round robin (before they were stopped).
     out_of_rotation: Vec<String>,
     /// What the user should know about how the fleet started (a database that could not be kept).
@@ -144,7 +148,7 @@ impl Fleet {
     /// Prometheus, and returns once every node answers through nginx.
     pub fn start(opts: FleetOptions) -> anyhow::Result<Fleet> {
         check_capacity(opts.nodes, opts.pool_size)?;
-        for network in &opts.operator_networks {
+        for network in opts.operator_networks.iter().chain(&opts.trusted_proxies) {
             nginx::check_network(network).map_err(anyhow::Error::msg)?;
         }
         let keep_database = opts.keep_database && opts.dir.is_some();
@@ -220,8 +224,8 @@ impl Fleet {
             })
             .collect();
         let port = if opts.port == 0 { free_port()? } else { opts.port };
-        let nginx =
-            start_nginx(&dir.join("nginx"), port, &upstreams, &opts.operator_networks, &logs, opts.quiet)?;
+        let (operators, trusted) = (&opts.operator_networks, &opts.trusted_proxies);
+        let nginx = start_nginx(&dir.join("nginx"), port, &upstreams, operators, trusted, &logs, opts.quiet)?;
         let (prometheus, exporter) = match opts.prometheus {
             true => {
                 // PostgreSQL's exporter speaks to one server; a cluster's members are seen through
@@ -264,6 +268,7 @@ impl Fleet {
             port,
             upstreams,
             operator_networks: opts.operator_networks,
+            trusted_proxies: opts.trusted_proxies,
             out_of_rotation: Vec::new(),
             warnings,
             _temp_dir: temp_dir,
@@ -415,7 +420,8 @@ impl Fleet {
     fn take_out_of_rotation(&mut self, name: &str) -> anyhow::Result<()> {
         self.out_of_rotation.push(name.to_owned());
         let dir = self.dir.join("nginx");
-        write_nginx_config(&dir, self.port, &self.upstreams, &self.out_of_rotation, &self.operator_networks)?;
+        let (operators, trusted) = (&self.operator_networks, &self.trusted_proxies);
+        write_nginx_config(&dir, self.port, &self.upstreams, &self.out_of_rotation, operators, trusted)?;
         let master = Pid::from_raw(i32::try_from(self.nginx.pid()).context("PID out of range")?);
         let old_workers = proctree::descendants(master)?;
         signal::kill(master, Signal::SIGHUP).context("cannot ask nginx to reload")?;
@@ -533,10 +539,12 @@ fn write_nginx_config(
     upstreams: &[Upstream],
     out_of_rotation: &[String],
     operator_networks: &[String],
+    trusted_proxies: &[String],
 ) -> anyhow::Result<PathBuf> {
     let conf = dir.join("nginx.conf");
     let listen = format!("127.0.0.1:{port}");
-    let text = nginx::local_config(dir, &listen, upstreams, out_of_rotation, operator_networks);
+    let text =
+        nginx::local_config(dir, &listen, upstreams, out_of_rotation, operator_networks, trusted_proxies);
     fs::write(&conf, text).with_context(|| format!("cannot write {}", conf.display()))?;
     Ok(conf)
 }
@@ -546,11 +554,12 @@ fn start_nginx(
     port: u16,
     upstreams: &[Upstream],
     operator_networks: &[String],
+    trusted_proxies: &[String],
     logs: &Path,
     quiet: bool,
 ) -> anyhow::Result<Child> {
     fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let conf = write_nginx_config(dir, port, upstreams, &[], operator_networks)?;
+    let conf = write_nginx_config(dir, port, upstreams, &[], operator_networks, trusted_proxies)?;
     let mut cmd = Command::new(nginx_bin()?);
     cmd.arg("-c").arg(&conf).arg("-p").arg(dir);
     let mut child = Child::spawn_logged("nginx", cmd, quiet, &logs.join("nginx.log"))?;
