@@ -377,21 +377,27 @@ fn the_ha_profile_runs_its_nodes_on_three_patroni_members_through_the_two_urls()
     let (api_port, pg_port) =
         (port_of(&config["restapi"]["listen"]), port_of(&config["postgresql"]["listen"]));
 
-    // Each member names itself and the addresses it is reached at; the store is the etcd service.
+    // Each member names itself and the addresses it is reached at; the store is the etcd service, as
+    // its user root.
     let etcd = &services["etcd"];
-    let (etcd_host, etcd_port) = config["etcd3"]["hosts"].as_str().unwrap().split_once(':').unwrap();
-    assert_eq!((etcd_host, etcd["expose"].clone()), ("etcd", json!([etcd_port])));
     for name in &members {
         let member = &services[name.as_str()];
         let env = &member["environment"];
+        let (etcd_host, etcd_port) = env["PATRONI_ETCD3_HOSTS"].as_str().unwrap().split_once(':').unwrap();
+        assert_eq!((etcd_host, etcd["expose"].clone()), ("etcd", json!([etcd_port])), "{name}");
+        assert_eq!(env["PATRONI_ETCD3_USERNAME"], "root", "{name}");
+        assert_eq!(env["PATRONI_ETCD3_PASSWORD"], etcd["environment"]["ROOT_PASSWORD"], "{name}");
         assert_eq!(env["PATRONI_NAME"], json!(name));
         assert_eq!(env["PATRONI_RESTAPI_CONNECT_ADDRESS"], json!(format!("{name}:{api_port}")));
         assert_eq!(env["PATRONI_POSTGRESQL_CONNECT_ADDRESS"], json!(format!("{name}:{pg_port}")));
         assert_eq!(member["expose"], json!([pg_port, api_port]), "{name}");
         assert!(depends_on(member).contains(&("etcd".to_owned(), "service_healthy".to_owned())), "{name}");
-        for secret in
-            ["PATRONI_SUPERUSER_PASSWORD", "PATRONI_REPLICATION_PASSWORD", "PATRONI_RESTAPI_PASSWORD"]
-        {
+        for secret in [
+            "PATRONI_SUPERUSER_PASSWORD",
+            "PATRONI_REPLICATION_PASSWORD",
+            "PATRONI_RESTAPI_PASSWORD",
+            "PATRONI_ETCD3_PASSWORD",
+        ] {
             assert!(
                 env[secret].as_str().is_some_and(|v| v.starts_with("${")),
                 "{name}'s {secret} comes from outside"
@@ -466,12 +472,8 @@ fn patroni_accepts_the_compose_member_config_with_a_members_environment() {
     // secrets replaced by placeholders). It connects to etcd's address, which only exists on the compose
     // network, so that one address is pointed at a listener of the test's; and it looks for the server
     // tools on PATH, where the image has them.
-    let committed = read("deploy/patroni/patroni.yml");
-    assert_eq!(committed.matches("etcd:2379").count(), 1, "{committed}");
+    let config = repo().join("deploy/patroni/patroni.yml");
     let etcd = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("patroni.yml");
-    fs::write(&config, committed.replace("etcd:2379", &etcd.local_addr().unwrap().to_string())).unwrap();
     let compose = compose();
     let env = compose["services"]["pg-1"]["environment"].as_object().unwrap().clone();
     let bin_dir = fs::canonicalize(fleet_local::postgres_bin("postgres").unwrap()).unwrap();
@@ -483,6 +485,7 @@ fn patroni_accepts_the_compose_member_config_with_a_members_environment() {
         let value = value.as_str().unwrap();
         cmd.env(name, if value.starts_with("${") { "placeholder" } else { value });
     }
+    cmd.env("PATRONI_ETCD3_HOSTS", etcd.local_addr().unwrap().to_string());
     run(&mut cmd);
 
     // The validator really checks: a member without a name is refused.
@@ -567,7 +570,8 @@ fn compose_requires_its_secrets_and_publishes_only_nginx() {
     let uses: Vec<&str> = text.split("${").skip(1).map(|rest| rest.split('}').next().unwrap()).collect();
     let secret = |name: &str| ["PASSWORD", "SECRET", "TOKEN"].iter().any(|s| name.contains(s));
     assert!(uses.iter().any(|v| secret(v)), "compose takes its passwords from the environment");
-    let checked_by_containers = [read("deploy/patroni/entrypoint.sh"), text.clone()].concat();
+    let checked_by_containers =
+        [read("deploy/patroni/entrypoint.sh"), read("deploy/etcd/entrypoint.sh"), text.clone()].concat();
     for variable in &uses {
         let name = variable.split([':', '-', '?']).next().unwrap();
         assert!(name.chars().all(|c| c.is_ascii_uppercase() || c == '_'), "{variable}");
