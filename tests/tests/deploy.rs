@@ -177,6 +177,16 @@ fn nginx_accepts_compose_file(path: &str, upstreams: &[Upstream]) {
     );
     fs::write(dir.path().join("nginx.conf"), main).unwrap();
     nginx_t(dir.path());
+    // And with the trusted proxies the entrypoint renders from FLEET_TRUSTED_PROXIES.
+    let rendered = Command::new("sh")
+        .arg(repo().join("deploy/nginx/networks.sh"))
+        .arg("trusted-proxies")
+        .env("FLEET_TRUSTED_PROXIES", "10.0.0.0/8,fc00::/7")
+        .output()
+        .unwrap();
+    assert!(rendered.status.success(), "{}", String::from_utf8_lossy(&rendered.stderr));
+    fs::write(dir.path().join(nginx::TRUSTED_PROXIES_FILE), rendered.stdout).unwrap();
+    nginx_t(dir.path());
 }
 
 #[test]
