@@ -6,13 +6,17 @@
 # resolve (its node is stopped) nginx keeps its config, and its passive health checks skip that node.
 # SIGTERM stops nginx gracefully (SIGQUIT: open requests finish). With arguments, runs them instead.
 # FLEET_OPERATOR_NETWORKS (comma-separated addresses or CIDR ranges), when set, replaces the networks
-# admitted to the lab and operator endpoints (default: loopback and the private ranges).
+# admitted to the lab and operator endpoints (default: loopback and the private ranges);
+# FLEET_TRUSTED_PROXIES, when set, the proxies whose X-Forwarded-For names the client (default: none).
 set -eu
 [ "$#" -eq 0 ] || exec "$@"
-if [ -n "${FLEET_OPERATOR_NETWORKS:-}" ]; then
-    operator-networks.sh > /etc/nginx/operator-networks.conf.new
-    mv /etc/nginx/operator-networks.conf.new /etc/nginx/operator-networks.conf
-fi
+# /etc/nginx/<include>.conf from its variable (networks.sh), which stops the container if it is wrong.
+render() {
+    networks.sh "$1" > "/etc/nginx/$1.conf.new"
+    mv "/etc/nginx/$1.conf.new" "/etc/nginx/$1.conf"
+}
+[ -z "${FLEET_OPERATOR_NETWORKS:-}" ] || render operator-networks
+[ -z "${FLEET_TRUSTED_PROXIES:-}" ] || render trusted-proxies
 config=/etc/nginx/conf.d/default.conf
 names=$(sed -n 's/^ *server \([A-Za-z0-9.-]*\):[0-9]*.*/\1/p' "$config" | sort -u)
 

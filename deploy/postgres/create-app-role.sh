@@ -12,12 +12,16 @@
 # read-your-writes tokens are checked against (docs/ha.md).
 #
 # The values go to psql as variables (:"name" quotes an identifier, :'name' a literal), never into SQL
-# text. Reading the SQL from stdin is what lets psql interpolate them.
+# text. Reading the SQL from stdin is what lets psql interpolate them. The password is no argument (every
+# local user can read a process's arguments): psql reads it from its environment (\getenv, psql 15).
+# Should the statement fail, the server must not log it with the password in it.
 set -eu
 : "${APP_DB_USER:?set APP_DB_USER}" "${APP_DB_PASSWORD:?set APP_DB_PASSWORD}" "${APP_DB_NAME:?set APP_DB_NAME}"
 
 psql -v ON_ERROR_STOP=1 --no-psqlrc --username "${POSTGRES_USER:-postgres}" --dbname postgres \
-    -v app_user="$APP_DB_USER" -v app_password="$APP_DB_PASSWORD" -v app_db="$APP_DB_NAME" <<'SQL'
+    -v app_user="$APP_DB_USER" -v app_db="$APP_DB_NAME" <<'SQL'
+\getenv app_password APP_DB_PASSWORD
+SET log_min_error_statement = panic;
 CREATE ROLE :"app_user" LOGIN PASSWORD :'app_password' NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS;
 CREATE DATABASE :"app_db" OWNER :"app_user";
 REVOKE ALL ON DATABASE :"app_db" FROM PUBLIC;

@@ -11,11 +11,12 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 
 /// The secrets docker-compose.yml reads, every profile's.
-pub const SECRETS: [&str; 5] = [
+pub const SECRETS: [&str; 6] = [
     "POSTGRES_SUPERUSER_PASSWORD",
     "APP_DB_PASSWORD",
     "REPLICATION_PASSWORD",
     "PATRONI_API_PASSWORD",
+    "ETCD_ROOT_PASSWORD",
     "GRAFANA_ADMIN_PASSWORD",
 ];
 

@@ -7,7 +7,7 @@
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use fleet_tests::compose::{build_images, docker, engine_or_skip, one_at_a_time, Stack};
+use fleet_tests::compose::{build_images, docker, engine_or_skip, one_at_a_time, whole, Stack};
 use fleet_tests::load::{acknowledged, failures, summary, Load};
 use fleet_tests::{
     acknowledged_values, assert_transfers_applied_exactly_once, isolation, opposite_transfers, Api,
@@ -30,6 +30,7 @@ fn compose_needs_only_the_default_profiles_secrets_and_names_a_missing_one() {
     let stack = Stack::new("config")
         .without_secret("REPLICATION_PASSWORD")
         .without_secret("PATRONI_API_PASSWORD")
+        .without_secret("ETCD_ROOT_PASSWORD")
         .without_secret("GRAFANA_ADMIN_PASSWORD");
     stack.run(&["config", "-q"]);
     stack.run(&["--profile", "ha", "--profile", "dashboards", "config", "-q"]);
@@ -55,6 +56,11 @@ fn a_profiles_container_refuses_to_start_without_its_secret_and_names_it() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && stderr.contains("set REPLICATION_PASSWORD"), "{stderr}");
+    // And etcd without its root user's password.
+    let out =
+        std::process::Command::new("docker").args(["run", "--rm", "pgfleet/etcd:latest"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("set ETCD_ROOT_PASSWORD"), "{stderr}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -245,6 +251,42 @@ async fn an_operator_stops_kills_restarts_and_scales_and_clients_see_what_they_w
     );
 }
 
+/// `etcdctl get --prefix /` in etcd's container, without credentials, is refused.
+fn etcd_refuses_whoever_has_no_credentials(stack: &Stack) {
+    let get = std::process::Command::new("docker")
+        .args(["exec", &stack.container("etcd"), "etcdctl", "get", "--prefix", "/"])
+        .output()
+        .unwrap();
+    let refusal = String::from_utf8_lossy(&get.stderr);
+    assert!(!get.status.success() && refusal.contains("user name is empty"), "etcdctl get: {refusal}");
+    assert!(get.stdout.is_empty(), "etcdctl get without credentials printed keys");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn etcd_answers_only_its_root_user_from_its_first_start_and_after_a_restart() {
+    if !engine_or_skip("etcd authentication") {
+        return;
+    }
+    let _one = one_at_a_time().await;
+    tokio::task::block_in_place(|| {
+        build_images();
+        let stack = Stack::new("etcd");
+        stack.up(&["ha"], &["etcd"]);
+        for start in ["first start", "restart"] {
+            etcd_refuses_whoever_has_no_credentials(&stack);
+            // As root with the secret, which etcdctl takes from the environment (not the command line).
+            let put = r#"ETCDCTL_USER="root:$ROOT_PASSWORD" exec etcdctl put /pgfleet-test "$0""#;
+            let put = docker(&["exec", &stack.container("etcd"), "sh", "-c", put, start]);
+            assert_eq!(put.trim(), "OK", "{start}: root writes");
+            if start == "first start" {
+                stack.run(&["--profile", "ha", "restart", "-t", "10", "etcd"]);
+                stack.wait_healthy(Duration::from_secs(60)).unwrap();
+            }
+        }
+        stack.down().unwrap();
+    });
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_ha_profile_bootstraps_three_members_and_survives_its_leaders_death_under_a_careful_client() {
     if !engine_or_skip("ha profile") {
@@ -260,6 +302,21 @@ async fn the_ha_profile_bootstraps_three_members_and_survives_its_leaders_death_
     let members = tokio::task::block_in_place(|| stack.wait_whole(Duration::from_secs(120))).unwrap();
     let leader = members.iter().find(|m| m.role == "leader").unwrap().name.clone();
     eprintln!("ha profile: {members:?}");
+
+    // etcd answers only its user root, whose password Patroni has: a stranger on the back network (here
+    // a member's container, without credentials) can neither read Patroni's keys nor delete its leader
+    // key, through etcd's HTTP gateway or with etcdctl in etcd's own container.
+    let (everything, leader_key) =
+        (r#"{"key": "Lw==", "range_end": "MA=="}"#, r#"{"key": "L3NlcnZpY2UvcGdmbGVldC9sZWFkZXI="}"#);
+    for (call, body) in [("range", everything), ("deleterange", leader_key)] {
+        let url = format!("http://etcd:2379/v3/kv/{call}");
+        let answer = tokio::task::block_in_place(|| {
+            docker(&["exec", &stack.container("pg-1"), "curl", "-sS", "--max-time", "3", "-d", body, &url])
+        });
+        assert!(answer.contains("user name is empty"), "{call} without credentials: {answer}");
+    }
+    tokio::task::block_in_place(|| etcd_refuses_whoever_has_no_credentials(&stack));
+    assert!(whole(&tokio::task::block_in_place(|| stack.patroni_members(&leader))), "the leader still leads");
 
     // Prometheus scrapes every member and both HA nodes.
     let prometheus = Api::new(stack.prometheus_url());

@@ -7,6 +7,7 @@
 
 use std::collections::BTreeSet;
 use std::fs;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -41,16 +42,27 @@ fn the_compose_nginx_images_operator_networks_are_the_default_ones() {
 }
 
 #[test]
-fn the_compose_nginx_renders_fleet_operator_networks_as_the_local_fleet_does() {
-    let script = repo().join("deploy/nginx/operator-networks.sh");
-    let render = |networks: &str| {
-        let out = Command::new("sh").arg(&script).env("FLEET_OPERATOR_NETWORKS", networks).output().unwrap();
+fn the_compose_nginx_images_trusted_proxies_are_none() {
+    golden("deploy/nginx/trusted-proxies.conf", &nginx::trusted_proxies_conf(&[]));
+}
+
+#[test]
+fn the_compose_nginx_renders_its_operator_networks_and_trusted_proxies_as_the_local_fleet_does() {
+    let script = repo().join("deploy/nginx/networks.sh");
+    let render = |include: &str, variable: &str, networks: &str| {
+        let out = Command::new("sh").arg(&script).arg(include).env(variable, networks).output().unwrap();
         (out.status.success(), String::from_utf8(out.stdout).unwrap())
     };
     let networks = ["10.1.0.0/16", "192.0.2.7", "2001:db8::/32"].map(str::to_owned);
-    assert_eq!(render(&networks.join(",")), (true, nginx::operator_networks_conf(&networks)));
-    for bad in ["10.0.0.0/8;deny", "10.0.0.0/8 1; }", "localhost", "1.2.3.4/8/8"] {
-        assert!(!render(bad).0, "{bad} was taken");
+    let rendered = [
+        ("operator-networks", "FLEET_OPERATOR_NETWORKS", nginx::operator_networks_conf(&networks)),
+        ("trusted-proxies", "FLEET_TRUSTED_PROXIES", nginx::trusted_proxies_conf(&networks)),
+    ];
+    for (include, variable, conf) in rendered {
+        assert_eq!(render(include, variable, &networks.join(",")), (true, conf), "{include}");
+        for bad in ["10.0.0.0/8;deny", "10.0.0.0/8 1; }", "localhost", "1.2.3.4/8/8"] {
+            assert!(!render(include, variable, bad).0, "{include}: {bad} was taken");
+        }
     }
 }
 
@@ -153,9 +165,10 @@ fn nginx_accepts_compose_file(path: &str, upstreams: &[Upstream]) {
     let dir = tempfile::tempdir().unwrap();
     fs::create_dir(dir.path().join("conf.d")).unwrap();
     fs::write(dir.path().join("conf.d/default.conf"), conf).unwrap();
-    // Included from nginx's config directory, where the image puts it.
-    let networks = read("deploy/nginx/operator-networks.conf");
-    fs::write(dir.path().join(nginx::OPERATOR_NETWORKS_FILE), networks).unwrap();
+    // Included from nginx's config directory, where the image puts them.
+    for file in [nginx::OPERATOR_NETWORKS_FILE, nginx::TRUSTED_PROXIES_FILE] {
+        fs::write(dir.path().join(file), read(&format!("deploy/nginx/{file}"))).unwrap();
+    }
     let main = format!(
         "pid nginx.pid;\nerror_log stderr;\nevents {{}}\nhttp {{\n{}    include conf.d/default.conf;\n}}\n",
         ["client_body", "proxy", "fastcgi", "uwsgi", "scgi"]
@@ -163,6 +176,16 @@ fn nginx_accepts_compose_file(path: &str, upstreams: &[Upstream]) {
             .concat()
     );
     fs::write(dir.path().join("nginx.conf"), main).unwrap();
+    nginx_t(dir.path());
+    // And with the trusted proxies the entrypoint renders from FLEET_TRUSTED_PROXIES.
+    let rendered = Command::new("sh")
+        .arg(repo().join("deploy/nginx/networks.sh"))
+        .arg("trusted-proxies")
+        .env("FLEET_TRUSTED_PROXIES", "10.0.0.0/8,fc00::/7")
+        .output()
+        .unwrap();
+    assert!(rendered.status.success(), "{}", String::from_utf8_lossy(&rendered.stderr));
+    fs::write(dir.path().join(nginx::TRUSTED_PROXIES_FILE), rendered.stdout).unwrap();
     nginx_t(dir.path());
 }
 
@@ -177,12 +200,15 @@ fn the_compose_nginx_has_the_local_fleets_worker_limits() {
 fn nginx_accepts_the_local_config() {
     let dir = tempfile::tempdir().unwrap();
     let operators: Vec<String> = nginx::OPERATOR_NETWORKS.iter().map(|n| n.to_string()).collect();
+    // With trusted proxies: nginx has the real IP module and takes its directives where they are.
+    let proxies = ["127.0.0.1".to_owned(), "fc00::/7".to_owned()];
     let conf = nginx::local_config(
         dir.path(),
         "127.0.0.1:8080",
         &loopback_nodes(4),
         &["app-2".to_owned()],
         &operators,
+        &proxies,
     );
     fs::write(dir.path().join("nginx.conf"), conf).unwrap();
     nginx_t(dir.path());
@@ -361,21 +387,27 @@ fn the_ha_profile_runs_its_nodes_on_three_patroni_members_through_the_two_urls()
     let (api_port, pg_port) =
         (port_of(&config["restapi"]["listen"]), port_of(&config["postgresql"]["listen"]));
 
-    // Each member names itself and the addresses it is reached at; the store is the etcd service.
+    // Each member names itself and the addresses it is reached at; the store is the etcd service, as
+    // its user root.
     let etcd = &services["etcd"];
-    let (etcd_host, etcd_port) = config["etcd3"]["hosts"].as_str().unwrap().split_once(':').unwrap();
-    assert_eq!((etcd_host, etcd["expose"].clone()), ("etcd", json!([etcd_port])));
     for name in &members {
         let member = &services[name.as_str()];
         let env = &member["environment"];
+        let (etcd_host, etcd_port) = env["PATRONI_ETCD3_HOSTS"].as_str().unwrap().split_once(':').unwrap();
+        assert_eq!((etcd_host, etcd["expose"].clone()), ("etcd", json!([etcd_port])), "{name}");
+        assert_eq!(env["PATRONI_ETCD3_USERNAME"], "root", "{name}");
+        assert_eq!(env["PATRONI_ETCD3_PASSWORD"], etcd["environment"]["ROOT_PASSWORD"], "{name}");
         assert_eq!(env["PATRONI_NAME"], json!(name));
         assert_eq!(env["PATRONI_RESTAPI_CONNECT_ADDRESS"], json!(format!("{name}:{api_port}")));
         assert_eq!(env["PATRONI_POSTGRESQL_CONNECT_ADDRESS"], json!(format!("{name}:{pg_port}")));
         assert_eq!(member["expose"], json!([pg_port, api_port]), "{name}");
         assert!(depends_on(member).contains(&("etcd".to_owned(), "service_healthy".to_owned())), "{name}");
-        for secret in
-            ["PATRONI_SUPERUSER_PASSWORD", "PATRONI_REPLICATION_PASSWORD", "PATRONI_RESTAPI_PASSWORD"]
-        {
+        for secret in [
+            "PATRONI_SUPERUSER_PASSWORD",
+            "PATRONI_REPLICATION_PASSWORD",
+            "PATRONI_RESTAPI_PASSWORD",
+            "PATRONI_ETCD3_PASSWORD",
+        ] {
             assert!(
                 env[secret].as_str().is_some_and(|v| v.starts_with("${")),
                 "{name}'s {secret} comes from outside"
@@ -450,12 +482,8 @@ fn patroni_accepts_the_compose_member_config_with_a_members_environment() {
     // secrets replaced by placeholders). It connects to etcd's address, which only exists on the compose
     // network, so that one address is pointed at a listener of the test's; and it looks for the server
     // tools on PATH, where the image has them.
-    let committed = read("deploy/patroni/patroni.yml");
-    assert_eq!(committed.matches("etcd:2379").count(), 1, "{committed}");
+    let config = repo().join("deploy/patroni/patroni.yml");
     let etcd = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let config = dir.path().join("patroni.yml");
-    fs::write(&config, committed.replace("etcd:2379", &etcd.local_addr().unwrap().to_string())).unwrap();
     let compose = compose();
     let env = compose["services"]["pg-1"]["environment"].as_object().unwrap().clone();
     let bin_dir = fs::canonicalize(fleet_local::postgres_bin("postgres").unwrap()).unwrap();
@@ -467,6 +495,7 @@ fn patroni_accepts_the_compose_member_config_with_a_members_environment() {
         let value = value.as_str().unwrap();
         cmd.env(name, if value.starts_with("${") { "placeholder" } else { value });
     }
+    cmd.env("PATRONI_ETCD3_HOSTS", etcd.local_addr().unwrap().to_string());
     run(&mut cmd);
 
     // The validator really checks: a member without a name is refused.
@@ -551,7 +580,8 @@ fn compose_requires_its_secrets_and_publishes_only_nginx() {
     let uses: Vec<&str> = text.split("${").skip(1).map(|rest| rest.split('}').next().unwrap()).collect();
     let secret = |name: &str| ["PASSWORD", "SECRET", "TOKEN"].iter().any(|s| name.contains(s));
     assert!(uses.iter().any(|v| secret(v)), "compose takes its passwords from the environment");
-    let checked_by_containers = [read("deploy/patroni/entrypoint.sh"), text.clone()].concat();
+    let checked_by_containers =
+        [read("deploy/patroni/entrypoint.sh"), read("deploy/etcd/entrypoint.sh"), text.clone()].concat();
     for variable in &uses {
         let name = variable.split([':', '-', '?']).next().unwrap();
         assert!(name.chars().all(|c| c.is_ascii_uppercase() || c == '_'), "{variable}");
@@ -613,8 +643,19 @@ async fn the_compose_init_script_creates_an_unprivileged_role_that_migrates_its_
     // and a psql variable in it, to show that nothing is spliced into SQL text.
     let (user, password, database) = ("fleet_app", r#"it's "quoted" :app_user"#, "fleet db");
     let socket_dir = pg.data_dir().parent().unwrap().to_owned();
-    let psql_dir = fleet_local::postgres_bin("psql").unwrap().parent().unwrap().to_owned();
-    let path = format!("{}:{}", psql_dir.display(), std::env::var("PATH").unwrap_or_default());
+    // psql through a wrapper that writes down its arguments: every local user can read a process's
+    // arguments (/proc/<pid>/cmdline), so the password must be in none of them.
+    let wrapper = tempfile::tempdir().unwrap();
+    let arguments = wrapper.path().join("arguments");
+    let psql = fleet_local::postgres_bin("psql").unwrap();
+    let record = format!("printf '%s\\n' \"$@\" >>'{}'", arguments.display());
+    fs::write(
+        wrapper.path().join("psql"),
+        format!("#!/bin/sh\n{record}\nexec '{}' \"$@\"\n", psql.display()),
+    )
+    .unwrap();
+    fs::set_permissions(wrapper.path().join("psql"), fs::Permissions::from_mode(0o755)).unwrap();
+    let path = format!("{}:{}", wrapper.path().display(), std::env::var("PATH").unwrap_or_default());
     let mut script = Command::new("sh");
     script
         .arg(repo().join("deploy/postgres/create-app-role.sh"))
@@ -623,6 +664,9 @@ async fn the_compose_init_script_creates_an_unprivileged_role_that_migrates_its_
     script.env("PGPORT", pg.port().to_string()).env("POSTGRES_USER", fleet_local::postgres::ADMIN_USER);
     script.env("APP_DB_USER", user).env("APP_DB_PASSWORD", password).env("APP_DB_NAME", database);
     run(&mut script);
+    let arguments = fs::read_to_string(arguments).unwrap();
+    assert!(arguments.contains("--no-psqlrc"), "the script ran psql through the wrapper");
+    assert!(!arguments.contains(password), "the app role's password was in psql's arguments");
 
     let mut config = tokio_postgres::Config::new();
     config.host("127.0.0.1").port(pg.port()).user(user).password(password).dbname(database);
@@ -844,7 +888,7 @@ async fn local_nginx_balances_pins_passes_escapes_and_skips_a_stopped_node() {
     let port = free_port().unwrap();
     let conf = dir.path().join("nginx.conf");
     let listen = format!("127.0.0.1:{port}");
-    fs::write(&conf, nginx::local_config(dir.path(), &listen, &upstreams, &[], &[])).unwrap();
+    fs::write(&conf, nginx::local_config(dir.path(), &listen, &upstreams, &[], &[], &[])).unwrap();
     let mut cmd = Command::new(nginx_bin().unwrap());
     cmd.arg("-c").arg(&conf).arg("-p").arg(dir.path());
     let mut nginx = Child::spawn("nginx", cmd, !test_log()).expect("start nginx");

@@ -500,34 +500,41 @@ const OPERATOR_ONLY: [(&str, &str); 9] = [
     ("POST", "/api/%68old"),
 ];
 
-/// A one-node fleet whose nginx admits `networks` (its default when `None`) to those endpoints.
-fn fleet_admitting(networks: Option<&[&str]>) -> Fleet {
+/// A one-node fleet whose nginx admits `networks` (its default when `None`) to those endpoints, and
+/// believes the `X-Forwarded-For` of `proxies`.
+fn fleet_admitting(networks: Option<&[&str]>, proxies: &[&str]) -> Fleet {
     let mut opts = FleetOptions::new(fleet_tests::node_bin());
     (opts.nodes, opts.port, opts.prometheus, opts.durable) = (1, 0, false, false);
     opts.quiet = !fleet_tests::test_log();
     if let Some(networks) = networks {
         opts.operator_networks = networks.iter().map(|n| n.to_string()).collect();
     }
+    opts.trusted_proxies = proxies.iter().map(|n| n.to_string()).collect();
     Fleet::start(opts).expect("start a fleet")
 }
 
-async fn call(api: &Api, method: &str, path: &str) -> Reply {
+/// `method path` through nginx, from a client that says it forwards for `forwarded_for` (if any).
+async fn call(api: &Api, method: &str, path: &str, forwarded_for: Option<&str>) -> Reply {
+    let headers: Vec<(&str, &str)> = forwarded_for.map(|f| ("x-forwarded-for", f)).into_iter().collect();
     match method {
-        "GET" => api.get(path).await,
-        _ => api.post(path, &json!({ "ms": 1, "level": "SERIALIZABLE" })).await,
+        "GET" => api.get_with(path, &headers).await,
+        _ => api.post_with(path, &json!({ "ms": 1, "level": "SERIALIZABLE" }), &headers).await,
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lab_and_operator_endpoints_answer_403_through_nginx_outside_the_operators_networks() {
     // Loopback is not among this fleet's operator networks: the test's client is a stranger.
-    let fleet = fleet_admitting(Some(&["10.0.0.0/8", "fc00::/7"]));
+    let fleet = fleet_admitting(Some(&["10.0.0.0/8", "fc00::/7"]), &[]);
     let api = Api::new(fleet.url());
     for (method, path) in OPERATOR_ONLY {
-        let reply = call(&api, method, path).await;
+        let reply = call(&api, method, path, None).await;
         assert_eq!((reply.status, reply.code()), (StatusCode::FORBIDDEN, "forbidden"), "{method} {path}");
         assert_eq!(reply.body["container"], "nginx", "{method} {path}");
         assert_eq!(reply.headers["x-container-id"], "nginx", "{method} {path}");
+        // No proxy is trusted (the default): a stranger's forged X-Forwarded-For changes nothing.
+        let forged = call(&api, method, path, Some("10.0.0.1")).await;
+        assert_eq!(forged.status, StatusCode::FORBIDDEN, "{method} {path} with a forged X-Forwarded-For");
     }
     // Everything else is served as before.
     assert_eq!(api.increment("k").await.status, StatusCode::OK);
@@ -536,10 +543,34 @@ async fn lab_and_operator_endpoints_answer_403_through_nginx_outside_the_operato
     fleet.stop().unwrap();
 
     // By default the operator's networks are loopback and the private ranges: the test's client is in.
-    let fleet = fleet_admitting(None);
+    let fleet = fleet_admitting(None, &[]);
     let api = Api::new(fleet.url());
     for (method, path) in OPERATOR_ONLY {
-        assert_eq!(call(&api, method, path).await.status, StatusCode::OK, "{method} {path}");
+        assert_eq!(call(&api, method, path, None).await.status, StatusCode::OK, "{method} {path}");
     }
+    fleet.stop().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn behind_a_trusted_proxy_the_client_it_forwards_for_is_the_one_judged() {
+    // The test plays a load balancer on loopback, trusted; the operator's network is 10.0.0.0/8 only.
+    let fleet = fleet_admitting(Some(&["10.0.0.0/8"]), &["127.0.0.1"]);
+    let api = Api::new(fleet.url());
+    for (method, path) in OPERATOR_ONLY {
+        let stranger = call(&api, method, path, Some("203.0.113.7")).await;
+        assert_eq!(
+            (stranger.status, stranger.code()),
+            (StatusCode::FORBIDDEN, "forbidden"),
+            "{method} {path}"
+        );
+        // What a client wrote before the balancer's own entry is the client's to forge: the last
+        // address not a trusted proxy's counts.
+        let forged = call(&api, method, path, Some("10.0.0.1, 203.0.113.7")).await;
+        assert_eq!(forged.status, StatusCode::FORBIDDEN, "{method} {path}, forged behind the balancer");
+        let operator = call(&api, method, path, Some("10.0.0.1")).await;
+        assert_eq!(operator.status, StatusCode::OK, "{method} {path} for an operator: {:?}", operator.body);
+    }
+    // The balancer itself, without the header, is no operator.
+    assert_eq!(call(&api, "GET", "/metrics", None).await.status, StatusCode::FORBIDDEN);
     fleet.stop().unwrap();
 }

@@ -84,6 +84,8 @@ pub struct FleetOptions {
     /// The networks nginx admits to the lab and operator endpoints (CIDR or single addresses); others
     /// get 403. Default: [`nginx::OPERATOR_NETWORKS`].
     pub operator_networks: Vec<String>,
+    /// Proxies whose `X-Forwarded-For` nginx believes (see [`nginx::trusted_proxies_conf`]). Default: none.
+    pub trusted_proxies: Vec<String>,
 }
 
 impl FleetOptions {
@@ -102,6 +104,7 @@ impl FleetOptions {
             durable: true,
             replicas: 0,
             operator_networks: nginx::OPERATOR_NETWORKS.iter().map(|n| n.to_string()).collect(),
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -132,8 +135,9 @@ pub struct Fleet {
     dir: PathBuf,
     port: u16,
     upstreams: Vec<Upstream>,
-    /// Who nginx admits to the lab and operator endpoints.
+    /// Who nginx admits to the lab and operator endpoints, and which proxies it believes about the client.
     operator_networks: Vec<String>,
+    trusted_proxies: Vec<String>,
     /// Nodes taken out of nginx's round robin (before they were stopped).
     out_of_rotation: Vec<String>,
     /// What the user should know about how the fleet started (a database that could not be kept).
@@ -148,7 +152,7 @@ impl Fleet {
     /// Prometheus, and returns once every node answers through nginx.
     pub fn start(opts: FleetOptions) -> anyhow::Result<Fleet> {
         check_capacity(opts.nodes, opts.pool_size)?;
-        for network in &opts.operator_networks {
+        for network in opts.operator_networks.iter().chain(&opts.trusted_proxies) {
             nginx::check_network(network).map_err(anyhow::Error::msg)?;
         }
         let keep_database = opts.keep_database && opts.dir.is_some();
@@ -226,15 +230,13 @@ impl Fleet {
             })
             .collect();
         let port = if opts.port == 0 { free_port()? } else { opts.port };
-        let nginx = start_nginx(
-            &dir.join("nginx"),
-            service_user.as_ref(),
+        let site = Site {
             port,
-            &upstreams,
-            &opts.operator_networks,
-            &logs,
-            opts.quiet,
-        )?;
+            upstreams: &upstreams,
+            operator_networks: &opts.operator_networks,
+            trusted_proxies: &opts.trusted_proxies,
+        };
+        let nginx = start_nginx(&dir.join("nginx"), service_user.as_ref(), &site, &logs, opts.quiet)?;
         let (prometheus, exporter) = match opts.prometheus {
             true => {
                 let prometheus_dir = dir.join("prometheus");
@@ -278,6 +280,7 @@ impl Fleet {
             port,
             upstreams,
             operator_networks: opts.operator_networks,
+            trusted_proxies: opts.trusted_proxies,
             out_of_rotation: Vec::new(),
             warnings,
             service_user,
@@ -439,8 +442,12 @@ impl Fleet {
     fn take_out_of_rotation(&mut self, name: &str) -> anyhow::Result<()> {
         self.out_of_rotation.push(name.to_owned());
         let dir = self.dir.join("nginx");
-        let site =
-            Site { port: self.port, upstreams: &self.upstreams, operator_networks: &self.operator_networks };
+        let site = Site {
+            port: self.port,
+            upstreams: &self.upstreams,
+            operator_networks: &self.operator_networks,
+            trusted_proxies: &self.trusted_proxies,
+        };
         write_nginx_config(&dir, self.service_user.as_ref(), &site, &self.out_of_rotation)?;
         let master = Pid::from_raw(i32::try_from(self.nginx.pid()).context("PID out of range")?);
         let old_workers = proctree::descendants(master)?;
@@ -551,6 +558,7 @@ struct Site<'a> {
     port: u16,
     upstreams: &'a [Upstream],
     operator_networks: &'a [String],
+    trusted_proxies: &'a [String],
 }
 
 /// Writes `dir/nginx.conf` (readable by `user`, who runs nginx) for `site`, with the nodes named in
@@ -563,7 +571,14 @@ fn write_nginx_config(
 ) -> anyhow::Result<PathBuf> {
     let conf = dir.join("nginx.conf");
     let listen = format!("127.0.0.1:{}", site.port);
-    let text = nginx::local_config(dir, &listen, site.upstreams, out_of_rotation, site.operator_networks);
+    let text = nginx::local_config(
+        dir,
+        &listen,
+        site.upstreams,
+        out_of_rotation,
+        site.operator_networks,
+        site.trusted_proxies,
+    );
     write_new(&conf, text.as_bytes(), 0o600, user)?;
     Ok(conf)
 }
@@ -572,19 +587,18 @@ fn write_nginx_config(
 fn start_nginx(
     dir: &Path,
     user: Option<&User>,
-    port: u16,
-    upstreams: &[Upstream],
-    operator_networks: &[String],
+    site: &Site<'_>,
     logs: &Path,
     quiet: bool,
 ) -> anyhow::Result<Child> {
     fresh_dir(dir, user)?;
-    let conf = write_nginx_config(dir, user, &Site { port, upstreams, operator_networks }, &[])?;
+    let conf = write_nginx_config(dir, user, site, &[])?;
     let mut cmd = Command::new(nginx_bin()?);
     cmd.arg("-c").arg(&conf).arg("-p").arg(dir);
     run_as(&mut cmd, user);
     let mut child = Child::spawn_logged("nginx", cmd, quiet, &logs.join("nginx.log"))?;
-    child.wait_for_http(&format!("http://127.0.0.1:{port}/nginx-health"), Instant::now() + READY_TIMEOUT)?;
+    let health = format!("http://127.0.0.1:{}/nginx-health", site.port);
+    child.wait_for_http(&health, Instant::now() + READY_TIMEOUT)?;
     Ok(child)
 }
 

@@ -64,13 +64,17 @@ const LAB_BURST: u32 = 20;
 /// operator, Prometheus and the compose networks are. Anyone else gets 403 `forbidden` from nginx. A
 /// local fleet takes another list from `fleetctl up --operator-networks`, the compose image from
 /// `FLEET_OPERATOR_NETWORKS` (both comma-separated). nginx judges the address that connects to it: behind
-/// another proxy, that is the proxy's.
+/// another proxy, that is the proxy's, unless that proxy is trusted (see [`trusted_proxies_conf`]).
 pub const OPERATOR_NETWORKS: &[&str] =
     &["127.0.0.0/8", "::1", "10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"];
 /// Where the compose site config finds the operator's networks, relative to nginx's config directory:
 /// the image's default (`deploy/nginx/operator-networks.conf`, rendered by [`operator_networks_conf`]),
-/// which `FLEET_OPERATOR_NETWORKS` replaces when set (`deploy/nginx/operator-networks.sh`).
+/// which `FLEET_OPERATOR_NETWORKS` replaces when set (`deploy/nginx/networks.sh`).
 pub const OPERATOR_NETWORKS_FILE: &str = "operator-networks.conf";
+/// Where the compose site config finds the proxies it trusts, relative to nginx's config directory: the
+/// image's default, none (`deploy/nginx/trusted-proxies.conf`, rendered by [`trusted_proxies_conf`]),
+/// which `FLEET_TRUSTED_PROXIES` replaces when set (`deploy/nginx/networks.sh`).
+pub const TRUSTED_PROXIES_FILE: &str = "trusted-proxies.conf";
 
 /// The errors nginx answers itself (a body too large, a node down or too slow, a request nginx cannot
 /// parse), each in the API's error shape: status, `code`, message. A node's own errors pass through
@@ -132,7 +136,8 @@ pub fn compose_ha_upstreams() -> Vec<Upstream> {
 ///   key) and the query string arrive unchanged.
 /// - `location = /nginx-health`: `200 ok` from nginx itself (its readiness probe).
 /// - The lab and operator endpoints, round robin or pinned, answer 403 to a client outside the operator's
-///   networks, which the compose config reads from [`OPERATOR_NETWORKS_FILE`].
+///   networks, which the compose config reads from [`OPERATOR_NETWORKS_FILE`]. The client is the address
+///   that connects, or the one a trusted proxy forwards ([`TRUSTED_PROXIES_FILE`]).
 ///
 /// Upstreams keep idle connections (`keepalive`, HTTP/1.1, `Connection ""`) for less than the nodes'
 /// own keep-alive; nodes see the client in `X-Forwarded-For` and the original `Host`.
@@ -141,13 +146,21 @@ pub fn compose_ha_upstreams() -> Vec<Upstream> {
 /// If a node's name is empty or has characters other than ASCII letters, digits, `-` and `_`
 /// (names come from code, never from users).
 pub fn site_config(listen: &str, nodes: &[Upstream]) -> String {
-    site(listen, nodes, &[], &format!("    include {OPERATOR_NETWORKS_FILE};\n"))
+    let operators = format!("    include {OPERATOR_NETWORKS_FILE};\n");
+    site(listen, nodes, &[], &operators, &format!("    include {TRUSTED_PROXIES_FILE};\n"))
 }
 
 /// [`site_config`], with the nodes named in `out_of_rotation` marked `down` in the round-robin upstream
-/// (their pinned routes stay): how a local fleet takes a node out before stopping it; and `operators`,
-/// the body of the `geo` block that lists the operator's networks.
-fn site(listen: &str, nodes: &[Upstream], out_of_rotation: &[String], operators: &str) -> String {
+/// (their pinned routes stay): how a local fleet takes a node out before stopping it; `operators`, the
+/// body of the `geo` block that lists the operator's networks; and `trusted`, the server's directives
+/// that take the client's address from the proxies it trusts.
+fn site(
+    listen: &str,
+    nodes: &[Upstream],
+    out_of_rotation: &[String],
+    operators: &str,
+    trusted: &str,
+) -> String {
     for node in nodes {
         assert!(
             !node.name.is_empty() && node.name.chars().all(|c| c.is_ascii_alphanumeric() || "-_".contains(c)),
@@ -184,6 +197,7 @@ fn site(listen: &str, nodes: &[Upstream], out_of_rotation: &[String], operators:
     }
     let _ = writeln!(out, "\nserver {{\n    listen {listen};");
     out.push_str("    server_tokens off;\n");
+    out.push_str(trusted);
     let _ = writeln!(out, "    client_max_body_size {CLIENT_MAX_BODY_SIZE};");
     let _ = writeln!(out, "    client_body_buffer_size {CLIENT_BODY_BUFFER_SIZE};");
     let _ = writeln!(out, "    client_header_timeout {CLIENT_TIMEOUT};");
@@ -286,12 +300,41 @@ pub fn operator_networks_conf(networks: &[String]) -> String {
 
 /// `<indent><network> 1;` for each of `networks`.
 fn geo_lines(networks: &[String], indent: &str) -> String {
+    network_lines(networks, |network| format!("{indent}{network} 1;\n"))
+}
+
+/// The proxies nginx believes about the client's address ([`TRUSTED_PROXIES_FILE`]), one
+/// `set_real_ip_from` line each: a request that comes from one of them is judged (operator's networks,
+/// lab rate limit) by the address its `X-Forwarded-For` names, the last one not itself a trusted proxy.
+/// None (the default): `X-Forwarded-For` changes nothing, so a client cannot forge its address.
+///
+/// # Panics
+/// If one is not an address or a CIDR range (see [`check_network`]).
+pub fn trusted_proxies_conf(proxies: &[String]) -> String {
+    let mut out = String::from(
+        "# The proxies trusted to name the client in X-Forwarded-For: one address or CIDR range a line.\n",
+    );
+    out.push_str(&real_ip_lines(proxies, ""));
+    out
+}
+
+/// `<indent>set_real_ip_from <proxy>;` for each of `proxies`, then the header and its recursive reading.
+fn real_ip_lines(proxies: &[String], indent: &str) -> String {
+    let mut out = network_lines(proxies, |proxy| format!("{indent}set_real_ip_from {proxy};\n"));
+    if !proxies.is_empty() {
+        let _ = write!(out, "{indent}real_ip_header X-Forwarded-For;\n{indent}real_ip_recursive on;\n");
+    }
+    out
+}
+
+/// `line(network)` for each of `networks`, each checked first.
+fn network_lines(networks: &[String], line: impl Fn(&str) -> String) -> String {
     let mut out = String::new();
     for network in networks {
         if let Err(why) = check_network(network) {
             panic!("{why}");
         }
-        let _ = writeln!(out, "{indent}{network} 1;");
+        out.push_str(&line(network));
     }
     out
 }
@@ -346,16 +389,19 @@ const SITE_LOCATIONS: &str = r#"
 /// alert about its compiled-in error log before it reads this file). A launcher running as root starts
 /// it as the unprivileged service user (see [`crate::users`]), master and workers alike.
 ///
-/// Only `operator_networks` reach the lab and operator endpoints (see [`OPERATOR_NETWORKS`]).
+/// Only `operator_networks` reach the lab and operator endpoints (see [`OPERATOR_NETWORKS`]); a request
+/// from one of `trusted_proxies` is judged by the client its `X-Forwarded-For` names (see
+/// [`trusted_proxies_conf`]).
 ///
 /// # Panics
-/// As [`site_config`], and if an operator network is not an address or a CIDR range.
+/// As [`site_config`], and if an operator network or a trusted proxy is not an address or a CIDR range.
 pub fn local_config(
     dir: &Path,
     listen: &str,
     nodes: &[Upstream],
     out_of_rotation: &[String],
     operator_networks: &[String],
+    trusted_proxies: &[String],
 ) -> String {
     let path = |name: &str| quote(&dir.join(name).to_string_lossy());
     let mut out = String::new();
@@ -375,7 +421,8 @@ pub fn local_config(
     }
     out.push('\n');
     let operators = geo_lines(operator_networks, "    ");
-    for line in site(listen, nodes, out_of_rotation, &operators).lines() {
+    let trusted = real_ip_lines(trusted_proxies, "    ");
+    for line in site(listen, nodes, out_of_rotation, &operators, &trusted).lines() {
         match line {
             "" => out.push('\n'),
             _ => {
@@ -432,7 +479,8 @@ mod tests {
     #[test]
     fn the_local_config_keeps_every_file_inside_its_directory() {
         let dir = Path::new("/tmp/fleet dir/nginx");
-        let conf = local_config(dir, "127.0.0.1:8080", &[local(1), local(2)], &["app-2".to_owned()], &[]);
+        let conf =
+            local_config(dir, "127.0.0.1:8080", &[local(1), local(2)], &["app-2".to_owned()], &[], &[]);
         assert!(
             conf.contains(&format!("server {} max_fails=2 fail_timeout=5s down;", local(2).address)),
             "{conf}"
@@ -468,7 +516,8 @@ mod tests {
     #[test]
     fn the_lab_and_operator_endpoints_are_refused_outside_the_operators_networks() {
         let dir = Path::new("/tmp/fleet");
-        let conf = local_config(dir, "127.0.0.1:8080", &[local(1)], &[], &networks(&["10.0.0.0/8", "::1"]));
+        let conf =
+            local_config(dir, "127.0.0.1:8080", &[local(1)], &[], &networks(&["10.0.0.0/8", "::1"]), &[]);
         assert!(
             conf.contains(
                 "geo $fleet_operator {\n        default 0;\n        10.0.0.0/8 1;\n        ::1 1;\n    }"
@@ -481,6 +530,28 @@ mod tests {
         assert!(compose.contains("    default 0;\n    include operator-networks.conf;\n}"), "{compose}");
         let file = operator_networks_conf(&networks(OPERATOR_NETWORKS));
         assert!(file.lines().skip(1).eq(OPERATOR_NETWORKS.iter().map(|n| format!("{n} 1;"))), "{file}");
+    }
+
+    #[test]
+    fn only_trusted_proxies_name_the_client_and_by_default_none_does() {
+        let dir = Path::new("/tmp/fleet");
+        let trusted = networks(&["127.0.0.1", "10.1.0.0/16"]);
+        let conf = local_config(dir, "127.0.0.1:8080", &[local(1)], &[], &[], &trusted);
+        let realip = "        set_real_ip_from 127.0.0.1;\n        set_real_ip_from 10.1.0.0/16;\n        \
+                      real_ip_header X-Forwarded-For;\n        real_ip_recursive on;\n";
+        assert!(conf.contains(&format!("        server_tokens off;\n{realip}")), "{conf}");
+        let untrusting = local_config(dir, "127.0.0.1:8080", &[local(1)], &[], &[], &[]);
+        assert!(!untrusting.contains("real_ip"), "{untrusting}");
+        // Compose reads them from the image's file (none trusted), which FLEET_TRUSTED_PROXIES may replace.
+        let compose = site_config("80", &[local(1)]);
+        assert!(compose.contains("    server_tokens off;\n    include trusted-proxies.conf;\n"), "{compose}");
+        assert_eq!(trusted_proxies_conf(&[]).lines().count(), 1, "a comment only");
+    }
+
+    #[test]
+    #[should_panic(expected = "is not an IP address")]
+    fn a_trusted_proxy_that_is_not_an_address_is_refused() {
+        trusted_proxies_conf(&networks(&["127.0.0.1; real_ip_header X-Evil"]));
     }
 
     #[test]

@@ -56,6 +56,11 @@ pub struct UpArgs {
     #[arg(long, env = "FLEET_OPERATOR_NETWORKS", value_delimiter = ',',
           value_parser = parse_network, default_values = fleet_local::nginx::OPERATOR_NETWORKS)]
     operator_networks: Vec<String>,
+    /// Proxies in front of nginx whose X-Forwarded-For it believes: a request from one of them is judged
+    /// (operator's networks, lab rate limit) by the client that header names. Comma-separated addresses
+    /// or CIDR ranges. Default: none, so that a client cannot forge its address.
+    #[arg(long, env = "FLEET_TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_network)]
+    trusted_proxies: Vec<String>,
 }
 
 /// Deletes the database kept in `dir` (after checking that `dir` is a fleet directory of ours).
@@ -198,6 +203,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     opts.quiet = !args.verbose;
     opts.node_env = args.env;
     opts.operator_networks = args.operator_networks;
+    opts.trusted_proxies = args.trusted_proxies;
     let mut fleet = Fleet::start(opts)?;
     for warning in fleet.warnings() {
         eprintln!("fleetctl: {warning}");
@@ -271,5 +277,17 @@ mod tests {
         let listed = networks(&["up", "--operator-networks", "10.0.0.0/8,::1"]).unwrap();
         assert_eq!(listed, ["10.0.0.0/8", "::1"]);
         assert!(networks(&["up", "--operator-networks", "10.0.0.0/8,everyone"]).is_err());
+    }
+
+    #[test]
+    fn no_proxy_is_trusted_unless_listed_and_each_is_checked() {
+        // FLEET_TRUSTED_PROXIES would take the default's place: the suite never sets it.
+        let proxies = |args: &[&str]| Up::try_parse_from(args).map(|up| up.args.trusted_proxies);
+        assert_eq!(proxies(&["up"]).unwrap(), Vec::<String>::new());
+        assert_eq!(
+            proxies(&["up", "--trusted-proxies", "127.0.0.1,fc00::/7"]).unwrap(),
+            ["127.0.0.1", "fc00::/7"]
+        );
+        assert!(proxies(&["up", "--trusted-proxies", "balancer"]).is_err());
     }
 }
