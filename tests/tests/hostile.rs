@@ -135,7 +135,7 @@ async fn trickle(port: u16, path: &str, declared: usize) -> (String, Duration) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nginx_ends_a_request_whose_head_or_body_stops_arriving_within_its_client_timeout() {
-    let fleet = fleet_admitting(None);
+    let fleet = fleet_admitting(None, &[]);
     let port: u16 = fleet.url().rsplit(':').next().and_then(|p| p.parse().ok()).expect("nginx's port");
     let timeout =
         Duration::from_secs(fleet_local::nginx::CLIENT_TIMEOUT.trim_end_matches('s').parse().unwrap());
