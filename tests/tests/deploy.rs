@@ -12,8 +12,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
+use fleet_local::exporter::{Exporter, ExporterOptions};
 use fleet_local::nginx::{self, compose_ha_upstreams, compose_upstreams, Upstream};
-use fleet_local::{free_port, nginx_bin, prometheus, prometheus_bin, Child, Node};
+use fleet_local::{free_port, nginx_bin, prometheus, prometheus_bin, Child, Component, Log, Node};
 use fleet_tests::{node_options, start_postgres, test_log, Api, TestApp};
 use reqwest::StatusCode;
 use serde_json::{json, Value};
@@ -786,9 +787,10 @@ async fn the_dashboard_and_the_rules_query_only_metrics_a_node_exports() {
     let mut exported = exported_metrics(&app.api.metrics_text().await);
     // And what PostgreSQL's exporter exports, the fleet's own queries included.
     let dir = tempfile::tempdir().unwrap();
-    let (_exporter, port) =
-        fleet_local::exporter::start(&app.pg, dir.path(), dir.path(), !test_log()).unwrap();
-    let from_postgres = exported_metrics(&Api::new(format!("http://127.0.0.1:{port}")).metrics_text().await);
+    let log = Log { quiet: !test_log(), file: Some(dir.path().join("postgres-exporter.log")) };
+    let exporter = Exporter::start(ExporterOptions { postgres: &app.pg, dir: dir.path(), log }).unwrap();
+    let from_postgres =
+        exported_metrics(&Api::new(format!("http://{}", exporter.address())).metrics_text().await);
     assert!(from_postgres.contains(&("pg_up".to_owned(), "gauge".to_owned())), "{from_postgres:?}");
     exported.extend(from_postgres);
 

@@ -10,7 +10,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use fleet_local::fleet::FleetOptions;
-use fleet_local::{Child, PatroniCluster, PatroniOptions, Postgres, PostgresOptions};
+use fleet_local::{Child, Component, PatroniCluster, PatroniOptions, Postgres, PostgresOptions};
 use fleet_tests::{fleetctl_bin, node_bin, start_fleet, test_log};
 use nix::unistd::User;
 

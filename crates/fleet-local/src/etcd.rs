@@ -5,18 +5,17 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use serde_json::{json, Value};
 
 use crate::bins::etcd_bin;
+use crate::component::{spawn_ready, Component, Log};
 use crate::files::{hand_over_tree, private_dir};
-use crate::users::{run_as, service_user};
+use crate::users::service_user;
 use crate::{free_port, Child};
 
-/// How long etcd may take to answer `/health`.
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// etcd's user with every right (its `root` role); Patroni connects as it.
 pub const ROOT_USER: &str = "root";
 
@@ -27,13 +26,22 @@ pub struct Etcd {
     client_port: u16,
 }
 
+/// How to start etcd.
+#[derive(Debug)]
+pub struct EtcdOptions<'a> {
+    /// Its data goes to `<dir>/etcd` (the service user's).
+    pub dir: &'a Path,
+    /// [`ROOT_USER`]'s password (a kept etcd has authentication on already, with that password).
+    pub password: &'a str,
+    pub log: Log,
+}
+
 impl Etcd {
-    /// Starts etcd with its data in `dir/etcd`, clients on a free 127.0.0.1 port, waits until it is
-    /// healthy, and turns its authentication on with [`ROOT_USER`]'s `password` (a kept etcd has it on
-    /// already, with that password). Its output also goes to `<logs>/etcd.log`, if given.
-    pub fn start(dir: &Path, password: &str, quiet: bool, logs: Option<&Path>) -> anyhow::Result<Etcd> {
+    /// Starts etcd with clients on a free 127.0.0.1 port, waits until it is healthy, and turns its
+    /// authentication on.
+    pub fn start(opts: EtcdOptions<'_>) -> anyhow::Result<Etcd> {
         let user = service_user()?;
-        let data_dir = dir.join("etcd");
+        let data_dir = opts.dir.join("etcd");
         if let Some(user) = &user {
             // A cluster kept from before etcd ran as the service user has root's files there.
             hand_over_tree(&data_dir, user)?;
@@ -52,17 +60,11 @@ impl Etcd {
             .arg(format!("--initial-cluster=etcd={peer}"))
             .args(["--log-level=warn", "--logger=zap"])
             // Debian's etcd 3.4 serves the v3 API's JSON gateway (which Patroni's etcd3 store uses) by default.
-            .current_dir(dir);
-        run_as(&mut cmd, user.as_ref());
-        let mut child = match logs {
-            Some(logs) => Child::spawn_logged("etcd", cmd, quiet, &logs.join("etcd.log"))?,
-            None => Child::spawn("etcd", cmd, quiet)?,
-        };
-        child
-            .wait_for_http(&format!("{client}/health"), Instant::now() + READY_TIMEOUT)
+            .current_dir(opts.dir);
+        let child = spawn_ready("etcd", cmd, &opts.log, &format!("{client}/health"))
             .context("etcd did not become healthy")?;
         let etcd = Etcd { child, client_port };
-        etcd.require_authentication(password)?;
+        etcd.require_authentication(opts.password)?;
         Ok(etcd)
     }
 
@@ -93,13 +95,19 @@ impl Etcd {
         }
     }
 
-    /// `host:port` for clients.
-    pub fn address(&self) -> String {
-        format!("127.0.0.1:{}", self.client_port)
-    }
-
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.pid()
+    }
+}
+
+impl Component for Etcd {
+    fn process(&mut self) -> &mut Child {
+        &mut self.child
+    }
+
+    /// `host:port` for clients.
+    fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.client_port)
     }
 }

@@ -4,14 +4,11 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
 
+use crate::component::{spawn_ready, Component, Log};
 use crate::files::write_new;
-use crate::users::{run_as, service_user};
+use crate::users::service_user;
 use crate::{exporter_bin, free_port, Child, Postgres};
-
-/// How long the exporter may take to answer its `/metrics`.
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The fleet's queries (`--extend.query-path`): lock waits, which the defaults do not show. Also the
 /// compose file's `deploy/postgres-exporter/queries.yaml` (a golden test keeps it equal).
@@ -31,26 +28,52 @@ pg_lock_waits:
         description: How long the longest-waiting lock request has waited
 "#;
 
-/// Starts the exporter as the service user on a free loopback port against `pg` (its queries file in
-/// `dir`, its output in `logs/postgres-exporter.log`) and returns it with its port once its `/metrics`
-/// answers.
-pub fn start(pg: &Postgres, dir: &Path, logs: &Path, quiet: bool) -> anyhow::Result<(Child, u16)> {
-    let user = service_user()?;
-    let queries = dir.join("postgres-exporter-queries.yaml");
-    write_new(&queries, QUERIES.as_bytes(), 0o600, user.as_ref())?;
-    let port = free_port()?;
-    let mut cmd = Command::new(exporter_bin()?);
-    cmd.arg(format!("--web.listen-address=127.0.0.1:{port}"))
-        .arg(format!("--extend.query-path={}", queries.display()))
-        // The connection string holds a password: the environment (readable by its user and root
-        // only), never the command line.
-        .env(
-            "DATA_SOURCE_NAME",
-            format!("{}?sslmode=disable&application_name=postgres-exporter", pg.monitor_url()),
-        );
-    run_as(&mut cmd, user.as_ref());
-    let mut child =
-        Child::spawn_logged("postgres-exporter", cmd, quiet, &logs.join("postgres-exporter.log"))?;
-    child.wait_for_http(&format!("http://127.0.0.1:{port}/metrics"), Instant::now() + READY_TIMEOUT)?;
-    Ok((child, port))
+/// How to start the exporter.
+#[derive(Debug)]
+pub struct ExporterOptions<'a> {
+    /// The server it reads, as [`crate::postgres::MONITOR_USER`].
+    pub postgres: &'a Postgres,
+    /// Where its queries file goes: a directory of the service user's.
+    pub dir: &'a Path,
+    pub log: Log,
+}
+
+/// A running exporter, stopped when dropped.
+#[derive(Debug)]
+pub struct Exporter {
+    child: Child,
+    port: u16,
+}
+
+impl Exporter {
+    /// Starts the exporter as the service user on a free loopback port; returns once its `/metrics`
+    /// answers.
+    pub fn start(opts: ExporterOptions<'_>) -> anyhow::Result<Exporter> {
+        let user = service_user()?;
+        let queries = opts.dir.join("postgres-exporter-queries.yaml");
+        write_new(&queries, QUERIES.as_bytes(), 0o600, user.as_ref())?;
+        let port = free_port()?;
+        let mut cmd = Command::new(exporter_bin()?);
+        cmd.arg(format!("--web.listen-address=127.0.0.1:{port}"))
+            .arg(format!("--extend.query-path={}", queries.display()))
+            // The connection string holds a password: the environment (readable by its user and root
+            // only), never the command line.
+            .env(
+                "DATA_SOURCE_NAME",
+                format!("{}?sslmode=disable&application_name=postgres-exporter", opts.postgres.monitor_url()),
+            );
+        let ready = format!("http://127.0.0.1:{port}/metrics");
+        let child = spawn_ready("postgres-exporter", cmd, &opts.log, &ready)?;
+        Ok(Exporter { child, port })
+    }
+}
+
+impl Component for Exporter {
+    fn process(&mut self) -> &mut Child {
+        &mut self.child
+    }
+
+    fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
 }

@@ -1,34 +1,39 @@
 //! A whole local fleet: a private PostgreSQL (or a Patroni cluster of a primary and N replicas), N
 //! `fleet-app` nodes, nginx in front and Prometheus scraping every node (and every Patroni) directly, all
 //! on loopback, all stopped in order by [`Fleet::stop`] or on drop.
+//! The fleet is an ordered list of components, each of one shape (see [`crate::component`]): they start
+//! in that order and stop in the reverse one.
 //! Its fault methods break it on purpose, as a crash or an operator would: [`Fleet::kill_node`],
 //! [`Fleet::stop_node`], [`Fleet::restart_db`], [`Fleet::pause_db`].
 //!
 //! Layout of the fleet directory (private: see [`prepare_dir`]): `logs/<component>.log` (every child's
 //! output, started afresh by each start), `postgres/` or `patroni/` (the database, when kept), `nginx/` and
-//! `prometheus/` (configs and data, removed on stop).
+//! `prometheus/` (configs and data, the exporter's too, removed on stop).
 
 use std::fs;
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context};
 
 mod database;
+mod dir;
 pub use database::Database;
+use dir::fleet_dir;
+pub use dir::prepare_dir;
 use nix::sys::signal::{self, Signal};
-use nix::unistd::{Pid, User};
+use nix::unistd::Pid;
 use tempfile::TempDir;
 
-use crate::files::{fresh_dir, write_new};
-use crate::nginx::{self, Upstream};
+use crate::exporter::{Exporter, ExporterOptions};
+use crate::files::fresh_dir;
+use crate::nginx::{self, Nginx, NginxOptions, Upstream};
 use crate::postgres::{check_reachable, postgres_user};
-use crate::users::{run_as, service_user};
+use crate::prometheus::{Prometheus, PrometheusOptions, Targets};
+use crate::users::service_user;
 use crate::{
-    exporter, free_port, nginx_bin, proctree, prometheus, prometheus_bin, Child, Node, NodeOptions,
-    PatroniCluster, PatroniOptions, Postgres, PostgresOptions, DEADLOCK_TIMEOUT,
+    free_port, Component, Log, Node, NodeOptions, PatroniCluster, PatroniOptions, Postgres, PostgresOptions,
+    DEADLOCK_TIMEOUT,
 };
 
 /// Connections kept free for admins, migrations and the isolation lab's dedicated connections.
@@ -47,11 +52,6 @@ fn http_workers(nodes: u32) -> usize {
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     (cores / nodes.max(1) as usize).max(1)
 }
-
-/// How long nginx may take to start new workers after a reload.
-const RELOAD_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a node gets to drain on SIGTERM before it is killed.
-const NODE_GRACE: Duration = Duration::from_secs(35);
 
 /// How to start a fleet.
 #[derive(Debug, Clone)]
@@ -123,186 +123,88 @@ pub fn check_capacity(nodes: u32, pool_size: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A running fleet. Fields drop in order: nginx, Prometheus, the exporter, nodes, then the database and
-/// the temp dir.
+/// A running fleet. Its components drop in stop order: nginx, Prometheus, the exporter, the nodes; then
+/// the database and the temp dir.
 #[derive(Debug)]
 pub struct Fleet {
-    nginx: Child,
-    prometheus: Option<(Child, u16)>,
-    exporter: Option<(Child, u16)>,
+    nginx: Nginx,
+    prometheus: Option<Prometheus>,
+    exporter: Option<Exporter>,
     nodes: Vec<Node>,
     db: Database,
     dir: PathBuf,
-    port: u16,
-    upstreams: Vec<Upstream>,
-    /// Who nginx admits to the lab and operator endpoints, and which proxies it believes about the client.
-    operator_networks: Vec<String>,
-    trusted_proxies: Vec<String>,
-    /// Nodes taken out of nginx's round robin (before they were stopped).
-    out_of_rotation: Vec<String>,
     /// What the user should know about how the fleet started (a database that could not be kept).
     warnings: Vec<String>,
-    /// Who nginx, Prometheus, the exporter and the nodes run as (see [`crate::users`]).
-    service_user: Option<User>,
     _temp_dir: Option<TempDir>,
 }
 
 impl Fleet {
-    /// Starts the database, launches every node at once, waits until each is ready, starts nginx and
-    /// Prometheus, and returns once every node answers through nginx.
+    /// Starts the database, then the components in order: every node at once (each waited for until
+    /// ready), the exporter and Prometheus, nginx; returns once every node answers through nginx.
     pub fn start(opts: FleetOptions) -> anyhow::Result<Fleet> {
         check_capacity(opts.nodes, opts.pool_size)?;
         for network in opts.operator_networks.iter().chain(&opts.trusted_proxies) {
             nginx::check_network(network).map_err(anyhow::Error::msg)?;
         }
-        let keep_database = opts.keep_database && opts.dir.is_some();
-        let (dir, temp_dir) = match &opts.dir {
-            Some(dir) => (prepare_dir(dir)?, None),
-            None => {
-                let temp = tempfile::Builder::new().prefix("pgfleet-").tempdir()?;
-                (temp.path().to_owned(), Some(temp))
-            }
-        };
-        let logs = dir.join(LOGS);
-        fresh_dir(&logs, None)?;
-        let service_user = service_user()?;
-        let mut warnings = Vec::new();
-        let kept_dir = dir.join(if opts.replicas > 0 { "patroni" } else { "postgres" });
-        let database_dir = match (keep_database, postgres_user()?) {
-            (false, _) => None,
-            (true, None) => Some(kept_dir),
-            (true, Some(user)) => match check_reachable(&kept_dir, &user) {
-                Ok(()) => Some(kept_dir),
-                Err(why) => {
-                    warnings.push(format!("the database is not kept, it goes when the fleet stops: {why:#}"));
-                    None
-                }
-            },
-        };
-        let db = match opts.replicas {
-            0 => Database::Single(Postgres::start(PostgresOptions {
-                dir: database_dir,
-                max_connections: MAX_CONNECTIONS,
-                durable: opts.durable,
-                log_file: Some(logs.join("postgres.log")),
-                ..PostgresOptions::default()
-            })?),
-            replicas => Database::Cluster(PatroniCluster::start(PatroniOptions {
-                dir: database_dir,
-                members: replicas as usize + 1,
-                max_connections: MAX_CONNECTIONS,
-                durable: opts.durable,
-                parameters: vec![("deadlock_timeout".to_owned(), DEADLOCK_TIMEOUT.to_owned())],
-                quiet: opts.quiet,
-                logs: Some(logs.clone()),
-            })?),
-        };
-        let read_url = db.read_url().map(|url| ("DATABASE_READ_URL".to_owned(), url));
-        let mut nodes = (1..=opts.nodes)
-            .map(|i| {
-                Node::launch(NodeOptions {
-                    bin: opts.node_bin.clone(),
-                    container_id: format!("app-{i}"),
-                    database_url: db.url(),
-                    pool_size: opts.pool_size,
-                    port: 0,
-                    env: [
-                        ("SHUTDOWN_DRAIN_MS".to_owned(), NODE_DRAIN_MS.to_owned()),
-                        ("HTTP_WORKERS".to_owned(), http_workers(opts.nodes).to_string()),
-                    ]
-                    .into_iter()
-                    .chain(read_url.clone())
-                    .chain(opts.node_env.iter().cloned())
-                    .collect(),
-                    quiet: opts.quiet,
-                    log_file: Some(logs.join(format!("app-{i}.log"))),
-                })
-            })
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        for node in &mut nodes {
-            node.wait_ready()?;
+        let (dir, temp_dir) = fleet_dir(opts.dir.as_deref())?;
+        fresh_dir(&dir.join(LOGS), None)?;
+        for sub in COMPONENT_DIRS {
+            fresh_dir(&dir.join(sub), service_user()?.as_ref())?;
         }
-        let upstreams: Vec<Upstream> = nodes
-            .iter()
-            .map(|n| Upstream {
-                name: n.container_id().to_owned(),
-                address: format!("127.0.0.1:{}", n.port()),
-            })
-            .collect();
-        let port = if opts.port == 0 { free_port()? } else { opts.port };
-        let site = Site {
-            port,
-            upstreams: &upstreams,
-            operator_networks: &opts.operator_networks,
-            trusted_proxies: &opts.trusted_proxies,
+        let log =
+            |name: &str| Log { quiet: opts.quiet, file: Some(dir.join(LOGS).join(format!("{name}.log"))) };
+        let mut warnings = Vec::new();
+        let db = start_database(&opts, &dir, &mut warnings)?;
+        let nodes = start_nodes(&opts, &db, log)?;
+        let monitoring = dir.join("prometheus");
+        // PostgreSQL's exporter speaks to one server; a cluster's members are seen through their
+        // Patroni's `/metrics` instead.
+        let exporter = match &db {
+            Database::Single(postgres) if opts.prometheus => Some(Exporter::start(ExporterOptions {
+                postgres,
+                dir: &monitoring,
+                log: log("postgres-exporter"),
+            })?),
+            _ => None,
         };
-        let nginx = start_nginx(&dir.join("nginx"), service_user.as_ref(), &site, &logs, opts.quiet)?;
-        let (prometheus, exporter) = match opts.prometheus {
-            true => {
-                let prometheus_dir = dir.join("prometheus");
-                fresh_dir(&prometheus_dir, service_user.as_ref())?;
-                // PostgreSQL's exporter speaks to one server; a cluster's members are seen through
-                // their Patroni's `/metrics` instead.
-                let exporter = match &db {
-                    Database::Single(pg) => Some(exporter::start(pg, &prometheus_dir, &logs, opts.quiet)?),
-                    Database::Cluster(_) => None,
-                };
-                let exporter_address = exporter.as_ref().map(|(_, port)| format!("127.0.0.1:{port}"));
-                let patroni = match &db {
-                    Database::Single(_) => Vec::new(),
-                    Database::Cluster(cluster) => cluster
-                        .member_names()
-                        .into_iter()
-                        .map(|name| {
-                            let address = cluster.api_url(&name)?.trim_start_matches("http://").to_owned();
-                            Ok(Upstream { name, address })
-                        })
-                        .collect::<anyhow::Result<_>>()?,
-                };
-                let targets = prometheus::Targets {
-                    nodes: &upstreams,
-                    exporter: exporter_address.as_deref(),
-                    patroni: &patroni,
-                };
-                let prometheus =
-                    start_prometheus(&prometheus_dir, service_user.as_ref(), &targets, &logs, opts.quiet)?;
-                (Some(prometheus), exporter)
-            }
-            false => (None, None),
+        let prometheus = match opts.prometheus {
+            true => Some(Prometheus::start(PrometheusOptions {
+                dir: monitoring,
+                targets: Targets {
+                    nodes: &upstreams(&nodes),
+                    exporter: exporter.as_ref().map(Exporter::address).as_deref(),
+                    patroni: &patroni_targets(&db)?,
+                },
+                log: log("prometheus"),
+            })?),
+            false => None,
         };
-        let mut fleet = Fleet {
-            nginx,
-            prometheus,
-            exporter,
-            nodes,
-            db,
-            dir,
-            port,
-            upstreams,
+        let nginx = Nginx::start(NginxOptions {
+            dir: dir.join("nginx"),
+            port: if opts.port == 0 { free_port()? } else { opts.port },
+            upstreams: upstreams(&nodes),
             operator_networks: opts.operator_networks,
             trusted_proxies: opts.trusted_proxies,
-            out_of_rotation: Vec::new(),
-            warnings,
-            service_user,
-            _temp_dir: temp_dir,
-        };
+            log: log("nginx"),
+        })?;
+        let mut fleet = Fleet { nginx, prometheus, exporter, nodes, db, dir, warnings, _temp_dir: temp_dir };
         fleet.wait_through_nginx()?;
         Ok(fleet)
     }
 
     /// nginx's address: `http://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        self.nginx.url()
     }
 
     /// Prometheus's address, if it runs.
     pub fn prometheus_url(&self) -> Option<String> {
-        self.prometheus.as_ref().map(|(_, port)| format!("http://127.0.0.1:{port}"))
+        self.prometheus.as_ref().map(|prometheus| format!("http://{}", prometheus.address()))
     }
 
     /// PostgreSQL's exporter (its `/metrics`), if it runs (with Prometheus).
     pub fn exporter_url(&self) -> Option<String> {
-        self.exporter.as_ref().map(|(_, port)| format!("http://127.0.0.1:{port}"))
+        self.exporter.as_ref().map(|exporter| format!("http://{}", exporter.address()))
     }
 
     /// The application's database URL, password included: a secret, never to print (see
@@ -363,49 +265,42 @@ impl Fleet {
         &self.dir
     }
 
-    /// Every component's name and PID: nginx (its master), Prometheus, the exporter, the nodes.
-    pub fn component_pids(&self) -> Vec<(String, u32)> {
-        let others = std::iter::once(&self.nginx)
-            .chain(self.prometheus.as_ref().map(|(c, _)| c))
-            .chain(self.exporter.as_ref().map(|(c, _)| c));
-        let nodes = self.nodes.iter().map(|n| (n.container_id().to_owned(), n.pid()));
-        others.map(|c| (c.name().to_owned(), c.pid())).chain(nodes).collect()
+    /// The fleet's components in stop order, the reverse of their start order: nginx first (so no request
+    /// reaches a node that is stopping), Prometheus, the exporter, then the nodes (`app-1` first).
+    fn components(&mut self) -> Vec<&mut dyn Component> {
+        let mut components: Vec<&mut dyn Component> = Vec::new();
+        components.push(&mut self.nginx);
+        components.extend(self.prometheus.as_mut().map(|c| c as &mut dyn Component));
+        components.extend(self.exporter.as_mut().map(|c| c as &mut dyn Component));
+        components.extend(self.nodes.iter_mut().map(|c| c as &mut dyn Component));
+        components
     }
 
-    /// The components that have exited (`app-2`, `nginx`, `prometheus`, `postgres-exporter`).
+    /// Every component's name and PID, in stop order: nginx (its master), Prometheus, the exporter, the
+    /// nodes.
+    pub fn component_pids(&mut self) -> Vec<(String, u32)> {
+        let pid = |c: &mut dyn Component| (c.process().name().to_owned(), c.process().pid());
+        self.components().into_iter().map(pid).collect()
+    }
+
+    /// The components that have exited (`nginx`, `prometheus`, `postgres-exporter`, `app-2`).
     pub fn exited_components(&mut self) -> Vec<String> {
-        let nodes = self.nodes.iter_mut().map(Node::child);
-        let others = std::iter::once(&mut self.nginx)
-            .chain(self.prometheus.as_mut().map(|(c, _)| c))
-            .chain(self.exporter.as_mut().map(|(c, _)| c));
-        nodes
-            .chain(others)
-            .filter_map(|child| (!child.is_running()).then(|| child.name().to_owned()))
-            .collect()
+        let mut components = self.components();
+        components.retain_mut(|c| c.has_exited());
+        components.into_iter().map(|c| c.process().name().to_owned()).collect()
     }
 
-    /// Stops nginx, Prometheus, the exporter, the nodes (SIGINT: they finish in-flight requests), then
-    /// the database (a fast shutdown: a kept database is consistent; a cluster's every Patroni and
-    /// postmaster, then etcd), and removes nginx's and Prometheus's
-    /// files; the logs and a kept database stay.
+    /// Stops the components in order (nginx, Prometheus, the exporter, then the nodes: SIGINT, they
+    /// finish in-flight requests), then the database (a fast shutdown: a kept database is consistent; a
+    /// cluster's every Patroni and postmaster, then etcd), and removes nginx's and Prometheus's files;
+    /// the logs and a kept database stay.
     pub fn stop(mut self) -> anyhow::Result<()> {
-        self.nginx.terminate(Duration::from_secs(5))?;
-        if let Some((prometheus, _)) = &mut self.prometheus {
-            prometheus.terminate(Duration::from_secs(10))?;
-        }
-        if let Some((exporter, _)) = &mut self.exporter {
-            exporter.terminate(Duration::from_secs(5))?;
-        }
-        // nginx is gone, so no drain delay is needed: SIGINT stops a node at once, after in-flight requests.
-        for node in &mut self.nodes {
-            let status = node.child().stop(nix::sys::signal::Signal::SIGINT, NODE_GRACE)?;
-            if !status.success() && status.code().is_some() {
-                tracing::warn!(node = node.container_id(), %status, "node exited with an error");
-            }
+        for component in self.components() {
+            component.stop()?;
         }
         self.db.stop()?;
         if self._temp_dir.is_none() {
-            for sub in ["nginx", "prometheus"] {
+            for sub in COMPONENT_DIRS {
                 let path = self.dir.join(sub);
                 if path.exists() {
                     fs::remove_dir_all(&path).with_context(|| format!("cannot remove {}", path.display()))?;
@@ -429,39 +324,12 @@ impl Fleet {
     /// sends to the node once it turns connections away wait one connect timeout before going elsewhere.
     pub fn stop_node(&mut self, n: usize) -> anyhow::Result<()> {
         let name = self.running_node(n)?.container_id().to_owned();
-        self.take_out_of_rotation(&name)?;
+        self.nginx.take_out_of_rotation(&name)?;
         let node = self.running_node(n)?;
         // An unreaped child keeps its PID, so this PID is still the node's even if it exited just now.
         let pid = Pid::from_raw(i32::try_from(node.pid()).context("PID out of range")?);
         signal::kill(pid, Signal::SIGTERM)
             .with_context(|| format!("cannot send SIGTERM to {}", node.container_id()))
-    }
-
-    /// Marks `name` down in nginx's round robin and reloads nginx; returns once the new workers run, so
-    /// no new request is sent to that node (its pinned route `/app-N/` stays).
-    fn take_out_of_rotation(&mut self, name: &str) -> anyhow::Result<()> {
-        self.out_of_rotation.push(name.to_owned());
-        let dir = self.dir.join("nginx");
-        let site = Site {
-            port: self.port,
-            upstreams: &self.upstreams,
-            operator_networks: &self.operator_networks,
-            trusted_proxies: &self.trusted_proxies,
-        };
-        write_nginx_config(&dir, self.service_user.as_ref(), &site, &self.out_of_rotation)?;
-        let master = Pid::from_raw(i32::try_from(self.nginx.pid()).context("PID out of range")?);
-        let old_workers = proctree::descendants(master)?;
-        signal::kill(master, Signal::SIGHUP).context("cannot ask nginx to reload")?;
-        let deadline = Instant::now() + RELOAD_TIMEOUT;
-        while proctree::descendants(master)?.iter().all(|pid| old_workers.contains(pid)) {
-            ensure!(
-                self.nginx.is_running() && Instant::now() < deadline,
-                "nginx did not start new workers after a reload; its last output:\n{}",
-                self.nginx.recent_output()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Ok(())
     }
 
     /// Fault injection: restarts PostgreSQL (fast shutdown, which ends every session, then a start on the
@@ -492,9 +360,9 @@ impl Fleet {
 
     /// Waits until every node answers `/app-N/health/ready` through nginx.
     fn wait_through_nginx(&mut self) -> anyhow::Result<()> {
-        let deadline = Instant::now() + READY_TIMEOUT;
+        let (deadline, url) = (Instant::now() + READY_TIMEOUT, self.url());
         for i in 1..=self.nodes.len() {
-            self.nginx.wait_for_http(&format!("{}/app-{i}/health/ready", self.url()), deadline)?;
+            self.nginx.process().wait_for_http(&format!("{url}/app-{i}/health/ready"), deadline)?;
         }
         Ok(())
     }
@@ -503,125 +371,96 @@ impl Fleet {
 /// The fleet directory's subdirectory for logs.
 const LOGS: &str = "logs";
 
-/// Makes `dir` the fleet's private directory and returns its canonical path: a symbolic link is refused
-/// (before anything is changed); created mode 0700 if missing; an existing one must be owned by us and
-/// writable by nobody else (a directory another user could write to could be swapped under us) and is
-/// then closed to others (0700). When we are root, the `postgres` user must reach `dir/postgres` and
-/// the service user `dir/nginx` and `dir/prometheus`: others may enter (0711), but list nothing, and
-/// every entry is private to its owner.
-pub fn prepare_dir(dir: &Path) -> anyhow::Result<PathBuf> {
-    ensure!(
-        !fs::symlink_metadata(dir).is_ok_and(|meta| meta.file_type().is_symlink()),
-        "refusing the fleet directory {}: it is a symbolic link; name the directory itself",
-        dir.display()
-    );
-    if !dir.exists() {
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(dir)
-            .with_context(|| format!("cannot create {}", dir.display()))?;
+/// The fleet directory's subdirectories for nginx's and Prometheus's (and the exporter's) files: emptied
+/// on start and the service user's, removed on stop.
+const COMPONENT_DIRS: [&str; 2] = ["nginx", "prometheus"];
+
+/// Starts the fleet's database: one PostgreSQL, or a Patroni cluster when there are replicas. It is
+/// kept in `<dir>/postgres` (or `<dir>/patroni`) if the options ask and the `postgres` user can reach
+/// it; otherwise it is a throwaway one, and a warning says why.
+fn start_database(opts: &FleetOptions, dir: &Path, warnings: &mut Vec<String>) -> anyhow::Result<Database> {
+    let kept_dir = dir.join(if opts.replicas > 0 { "patroni" } else { "postgres" });
+    let keep_database = opts.keep_database && opts.dir.is_some();
+    let database_dir = match (keep_database, postgres_user()?) {
+        (false, _) => None,
+        (true, None) => Some(kept_dir),
+        (true, Some(user)) => match check_reachable(&kept_dir, &user) {
+            Ok(()) => Some(kept_dir),
+            Err(why) => {
+                warnings.push(format!("the database is not kept, it goes when the fleet stops: {why:#}"));
+                None
+            }
+        },
+    };
+    let logs = dir.join(LOGS);
+    Ok(match opts.replicas {
+        0 => Database::Single(Postgres::start(PostgresOptions {
+            dir: database_dir,
+            max_connections: MAX_CONNECTIONS,
+            durable: opts.durable,
+            log_file: Some(logs.join("postgres.log")),
+            ..PostgresOptions::default()
+        })?),
+        replicas => Database::Cluster(PatroniCluster::start(PatroniOptions {
+            dir: database_dir,
+            members: replicas as usize + 1,
+            max_connections: MAX_CONNECTIONS,
+            durable: opts.durable,
+            parameters: vec![("deadlock_timeout".to_owned(), DEADLOCK_TIMEOUT.to_owned())],
+            quiet: opts.quiet,
+            logs: Some(logs),
+        })?),
+    })
+}
+
+/// Launches every node at once (`app-1` …, their output going to `log(name)`), then waits until each is
+/// ready.
+fn start_nodes(opts: &FleetOptions, db: &Database, log: impl Fn(&str) -> Log) -> anyhow::Result<Vec<Node>> {
+    let read_url = db.read_url().map(|url| ("DATABASE_READ_URL".to_owned(), url));
+    let mut nodes = (1..=opts.nodes)
+        .map(|i| {
+            let name = format!("app-{i}");
+            let log = log(&name);
+            Node::launch(NodeOptions {
+                bin: opts.node_bin.clone(),
+                container_id: name,
+                database_url: db.url(),
+                pool_size: opts.pool_size,
+                port: 0,
+                env: [
+                    ("SHUTDOWN_DRAIN_MS".to_owned(), NODE_DRAIN_MS.to_owned()),
+                    ("HTTP_WORKERS".to_owned(), http_workers(opts.nodes).to_string()),
+                ]
+                .into_iter()
+                .chain(read_url.clone())
+                .chain(opts.node_env.iter().cloned())
+                .collect(),
+                quiet: log.quiet,
+                log_file: log.file,
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    for node in &mut nodes {
+        node.wait_ready()?;
     }
-    let dir = dir.canonicalize().with_context(|| format!("cannot resolve {}", dir.display()))?;
-    let meta = fs::metadata(&dir).with_context(|| format!("cannot inspect {}", dir.display()))?;
-    let me = nix::unistd::geteuid().as_raw();
-    ensure!(meta.is_dir(), "{} is not a directory", dir.display());
-    ensure!(
-        meta.uid() == me,
-        "refusing the fleet directory {}: it belongs to user {}, not to us (user {me}); use a directory of our own",
-        dir.display(),
-        meta.uid()
-    );
-    ensure!(
-        meta.mode() & 0o022 == 0,
-        "refusing the fleet directory {}: others can write to it (mode {:o}); use a private directory          (or `chmod go-w {}`)",
-        dir.display(),
-        meta.mode() & 0o7777,
-        dir.display()
-    );
-    fs::set_permissions(&dir, fs::Permissions::from_mode(fleet_dir_mode()))
-        .with_context(|| format!("cannot make {} private", dir.display()))?;
-    Ok(dir)
+    Ok(nodes)
 }
 
-/// The fleet directory's mode (see [`prepare_dir`]): 0711 when we are root, else 0700.
-fn fleet_dir_mode() -> u32 {
-    if nix::unistd::geteuid().is_root() {
-        0o711
-    } else {
-        0o700
-    }
+/// The nodes as nginx and Prometheus see them.
+fn upstreams(nodes: &[Node]) -> Vec<Upstream> {
+    nodes.iter().map(|n| Upstream { name: n.container_id().to_owned(), address: n.address() }).collect()
 }
 
-/// Where nginx listens and what it serves.
-struct Site<'a> {
-    port: u16,
-    upstreams: &'a [Upstream],
-    operator_networks: &'a [String],
-    trusted_proxies: &'a [String],
-}
-
-/// Writes `dir/nginx.conf` (readable by `user`, who runs nginx) for `site`, with the nodes named in
-/// `out_of_rotation` out of the round robin; returns its path.
-fn write_nginx_config(
-    dir: &Path,
-    user: Option<&User>,
-    site: &Site<'_>,
-    out_of_rotation: &[String],
-) -> anyhow::Result<PathBuf> {
-    let conf = dir.join("nginx.conf");
-    let listen = format!("127.0.0.1:{}", site.port);
-    let text = nginx::local_config(
-        dir,
-        &listen,
-        site.upstreams,
-        out_of_rotation,
-        site.operator_networks,
-        site.trusted_proxies,
-    );
-    write_new(&conf, text.as_bytes(), 0o600, user)?;
-    Ok(conf)
-}
-
-/// Starts nginx as `user` with its config, pid file and temp files in `dir` (emptied first, `user`'s).
-fn start_nginx(
-    dir: &Path,
-    user: Option<&User>,
-    site: &Site<'_>,
-    logs: &Path,
-    quiet: bool,
-) -> anyhow::Result<Child> {
-    fresh_dir(dir, user)?;
-    let conf = write_nginx_config(dir, user, site, &[])?;
-    let mut cmd = Command::new(nginx_bin()?);
-    cmd.arg("-c").arg(&conf).arg("-p").arg(dir);
-    run_as(&mut cmd, user);
-    let mut child = Child::spawn_logged("nginx", cmd, quiet, &logs.join("nginx.log"))?;
-    let health = format!("http://127.0.0.1:{}/nginx-health", site.port);
-    child.wait_for_http(&health, Instant::now() + READY_TIMEOUT)?;
-    Ok(child)
-}
-
-/// Starts Prometheus as `user` with its config and data in `dir` (`user`'s).
-fn start_prometheus(
-    dir: &Path,
-    user: Option<&User>,
-    targets: &prometheus::Targets<'_>,
-    logs: &Path,
-    quiet: bool,
-) -> anyhow::Result<(Child, u16)> {
-    let conf = dir.join("prometheus.yml");
-    let port = free_port()?;
-    let text = prometheus::config(targets, "1s", &[], &format!("127.0.0.1:{port}"));
-    write_new(&conf, text.as_bytes(), 0o600, user)?;
-    let mut cmd = Command::new(prometheus_bin("prometheus")?);
-    cmd.arg(format!("--config.file={}", conf.display()))
-        .arg(format!("--storage.tsdb.path={}", dir.join("data").display()))
-        .arg(format!("--web.listen-address=127.0.0.1:{port}"));
-    run_as(&mut cmd, user);
-    let mut child = Child::spawn_logged("prometheus", cmd, quiet, &logs.join("prometheus.log"))?;
-    child.wait_for_http(&format!("http://127.0.0.1:{port}/-/ready"), Instant::now() + READY_TIMEOUT)?;
-    Ok((child, port))
+/// Every Patroni's REST API, for Prometheus to scrape; none for a single PostgreSQL.
+fn patroni_targets(db: &Database) -> anyhow::Result<Vec<Upstream>> {
+    let Database::Cluster(cluster) = db else {
+        return Ok(Vec::new());
+    };
+    let member = |name: String| {
+        let address = cluster.api_url(&name)?.trim_start_matches("http://").to_owned();
+        Ok(Upstream { name, address })
+    };
+    cluster.member_names().into_iter().map(member).collect()
 }
 
 #[cfg(test)]
@@ -636,53 +475,5 @@ mod tests {
         assert!(err.contains("10 nodes × pool 10 = 100"), "{err}");
         assert!(err.contains("at most 90"), "{err}");
         assert!(check_capacity(0, 5).is_err());
-    }
-
-    #[test]
-    fn a_new_fleet_directory_is_private() {
-        let parent = tempfile::tempdir().unwrap();
-        let dir = prepare_dir(&parent.path().join("a/.fleet")).unwrap();
-        assert_eq!(fs::metadata(&dir).unwrap().mode() & 0o777, fleet_dir_mode());
-    }
-
-    #[test]
-    fn a_fleet_directory_others_can_write_to_is_refused() {
-        let dir = tempfile::tempdir().unwrap();
-        for mode in [0o777, 0o1777, 0o770] {
-            fs::set_permissions(dir.path(), fs::Permissions::from_mode(mode)).unwrap();
-            let error = prepare_dir(dir.path()).unwrap_err().to_string();
-            assert!(error.contains("others can write to it"), "{mode:o}: {error}");
-        }
-        fs::set_permissions(dir.path(), fs::Permissions::from_mode(0o755)).unwrap();
-        prepare_dir(dir.path()).unwrap();
-        assert_eq!(
-            fs::metadata(dir.path()).unwrap().mode() & 0o777,
-            fleet_dir_mode(),
-            "an open one is closed"
-        );
-    }
-
-    #[test]
-    fn a_fleet_directory_given_as_a_link_is_refused_and_its_target_left_alone() {
-        let temp = tempfile::tempdir().unwrap();
-        let target = temp.path().join("target");
-        fs::DirBuilder::new().mode(0o755).create(&target).unwrap();
-        std::os::unix::fs::symlink(&target, temp.path().join("fleet")).unwrap();
-        let error = prepare_dir(&temp.path().join("fleet")).unwrap_err().to_string();
-        assert!(error.contains("symbolic link"), "{error}");
-        assert_eq!(fs::metadata(&target).unwrap().mode() & 0o777, 0o755);
-    }
-
-    #[test]
-    fn a_fleet_directory_owned_by_another_user_is_refused() {
-        let nobody = nix::unistd::User::from_name("nobody").unwrap().expect("a `nobody` user");
-        if !nix::unistd::geteuid().is_root() {
-            eprintln!("skipped: only root can hand a directory to another user");
-            return;
-        }
-        let dir = tempfile::tempdir().unwrap();
-        std::os::unix::fs::chown(dir.path(), Some(nobody.uid.as_raw()), None).unwrap();
-        let error = prepare_dir(dir.path()).unwrap_err().to_string();
-        assert!(error.contains("belongs to user"), "{error}");
     }
 }

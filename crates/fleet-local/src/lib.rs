@@ -2,6 +2,7 @@
 //! PostgreSQL's exporter, as child processes on loopback. Used by `fleetctl up` and by the integration tests.
 
 pub mod bins;
+pub mod component;
 pub mod etcd;
 pub mod exporter;
 pub mod files;
@@ -16,6 +17,7 @@ pub mod prometheus;
 pub mod users;
 
 pub use bins::{etcd_bin, exporter_bin, nginx_bin, patroni_bin, postgres_bin, prometheus_bin};
+pub use component::{Component, Log};
 pub use node::{Node, NodeOptions};
 pub use patroni::{MemberStatus, PatroniCluster, PatroniOptions};
 pub use postgres::{Postgres, PostgresOptions, DEADLOCK_TIMEOUT};
@@ -45,6 +47,12 @@ pub fn free_port() -> anyhow::Result<u16> {
         }
     }
     anyhow::bail!("no free port on 127.0.0.1 between {LOWEST_PORT} and {high}")
+}
+
+/// `text` double-quoted, backslashes and quotes escaped: a string as nginx's config and YAML (Prometheus's)
+/// both read it, whatever it holds (paths may hold spaces).
+pub(crate) fn quote(text: &str) -> String {
+    format!("\"{}\"", text.replace('\\', "\\\\").replace('"', "\\\""))
 }
 
 /// The first port of the kernel's ephemeral range.

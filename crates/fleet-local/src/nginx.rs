@@ -8,6 +8,11 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
+use crate::quote;
+
+mod local;
+pub use local::{Nginx, NginxOptions};
+
 /// Nodes in the compose topology (`app-1` … `app-4`): 4 × `POOL_SIZE` 5 = 20 of PostgreSQL's 100 connections.
 const COMPOSE_NODES: usize = 4;
 /// How many nodes the compose `ha` profile runs on the Patroni cluster.
@@ -442,11 +447,6 @@ pub const WORKER_LIMITS: &str = "worker_rlimit_nofile 16384;\nevents {\n    work
 /// `app-1` → `app_1`: the name of the upstream that holds only this node.
 fn upstream_name(node: &Upstream) -> String {
     node.name.replace('-', "_")
-}
-
-/// A double-quoted nginx string (paths may hold spaces).
-fn quote(text: &str) -> String {
-    format!("\"{}\"", text.replace('\\', "\\\\").replace('"', "\\\""))
 }
 
 #[cfg(test)]

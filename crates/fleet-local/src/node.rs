@@ -1,5 +1,6 @@
 //! A fleet-app node process: spawned with its environment (as the service user when we are root), ready
-//! once `/health/ready` answers 200.
+//! once `/health/ready` answers 200; [`Node::launch`] and [`Node::wait_ready`] apart, so that several
+//! nodes start at the same instant.
 
 use std::fmt;
 use std::io::IsTerminal;
@@ -8,12 +9,16 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
+use nix::sys::signal::Signal;
 
+use crate::component::{Component, Log};
 use crate::process::Child;
 use crate::users::{run_as, service_user};
 
 /// How long a node may take to listen and become ready (migrations included).
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long a node gets to finish its in-flight requests on SIGINT before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(35);
 /// What the node prints once bound, followed by its address: `fleet-app listening on http://127.0.0.1:43567`.
 const LISTENING: &str = "listening on http://";
 
@@ -92,11 +97,10 @@ impl Node {
         }
         cmd.envs(opts.env.iter().map(|(name, value)| (name, value)));
         run_as(&mut cmd, service_user()?.as_ref());
-        let child = match &opts.log_file {
-            Some(log) => Child::spawn_logged(&opts.container_id, cmd, opts.quiet, log),
-            None => Child::spawn(&opts.container_id, cmd, opts.quiet),
-        }
-        .with_context(|| format!("cannot start node {}", opts.container_id))?;
+        let log = Log { quiet: opts.quiet, file: opts.log_file };
+        let child = log
+            .spawn(&opts.container_id, cmd)
+            .with_context(|| format!("cannot start node {}", opts.container_id))?;
         Ok(Node { container_id: opts.container_id, port: 0, child })
     }
 
@@ -114,7 +118,7 @@ impl Node {
 
     /// `http://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("http://{}", self.address())
     }
 
     /// The port it listens on.
@@ -135,6 +139,26 @@ impl Node {
     /// The process, to stop, kill or inspect it.
     pub fn child(&mut self) -> &mut Child {
         &mut self.child
+    }
+}
+
+impl Component for Node {
+    fn process(&mut self) -> &mut Child {
+        &mut self.child
+    }
+
+    fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// SIGINT: the node stops at once, after its in-flight requests (no drain: it is out of nginx's
+    /// round robin already, or nginx has stopped). An exit with an error is logged, not returned.
+    fn stop(&mut self) -> anyhow::Result<()> {
+        let status = self.child.stop(Signal::SIGINT, STOP_GRACE)?;
+        if !status.success() && status.code().is_some() {
+            tracing::warn!(node = %self.container_id, %status, "node exited with an error");
+        }
+        Ok(())
     }
 }
 

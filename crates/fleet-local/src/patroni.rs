@@ -29,13 +29,13 @@ use config::{ClusterPlan, MemberPlace};
 pub use config::{Secrets, LOOP_WAIT_S, REPLICATION_TIMEOUT_S, REST_API_USER, RETRY_TIMEOUT_S, TTL_S};
 
 use crate::bins::{patroni_bin, postgres_bin};
-use crate::etcd::Etcd;
+use crate::etcd::{Etcd, EtcdOptions};
 use crate::files::{open_read, private_dir, write_new};
 use crate::postgres::{
     cluster_dir, create_app_database, hand_over, postgres_user, run_psql, ADMIN_USER, APP_DATABASE, APP_USER,
 };
 use crate::users::run_as;
-use crate::{free_port, proctree, Child};
+use crate::{free_port, proctree, Child, Component, Log};
 
 /// Patroni's cluster name (its key prefix in etcd).
 const SCOPE: &str = "pgfleet";
@@ -178,7 +178,8 @@ impl PatroniCluster {
             false => Secrets::random()?,
         };
         secrets.write(&password_file)?;
-        let etcd = Etcd::start(&dir, &secrets.etcd, opts.quiet, opts.logs.as_deref())?;
+        let log = Log { quiet: opts.quiet, file: opts.logs.as_ref().map(|logs| logs.join("etcd.log")) };
+        let etcd = Etcd::start(EtcdOptions { dir: &dir, password: &secrets.etcd, log })?;
         // Patroni runs every server tool from one directory (pg_controldata, pg_rewind …): the real one,
         // not a directory of symlinks to a few of them.
         let postgres =

@@ -1,10 +1,23 @@
-//! The local fleet's Prometheus configuration, scraping every node directly (never through nginx, which
-//! would show one random node per scrape). The compose file's `deploy/prometheus/prometheus.yml` finds
-//! its targets by name instead, under the same jobs and labels (a test keeps them equal).
+//! Prometheus, scraping every node directly (never through nginx, which would show one random node per
+//! scrape): its configuration, which the compose file's `deploy/prometheus/prometheus.yml` shares (it
+//! finds its targets by name instead, under the same jobs and labels; a test keeps them equal), and the
+//! local fleet's Prometheus process.
 
 use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
 
+use crate::component::{spawn_ready, Component, Log};
+use crate::files::write_new;
 use crate::nginx::Upstream;
+use crate::users::service_user;
+use crate::{free_port, prometheus_bin, quote, Child};
+
+/// How long Prometheus gets to stop on SIGTERM (it writes its head block) before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(10);
+/// How often a local fleet's Prometheus scrapes and evaluates.
+const SCRAPE_INTERVAL: &str = "1s";
 
 /// The job every node is scraped under; dashboards and rules select `job="fleet-app"`.
 pub const NODE_JOB: &str = "fleet-app";
@@ -87,9 +100,53 @@ fn job(out: &mut String, name: &str, label: &str, targets: &[Upstream]) {
 const HEADER: &str = "# Scrapes every fleet node directly. Rendered by fleet_local::prometheus::config.
 ";
 
-/// A double-quoted YAML string.
-fn quote(text: &str) -> String {
-    format!("\"{}\"", text.replace('\\', "\\\\").replace('"', "\\\""))
+/// How to start a local fleet's Prometheus.
+#[derive(Debug)]
+pub struct PrometheusOptions<'a> {
+    /// Where its config and data go: a directory of the service user's.
+    pub dir: PathBuf,
+    pub targets: Targets<'a>,
+    pub log: Log,
+}
+
+/// A running Prometheus, stopped when dropped.
+#[derive(Debug)]
+pub struct Prometheus {
+    child: Child,
+    port: u16,
+}
+
+impl Prometheus {
+    /// Starts Prometheus as the service user on a free loopback port, scraping `targets` every second;
+    /// returns once it is ready.
+    pub fn start(opts: PrometheusOptions<'_>) -> anyhow::Result<Prometheus> {
+        let user = service_user()?;
+        let conf = opts.dir.join("prometheus.yml");
+        let port = free_port()?;
+        let text = config(&opts.targets, SCRAPE_INTERVAL, &[], &format!("127.0.0.1:{port}"));
+        write_new(&conf, text.as_bytes(), 0o600, user.as_ref())?;
+        let mut cmd = Command::new(prometheus_bin("prometheus")?);
+        cmd.arg(format!("--config.file={}", conf.display()))
+            .arg(format!("--storage.tsdb.path={}", opts.dir.join("data").display()))
+            .arg(format!("--web.listen-address=127.0.0.1:{port}"));
+        let child = spawn_ready("prometheus", cmd, &opts.log, &format!("http://127.0.0.1:{port}/-/ready"))?;
+        Ok(Prometheus { child, port })
+    }
+}
+
+impl Component for Prometheus {
+    fn process(&mut self) -> &mut Child {
+        &mut self.child
+    }
+
+    fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn stop(&mut self) -> anyhow::Result<()> {
+        self.child.terminate(STOP_GRACE)?;
+        Ok(())
+    }
 }
 
 #[cfg(test)]
