@@ -38,7 +38,7 @@ use crate::{
 
 /// Connections kept free for admins, migrations and the isolation lab's dedicated connections.
 pub const ADMIN_HEADROOM: u32 = 10;
-/// PostgreSQL's `max_connections` in a local fleet (the seed's setting).
+/// PostgreSQL's `max_connections` in a local fleet (PostgreSQL's default).
 pub const MAX_CONNECTIONS: u32 = 100;
 /// How long the fleet may take to answer through nginx once every node is ready.
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
