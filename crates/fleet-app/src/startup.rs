@@ -152,7 +152,7 @@ impl Application {
             drop(sink);
         });
         self.server.await?;
-        self.state.db.close();
+        self.state.db().close();
         tracing::info!("stopped");
         Ok(())
     }

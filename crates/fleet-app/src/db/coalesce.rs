@@ -112,7 +112,6 @@ impl Coalescer {
 
     /// Adds 1 to `key` in the node's next shared transaction; returns this request's own new value and
     /// the transaction's LSN.
-    #[tracing::instrument(skip_all, fields(counter.key = %key))]
     pub async fn increment(&self, key: &str) -> Result<(Counter, Option<Token>), DbError> {
         let (reply, value) = oneshot::channel();
         let start = {

@@ -6,7 +6,7 @@ use deadpool_postgres::GenericClient;
 use serde::Serialize;
 
 use super::coalesce::select_counters;
-use super::{Db, DbError, Once, Read, Retried, Token, Written};
+use super::{Db, DbError, Once, Primary, Read, Replica, Retried, Token, Written};
 use crate::config::LockOrder;
 
 /// A counter's value after a write.
@@ -56,25 +56,6 @@ async fn increment_in(tx: &impl GenericClient, key: &str, n: i64) -> Result<i64,
 }
 
 impl Db {
-    /// Adds 1 to counter `key` (created at 0 if absent) in a transaction of its own, under the row lock;
-    /// with `once`, at most once per idempotency key.
-    #[tracing::instrument(skip_all, fields(counter.key = %key))]
-    pub async fn increment(
-        &self,
-        key: &str,
-        once: Option<&Once<'_, Counter>>,
-    ) -> Result<Retried<Written<Counter>>, DbError> {
-        let done = self
-            .transact_locking(once, &[key], async |tx| {
-                Ok(Counter { key: key.to_owned(), value: increment_in(tx, key, 1).await? })
-            })
-            .await?;
-        if let Written::Fresh { .. } = done.value {
-            self.record_increments(1);
-        }
-        Ok(done)
-    }
-
     /// Adds `n` increments to counter `key` in one transaction that holds the row lock; returns the new
     /// value and the commit's LSN. All or nothing: a failure applies none of them. While the counter
     /// exists, that transaction is one statement (see [`Db::write_alone`]), so the lock is held only
@@ -128,6 +109,32 @@ impl Db {
             self.metrics.increment_batch_size.observe(n as f64);
         }
     }
+}
+
+impl Primary {
+    /// Adds 1 to counter `key` (created at 0 if absent) under the row lock: in the node's next shared
+    /// transaction when increments coalesce and there is no `once`, else in a transaction of its own
+    /// (with `once`, where the idempotency key is claimed: at most once per key).
+    #[tracing::instrument(skip_all, fields(counter.key = %key))]
+    pub async fn increment(
+        &self,
+        key: &str,
+        once: Option<&Once<'_, Counter>>,
+    ) -> Result<Retried<Written<Counter>>, DbError> {
+        if let (None, Some(coalescer)) = (once, &self.coalescer) {
+            let (value, lsn) = coalescer.increment(key).await?;
+            return Ok(Retried { value: Written::Fresh { value, stored: None }, attempts: 1, lsn });
+        }
+        let done = self
+            .transact_locking(once, &[key], async |tx| {
+                Ok(Counter { key: key.to_owned(), value: increment_in(tx, key, 1).await? })
+            })
+            .await?;
+        if let Written::Fresh { .. } = done.value {
+            self.record_increments(1);
+        }
+        Ok(done)
+    }
 
     /// Moves `amount` from one counter to another in one transaction, locking both rows in request order
     /// (or key order with `LOCK_ORDER=sorted`); deadlocks are retried until `RETRY_DEADLINE_MS`. Only
@@ -164,7 +171,9 @@ impl Db {
         })
         .await
     }
+}
 
+impl Replica {
     /// The counter's value (`None` if it does not exist), read from a replica that has replayed
     /// `min_lsn` when one can serve it (see `db::read`), else from the primary. A read without `min_lsn`
     /// shares a query with the node's other reads of the moment (see `db::coalesce`).

@@ -16,6 +16,7 @@ mod token;
 mod transact;
 
 use std::future::Future;
+use std::ops::Deref;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,7 +29,7 @@ use crate::config::{Config, LockOrder};
 use crate::metrics::Metrics;
 use deadline::Conn;
 
-pub use coalesce::Coalescer;
+use coalesce::Coalescer;
 pub use counters::{Counter, Transfer};
 pub use idempotency::{IdempotencyKey, StoredResponse};
 pub use read::{Read, ServedBy};
@@ -187,6 +188,36 @@ pub struct Db {
     reads: coalesce::Reads,
 }
 
+/// The database as an endpoint that writes, locks rows, or must see the primary (the lab, health) may use
+/// it: every query goes to `DATABASE_URL`'s server. Increments share transactions when
+/// `INCREMENT_MODE=coalesce` (see [`Coalescer`]).
+#[derive(Debug, Clone)]
+pub struct Primary {
+    db: Db,
+    coalescer: Option<Coalescer>,
+}
+
+/// The database as a read endpoint may use it: on a replica when one can serve the read (see `read`),
+/// else on the primary; every answer says who served it ([`Read`]).
+#[derive(Debug, Clone)]
+pub struct Replica(Db);
+
+impl Deref for Primary {
+    type Target = Db;
+
+    fn deref(&self) -> &Db {
+        &self.db
+    }
+}
+
+impl Deref for Replica {
+    type Target = Db;
+
+    fn deref(&self) -> &Db {
+        &self.0
+    }
+}
+
 /// A value and the number of attempts it took.
 #[derive(Debug)]
 pub struct Retried<T> {
@@ -241,6 +272,16 @@ impl Db {
             stats: stats::StatsSnapshot::default(),
             reads: coalesce::Reads::default(),
         })
+    }
+
+    /// The handle of the endpoints that use the primary; increments coalesce when `coalesce`.
+    pub fn primary(&self, coalesce: bool) -> Primary {
+        Primary { db: self.clone(), coalescer: coalesce.then(|| Coalescer::new(self.clone())) }
+    }
+
+    /// The handle of the endpoints whose reads a replica may serve.
+    pub fn replica(&self) -> Replica {
+        Replica(self.clone())
     }
 
     pub fn status(&self) -> Status {

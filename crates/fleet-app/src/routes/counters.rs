@@ -6,9 +6,9 @@ use actix_web::{web, HttpResponse};
 use serde::Deserialize;
 use serde_json::json;
 
+use super::consistency::MinLsn;
 use super::once::{respond, IdempotencyHeader};
-use super::served::{served_by, written, MinLsn};
-use super::{check_text, millis_since, AppState, JsonBody};
+use super::{check_text, success, with_container, JsonBody, OnPrimary, OnReplica};
 use crate::db::{Counter, IdempotencyKey, Once, Transfer};
 use crate::errors::ApiError;
 
@@ -21,31 +21,18 @@ pub struct IncrementRequest {
 }
 
 pub async fn increment(
-    state: web::Data<AppState>,
+    db: OnPrimary,
     IdempotencyHeader(idempotency_key): IdempotencyHeader,
     JsonBody(req): JsonBody<IncrementRequest>,
 ) -> Result<HttpResponse, ApiError> {
     let start = Instant::now();
     check_text("key", &req.key, Some(MAX_KEY_CHARS))?;
     let render = |counter: &Counter, _attempts: u32| {
-        json!({
-            "success": true,
-            "key": counter.key,
-            "value": counter.value,
-            "duration": millis_since(start),
-            "container": state.container_id,
-        })
+        success(start, json!({ "key": counter.key, "value": counter.value }))
     };
-    // Increments with an idempotency key get a transaction of their own, where the key is claimed.
-    if let (None, Some(coalescer)) = (&idempotency_key, &state.coalescer) {
-        let (counter, lsn) = coalescer.increment(&req.key).await?;
-        let mut response = HttpResponse::Ok();
-        written(&mut response, lsn);
-        return Ok(response.json(render(&counter, 1)));
-    }
     let key = idempotency_key.map(|k| IdempotencyKey::new(&k, "/api/increment", &json!({ "key": req.key })));
     let once = key.as_ref().map(|key| Once { key, render: &render });
-    Ok(respond(state.db.increment(&req.key, once.as_ref()).await?, render))
+    Ok(respond(db.increment(&req.key, once.as_ref()).await?, render))
 }
 
 #[derive(Debug, Deserialize)]
@@ -57,7 +44,7 @@ pub struct TransferRequest {
 }
 
 pub async fn transfer(
-    state: web::Data<AppState>,
+    db: OnPrimary,
     IdempotencyHeader(idempotency_key): IdempotencyHeader,
     JsonBody(req): JsonBody<TransferRequest>,
 ) -> Result<HttpResponse, ApiError> {
@@ -71,35 +58,24 @@ pub async fn transfer(
         return Err(ApiError::InvalidRequest(format!("amount must be positive, got {}", req.amount)));
     }
     let render = |done: &Transfer, attempts: u32| {
-        json!({
-            "success": true,
-            "from": done.from,
-            "to": done.to,
-            "amount": req.amount,
-            "attempts": attempts,
-            "duration": millis_since(start),
-            "container": state.container_id,
-        })
+        success(
+            start,
+            json!({ "from": done.from, "to": done.to, "amount": req.amount, "attempts": attempts }),
+        )
     };
     let body = json!({ "from": req.from, "to": req.to, "amount": req.amount });
     let key = idempotency_key.map(|k| IdempotencyKey::new(&k, "/api/transfer", &body));
     let once = key.as_ref().map(|key| Once { key, render: &render });
-    Ok(respond(state.db.transfer(&req.from, &req.to, req.amount, once.as_ref()).await?, render))
+    Ok(respond(db.transfer(&req.from, &req.to, req.amount, once.as_ref()).await?, render))
 }
 
 pub async fn get_counter(
-    state: web::Data<AppState>,
+    db: OnReplica,
     key: web::Path<String>,
     MinLsn(min_lsn): MinLsn,
 ) -> Result<HttpResponse, ApiError> {
     check_text("key", &key, Some(MAX_KEY_CHARS))?;
-    let read = state.db.counter(&key, min_lsn).await?;
-    let counter = read.value.ok_or_else(|| ApiError::NotFound("no such counter".to_owned()))?;
-    let mut response = HttpResponse::Ok();
-    served_by(&mut response, &read.served_by);
-    Ok(response.json(json!({
-        "key": counter.key,
-        "value": counter.value,
-        "container": state.container_id,
-    })))
+    let counter = db.read(async |replica| replica.counter(&key, min_lsn).await).await?;
+    let counter = counter.ok_or_else(|| ApiError::NotFound("no such counter".to_owned()))?;
+    Ok(HttpResponse::Ok().json(with_container(json!({ "key": counter.key, "value": counter.value }))))
 }

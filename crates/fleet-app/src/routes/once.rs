@@ -7,7 +7,7 @@ use actix_web::dev::Payload;
 use actix_web::{FromRequest, HttpRequest, HttpResponse};
 use serde_json::Value;
 
-use super::served::written;
+use super::consistency::LSN;
 use crate::db::idempotency::MAX_KEY_CHARS;
 use crate::db::{Retried, Written};
 use crate::errors::ApiError;
@@ -43,7 +43,8 @@ fn parse(value: &[u8]) -> Result<String, ApiError> {
 }
 
 /// The response to a write: the stored body when there is one (so the first answer and every replay are
-/// identical), else `render` of the result; a replay carries `Idempotent-Replayed: true`. Either way it carries the write's `X-Fleet-Lsn`.
+/// identical), else `render` of the result; a replay carries `Idempotent-Replayed: true`. Either way it
+/// carries the write's `X-Fleet-Lsn`, when known.
 pub fn respond<T>(done: Retried<Written<T>>, render: impl Fn(&T, u32) -> Value) -> HttpResponse {
     let (mut response, body) = match done.value {
         Written::Fresh { value, stored } => {
@@ -57,7 +58,9 @@ pub fn respond<T>(done: Retried<Written<T>>, render: impl Fn(&T, u32) -> Value) 
             (response, stored.body)
         }
     };
-    written(&mut response, done.lsn);
+    if let Some(lsn) = done.lsn {
+        response.insert_header((LSN, lsn.to_string()));
+    }
     response.json(body)
 }
 
