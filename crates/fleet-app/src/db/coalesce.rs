@@ -14,7 +14,7 @@
 //!    join its next one (not a batch), so at most one such transaction per key waits on a node, and a
 //!    hot key is passed from node to node with many increments at a time.
 //!
-//! While the counter exists, either transaction is a single statement (see `Db::write_alone`).
+//! While the counter exists, either transaction is a single statement (see `Store::write_alone`).
 //!
 //! Each request gets its own value: a transaction that adds n to a counter now at v hands out v − n + 1 …
 //! v. A failed transaction applies none of its increments. When a many-key batch fails with an error tied
@@ -39,7 +39,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use deadpool_postgres::Object;
 use tokio::sync::oneshot;
 
-use super::{Counter, Db, DbError, Read, Token};
+use super::{Counter, DbError, Read, Store, Token};
 
 /// A request's own value and its transaction's LSN, or the transaction's error.
 type Reply = oneshot::Sender<Result<(i64, Option<Token>), Arc<DbError>>>;
@@ -47,7 +47,7 @@ type Reply = oneshot::Sender<Result<(i64, Option<Token>), Arc<DbError>>>;
 /// Batches concurrent increments into shared transactions.
 #[derive(Debug, Clone)]
 pub struct Coalescer {
-    db: Db,
+    db: Store,
     state: Arc<Mutex<State>>,
 }
 
@@ -106,7 +106,7 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Coalescer {
-    pub fn new(db: Db) -> Self {
+    pub fn new(db: Store) -> Self {
         Coalescer { db, state: Arc::default() }
     }
 
@@ -203,7 +203,7 @@ impl Coalescer {
     }
 }
 
-impl Db {
+impl Store {
     /// Counter `key`'s value (`None`: no such counter) from the node's next batch of counter reads.
     pub(super) async fn coalesced_read(&self, key: &str) -> Result<Read<Option<i64>>, DbError> {
         let (reply, read) = oneshot::channel();

@@ -6,7 +6,7 @@ use deadpool_postgres::GenericClient;
 use serde::Serialize;
 
 use super::coalesce::select_counters;
-use super::{Db, DbError, Once, Primary, Read, Replica, Retried, Token, Written};
+use super::{DbError, Once, Primary, Read, Replica, Retried, Store, Token, Written};
 use crate::config::LockOrder;
 
 /// A counter's value after a write.
@@ -55,10 +55,10 @@ async fn increment_in(tx: &impl GenericClient, key: &str, n: i64) -> Result<i64,
     add(tx, key, n).await
 }
 
-impl Db {
+impl Store {
     /// Adds `n` increments to counter `key` in one transaction that holds the row lock; returns the new
     /// value and the commit's LSN. All or nothing: a failure applies none of them. While the counter
-    /// exists, that transaction is one statement (see [`Db::write_alone`]), so the lock is held only
+    /// exists, that transaction is one statement (see [`Store::write_alone`]), so the lock is held only
     /// while PostgreSQL runs and commits it; the first increment of a new key creates it.
     pub(super) async fn add_to_counter(&self, key: &str, n: i64) -> Result<(i64, Option<Token>), DbError> {
         let (rows, lsn) = self
@@ -78,7 +78,7 @@ impl Db {
     }
 
     /// Adds `counts[i]` to counter `keys[i]` for every counter that exists and is not locked by another
-    /// transaction, in one statement (see [`Db::write_alone`]) that takes their row locks with `SELECT …
+    /// transaction, in one statement (see [`Store::write_alone`]) that takes their row locks with `SELECT …
     /// FOR UPDATE SKIP LOCKED` (so it never waits for a lock and cannot deadlock). Returns the new values
     /// of the counters it updated (the others are untouched), and the commit's LSN.
     pub(super) async fn add_to_free_counters(

@@ -164,14 +164,15 @@ fn err_is_connection(e: &tokio_postgres::Error) -> bool {
         || (e.code().is_none() && std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>()))
 }
 
-/// The pool and the settings every query needs.
+/// The node's database: its pools and the settings every query needs. Endpoints reach it through
+/// [`Primary`] and [`Replica`], which say where their queries go.
 #[derive(Debug, Clone)]
-pub struct Db {
+pub struct Store {
     pool: Pool,
     /// The pool's TLS connector, for its connections' cancel requests.
     tls: tls::Tls,
     /// `DATABASE_READ_URL`'s pool, when set.
-    replicas: Option<read::Replicas>,
+    replicas: Option<read::ReadPool>,
     metrics: Metrics,
     container_id: String,
     /// 0: no limit but the deadline.
@@ -193,27 +194,27 @@ pub struct Db {
 /// `INCREMENT_MODE=coalesce` (see [`Coalescer`]).
 #[derive(Debug, Clone)]
 pub struct Primary {
-    db: Db,
+    db: Store,
     coalescer: Option<Coalescer>,
 }
 
 /// The database as a read endpoint may use it: on a replica when one can serve the read (see `read`),
 /// else on the primary; every answer says who served it ([`Read`]).
 #[derive(Debug, Clone)]
-pub struct Replica(Db);
+pub struct Replica(Store);
 
 impl Deref for Primary {
-    type Target = Db;
+    type Target = Store;
 
-    fn deref(&self) -> &Db {
+    fn deref(&self) -> &Store {
         &self.db
     }
 }
 
 impl Deref for Replica {
-    type Target = Db;
+    type Target = Store;
 
-    fn deref(&self) -> &Db {
+    fn deref(&self) -> &Store {
         &self.0
     }
 }
@@ -228,7 +229,7 @@ pub struct Retried<T> {
     pub lsn: Option<Token>,
 }
 
-impl Db {
+impl Store {
     /// Builds the pool; no connection is opened until the first checkout.
     pub fn new(config: &Config, metrics: Metrics) -> anyhow::Result<Self> {
         let pool = |target: &tls::Target, size: usize| {
@@ -246,7 +247,7 @@ impl Db {
                 .build()
         };
         let replicas = match config.read_target()? {
-            Some(target) => Some(read::Replicas::new(
+            Some(target) => Some(read::ReadPool::new(
                 pool(&target, config.read_pool_size())?,
                 target.tls,
                 config.read_max_lag(),
@@ -255,7 +256,7 @@ impl Db {
             None => None,
         };
         let target = config.target()?;
-        Ok(Db {
+        Ok(Store {
             pool: pool(&target, config.pool_size)?,
             tls: target.tls.clone(),
             replicas,
@@ -306,7 +307,7 @@ impl Db {
         self.observed_taking(Duration::ZERO, work).await
     }
 
-    /// [`Db::observed`] for work that takes `extra` by design (a lab hold).
+    /// [`Store::observed`] for work that takes `extra` by design (a lab hold).
     async fn observed_taking<T>(
         &self,
         extra: Duration,

@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::{Db, DbError, Primary, Read, Replica};
+use super::{DbError, Primary, Read, Replica, Store};
 
 /// How old the statistics `/api/stats` answers with may be. Counting `data` scans the whole table, so a
 /// node counts at most once per this period, whatever the request rate; callers in between get the
@@ -72,7 +72,7 @@ impl Replica {
     }
 }
 
-impl Db {
+impl Store {
     /// Counts everything `/api/stats` reports: a scan of `data`.
     async fn count_stats(&self) -> Result<Read<DatabaseStats>, DbError> {
         self.read(None, async |client| {

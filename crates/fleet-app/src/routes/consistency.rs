@@ -1,11 +1,9 @@
 //! Read-your-writes, by consistency token: a write answers with its `X-Fleet-Lsn`, and a read that sends
 //! it back as `X-Fleet-Min-Lsn` is served only by a server that has replayed it (see `db::read`).
 
-use std::future::{ready, Ready};
+use actix_web::http::header::HeaderValue;
 
-use actix_web::dev::Payload;
-use actix_web::{FromRequest, HttpRequest};
-
+use super::header::Header;
 use crate::db::{parse_token, Token};
 use crate::errors::ApiError;
 
@@ -14,22 +12,19 @@ pub const LSN: &str = "X-Fleet-Lsn";
 /// On a read: serve it only from a server on that timeline that has replayed that LSN.
 pub const MIN_LSN: &str = "X-Fleet-Min-Lsn";
 
-/// The read's `X-Fleet-Min-Lsn`, if any.
+/// A read's `X-Fleet-Min-Lsn`.
 #[derive(Debug)]
-pub struct MinLsn(pub Option<Token>);
+pub struct MinLsn;
 
-impl FromRequest for MinLsn {
-    type Error = ApiError;
-    type Future = Ready<Result<Self, ApiError>>;
+impl Header for MinLsn {
+    const NAME: &'static str = MIN_LSN;
+    type Value = Token;
 
-    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        let parsed = req.headers().get(MIN_LSN).map(|value| {
-            value.to_str().ok().and_then(parse_token).ok_or_else(|| {
-                ApiError::InvalidToken(format!(
-                    "{MIN_LSN} must be a token as {LSN} gives it: <timeline>/<LSN>, e.g. 2/0/16B3740"
-                ))
-            })
-        });
-        ready(parsed.transpose().map(MinLsn))
+    fn parse(value: &HeaderValue) -> Result<Token, ApiError> {
+        value.to_str().ok().and_then(parse_token).ok_or_else(|| {
+            ApiError::InvalidToken(format!(
+                "{MIN_LSN} must be a token as {LSN} gives it: <timeline>/<LSN>, e.g. 2/0/16B3740"
+            ))
+        })
     }
 }

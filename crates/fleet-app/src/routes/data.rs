@@ -7,7 +7,8 @@ use serde::Serialize;
 use serde_json::json;
 
 use super::body::off_worker;
-use super::once::{respond, IdempotencyHeader};
+use super::header::Optional;
+use super::idempotency::{respond, IdempotencyKeyHeader};
 use super::rows::BulkRows;
 use super::{success, OnPrimary};
 use crate::db::{IdempotencyKey, Once};
@@ -23,7 +24,7 @@ struct Fingerprinted<'a> {
 /// Rows are counted, measured and checked for NUL while the body is parsed (see [`BulkRows`]).
 pub async fn bulk_insert(
     db: OnPrimary,
-    IdempotencyHeader(idempotency_key): IdempotencyHeader,
+    Optional(idempotency_key): Optional<IdempotencyKeyHeader>,
     BulkRows { rows, share: _held_until_answered }: BulkRows,
 ) -> Result<HttpResponse, ApiError> {
     let start = Instant::now();
