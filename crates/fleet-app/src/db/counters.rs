@@ -2,10 +2,9 @@
 
 use std::collections::HashMap;
 
-use deadpool_postgres::GenericClient;
+use deadpool_postgres::{GenericClient, Object};
 use serde::Serialize;
 
-use super::coalesce::select_counters;
 use super::{DbError, Once, Primary, Read, Replica, Retried, Store, Token, Written};
 use crate::config::LockOrder;
 
@@ -53,6 +52,13 @@ async fn add(tx: &impl GenericClient, key: &str, delta: i64) -> Result<i64, DbEr
 async fn increment_in(tx: &impl GenericClient, key: &str, n: i64) -> Result<i64, DbError> {
     lock_counter(tx, key).await?;
     add(tx, key, n).await
+}
+
+/// The values of those of `keys` that are counters.
+pub(super) async fn select_counters(client: &Object, keys: &[&str]) -> Result<HashMap<String, i64>, DbError> {
+    let select = client.prepare_cached("SELECT key, value FROM counters WHERE key = ANY($1)").await?;
+    let rows = client.query(&select, &[&keys]).await?;
+    Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
 }
 
 impl Store {
@@ -176,7 +182,7 @@ impl Primary {
 impl Replica {
     /// The counter's value (`None` if it does not exist), read from a replica that has replayed
     /// `min_lsn` when one can serve it (see `db::read`), else from the primary. A read without `min_lsn`
-    /// shares a query with the node's other reads of the moment (see `db::coalesce`).
+    /// shares a query with the node's other reads of the moment (see `db::coalesce::reads`).
     pub async fn counter(&self, key: &str, min_lsn: Option<Token>) -> Result<Read<Option<Counter>>, DbError> {
         let read = match min_lsn {
             None => self.coalesced_read(key).await?,

@@ -186,7 +186,7 @@ pub struct Store {
     isolation: isolation::IsolationLab,
     lab: lab::LabBudget,
     stats: stats::StatsSnapshot,
-    reads: coalesce::Reads,
+    reads: coalesce::ReadQueue,
 }
 
 /// The database as an endpoint that writes, locks rows, or must see the primary (the lab, health) may use
@@ -271,7 +271,7 @@ impl Store {
             isolation: isolation::IsolationLab::new(target),
             lab: lab::LabBudget::new(config.lab_max_connections()),
             stats: stats::StatsSnapshot::default(),
-            reads: coalesce::Reads::default(),
+            reads: coalesce::ReadQueue::default(),
         })
     }
 
