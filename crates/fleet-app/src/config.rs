@@ -411,7 +411,7 @@ mod tests {
     }
 
     #[test]
-    fn defaults_follow_the_design() {
+    fn defaults_are_the_documented_ones() {
         let config = parse(&[("CONTAINER_ID", "app-1")]).unwrap();
         assert_eq!(config.port, 3000);
         assert_eq!(config.pool_size, 5);

@@ -1,4 +1,4 @@
-//! Health probes and the seed's statistics.
+//! Health probes, and the database statistics `/api/stats` reports (rows and counters counted).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
