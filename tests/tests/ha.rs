@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use fleet_app::routes::{routes, Database};
+use fleet_app::routes::{routes, Access};
 use fleet_local::PatroniCluster;
 use fleet_tests::ha::{
     lsn, member_read_url, node_on, query, query_async, read_counter, served_by, start_cluster,
@@ -242,10 +242,10 @@ async fn reads_go_where_the_route_table_says_see_their_own_writes_and_fall_back_
         let response = request.send().await.unwrap();
         assert_eq!(response.status(), StatusCode::OK, "{method} {path}");
         let header = response.headers().get("x-fleet-served-by").map(|v| v.to_str().unwrap().to_owned());
-        match endpoint.database {
-            Database::None => assert_eq!(header, None, "{method} {path} touches no database"),
-            Database::Primary => assert_eq!(header.as_deref(), Some("primary"), "{method} {path}"),
-            Database::Replica => {
+        match endpoint.access {
+            Access::None => assert_eq!(header, None, "{method} {path} touches no database"),
+            Access::Primary => assert_eq!(header.as_deref(), Some("primary"), "{method} {path}"),
+            Access::Replica => {
                 let port =
                     header.as_deref().and_then(|h| h.rsplit_once(':')).map(|(_, port)| port.to_owned());
                 assert!(

@@ -21,7 +21,7 @@
 //! | `BODY_LIMIT_BYTES` | `16777216` (16 MiB) | largest `/api/bulk-insert` body (more: 413): `BULK_MAX_ROWS` rows of up to 160 bytes each (the benchmark's rows are 64), and what a node holds per request in flight. The other routes take a few small fields and at most 64 KiB (or this, if lower). Bodies above 64 KiB share a budget of 4 × this per node (see `routes::body::BodyBudget`), so memory stays bounded however many arrive at once |
 //! | `BODY_READ_TIMEOUT_MS` | `20000` | how long a request body may take to arrive once the node reads it (later: 408 `request_timeout`; a 16 MiB body needs 7 Mbit/s), and how long a large body waits for its share of the body budget (longer: 503 `body_budget_busy`). A share is held by a body being read for at most this long, so clients that trickle their bodies cannot keep other bodies waiting for longer |
 //! | `RETRY_MAX_ATTEMPTS` | `0` (no limit) | most attempts for a transaction that hits a deadlock (40P01) or serialization failure (40001); `0`: as many as fit before `RETRY_DEADLINE_MS`, which is what bounds a request's wait (set a count only to see 409 sooner in experiments) |
-//! | `INCREMENT_MODE` | `coalesce` | `coalesce`: concurrent increments share transactions (see `db::Coalescer`); `transaction`: one transaction per request |
+//! | `INCREMENT_MODE` | `coalesce` | `coalesce`: concurrent increments share transactions (see `db::coalesce`); `transaction`: one transaction per request |
 //! | `RETRY_DEADLINE_MS` | `10000` | a write's deadline: waiting for a busy counter (without a connection) and its attempts share it; no attempt starts after it (the last error is the answer) |
 //! | `IDEMPOTENCY_TTL_S` | `86400` | how long an idempotency key and its stored response are kept |
 //! | `LOCK_ORDER` | `request` | `request`: `/api/transfer` locks rows in request order (opposite transfers can deadlock); `sorted`: in key order (never deadlocks) |
@@ -122,7 +122,7 @@ pub struct Config {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum IncrementMode {
-    /// Concurrent increments on this node share transactions (see `db::Coalescer`).
+    /// Concurrent increments on this node share transactions (see `db::coalesce`).
     #[default]
     Coalesce,
     /// One transaction per request.
@@ -411,7 +411,7 @@ mod tests {
     }
 
     #[test]
-    fn defaults_follow_the_design() {
+    fn defaults_are_the_documented_ones() {
         let config = parse(&[("CONTAINER_ID", "app-1")]).unwrap();
         assert_eq!(config.port, 3000);
         assert_eq!(config.pool_size, 5);

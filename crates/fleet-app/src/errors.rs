@@ -16,7 +16,7 @@ use crate::db::DbError;
 
 static CONTAINER_ID: OnceLock<String> = OnceLock::new();
 
-/// Names this process in every error body; set once at start-up.
+/// Names this process in every response body (`"container"`); set once at start-up.
 pub fn set_container_id(id: &str) {
     let _ = CONTAINER_ID.set(id.to_owned());
 }

@@ -1,4 +1,5 @@
-//! A pgfleet node: the v1 HTTP API (see DESIGN.md) on a shared PostgreSQL.
+//! A pgfleet node: the v1 HTTP API (counters, bulk inserts, statistics, health probes and the isolation
+//! lab; `routes::ROUTES` lists every endpoint) on a shared PostgreSQL.
 
 pub mod cli;
 pub mod config;

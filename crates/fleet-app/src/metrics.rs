@@ -11,7 +11,7 @@ const NAMESPACE: &str = "fleet";
 /// Buckets of the batch-size histograms.
 const BATCH_SIZES: [f64; 10] = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0];
 
-/// Every metric a node exports (names in DESIGN.md).
+/// Every metric a node exports, each named `fleet_…` and described by its help text below.
 #[derive(Debug, Clone)]
 pub struct Metrics {
     registry: Registry,

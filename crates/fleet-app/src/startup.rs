@@ -12,7 +12,7 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio_postgres::error::SqlState;
 
 use crate::config::Config;
-use crate::db::{migrations, tls, Db};
+use crate::db::{migrations, tls, Store};
 use crate::errors;
 use crate::listener::{self, Sink};
 use crate::metrics::Metrics;
@@ -35,8 +35,8 @@ pub struct Application {
     state: web::Data<AppState>,
     drain: Duration,
     sink: Sink,
-    connections: Tally,
-    requests: Tally,
+    connections: OpenCount,
+    requests: OpenCount,
 }
 
 impl Application {
@@ -45,14 +45,14 @@ impl Application {
         errors::set_container_id(&config.container_id);
         migrate(&config).await?;
         let metrics = Metrics::new()?;
-        let db = Db::new(&config, metrics.clone())?;
+        let db = Store::new(&config, metrics.clone())?;
         db.spawn_idempotency_cleanup(Duration::from_secs(config.idempotency_ttl_s));
         let state = web::Data::new(AppState::new(&config, db, metrics));
         let (listener, sink) = listener::bind(&config.listen_address())?;
         let port = listener.local_addr()?.port();
         let (container_id, lab) = (config.container_id.clone(), config.lab_endpoints);
         let app_state = state.clone();
-        let (connections, requests) = (Tally::default(), Tally::default());
+        let (connections, requests) = (OpenCount::default(), OpenCount::default());
         let (counted, in_flight) = (connections.clone(), requests.clone());
         let server = HttpServer::new(move || {
             let in_flight = in_flight.clone();
@@ -152,7 +152,7 @@ impl Application {
             drop(sink);
         });
         self.server.await?;
-        self.state.db.close();
+        self.state.db().close();
         tracing::info!("stopped");
         Ok(())
     }
@@ -161,9 +161,9 @@ impl Application {
 /// How many of something the node has open (HTTP connections, requests in flight): each holds an
 /// [`Open`] guard, dropped when it is gone.
 #[derive(Debug, Clone, Default)]
-struct Tally(Arc<AtomicUsize>);
+struct OpenCount(Arc<AtomicUsize>);
 
-/// One counted thing, counted in its [`Tally`] while it lives.
+/// One counted thing, counted in its [`OpenCount`] while it lives.
 struct Open(Arc<AtomicUsize>);
 
 impl Drop for Open {
@@ -172,7 +172,7 @@ impl Drop for Open {
     }
 }
 
-impl Tally {
+impl OpenCount {
     fn open(&self) -> Open {
         self.0.fetch_add(1, Ordering::Relaxed);
         Open(Arc::clone(&self.0))

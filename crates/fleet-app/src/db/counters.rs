@@ -2,11 +2,10 @@
 
 use std::collections::HashMap;
 
-use deadpool_postgres::GenericClient;
+use deadpool_postgres::{GenericClient, Object};
 use serde::Serialize;
 
-use super::coalesce::select_counters;
-use super::{Db, DbError, Once, Read, Retried, Token, Written};
+use super::{DbError, Once, Primary, Read, Replica, Retried, Store, Token, Written};
 use crate::config::LockOrder;
 
 /// A counter's value after a write.
@@ -55,29 +54,17 @@ async fn increment_in(tx: &impl GenericClient, key: &str, n: i64) -> Result<i64,
     add(tx, key, n).await
 }
 
-impl Db {
-    /// Adds 1 to counter `key` (created at 0 if absent) in a transaction of its own, under the row lock;
-    /// with `once`, at most once per idempotency key.
-    #[tracing::instrument(skip_all, fields(counter.key = %key))]
-    pub async fn increment(
-        &self,
-        key: &str,
-        once: Option<&Once<'_, Counter>>,
-    ) -> Result<Retried<Written<Counter>>, DbError> {
-        let done = self
-            .transact_locking(once, &[key], async |tx| {
-                Ok(Counter { key: key.to_owned(), value: increment_in(tx, key, 1).await? })
-            })
-            .await?;
-        if let Written::Fresh { .. } = done.value {
-            self.record_increments(1);
-        }
-        Ok(done)
-    }
+/// The values of those of `keys` that are counters.
+pub(super) async fn select_counters(client: &Object, keys: &[&str]) -> Result<HashMap<String, i64>, DbError> {
+    let select = client.prepare_cached("SELECT key, value FROM counters WHERE key = ANY($1)").await?;
+    let rows = client.query(&select, &[&keys]).await?;
+    Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
+}
 
+impl Store {
     /// Adds `n` increments to counter `key` in one transaction that holds the row lock; returns the new
     /// value and the commit's LSN. All or nothing: a failure applies none of them. While the counter
-    /// exists, that transaction is one statement (see [`Db::write_alone`]), so the lock is held only
+    /// exists, that transaction is one statement (see [`Store::write_alone`]), so the lock is held only
     /// while PostgreSQL runs and commits it; the first increment of a new key creates it.
     pub(super) async fn add_to_counter(&self, key: &str, n: i64) -> Result<(i64, Option<Token>), DbError> {
         let (rows, lsn) = self
@@ -97,7 +84,7 @@ impl Db {
     }
 
     /// Adds `counts[i]` to counter `keys[i]` for every counter that exists and is not locked by another
-    /// transaction, in one statement (see [`Db::write_alone`]) that takes their row locks with `SELECT …
+    /// transaction, in one statement (see [`Store::write_alone`]) that takes their row locks with `SELECT …
     /// FOR UPDATE SKIP LOCKED` (so it never waits for a lock and cannot deadlock). Returns the new values
     /// of the counters it updated (the others are untouched), and the commit's LSN.
     pub(super) async fn add_to_free_counters(
@@ -127,6 +114,32 @@ impl Db {
             self.metrics.increments.inc_by(n.unsigned_abs());
             self.metrics.increment_batch_size.observe(n as f64);
         }
+    }
+}
+
+impl Primary {
+    /// Adds 1 to counter `key` (created at 0 if absent) under the row lock: in the node's next shared
+    /// transaction when increments coalesce and there is no `once`, else in a transaction of its own
+    /// (with `once`, where the idempotency key is claimed: at most once per key).
+    #[tracing::instrument(skip_all, fields(counter.key = %key))]
+    pub async fn increment(
+        &self,
+        key: &str,
+        once: Option<&Once<'_, Counter>>,
+    ) -> Result<Retried<Written<Counter>>, DbError> {
+        if let (None, Some(coalescer)) = (once, &self.coalescer) {
+            let (value, lsn) = coalescer.increment(key).await?;
+            return Ok(Retried { value: Written::Fresh { value, stored: None }, attempts: 1, lsn });
+        }
+        let done = self
+            .transact_locking(once, &[key], async |tx| {
+                Ok(Counter { key: key.to_owned(), value: increment_in(tx, key, 1).await? })
+            })
+            .await?;
+        if let Written::Fresh { .. } = done.value {
+            self.record_increments(1);
+        }
+        Ok(done)
     }
 
     /// Moves `amount` from one counter to another in one transaction, locking both rows in request order
@@ -164,10 +177,12 @@ impl Db {
         })
         .await
     }
+}
 
+impl Replica {
     /// The counter's value (`None` if it does not exist), read from a replica that has replayed
     /// `min_lsn` when one can serve it (see `db::read`), else from the primary. A read without `min_lsn`
-    /// shares a query with the node's other reads of the moment (see `db::coalesce`).
+    /// shares a query with the node's other reads of the moment (see `db::coalesce::reads`).
     pub async fn counter(&self, key: &str, min_lsn: Option<Token>) -> Result<Read<Option<Counter>>, DbError> {
         let read = match min_lsn {
             None => self.coalesced_read(key).await?,

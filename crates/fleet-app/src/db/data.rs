@@ -19,7 +19,7 @@ use futures_util::pin_mut;
 use tokio_postgres::binary_copy::BinaryCopyInWriter;
 use tokio_postgres::types::Type;
 
-use super::{Db, DbError, Once, Retried, Written};
+use super::{DbError, Once, Primary, Retried, Written};
 
 /// From this many rows on, binary COPY is the faster (see the table above).
 const COPY_FROM_ROWS: usize = 5_000;
@@ -48,7 +48,7 @@ async fn insert_unnest(
     Ok(ids)
 }
 
-impl Db {
+impl Primary {
     /// Inserts one row per string in one transaction: all rows or none. Small batches by UNNEST; large
     /// ones by binary COPY, with the ids drawn from the sequence first (they only grow, so sorted they
     /// follow input order). Returns the ids in input order. With `once`, at most once per idempotency key.

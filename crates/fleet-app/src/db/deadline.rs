@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use deadpool_postgres::Object;
 
 use super::tls::Tls;
-use super::{Db, DbError};
+use super::{DbError, Store};
 
 /// How long a cancel request may take (a new connection to a server that may be stalled).
 const CANCEL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -27,7 +27,7 @@ tokio::task_local! {
     static ABANDONED: Arc<AtomicBool>;
 }
 
-impl Db {
+impl Store {
     /// Runs `work` as one attempt, abandoning it at its deadline: `extra` is time the work needs by
     /// design (a lab hold's sleep), on top of the pool wait and `DB_ATTEMPT_TIMEOUT_MS`.
     pub(super) async fn within_deadline<T>(

@@ -20,7 +20,7 @@ use serde_json::Value;
 use sha2::{Digest, Sha256};
 use tokio_postgres::types::ToSql;
 
-use super::{Db, DbError};
+use super::{DbError, Store};
 
 /// Longest idempotency key, in characters (`idempotency_keys.key VARCHAR(255)`).
 pub const MAX_KEY_CHARS: usize = 255;
@@ -130,7 +130,7 @@ pub(super) async fn store(
     Ok(())
 }
 
-impl Db {
+impl Store {
     /// Deletes expired idempotency keys once a minute (or once per `ttl` if shorter), while the node runs.
     pub fn spawn_idempotency_cleanup(&self, ttl: Duration) {
         let db = self.clone();

@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::isolation::LabError;
-use super::Db;
+use super::Primary;
 
 /// The connections the lab endpoints may use at once.
 #[derive(Debug, Clone)]
@@ -30,7 +30,7 @@ impl LabBudget {
     }
 }
 
-impl Db {
+impl Primary {
     /// Holds one pooled connection in `pg_sleep` for `duration`, if the lab's budget has room.
     pub async fn hold(&self, duration: Duration) -> Result<(), LabError> {
         let _share = self.lab.take(1)?;

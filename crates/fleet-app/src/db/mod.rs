@@ -16,6 +16,7 @@ mod token;
 mod transact;
 
 use std::future::Future;
+use std::ops::Deref;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,7 +29,7 @@ use crate::config::{Config, LockOrder};
 use crate::metrics::Metrics;
 use deadline::Conn;
 
-pub use coalesce::Coalescer;
+use coalesce::Coalescer;
 pub use counters::{Counter, Transfer};
 pub use idempotency::{IdempotencyKey, StoredResponse};
 pub use read::{Read, ServedBy};
@@ -163,14 +164,15 @@ fn err_is_connection(e: &tokio_postgres::Error) -> bool {
         || (e.code().is_none() && std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>()))
 }
 
-/// The pool and the settings every query needs.
+/// The node's database: its pools and the settings every query needs. Endpoints reach it through
+/// [`Primary`] and [`Replica`], which say where their queries go.
 #[derive(Debug, Clone)]
-pub struct Db {
+pub struct Store {
     pool: Pool,
     /// The pool's TLS connector, for its connections' cancel requests.
     tls: tls::Tls,
     /// `DATABASE_READ_URL`'s pool, when set.
-    replicas: Option<read::Replicas>,
+    replicas: Option<read::ReadPool>,
     metrics: Metrics,
     container_id: String,
     /// 0: no limit but the deadline.
@@ -184,7 +186,37 @@ pub struct Db {
     isolation: isolation::IsolationLab,
     lab: lab::LabBudget,
     stats: stats::StatsSnapshot,
-    reads: coalesce::Reads,
+    reads: coalesce::ReadQueue,
+}
+
+/// The database as an endpoint that writes, locks rows, or must see the primary (the lab, health) may use
+/// it: every query goes to `DATABASE_URL`'s server. Increments share transactions when
+/// `INCREMENT_MODE=coalesce` (see [`Coalescer`]).
+#[derive(Debug, Clone)]
+pub struct Primary {
+    db: Store,
+    coalescer: Option<Coalescer>,
+}
+
+/// The database as a read endpoint may use it: on a replica when one can serve the read (see `read`),
+/// else on the primary; every answer says who served it ([`Read`]).
+#[derive(Debug, Clone)]
+pub struct Replica(Store);
+
+impl Deref for Primary {
+    type Target = Store;
+
+    fn deref(&self) -> &Store {
+        &self.db
+    }
+}
+
+impl Deref for Replica {
+    type Target = Store;
+
+    fn deref(&self) -> &Store {
+        &self.0
+    }
 }
 
 /// A value and the number of attempts it took.
@@ -197,7 +229,7 @@ pub struct Retried<T> {
     pub lsn: Option<Token>,
 }
 
-impl Db {
+impl Store {
     /// Builds the pool; no connection is opened until the first checkout.
     pub fn new(config: &Config, metrics: Metrics) -> anyhow::Result<Self> {
         let pool = |target: &tls::Target, size: usize| {
@@ -215,7 +247,7 @@ impl Db {
                 .build()
         };
         let replicas = match config.read_target()? {
-            Some(target) => Some(read::Replicas::new(
+            Some(target) => Some(read::ReadPool::new(
                 pool(&target, config.read_pool_size())?,
                 target.tls,
                 config.read_max_lag(),
@@ -224,7 +256,7 @@ impl Db {
             None => None,
         };
         let target = config.target()?;
-        Ok(Db {
+        Ok(Store {
             pool: pool(&target, config.pool_size)?,
             tls: target.tls.clone(),
             replicas,
@@ -239,8 +271,18 @@ impl Db {
             isolation: isolation::IsolationLab::new(target),
             lab: lab::LabBudget::new(config.lab_max_connections()),
             stats: stats::StatsSnapshot::default(),
-            reads: coalesce::Reads::default(),
+            reads: coalesce::ReadQueue::default(),
         })
+    }
+
+    /// The handle of the endpoints that use the primary; increments coalesce when `coalesce`.
+    pub fn primary(&self, coalesce: bool) -> Primary {
+        Primary { db: self.clone(), coalescer: coalesce.then(|| Coalescer::new(self.clone())) }
+    }
+
+    /// The handle of the endpoints whose reads a replica may serve.
+    pub fn replica(&self) -> Replica {
+        Replica(self.clone())
     }
 
     pub fn status(&self) -> Status {
@@ -265,7 +307,7 @@ impl Db {
         self.observed_taking(Duration::ZERO, work).await
     }
 
-    /// [`Db::observed`] for work that takes `extra` by design (a lab hold).
+    /// [`Store::observed`] for work that takes `extra` by design (a lab hold).
     async fn observed_taking<T>(
         &self,
         extra: Duration,

@@ -47,7 +47,7 @@ use deadpool_postgres::{Object, Pool, PoolError, TimeoutType};
 use super::deadline::Conn;
 use super::tls::Tls;
 use super::token::{Position, Token, PRIMARY_POSITION};
-use super::{Db, DbError};
+use super::{DbError, Store};
 
 /// How long reads skip the replicas after a connection to them could not be opened.
 pub const REPLICAS_RETRY_AFTER: Duration = Duration::from_secs(1);
@@ -84,7 +84,7 @@ pub struct Read<T> {
 
 /// The read pool and its rules.
 #[derive(Debug, Clone)]
-pub(super) struct Replicas {
+pub(super) struct ReadPool {
     pub(super) pool: Pool,
     tls: Tls,
     max_lag: Duration,
@@ -145,9 +145,9 @@ impl Drop for Refreshing<'_> {
     }
 }
 
-impl Replicas {
+impl ReadPool {
     pub(super) fn new(pool: Pool, tls: Tls, max_lag: Duration, wait: Duration) -> Self {
-        Replicas {
+        ReadPool {
             tls,
             pool,
             max_lag,
@@ -177,7 +177,7 @@ impl Replicas {
     }
 
     /// Claims the next refresh if one is due (the newest mark, and the last attempt, older than
-    /// [`Replicas::refresh_every`]) and none runs.
+    /// [`ReadPool::refresh_every`]) and none runs.
     fn claim_refresh(&self, now: Instant) -> Option<Refreshing<'_>> {
         let mut marks = self.marks();
         let recent = |at: Option<Instant>| {
@@ -225,7 +225,7 @@ enum Refusal {
     Behind,
 }
 
-impl Db {
+impl Store {
     /// Runs `read` on a replica usable for it (see the module docs), else on the primary. `min`: the read
     /// must see every write acknowledged with an `X-Fleet-Lsn` up to it.
     pub(super) async fn read<T>(
@@ -271,7 +271,7 @@ impl Db {
     /// behind the token, by one fresh look at the primary (a write another node just acknowledged is
     /// past the node's marks). If the primary cannot be asked, the token is given the benefit of the
     /// doubt: the read's waits are bounded anyway.
-    async fn refuse_future(&self, replicas: &Replicas, token: &Token) -> Result<(), DbError> {
+    async fn refuse_future(&self, replicas: &ReadPool, token: &Token) -> Result<(), DbError> {
         if replicas.newest().is_some_and(|newest| !newest.precedes(token)) {
             return Ok(());
         }
@@ -301,9 +301,9 @@ impl Db {
         Ok(Position::from_parts(row.try_get(1)?, row.try_get(0)?).map(|position| Mark { at, position }))
     }
 
-    /// Refreshes the marks if due (see [`Replicas::claim_refresh`]); bounded by `READ_MAX_LAG_MS`, past
+    /// Refreshes the marks if due (see [`ReadPool::claim_refresh`]); bounded by `READ_MAX_LAG_MS`, past
     /// which the mark could make no read fresh anyway.
-    async fn refresh_marks(&self, replicas: &Replicas) {
+    async fn refresh_marks(&self, replicas: &ReadPool) {
         let Some(_refreshing) = replicas.claim_refresh(Instant::now()) else { return };
         match tokio::time::timeout(replicas.max_lag, self.primary_position()).await {
             Ok(Ok(Some(mark))) => replicas.record(mark),
@@ -316,7 +316,7 @@ impl Db {
     /// The read on one replica connection, or why that replica may not serve it.
     async fn on_replica<T>(
         &self,
-        replicas: &Replicas,
+        replicas: &ReadPool,
         min: Option<Token>,
         read: &impl AsyncFn(&Object) -> Result<T, DbError>,
     ) -> Result<Result<Read<T>, Refusal>, DbError> {
@@ -379,12 +379,12 @@ mod tests {
     use crate::db::tls::TlsSettings;
     use tokio_postgres::types::PgLsn;
 
-    fn replicas(max_lag_ms: u64) -> Replicas {
+    fn replicas(max_lag_ms: u64) -> ReadPool {
         let config = tokio_postgres::Config::new();
         let tls = TlsSettings::default().connector().unwrap();
         let manager = deadpool_postgres::Manager::new(config, tls.0.clone());
         let pool = Pool::builder(manager).max_size(1).build().unwrap();
-        Replicas::new(pool, tls, Duration::from_millis(max_lag_ms), Duration::from_millis(100))
+        ReadPool::new(pool, tls, Duration::from_millis(max_lag_ms), Duration::from_millis(100))
     }
 
     fn at(timeline: u32, lsn: u64) -> Position {

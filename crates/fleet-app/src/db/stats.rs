@@ -1,11 +1,11 @@
-//! Health probes and the seed's statistics.
+//! Health probes, and the database statistics `/api/stats` reports (rows and counters counted).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::{Db, DbError, Read};
+use super::{DbError, Primary, Read, Replica, Store};
 
 /// How old the statistics `/api/stats` answers with may be. Counting `data` scans the whole table, so a
 /// node counts at most once per this period, whatever the request rate; callers in between get the
@@ -42,7 +42,7 @@ pub struct Health {
     pub db_time: String,
 }
 
-impl Db {
+impl Primary {
     /// One round trip: the database's clock.
     pub async fn health(&self) -> Result<Health, DbError> {
         self.observed(async {
@@ -52,21 +52,27 @@ impl Db {
         })
         .await
     }
+}
 
+impl Replica {
     /// The database's statistics as counted at most [`STATS_MAX_AGE`] ago (on a replica when one can
     /// serve it), and how long ago.
-    pub async fn stats(&self) -> Result<(Read<DatabaseStats>, Duration), DbError> {
+    pub async fn stats(&self) -> Result<Read<(DatabaseStats, Duration)>, DbError> {
         let mut snapshot = self.stats.lock().await;
         let max_age = |counted: &Counted| if counted.is_ok() { STATS_MAX_AGE } else { STATS_FAILURE_MAX_AGE };
         if snapshot.as_ref().is_none_or(|(taken, counted)| taken.elapsed() >= max_age(counted)) {
             *snapshot = Some((Instant::now(), self.count_stats().await.map_err(Arc::new)));
         }
         match snapshot.as_ref().expect("counted just now if not before") {
-            (taken, Ok(stats)) => Ok((stats.clone(), taken.elapsed())),
+            (taken, Ok(stats)) => {
+                Ok(Read { value: (stats.value.clone(), taken.elapsed()), served_by: stats.served_by.clone() })
+            }
             (_, Err(err)) => Err(DbError::Shared(Arc::clone(err))),
         }
     }
+}
 
+impl Store {
     /// Counts everything `/api/stats` reports: a scan of `data`.
     async fn count_stats(&self) -> Result<Read<DatabaseStats>, DbError> {
         self.read(None, async |client| {

@@ -10,7 +10,7 @@ use tokio_postgres::Row;
 
 use super::idempotency::{self, IdempotencyKey, StoredResponse};
 use super::token::PRIMARY_POSITION;
-use super::{Db, DbError, Position, Retried, Token};
+use super::{DbError, Position, Retried, Store, Token};
 
 /// What a write transaction produced.
 #[derive(Debug)]
@@ -35,8 +35,8 @@ impl<T> std::fmt::Debug for Once<'_, T> {
     }
 }
 
-impl Db {
-    /// [`Db::transact`] without an idempotency key: the write's own result, and its LSN.
+impl Store {
+    /// [`Store::transact`] without an idempotency key: the write's own result, and its LSN.
     pub(super) async fn transact_plain<T>(
         &self,
         write: impl AsyncFn(&Transaction<'_>) -> Result<T, DbError>,
@@ -48,7 +48,7 @@ impl Db {
         }
     }
 
-    /// [`Db::transact_locking`] for a write that locks no counter.
+    /// [`Store::transact_locking`] for a write that locks no counter.
     pub(super) async fn transact<T>(
         &self,
         once: Option<&Once<'_, T>>,
@@ -57,7 +57,7 @@ impl Db {
         self.transact_locking(once, &[], write).await
     }
 
-    /// Runs `write` in a transaction (see [`Db::retrying`]), after passing the node's gates of the
+    /// Runs `write` in a transaction (see [`Store::retrying`]), after passing the node's gates of the
     /// counters it will lock (`counters`; see `db::gate`), so a busy counter is waited for without a
     /// pooled connection. Waiting and every attempt share one deadline, `RETRY_DEADLINE_MS`. With
     /// `once`, the transaction first claims the idempotency key, and stores the rendered response before
@@ -106,7 +106,7 @@ impl Db {
     }
 
     /// `statement` as a transaction of its own (sent outside BEGIN, PostgreSQL commits it as it
-    /// completes), retried like [`Db::transact`], with the WAL position asked in the same round trip: a
+    /// completes), retried like [`Store::transact`], with the WAL position asked in the same round trip: a
     /// write that is one statement takes one round trip instead of four (BEGIN, the statement, COMMIT,
     /// the position), and holds its row locks only while PostgreSQL runs and commits it. Once the
     /// statement is sent, a lost connection or a passed deadline leaves its outcome unknown, as a lost

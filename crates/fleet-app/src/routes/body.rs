@@ -22,8 +22,8 @@ use tokio::time::{timeout, timeout_at, Instant};
 use super::AppState;
 use crate::errors::ApiError;
 
-/// A JSON request body of a few small fields, at most [`SMALL_BODY_BYTES`]. Unknown fields are ignored,
-/// as the seed's clients send extras.
+/// A JSON request body of a few small fields, at most [`SMALL_BODY_BYTES`]. Unknown fields are ignored:
+/// existing clients send extra ones.
 #[derive(Debug)]
 pub struct JsonBody<T>(pub T);
 

@@ -2,14 +2,15 @@
 
 use std::time::Instant;
 
-use actix_web::{web, HttpResponse};
+use actix_web::HttpResponse;
 use serde::Serialize;
 use serde_json::json;
 
 use super::body::off_worker;
-use super::once::{respond, IdempotencyHeader};
+use super::header::Optional;
+use super::idempotency::{respond, IdempotencyKeyHeader};
 use super::rows::BulkRows;
-use super::{millis_since, AppState};
+use super::{success, OnPrimary};
 use crate::db::{IdempotencyKey, Once};
 use crate::errors::ApiError;
 
@@ -22,23 +23,15 @@ struct Fingerprinted<'a> {
 
 /// Rows are counted, measured and checked for NUL while the body is parsed (see [`BulkRows`]).
 pub async fn bulk_insert(
-    state: web::Data<AppState>,
-    IdempotencyHeader(idempotency_key): IdempotencyHeader,
+    db: OnPrimary,
+    Optional(idempotency_key): Optional<IdempotencyKeyHeader>,
     BulkRows { rows, share: _held_until_answered }: BulkRows,
 ) -> Result<HttpResponse, ApiError> {
     let start = Instant::now();
     if rows.is_empty() {
         return Err(ApiError::InvalidRequest("data must hold at least one string".to_owned()));
     }
-    let render = |ids: &Vec<i64>, _attempts: u32| {
-        json!({
-            "success": true,
-            "count": ids.len(),
-            "ids": ids,
-            "duration": millis_since(start),
-            "container": state.container_id,
-        })
-    };
+    let render = |ids: &Vec<i64>, _attempts: u32| success(start, json!({ "count": ids.len(), "ids": ids }));
     let (rows, key) = match idempotency_key {
         None => (rows, None),
         // Hashing megabytes takes a while: off the worker, like the parse (see `BulkRows`).
@@ -51,5 +44,5 @@ pub async fn bulk_insert(
         }
     };
     let once = key.as_ref().map(|key| Once { key, render: &render });
-    Ok(respond(state.db.bulk_insert(&rows, once.as_ref()).await?, render))
+    Ok(respond(db.bulk_insert(&rows, once.as_ref()).await?, render))
 }

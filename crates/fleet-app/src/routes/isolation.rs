@@ -7,13 +7,12 @@
 use std::time::Instant;
 
 use actix_web::http::header;
-use actix_web::{web, HttpRequest, HttpResponse};
-use serde::{Deserialize, Serialize};
+use actix_web::{HttpRequest, HttpResponse};
+use serde::Deserialize;
 use serde_json::json;
 
-use super::served::from_primary;
-use super::{millis_since, AppState, JsonBody};
-use crate::db::isolation::{Level, LevelReport};
+use super::{success, JsonBody, OnPrimary};
+use crate::db::isolation::Level;
 use crate::errors::ApiError;
 
 /// How much of an unknown level the error message quotes.
@@ -24,18 +23,8 @@ pub struct IsolationRequest {
     level: Option<String>,
 }
 
-/// One level's report, flattened next to the envelope's fields.
-#[derive(Serialize)]
-struct OneLevel<'a> {
-    success: bool,
-    #[serde(flatten)]
-    report: &'a LevelReport,
-    duration: f64,
-    container: &'a str,
-}
-
 pub async fn test_isolation(
-    state: web::Data<AppState>,
+    db: OnPrimary,
     request: HttpRequest,
     body: Result<JsonBody<IsolationRequest>, ApiError>,
 ) -> Result<HttpResponse, ApiError> {
@@ -49,22 +38,13 @@ pub async fn test_isolation(
         None => Level::ALL.to_vec(),
         Some(name) => vec![parse_level(name)?],
     };
-    let reports = state.db.test_isolation(&levels).await?;
-    let duration = millis_since(start);
-    Ok(match (level, reports.as_slice()) {
-        (Some(_), [report]) => HttpResponse::Ok().insert_header(from_primary()).json(OneLevel {
-            success: true,
-            report,
-            duration,
-            container: &state.container_id,
-        }),
-        _ => HttpResponse::Ok().insert_header(from_primary()).json(json!({
-            "success": true,
-            "levels": reports,
-            "duration": duration,
-            "container": state.container_id,
-        })),
-    })
+    let reports = db.test_isolation(&levels).await?;
+    // One level: its report's fields next to the envelope's.
+    let fields = match (level, reports.as_slice()) {
+        (Some(_), [report]) => json!(report),
+        _ => json!({ "levels": reports }),
+    };
+    Ok(HttpResponse::Ok().json(success(start, fields)))
 }
 
 /// A level by one of its four names; anything else is a 400 that lists them.

@@ -2,12 +2,11 @@
 
 use std::time::{Duration, Instant};
 
-use actix_web::{web, HttpResponse};
+use actix_web::HttpResponse;
 use serde::Deserialize;
 use serde_json::json;
 
-use super::served::from_primary;
-use super::{millis_since, AppState, JsonBody};
+use super::{success, JsonBody, OnPrimary};
 use crate::errors::ApiError;
 
 /// Longest hold, in milliseconds.
@@ -19,19 +18,11 @@ pub struct HoldRequest {
     ms: u64,
 }
 
-pub async fn hold(
-    state: web::Data<AppState>,
-    JsonBody(req): JsonBody<HoldRequest>,
-) -> Result<HttpResponse, ApiError> {
+pub async fn hold(db: OnPrimary, JsonBody(req): JsonBody<HoldRequest>) -> Result<HttpResponse, ApiError> {
     let start = Instant::now();
     if !(1..=MAX_HOLD_MS).contains(&req.ms) {
         return Err(ApiError::InvalidRequest(format!("ms must be 1 to {MAX_HOLD_MS}, got {}", req.ms)));
     }
-    state.db.hold(Duration::from_millis(req.ms)).await?;
-    Ok(HttpResponse::Ok().insert_header(from_primary()).json(json!({
-        "success": true,
-        "ms": req.ms,
-        "duration": millis_since(start),
-        "container": state.container_id,
-    })))
+    db.hold(Duration::from_millis(req.ms)).await?;
+    Ok(HttpResponse::Ok().json(success(start, json!({ "ms": req.ms }))))
 }

@@ -1,15 +1,18 @@
-//! The route table, shared state, and what every route has in common: the JSON body extractor,
-//! 404/405 answers and the request metrics middleware.
+//! The route table, shared state, and what every route has in common: the database access the table
+//! grants (`access`), the JSON body extractor, the body every response carries, 404/405 answers and the
+//! request metrics middleware.
 
+mod access;
 mod body;
+mod consistency;
 mod counters;
 mod data;
+mod header;
 mod health;
+mod idempotency;
 mod isolation;
 mod lab;
-mod once;
 mod rows;
-mod served;
 mod stats;
 
 use std::sync::atomic::AtomicBool;
@@ -17,27 +20,28 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use actix_web::body::MessageBody;
-use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::dev::{HttpServiceFactory, ServiceRequest, ServiceResponse};
 use actix_web::http::Method;
-use actix_web::middleware::Next;
+use actix_web::middleware::{from_fn, Next};
 use actix_web::{web, HttpResponse};
+use serde_json::Value;
 
+pub use access::{Access, OnPrimary, OnReplica, SERVED_BY};
 pub use body::{BodyBudget, JsonBody};
+pub use consistency::{LSN, MIN_LSN};
 
-use crate::config::Config;
-use crate::config::IncrementMode;
-use crate::db::{Coalescer, Db};
-use crate::errors::ApiError;
+use crate::config::{Config, IncrementMode};
+use crate::db::{self, Store};
+use crate::errors::{self, ApiError};
 use crate::metrics::Metrics;
 
-/// What every handler can reach; built once and shared by all workers.
+/// What every handler can reach; built once and shared by all workers. Handlers reach the database
+/// through the handle their row of the route table grants ([`OnPrimary`], [`OnReplica`]).
 #[derive(Debug)]
 pub struct AppState {
-    pub db: Db,
-    /// Set when `INCREMENT_MODE=coalesce`.
-    pub coalescer: Option<Coalescer>,
+    primary: db::Primary,
+    replica: db::Replica,
     pub metrics: Metrics,
-    pub container_id: String,
     pub bulk_max_rows: usize,
     pub bulk_max_row_bytes: usize,
     pub body_limit_bytes: usize,
@@ -51,12 +55,11 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(config: &Config, db: Db, metrics: Metrics) -> Self {
+    pub fn new(config: &Config, db: Store, metrics: Metrics) -> Self {
         AppState {
-            coalescer: (config.increment_mode == IncrementMode::Coalesce).then(|| Coalescer::new(db.clone())),
-            db,
+            primary: db.primary(config.increment_mode == IncrementMode::Coalesce),
+            replica: db.replica(),
             metrics,
-            container_id: config.container_id.clone(),
             bulk_max_rows: config.bulk_max_rows,
             bulk_max_row_bytes: config.bulk_max_row_bytes,
             body_limit_bytes: config.body_limit_bytes,
@@ -66,62 +69,56 @@ impl AppState {
             draining: Arc::new(AtomicBool::new(false)),
         }
     }
+
+    /// The database itself, for what is not a query: pool statistics, closing the pool.
+    pub fn db(&self) -> &Store {
+        &self.primary
+    }
 }
 
 /// One route of the table: `method path`, served by `handler` (`lab`: only with `LAB_ENDPOINTS=true`),
-/// using `database`.
+/// which may use the database as `access` says, and no other way (see [`Access`]).
 #[derive(Debug)]
 pub struct Endpoint {
     pub method: Method,
     pub path: &'static str,
     pub lab: bool,
-    pub database: Database,
+    pub access: Access,
     handler: Handler,
-}
-
-/// Where an endpoint's queries go (`X-Fleet-Served-By` says where they went).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Database {
-    /// Touches no database.
-    None,
-    /// Writes, locks (`SELECT … FOR UPDATE`), the lab and health: `DATABASE_URL`.
-    Primary,
-    /// Reads that may be a little behind, or name their `X-Fleet-Min-Lsn`: `DATABASE_READ_URL` when set.
-    Replica,
 }
 
 /// Adds the handler to a route already guarded by the endpoint's method.
 type Handler = fn(actix_web::Route) -> actix_web::Route;
 
 /// Every route the node serves: `configure` registers these, and the OpenAPI document (`OPENAPI`)
-/// describes exactly these (a test checks both ways).
+/// describes exactly these (a test checks both ways). A new endpoint is a row here and its handler.
 pub static ROUTES: &[Endpoint] = &[
     post("/api/increment", |r| r.to(counters::increment)),
     post("/api/transfer", |r| r.to(counters::transfer)),
-    get("/api/counters/{key}", Database::Replica, |r| r.to(counters::get_counter)),
+    get("/api/counters/{key}", Access::Replica, |r| r.to(counters::get_counter)),
     post("/api/bulk-insert", |r| r.to(data::bulk_insert)),
-    get("/api/pool-stats", Database::None, |r| r.to(stats::pool_stats)),
-    get("/api/stats", Database::Replica, |r| r.to(stats::stats)),
-    get("/metrics", Database::None, |r| r.to(stats::metrics)),
-    get("/health", Database::Primary, |r| r.to(health::health)),
-    get("/health/live", Database::None, |r| r.to(health::live)),
-    get("/health/ready", Database::Primary, |r| r.to(health::ready)),
-    get("/openapi.json", Database::None, |r| r.to(openapi)),
+    get("/api/pool-stats", Access::None, |r| r.to(stats::pool_stats)),
+    get("/api/stats", Access::Replica, |r| r.to(stats::stats)),
+    get("/metrics", Access::None, |r| r.to(stats::metrics)),
+    get("/health", Access::Primary, |r| r.to(health::health)),
+    get("/health/live", Access::None, |r| r.to(health::live)),
+    get("/health/ready", Access::Primary, |r| r.to(health::ready)),
+    get("/openapi.json", Access::None, |r| r.to(openapi)),
     lab_post("/api/hold", |r| r.to(lab::hold)),
     lab_post("/api/test-isolation", |r| r.to(isolation::test_isolation)),
 ];
 
-const fn get(path: &'static str, database: Database, handler: Handler) -> Endpoint {
-    Endpoint { method: Method::GET, path, lab: false, database, handler }
+const fn get(path: &'static str, access: Access, handler: Handler) -> Endpoint {
+    Endpoint { method: Method::GET, path, lab: false, access, handler }
 }
 
 /// Every write goes to the primary.
 const fn post(path: &'static str, handler: Handler) -> Endpoint {
-    Endpoint { method: Method::POST, path, lab: false, database: Database::Primary, handler }
+    Endpoint { method: Method::POST, path, lab: false, access: Access::Primary, handler }
 }
 
 const fn lab_post(path: &'static str, handler: Handler) -> Endpoint {
-    Endpoint { method: Method::POST, path, lab: true, database: Database::Primary, handler }
+    Endpoint { method: Method::POST, path, lab: true, access: Access::Primary, handler }
 }
 
 /// The OpenAPI 3.1 document of this API, served at `GET /openapi.json` (`docs/openapi.json` is a copy).
@@ -142,11 +139,16 @@ pub fn configure(lab: bool) -> impl FnOnce(&mut web::ServiceConfig) {
 }
 
 impl Endpoint {
-    /// `path` served by this route alone; any other method gets the JSON 405 with `Allow`.
-    fn resource(&'static self) -> actix_web::Resource {
+    /// `path` served by this route alone; any other method gets the JSON 405 with `Allow`. Its handler
+    /// may take the database handle `access` grants, and its successful responses say who served them.
+    fn resource(&'static self) -> impl HttpServiceFactory {
         let route = (self.handler)(web::method(self.method.clone()));
-        let allow = self.method.as_str();
-        web::resource(self.path).route(route).default_service(web::to(move || method_not_allowed(allow)))
+        let (allow, access) = (self.method.as_str(), self.access);
+        web::resource(self.path)
+            .app_data(access)
+            .route(route)
+            .default_service(web::to(move || method_not_allowed(allow)))
+            .wrap(from_fn(move |req, next: Next<_>| access::stamp_served_by(access, req, next)))
     }
 }
 
@@ -221,9 +223,18 @@ fn bounded_method(method: &Method) -> &'static str {
     }
 }
 
-/// Milliseconds since `start`, to the microsecond: the `duration` of every write response.
-fn millis_since(start: Instant) -> f64 {
-    (start.elapsed().as_secs_f64() * 1_000_000.0).round() / 1000.0
+/// A response body: `fields` (a JSON object) and `container`, this node's name, which every body carries.
+fn with_container(mut fields: Value) -> Value {
+    fields["container"] = errors::container_id().into();
+    fields
+}
+
+/// The body of a successful write or lab run: `"success": true`, `fields`, `duration` (milliseconds
+/// since `start`, to the microsecond) and `container`.
+fn success(start: Instant, mut fields: Value) -> Value {
+    fields["success"] = true.into();
+    fields["duration"] = ((start.elapsed().as_secs_f64() * 1_000_000.0).round() / 1000.0).into();
+    with_container(fields)
 }
 
 /// Reads a JSON number that is a whole number into an integer type: `10`, and also `10.0` or `1e1`, which
@@ -274,21 +285,12 @@ impl serde::de::Visitor<'_> for NumberVisitor {
     }
 }
 
-/// Checks a string field: `max_chars` at most (when given), never empty when bounded, and no NUL
-/// (PostgreSQL text cannot hold one).
-fn check_text(field: &str, value: &str, max_chars: Option<usize>) -> Result<(), ApiError> {
-    if value.contains('\0') {
-        return Err(ApiError::InvalidRequest(format!("{field} must not contain NUL characters")));
+/// Refuses a string field holding NUL, which PostgreSQL text cannot hold.
+fn no_nul(field: &str, value: &str) -> Result<(), ApiError> {
+    match value.contains('\0') {
+        true => Err(ApiError::InvalidRequest(format!("{field} must not contain NUL characters"))),
+        false => Ok(()),
     }
-    if let Some(max) = max_chars {
-        let len = value.chars().count();
-        if len == 0 || len > max {
-            return Err(ApiError::InvalidRequest(format!(
-                "{field} must be 1 to {max} characters, got {len}"
-            )));
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -296,14 +298,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn keys_are_checked_for_length_and_nul() {
-        assert!(check_text("key", "k", Some(255)).is_ok());
-        assert!(check_text("key", &"é".repeat(255), Some(255)).is_ok());
-        assert!(check_text("key", &"k".repeat(256), Some(255)).is_err());
-        assert!(check_text("key", "", Some(255)).is_err());
-        assert!(check_text("key", "a\0b", Some(255)).is_err());
-        assert!(check_text("data[0]", "", None).is_ok());
-        assert!(check_text("data[0]", "\0", None).is_err());
+    fn text_with_nul_is_refused() {
+        assert!(no_nul("data[0]", "").is_ok());
+        assert!(no_nul("data[0]", "\0").is_err());
     }
 
     #[derive(Debug, serde::Deserialize)]

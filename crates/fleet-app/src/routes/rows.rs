@@ -14,7 +14,7 @@ use serde::Deserialize;
 use tokio::sync::OwnedSemaphorePermit;
 
 use super::body::{off_worker, parse_with, read_body, BodySize};
-use super::{check_text, AppState};
+use super::{no_nul, AppState};
 use crate::errors::ApiError;
 
 /// The strings of `{"data": ["…", …]}`, at most `BULK_MAX_ROWS` of at most `BULK_MAX_ROW_BYTES` each,
@@ -189,7 +189,7 @@ impl Visitor<'_> for Row<'_> {
                 )),
             ));
         }
-        check_text(&format!("data[{index}]"), content, None).map_err(|e| refuse(self.refused, e))?;
+        no_nul(&format!("data[{index}]"), content).map_err(|e| refuse(self.refused, e))?;
         Ok(content.to_owned())
     }
 }

@@ -19,7 +19,7 @@ use serde::{Serialize, Serializer};
 use tokio_postgres::IsolationLevel;
 
 use super::tls::Target;
-use super::{Db, DbError};
+use super::{DbError, Primary};
 use run::Lab;
 
 pub use report::{LabRow, Mechanism, Observed, PgError, Scenario, Step, StepOutcome};
@@ -193,7 +193,7 @@ impl IsolationLab {
     }
 }
 
-impl Db {
+impl Primary {
     /// Runs every scenario at each of `levels`, in order, and reports what PostgreSQL did.
     #[tracing::instrument(skip_all, fields(isolation.levels = levels.len()))]
     pub async fn test_isolation(&self, levels: &[Level]) -> Result<Vec<LevelReport>, LabError> {

@@ -1,4 +1,4 @@
-//! Coalesced increments (`INCREMENT_MODE=coalesce`).
+//! Coalesced increments (`INCREMENT_MODE=coalesce`): write batches.
 //!
 //! One transaction per increment caps a node at the database's transaction rate, and a hot key at the
 //! rate one row lock can be passed on. So increments that arrive together share transactions, in two
@@ -14,7 +14,7 @@
 //!    join its next one (not a batch), so at most one such transaction per key waits on a node, and a
 //!    hot key is passed from node to node with many increments at a time.
 //!
-//! While the counter exists, either transaction is a single statement (see `Db::write_alone`).
+//! While the counter exists, either transaction is a single statement (see `Store::write_alone`).
 //!
 //! Each request gets its own value: a transaction that adds n to a counter now at v hands out v − n + 1 …
 //! v. A failed transaction applies none of its increments. When a many-key batch fails with an error tied
@@ -25,21 +25,14 @@
 //!
 //! A request whose client went away before its transaction started is dropped from it and takes no
 //! value, so the callers who stayed see no gap.
-//!
-//! Counter reads (without `X-Fleet-Min-Lsn`) coalesce the same way: every read queued while the node's
-//! previous read batch ran shares one query (`key = ANY($1)`). A batch's query is sent after each of its
-//! requests arrived, so each still sees every write acknowledged before it arrived.
-//!
-//! A runner runs on the thread of the request that started it. Requests on other workers wait for it
-//! too, which is safe because no worker stops while a request is in flight (see `startup`).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex};
 
-use deadpool_postgres::Object;
 use tokio::sync::oneshot;
 
-use super::{Counter, Db, DbError, Read, Token};
+use super::{answered, lock, Queue, Unfinished};
+use crate::db::{Counter, DbError, Store, Token};
 
 /// A request's own value and its transaction's LSN, or the transaction's error.
 type Reply = oneshot::Sender<Result<(i64, Option<Token>), Arc<DbError>>>;
@@ -47,7 +40,7 @@ type Reply = oneshot::Sender<Result<(i64, Option<Token>), Arc<DbError>>>;
 /// Batches concurrent increments into shared transactions.
 #[derive(Debug, Clone)]
 pub struct Coalescer {
-    db: Db,
+    db: Store,
     state: Arc<Mutex<State>>,
 }
 
@@ -59,60 +52,13 @@ struct State {
     contended: HashMap<String, Vec<Reply>>,
 }
 
-/// A counter's value (`None`: no such counter) and who served it, or the batch's error.
-type ReadReply = oneshot::Sender<Result<Read<Option<i64>>, Arc<DbError>>>;
-
-/// The requests waiting for the node's next batch of counter reads.
-#[derive(Debug, Clone, Default)]
-pub(super) struct Reads(Arc<Mutex<Queue<ReadReply>>>);
-
-/// Requests waiting for a runner's next batch, by key, and whether a runner is taking them.
-#[derive(Debug)]
-struct Queue<R> {
-    waiting: HashMap<String, Vec<R>>,
-    running: bool,
-}
-
-impl<R> Default for Queue<R> {
-    fn default() -> Self {
-        Queue { waiting: HashMap::new(), running: false }
-    }
-}
-
-impl<T> Queue<oneshot::Sender<T>> {
-    /// Queues `reply` for `key`; true when no runner is taking batches, so the caller starts one.
-    fn join(&mut self, key: &str, reply: oneshot::Sender<T>) -> bool {
-        self.waiting.entry(key.to_owned()).or_default().push(reply);
-        !std::mem::replace(&mut self.running, true)
-    }
-
-    /// The next batch: every request queued so far whose client still waits (one that went away was
-    /// dropped: it takes no value). `None` when there is none, and the runner stops.
-    fn next(&mut self) -> Option<HashMap<String, Vec<oneshot::Sender<T>>>> {
-        let batch = still_waiting(std::mem::take(&mut self.waiting));
-        self.running = !batch.is_empty();
-        self.running.then_some(batch)
-    }
-
-    /// Forgets the runner and drops the requests waiting for it.
-    fn abandon(&mut self) {
-        self.running = false;
-        self.waiting.clear();
-    }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 impl Coalescer {
-    pub fn new(db: Db) -> Self {
+    pub fn new(db: Store) -> Self {
         Coalescer { db, state: Arc::default() }
     }
 
     /// Adds 1 to `key` in the node's next shared transaction; returns this request's own new value and
     /// the transaction's LSN.
-    #[tracing::instrument(skip_all, fields(counter.key = %key))]
     pub async fn increment(&self, key: &str) -> Result<(Counter, Option<Token>), DbError> {
         let (reply, value) = oneshot::channel();
         let start = {
@@ -202,94 +148,6 @@ impl Coalescer {
         }
         guard.finished();
     }
-}
-
-impl Db {
-    /// Counter `key`'s value (`None`: no such counter) from the node's next batch of counter reads.
-    pub(super) async fn coalesced_read(&self, key: &str) -> Result<Read<Option<i64>>, DbError> {
-        let (reply, read) = oneshot::channel();
-        if lock(&self.reads.0).join(key, reply) {
-            actix_web::rt::spawn(self.clone().run_reads());
-        }
-        answered(read).await
-    }
-
-    /// Runs one read batch after another, each taking every read queued so far, until none is left.
-    async fn run_reads(self) {
-        let mut guard = Unfinished(Some(|| lock(&self.reads.0).abandon()));
-        loop {
-            let next = lock(&self.reads.0).next();
-            let Some(batch) = next else { break };
-            let keys: Vec<&str> = batch.keys().map(String::as_str).collect();
-            let read = self.read(None, async |client| select_counters(client, &keys).await).await;
-            self.metrics.read_batch_size.observe(batch.values().map(Vec::len).sum::<usize>() as f64);
-            match read {
-                Ok(read) => {
-                    for (key, replies) in batch {
-                        let value = read.value.get(&key).copied();
-                        for reply in replies {
-                            let _ = reply.send(Ok(Read { value, served_by: read.served_by.clone() }));
-                        }
-                    }
-                }
-                Err(err) => {
-                    let err = Arc::new(err);
-                    for reply in batch.into_values().flatten() {
-                        let _ = reply.send(Err(Arc::clone(&err)));
-                    }
-                }
-            }
-        }
-        guard.finished();
-    }
-}
-
-/// The values of those of `keys` that are counters.
-pub(super) async fn select_counters(client: &Object, keys: &[&str]) -> Result<HashMap<String, i64>, DbError> {
-    let select = client.prepare_cached("SELECT key, value FROM counters WHERE key = ANY($1)").await?;
-    let rows = client.query(&select, &[&keys]).await?;
-    Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
-}
-
-/// A runner's answer to one request.
-async fn answered<T>(answer: oneshot::Receiver<Result<T, Arc<DbError>>>) -> Result<T, DbError> {
-    match answer.await {
-        Ok(Ok(value)) => Ok(value),
-        Ok(Err(err)) => Err(DbError::Shared(err)),
-        Err(_) => Err(DbError::BatchLost),
-    }
-}
-
-/// What a runner's task does if it ends without finishing (it panicked: a bug): clear its mark and drop
-/// the requests waiting for it (they answer 500), so the node keeps serving: the next request starts a
-/// new runner.
-struct Unfinished<F: FnOnce()>(Option<F>);
-
-impl<F: FnOnce()> Unfinished<F> {
-    fn finished(&mut self) {
-        self.0 = None;
-    }
-}
-
-impl<F: FnOnce()> Drop for Unfinished<F> {
-    fn drop(&mut self) {
-        if let Some(clean_up) = self.0.take() {
-            clean_up();
-        }
-    }
-}
-
-/// The batch without the requests whose client went away (their handler was dropped).
-fn still_waiting<T>(
-    batch: HashMap<String, Vec<oneshot::Sender<T>>>,
-) -> HashMap<String, Vec<oneshot::Sender<T>>> {
-    batch
-        .into_iter()
-        .filter_map(|(key, mut replies)| {
-            replies.retain(|reply| !reply.is_closed());
-            (!replies.is_empty()).then_some((key, replies))
-        })
-        .collect()
 }
 
 /// Hands each request its own value: the counter's new value `v` after adding `replies.len()` is shared

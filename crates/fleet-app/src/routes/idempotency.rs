@@ -1,13 +1,12 @@
 //! What the write endpoints share for idempotency: the `Idempotency-Key` header and turning a
 //! [`Written`] result into a response (a replay answers with the stored status and body).
 
-use std::future::{ready, Ready};
-
-use actix_web::dev::Payload;
-use actix_web::{FromRequest, HttpRequest, HttpResponse};
+use actix_web::http::header::HeaderValue;
+use actix_web::HttpResponse;
 use serde_json::Value;
 
-use super::served::written;
+use super::consistency::LSN;
+use super::header::Header;
 use crate::db::idempotency::MAX_KEY_CHARS;
 use crate::db::{Retried, Written};
 use crate::errors::ApiError;
@@ -17,18 +16,16 @@ pub const HEADER: &str = "Idempotency-Key";
 /// Set on a response that replays the stored response of an earlier request with the same key.
 const REPLAYED_HEADER: &str = "Idempotent-Replayed";
 
-/// The request's `Idempotency-Key`, if any: 1–255 visible ASCII characters.
+/// A write's `Idempotency-Key`: 1–255 visible ASCII characters.
 #[derive(Debug)]
-pub struct IdempotencyHeader(pub Option<String>);
+pub struct IdempotencyKeyHeader;
 
-impl FromRequest for IdempotencyHeader {
-    type Error = ApiError;
-    type Future = Ready<Result<Self, ApiError>>;
+impl Header for IdempotencyKeyHeader {
+    const NAME: &'static str = HEADER;
+    type Value = String;
 
-    fn from_request(req: &HttpRequest, _: &mut Payload) -> Self::Future {
-        ready(
-            req.headers().get(HEADER).map(|value| parse(value.as_bytes())).transpose().map(IdempotencyHeader),
-        )
+    fn parse(value: &HeaderValue) -> Result<String, ApiError> {
+        parse(value.as_bytes())
     }
 }
 
@@ -43,7 +40,8 @@ fn parse(value: &[u8]) -> Result<String, ApiError> {
 }
 
 /// The response to a write: the stored body when there is one (so the first answer and every replay are
-/// identical), else `render` of the result; a replay carries `Idempotent-Replayed: true`. Either way it carries the write's `X-Fleet-Lsn`.
+/// identical), else `render` of the result; a replay carries `Idempotent-Replayed: true`. Either way it
+/// carries the write's `X-Fleet-Lsn`, when known.
 pub fn respond<T>(done: Retried<Written<T>>, render: impl Fn(&T, u32) -> Value) -> HttpResponse {
     let (mut response, body) = match done.value {
         Written::Fresh { value, stored } => {
@@ -57,7 +55,9 @@ pub fn respond<T>(done: Retried<Written<T>>, render: impl Fn(&T, u32) -> Value) 
             (response, stored.body)
         }
     };
-    written(&mut response, done.lsn);
+    if let Some(lsn) = done.lsn {
+        response.insert_header((LSN, lsn.to_string()));
+    }
     response.json(body)
 }
 
