@@ -1,7 +1,8 @@
 //! The control channel of a running `fleetctl up`: a Unix socket `<dir>/control.sock` that takes one
 //! line per connection, a [`Fault`] as its subcommand is typed (`kill-node 2`, `pause-db 2.5`,
-//! `lag-replica pg-2 5`), and answers one line, `ok <what happened>` or `error <why>`. Only the process that started the fleet signals its
-//! children, so `fleetctl chaos` asks it through here instead of signalling PIDs itself.
+//! `lag-replica pg-2 5`), and answers one line, `ok <what happened>` or `error <why>`. Only the process
+//! that started the fleet signals its children, so `fleetctl chaos` asks it through here instead of
+//! signalling PIDs itself: [`send`] is the client, [`ControlServer`] the fleet's side.
 
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -9,8 +10,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context};
-use fleet_local::fleet::Fleet;
+use anyhow::{bail, Context};
 
 use super::fault::Fault;
 
@@ -146,129 +146,6 @@ fn answer(
 
 fn one_line(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
-}
-
-/// Applies faults to the fleet this process owns; a paused database (or a replica's paused replay) is
-/// thawed by [`Injector::tick`], which the owner calls from its loop, so the loop keeps serving meanwhile.
-#[derive(Debug, Default)]
-pub struct Injector {
-    resume_at: Option<Instant>,
-    /// The member whose replay `lag-replica` paused, and when to resume it.
-    replay_resume_at: Option<(String, Instant)>,
-    /// The member whose WAL receiver `silence-replica` stopped, and when to resume it.
-    receiver_resume_at: Option<(String, Instant)>,
-}
-
-impl Injector {
-    pub fn apply(&mut self, fleet: &mut Fleet, fault: Fault) -> anyhow::Result<String> {
-        match fault {
-            Fault::KillNode { n } => {
-                fleet.kill_node(n)?;
-                Ok(format!("killed app-{n} (SIGKILL)"))
-            }
-            Fault::StopNode { n } => {
-                fleet.stop_node(n)?;
-                Ok(format!("sent SIGTERM to app-{n}: it drains, then exits"))
-            }
-            Fault::RestartDb => {
-                let started = Instant::now();
-                fleet.postgres()?;
-                self.resume_at = None;
-                fleet.restart_db()?;
-                Ok(format!("restarted PostgreSQL in {:.1} s", started.elapsed().as_secs_f64()))
-            }
-            Fault::PauseDb { seconds } => {
-                fleet.postgres()?.pause()?;
-                self.resume_at = Some(Instant::now() + seconds);
-                Ok(format!("paused PostgreSQL for {} s", seconds.as_secs_f64()))
-            }
-            Fault::KillPrimary => {
-                let started = Instant::now();
-                let (old, new, took) = fleet.cluster()?.kill_leader()?;
-                Ok(format!(
-                    "killed leader {old} (SIGKILL to Patroni and PostgreSQL); {new} accepted writes after {:.1} s; \
-                     {old} rejoined, the cluster was whole after {:.1} s",
-                    took.as_secs_f64(),
-                    started.elapsed().as_secs_f64()
-                ))
-            }
-            Fault::Switchover => {
-                let started = Instant::now();
-                let cluster = fleet.cluster()?;
-                let old = cluster.leader()?;
-                let new = cluster.switchover(None)?;
-                let took = started.elapsed();
-                cluster.wait_until_whole()?;
-                Ok(format!(
-                    "switched over from {old} to {new} in {:.1} s; the cluster was whole after {:.1} s",
-                    took.as_secs_f64(),
-                    started.elapsed().as_secs_f64()
-                ))
-            }
-            Fault::RollingRestartDb => {
-                let started = Instant::now();
-                let (old, new) = fleet.cluster()?.rolling_restart()?;
-                Ok(format!(
-                    "restarted every member, switching over from {old} to {new}; the cluster was whole after {:.1} s",
-                    started.elapsed().as_secs_f64()
-                ))
-            }
-            Fault::LagReplica { member, seconds } => {
-                let member = format!("pg-{member}");
-                let cluster = fleet.cluster()?;
-                ensure!(self.replay_resume_at.is_none(), "a replica's replay is paused already");
-                ensure!(cluster.leader()? != member, "{member} is the leader, not a replica");
-                cluster.pause_replay(&member)?;
-                self.replay_resume_at = Some((member.clone(), Instant::now() + seconds));
-                Ok(format!("paused {member}'s WAL replay for {} s", seconds.as_secs_f64()))
-            }
-            Fault::SilenceReplica { member, seconds } => {
-                let member = format!("pg-{member}");
-                let cluster = fleet.cluster()?;
-                ensure!(self.receiver_resume_at.is_none(), "a replica's WAL receiver is silenced already");
-                ensure!(cluster.leader()? != member, "{member} is the leader, not a replica");
-                cluster.silence_receiver(&member)?;
-                self.receiver_resume_at = Some((member.clone(), Instant::now() + seconds));
-                Ok(format!("silenced {member}'s WAL receiver for {} s", seconds.as_secs_f64()))
-            }
-        }
-    }
-
-    /// Thaws the database, or resumes a replica's replay, once its pause is over.
-    pub fn tick(&mut self, fleet: &mut Fleet) -> anyhow::Result<()> {
-        if self.resume_at.is_some_and(|at| Instant::now() >= at) {
-            self.resume_at = None;
-            fleet.postgres()?.resume()?;
-            eprintln!("fleetctl: chaos: resumed PostgreSQL");
-        }
-        if self.replay_resume_at.as_ref().is_some_and(|(_, at)| Instant::now() >= *at) {
-            if let Some((member, _)) = self.replay_resume_at.take() {
-                fleet.cluster()?.resume_replay(&member)?;
-                eprintln!("fleetctl: chaos: resumed {member}'s WAL replay");
-            }
-        }
-        if self.receiver_resume_at.as_ref().is_some_and(|(_, at)| Instant::now() >= *at) {
-            if let Some((member, _)) = self.receiver_resume_at.take() {
-                fleet.cluster()?.resume_receiver(&member)?;
-                eprintln!("fleetctl: chaos: resumed {member}'s WAL receiver");
-            }
-        }
-        Ok(())
-    }
-
-    /// Ends every pause now (before the fleet stops).
-    pub fn resume_all(&mut self, fleet: &mut Fleet) -> anyhow::Result<()> {
-        if self.resume_at.take().is_some() {
-            fleet.postgres()?.resume()?;
-        }
-        if let Some((member, _)) = self.replay_resume_at.take() {
-            fleet.cluster()?.resume_replay(&member)?;
-        }
-        if let Some((member, _)) = self.receiver_resume_at.take() {
-            fleet.cluster()?.resume_receiver(&member)?;
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]

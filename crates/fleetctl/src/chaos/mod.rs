@@ -11,6 +11,7 @@
 mod client;
 pub(crate) mod control;
 mod fault;
+pub(crate) mod injector;
 mod report;
 mod run;
 mod verify;
