@@ -1,5 +1,5 @@
 //! Process trees read from `/proc/<pid>/stat` (state and parent PID): freezing a server's whole tree with
-//! SIGSTOP and thawing it with SIGCONT, and listing a process's descendants.
+//! SIGSTOP and thawing it with SIGCONT, killing a whole tree, and listing a process's descendants.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
@@ -13,6 +13,8 @@ use nix::unistd::Pid;
 
 /// How long a process may take to act on SIGSTOP.
 const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a killed tree's root may take to go.
+const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Scans for descendants after the root stopped; a stopped root forks nothing, so the second finds none.
 const MAX_SCANS: usize = 5;
 
@@ -59,6 +61,19 @@ pub(crate) fn continue_tree(root: Pid, descendants: &[Pid]) {
                 tracing::warn!(%pid, %error, "cannot send SIGCONT");
             }
         }
+    }
+}
+
+/// SIGKILL to `root` and every descendant (a postmaster's backends and helpers); waits until `root` is
+/// gone. `root` is not our child (Patroni detaches its postmaster), so it is waited for, not reaped.
+pub(crate) fn kill_tree(root: Pid) {
+    let descendants = descendants(root).unwrap_or_default();
+    for pid in std::iter::once(root).chain(descendants) {
+        let _ = kill(pid, Signal::SIGKILL);
+    }
+    let deadline = Instant::now() + KILL_TIMEOUT;
+    while kill(root, None).is_ok() && Instant::now() < deadline {
+        thread::sleep(Duration::from_millis(20));
     }
 }
 

@@ -14,7 +14,8 @@ use anyhow::Context;
 use clap::Args;
 use fleet_local::fleet::{Database, Fleet, FleetOptions};
 
-use crate::chaos::control::{ControlServer, Injector};
+use crate::chaos::control::ControlServer;
+use crate::chaos::injector::Injector;
 use crate::state::{self, FleetState, MemberState, NodeState};
 
 /// `--dir`'s default, relative to the working directory.

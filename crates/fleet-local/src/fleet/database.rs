@@ -62,7 +62,7 @@ impl Database {
         match self {
             Database::Single(pg) => Ok(pg),
             Database::Cluster(_) => {
-                bail!("this fleet runs on a Patroni cluster: use kill-primary, switchover, rolling-restart-db or lag-replica")
+                bail!("this fleet runs on a Patroni cluster, not one PostgreSQL (`fleetctl chaos --help` names the faults for a cluster)")
             }
         }
     }

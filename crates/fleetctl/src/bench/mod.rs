@@ -8,6 +8,7 @@
 
 mod ceiling;
 mod db;
+mod goals;
 mod load;
 mod marks;
 mod plan;

@@ -3,10 +3,9 @@
 
 use std::fmt::Write as _;
 
+use super::goals::{Goal, Unit, NGINX_P50_LIMIT};
 use super::plan::{Role, Workload};
-use super::results::{
-    nginx_over_direct, Goal, Point, Probe, Results, Route, Settings, Transfers, Unit, NGINX_P50_LIMIT,
-};
+use super::results::{nginx_over_direct, Point, Probe, Results, Route, Settings, Transfers};
 
 /// The report; `plots` are the `(file, caption)` of the figures written next to it.
 pub fn markdown(r: &Results, plots: &[(&str, &str)]) -> String {
@@ -313,7 +312,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn figures_read_like_the_issue() {
+    fn figures_read_with_separators_and_three_digits() {
         assert_eq!(thousands(256_000.4), "256,000");
         assert_eq!(thousands(640.0), "640");
         assert_eq!(thousands(1_234_567.0), "1,234,567");

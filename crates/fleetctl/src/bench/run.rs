@@ -12,14 +12,13 @@ use fleet_local::fleet::{Fleet, FleetOptions};
 
 use super::ceiling;
 use super::db::Db;
+use super::goals;
 use super::load::{self, Load};
 use super::plan::{self, Ceiling, Step, Workload};
 use super::progress::{mm_ss, Progress};
 use super::report::{self, ms, thousands};
 use super::requests::{key, Requests, KEY_COUNT};
-use super::results::{
-    self, Ceilings, Check, Latency, Machine, Point, Probe, Results, Route, Settings, Transfers,
-};
+use super::results::{Ceilings, Check, Latency, Machine, Point, Probe, Results, Route, Settings, Transfers};
 use super::rss::Sampler;
 use super::BenchArgs;
 
@@ -86,7 +85,7 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     }
 
     let ceilings = out.ceilings;
-    let goals = results::goals(&out.points, &out.probes, &ceilings);
+    let goals = goals::judge(&out.points, &out.probes, &ceilings);
     let results = Results {
         command: command_line(),
         started_unix_s,
@@ -358,7 +357,7 @@ pub fn render_again(dir: &Path) -> anyhow::Result<()> {
     let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
     let mut results: Results =
         serde_json::from_str(&text).with_context(|| format!("{} is not a bench result", path.display()))?;
-    results.goals = results::goals(&results.points, &results.probes, &results.ceilings);
+    results.goals = goals::judge(&results.points, &results.probes, &results.ceilings);
     write(dir, &results)?;
     println!("results: {}", dir.join("results.md").display());
     Ok(())

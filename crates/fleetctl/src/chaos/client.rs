@@ -15,10 +15,13 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
+use hyper::header::{CONTENT_TYPE, RETRY_AFTER};
 use rand::Rng;
 use serde::Serialize;
 use serde_json::{json, Value};
 
+// The API's own headers. fleetctl reaches the API over HTTP only (it does not link the node's crate),
+// so these are its one statement of them; the standard ones come from `hyper::header`.
 /// The request header that makes a write idempotent.
 pub const IDEMPOTENCY_KEY: &str = "Idempotency-Key";
 /// The response header of a replayed (stored) response.
@@ -254,7 +257,7 @@ impl CarefulClient {
             let mut request = self
                 .agent
                 .post(&format!("{}/api/increment", self.url))
-                .set("Content-Type", "application/json");
+                .set(CONTENT_TYPE.as_str(), "application/json");
             if self.policy.idempotency_keys {
                 request = request.set(IDEMPOTENCY_KEY, &idempotency_key);
             }
@@ -378,7 +381,7 @@ fn classify(error: &ureq::Error) -> (Failure, Option<Duration>) {
 }
 
 fn retry_after(response: &ureq::Response) -> Option<Duration> {
-    response.header("Retry-After").and_then(|s| s.trim().parse().ok()).map(Duration::from_secs)
+    response.header(RETRY_AFTER.as_str()).and_then(|s| s.trim().parse().ok()).map(Duration::from_secs)
 }
 
 fn is_timeout(transport: &ureq::Transport) -> bool {

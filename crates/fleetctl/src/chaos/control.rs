@@ -1,20 +1,18 @@
 //! The control channel of a running `fleetctl up`: a Unix socket `<dir>/control.sock` that takes one
-//! line per connection (`kill-node 2`, `stop-node 3`, `restart-db`, `pause-db 2.5`; on a Patroni cluster
-//! `kill-primary`, `switchover`, `rolling-restart-db`, `lag-replica pg-2 5`, `silence-replica pg-3 5`) and
-//! answers one line,
-//! `ok <what happened>` or `error <why>`. Only the process that started the fleet signals its
-//! children, so `fleetctl chaos` asks it through here instead of signalling PIDs itself.
+//! line per connection, a [`Fault`] as its subcommand is typed (`kill-node 2`, `pause-db 2.5`,
+//! `lag-replica pg-2 5`), and answers one line, `ok <what happened>` or `error <why>`. Only the process
+//! that started the fleet signals its children, so `fleetctl chaos` asks it through here instead of
+//! signalling PIDs itself: [`send`] is the client, [`ControlServer`] the fleet's side.
 
-use std::fmt;
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context};
-use fleet_local::fleet::Fleet;
+use anyhow::{bail, Context};
+
+use super::fault::Fault;
 
 /// The socket's name in the fleet's directory.
 const SOCKET_NAME: &str = "control.sock";
@@ -25,106 +23,6 @@ const READ_TIMEOUT: Duration = Duration::from_secs(1);
 /// How long a client waits for the answer: a restart of PostgreSQL may take a while (crash recovery),
 /// a rolling restart of a cluster longer (each member in turn, each waited for).
 const REPLY_TIMEOUT: Duration = Duration::from_secs(900);
-/// Longest pause `pause-db` accepts.
-const MAX_PAUSE: Duration = Duration::from_secs(600);
-/// The commands, for error messages.
-const USAGE: &str = "commands: kill-node N, stop-node N, restart-db, pause-db SECONDS, kill-primary, \
-                     switchover, rolling-restart-db, lag-replica MEMBER SECONDS, silence-replica MEMBER SECONDS";
-
-/// A fault the fleet injects into itself.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Fault {
-    /// SIGKILL to node N (counting from 1): a crash.
-    KillNode(usize),
-    /// SIGTERM to node N: a graceful stop (the node drains).
-    StopNode(usize),
-    /// Fast shutdown of PostgreSQL, then a start on the same port.
-    RestartDb,
-    /// SIGSTOP to PostgreSQL's whole process tree, SIGCONT after the duration.
-    PauseDb(Duration),
-    /// SIGKILL to the cluster leader's Patroni and postmaster; the killed member rejoins once another leads.
-    KillPrimary,
-    /// A planned switchover through Patroni's REST API.
-    Switchover,
-    /// Each replica restarted, a switchover, then the old leader restarted.
-    RollingRestartDb,
-    /// WAL replay paused on member pg-N (counting from 1) for the duration.
-    LagReplica(usize, Duration),
-    /// Member pg-N's WAL receiver stopped for the duration: its link to the primary goes silent.
-    SilenceReplica(usize, Duration),
-}
-
-impl fmt::Display for Fault {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Fault::KillNode(n) => write!(f, "kill-node {n}"),
-            Fault::StopNode(n) => write!(f, "stop-node {n}"),
-            Fault::RestartDb => f.write_str("restart-db"),
-            Fault::PauseDb(duration) => write!(f, "pause-db {}", duration.as_secs_f64()),
-            Fault::KillPrimary => f.write_str("kill-primary"),
-            Fault::Switchover => f.write_str("switchover"),
-            Fault::RollingRestartDb => f.write_str("rolling-restart-db"),
-            Fault::LagReplica(n, duration) => write!(f, "lag-replica pg-{n} {}", duration.as_secs_f64()),
-            Fault::SilenceReplica(n, duration) => {
-                write!(f, "silence-replica pg-{n} {}", duration.as_secs_f64())
-            }
-        }
-    }
-}
-
-impl FromStr for Fault {
-    type Err = String;
-
-    /// The line form: a command and its argument, separated by white space.
-    fn from_str(line: &str) -> Result<Fault, String> {
-        let words: Vec<&str> = line.split_whitespace().collect();
-        let node = |arg: &str| -> Result<usize, String> {
-            arg.parse()
-                .ok()
-                .filter(|&n| n >= 1)
-                .ok_or_else(|| format!("{arg:?} is not a node number (1, 2, …)"))
-        };
-        match words[..] {
-            ["kill-node", n] => Ok(Fault::KillNode(node(n)?)),
-            ["stop-node", n] => Ok(Fault::StopNode(node(n)?)),
-            ["restart-db"] => Ok(Fault::RestartDb),
-            ["pause-db", seconds] => Ok(Fault::PauseDb(parse_seconds(seconds)?)),
-            ["kill-primary"] => Ok(Fault::KillPrimary),
-            ["switchover"] => Ok(Fault::Switchover),
-            ["rolling-restart-db"] => Ok(Fault::RollingRestartDb),
-            ["lag-replica", member, seconds] => {
-                Ok(Fault::LagReplica(parse_member(member)?, parse_seconds(seconds)?))
-            }
-            ["silence-replica", member, seconds] => {
-                Ok(Fault::SilenceReplica(parse_member(member)?, parse_seconds(seconds)?))
-            }
-            _ => Err(format!("unknown command {line:?}; {USAGE}")),
-        }
-    }
-}
-
-/// A pause's length: seconds, above 0 and up to [`MAX_PAUSE`].
-pub fn parse_seconds(seconds: &str) -> Result<Duration, String> {
-    seconds
-        .parse::<f64>()
-        .ok()
-        .and_then(|s| Duration::try_from_secs_f64(s).ok())
-        .filter(|d| !d.is_zero() && *d <= MAX_PAUSE)
-        .ok_or_else(|| {
-            format!("{seconds:?} is not a number of seconds between 0 and {}", MAX_PAUSE.as_secs())
-        })
-}
-
-/// A cluster member, `pg-N` or `N` (counting from 1); its number.
-pub fn parse_member(member: &str) -> Result<usize, String> {
-    member
-        .strip_prefix("pg-")
-        .unwrap_or(member)
-        .parse()
-        .ok()
-        .filter(|&n| n >= 1)
-        .ok_or_else(|| format!("{member:?} is not a cluster member (pg-1, pg-2, …)"))
-}
 
 /// Where the control socket of the fleet run from `dir` lives.
 pub fn socket_path(dir: &Path) -> PathBuf {
@@ -250,170 +148,9 @@ fn one_line(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-/// Applies faults to the fleet this process owns; a paused database (or a replica's paused replay) is
-/// thawed by [`Injector::tick`], which the owner calls from its loop, so the loop keeps serving meanwhile.
-#[derive(Debug, Default)]
-pub struct Injector {
-    resume_at: Option<Instant>,
-    /// The member whose replay `lag-replica` paused, and when to resume it.
-    replay_resume_at: Option<(String, Instant)>,
-    /// The member whose WAL receiver `silence-replica` stopped, and when to resume it.
-    receiver_resume_at: Option<(String, Instant)>,
-}
-
-impl Injector {
-    pub fn apply(&mut self, fleet: &mut Fleet, fault: Fault) -> anyhow::Result<String> {
-        match fault {
-            Fault::KillNode(n) => {
-                fleet.kill_node(n)?;
-                Ok(format!("killed app-{n} (SIGKILL)"))
-            }
-            Fault::StopNode(n) => {
-                fleet.stop_node(n)?;
-                Ok(format!("sent SIGTERM to app-{n}: it drains, then exits"))
-            }
-            Fault::RestartDb => {
-                let started = Instant::now();
-                fleet.postgres()?;
-                self.resume_at = None;
-                fleet.restart_db()?;
-                Ok(format!("restarted PostgreSQL in {:.1} s", started.elapsed().as_secs_f64()))
-            }
-            Fault::PauseDb(duration) => {
-                fleet.postgres()?.pause()?;
-                self.resume_at = Some(Instant::now() + duration);
-                Ok(format!("paused PostgreSQL for {} s", duration.as_secs_f64()))
-            }
-            Fault::KillPrimary => {
-                let started = Instant::now();
-                let (old, new, took) = fleet.cluster()?.kill_leader()?;
-                Ok(format!(
-                    "killed leader {old} (SIGKILL to Patroni and PostgreSQL); {new} accepted writes after {:.1} s; \
-                     {old} rejoined, the cluster was whole after {:.1} s",
-                    took.as_secs_f64(),
-                    started.elapsed().as_secs_f64()
-                ))
-            }
-            Fault::Switchover => {
-                let started = Instant::now();
-                let cluster = fleet.cluster()?;
-                let old = cluster.leader()?;
-                let new = cluster.switchover(None)?;
-                let took = started.elapsed();
-                cluster.wait_until_whole()?;
-                Ok(format!(
-                    "switched over from {old} to {new} in {:.1} s; the cluster was whole after {:.1} s",
-                    took.as_secs_f64(),
-                    started.elapsed().as_secs_f64()
-                ))
-            }
-            Fault::RollingRestartDb => {
-                let started = Instant::now();
-                let (old, new) = fleet.cluster()?.rolling_restart()?;
-                Ok(format!(
-                    "restarted every member, switching over from {old} to {new}; the cluster was whole after {:.1} s",
-                    started.elapsed().as_secs_f64()
-                ))
-            }
-            Fault::LagReplica(n, duration) => {
-                let member = format!("pg-{n}");
-                let cluster = fleet.cluster()?;
-                ensure!(self.replay_resume_at.is_none(), "a replica's replay is paused already");
-                ensure!(cluster.leader()? != member, "{member} is the leader, not a replica");
-                cluster.pause_replay(&member)?;
-                self.replay_resume_at = Some((member.clone(), Instant::now() + duration));
-                Ok(format!("paused {member}'s WAL replay for {} s", duration.as_secs_f64()))
-            }
-            Fault::SilenceReplica(n, duration) => {
-                let member = format!("pg-{n}");
-                let cluster = fleet.cluster()?;
-                ensure!(self.receiver_resume_at.is_none(), "a replica's WAL receiver is silenced already");
-                ensure!(cluster.leader()? != member, "{member} is the leader, not a replica");
-                cluster.silence_receiver(&member)?;
-                self.receiver_resume_at = Some((member.clone(), Instant::now() + duration));
-                Ok(format!("silenced {member}'s WAL receiver for {} s", duration.as_secs_f64()))
-            }
-        }
-    }
-
-    /// Thaws the database, or resumes a replica's replay, once its pause is over.
-    pub fn tick(&mut self, fleet: &mut Fleet) -> anyhow::Result<()> {
-        if self.resume_at.is_some_and(|at| Instant::now() >= at) {
-            self.resume_at = None;
-            fleet.postgres()?.resume()?;
-            eprintln!("fleetctl: chaos: resumed PostgreSQL");
-        }
-        if self.replay_resume_at.as_ref().is_some_and(|(_, at)| Instant::now() >= *at) {
-            if let Some((member, _)) = self.replay_resume_at.take() {
-                fleet.cluster()?.resume_replay(&member)?;
-                eprintln!("fleetctl: chaos: resumed {member}'s WAL replay");
-            }
-        }
-        if self.receiver_resume_at.as_ref().is_some_and(|(_, at)| Instant::now() >= *at) {
-            if let Some((member, _)) = self.receiver_resume_at.take() {
-                fleet.cluster()?.resume_receiver(&member)?;
-                eprintln!("fleetctl: chaos: resumed {member}'s WAL receiver");
-            }
-        }
-        Ok(())
-    }
-
-    /// Ends every pause now (before the fleet stops).
-    pub fn resume_all(&mut self, fleet: &mut Fleet) -> anyhow::Result<()> {
-        if self.resume_at.take().is_some() {
-            fleet.postgres()?.resume()?;
-        }
-        if let Some((member, _)) = self.replay_resume_at.take() {
-            fleet.cluster()?.resume_replay(&member)?;
-        }
-        if let Some((member, _)) = self.receiver_resume_at.take() {
-            fleet.cluster()?.resume_receiver(&member)?;
-        }
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn every_fault_reads_back_from_its_line() {
-        for fault in [
-            Fault::KillNode(2),
-            Fault::StopNode(13),
-            Fault::RestartDb,
-            Fault::PauseDb(Duration::from_millis(2500)),
-            Fault::KillPrimary,
-            Fault::Switchover,
-            Fault::RollingRestartDb,
-            Fault::LagReplica(2, Duration::from_secs(5)),
-            Fault::SilenceReplica(3, Duration::from_millis(1500)),
-        ] {
-            assert_eq!(fault.to_string().parse::<Fault>(), Ok(fault));
-        }
-        assert_eq!(" pause-db   3 ".parse::<Fault>(), Ok(Fault::PauseDb(Duration::from_secs(3))));
-        assert_eq!("lag-replica 3 1".parse::<Fault>(), Ok(Fault::LagReplica(3, Duration::from_secs(1))));
-    }
-
-    #[test]
-    fn a_bad_line_is_refused_with_the_reason_and_the_commands() {
-        let unknown = "explode".parse::<Fault>().unwrap_err();
-        assert!(
-            unknown.contains("unknown command \"explode\"") && unknown.contains("restart-db"),
-            "{unknown}"
-        );
-        assert!("kill-node 0".parse::<Fault>().unwrap_err().contains("not a node number"));
-        assert!("kill-node".parse::<Fault>().unwrap_err().contains("unknown command"));
-        assert!("restart-db now".parse::<Fault>().is_err());
-        for bad in ["lag-replica pg-0 1", "lag-replica app-1 1", "lag-replica pg-2"] {
-            assert!(bad.parse::<Fault>().is_err(), "{bad}");
-        }
-        assert!("lag-replica x 1".parse::<Fault>().unwrap_err().contains("not a cluster member"));
-        for bad in ["pause-db 0", "pause-db -1", "pause-db 601", "pause-db NaN", "pause-db soon"] {
-            assert!(bad.parse::<Fault>().unwrap_err().contains("number of seconds"), "{bad}");
-        }
-    }
 
     #[test]
     fn a_client_gets_the_fleets_answer_and_the_socket_goes_with_the_server() {
@@ -421,14 +158,14 @@ mod tests {
         let server = ControlServer::bind(dir.path()).unwrap();
         let client = std::thread::spawn({
             let dir = dir.path().to_owned();
-            move || (send(&dir, &Fault::KillNode(2)), send(&dir, &Fault::RestartDb))
+            move || (send(&dir, &Fault::KillNode { n: 2 }), send(&dir, &Fault::RestartDb))
         });
         let mut seen = Vec::new();
         while seen.len() < 2 {
             server.serve(|fault| {
                 seen.push(fault);
                 match fault {
-                    Fault::KillNode(_) => Ok("killed it".to_owned()),
+                    Fault::KillNode { .. } => Ok("killed it".to_owned()),
                     _ => bail!("no database\nhere"),
                 }
             });
@@ -438,7 +175,7 @@ mod tests {
         assert_eq!(killed.unwrap(), "killed it");
         let refused = format!("{:#}", restarted.unwrap_err());
         assert!(refused.contains("refused `restart-db`: no database here"), "{refused}");
-        assert_eq!(seen, [Fault::KillNode(2), Fault::RestartDb]);
+        assert_eq!(seen, [Fault::KillNode { n: 2 }, Fault::RestartDb]);
 
         let path = server.path().to_owned();
         drop(server);

@@ -11,7 +11,8 @@ use anyhow::{ensure, Context};
 use clap::Args;
 
 use super::client::RetryPolicy;
-use super::control::{self, Fault};
+use super::control;
+use super::fault::Fault;
 use super::report::{self, FaultRecord, LoadSummary, Report};
 use super::verify::verify;
 use super::workload::{Workload, WorkloadOptions};
@@ -197,10 +198,10 @@ fn schedule(live: &[usize], duration: Duration) -> Vec<(Duration, Fault)> {
     let mut victims = live.iter().skip(1).rev().copied();
     let pause = (duration / 10).clamp(Duration::from_millis(500), Duration::from_secs(2));
     let faults = [
-        (0.15, victims.next().map(Fault::KillNode)),
+        (0.15, victims.next().map(|n| Fault::KillNode { n })),
         (0.35, Some(Fault::RestartDb)),
-        (0.55, victims.next().map(Fault::StopNode)),
-        (0.75, Some(Fault::PauseDb(pause))),
+        (0.55, victims.next().map(|n| Fault::StopNode { n })),
+        (0.75, Some(Fault::PauseDb { seconds: pause })),
     ];
     faults.into_iter().filter_map(|(at, fault)| Some((duration.mul_f64(at), fault?))).collect()
 }
@@ -271,21 +272,28 @@ mod tests {
         assert_eq!(
             faults,
             [
-                Fault::KillNode(4),
+                Fault::KillNode { n: 4 },
                 Fault::RestartDb,
-                Fault::StopNode(3),
-                Fault::PauseDb(Duration::from_secs(2))
+                Fault::StopNode { n: 3 },
+                Fault::PauseDb { seconds: Duration::from_secs(2) }
             ]
         );
         assert!(four.windows(2).all(|w| w[0].0 < w[1].0) && secs(four[3].0) < 30.0);
 
         let two: Vec<Fault> = schedule(&[1, 2], Duration::from_secs(8)).into_iter().map(|(_, f)| f).collect();
-        assert_eq!(two, [Fault::KillNode(2), Fault::RestartDb, Fault::PauseDb(Duration::from_millis(800))]);
+        assert_eq!(
+            two,
+            [
+                Fault::KillNode { n: 2 },
+                Fault::RestartDb,
+                Fault::PauseDb { seconds: Duration::from_millis(800) }
+            ]
+        );
         // app-2 died earlier: app-3 goes instead, and app-1 stays.
         let gap: Vec<Fault> = schedule(&[1, 3], Duration::from_secs(8)).into_iter().map(|(_, f)| f).collect();
-        assert_eq!(gap[0], Fault::KillNode(3));
+        assert_eq!(gap[0], Fault::KillNode { n: 3 });
         let one: Vec<Fault> = schedule(&[2], Duration::from_secs(8)).into_iter().map(|(_, f)| f).collect();
-        assert_eq!(one, [Fault::RestartDb, Fault::PauseDb(Duration::from_millis(800))]);
+        assert_eq!(one, [Fault::RestartDb, Fault::PauseDb { seconds: Duration::from_millis(800) }]);
     }
 
     #[test]
@@ -297,7 +305,10 @@ mod tests {
         let at: Vec<u64> = faults.iter().map(|(at, _)| at.as_secs()).collect();
         assert_eq!(at, [10, 20, 30]);
         assert_eq!(faults[2].1, Fault::RollingRestartDb);
-        assert_eq!(parse_fault("lag-replica pg-2 3"), Ok(Fault::LagReplica(2, Duration::from_secs(3))));
+        assert_eq!(
+            parse_fault("lag-replica pg-2 3"),
+            Ok(Fault::LagReplica { member: 2, seconds: Duration::from_secs(3) })
+        );
         assert!(parse_rate("0").is_err() && parse_rate("fast").is_err() && parse_rate("50") == Ok(50.0));
     }
 }
