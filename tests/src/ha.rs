@@ -34,12 +34,12 @@ pub async fn query_async(url: &str, sql: &str) -> Result<Vec<String>, tokio_post
 
 /// A node on `cluster`: writes through its read-write URL, reads through `read_url`, `env` last.
 pub fn node_on(cluster: &PatroniCluster, read_url: &str, env: &[(&str, &str)]) -> Node {
-    let mut all = vec![("DATABASE_READ_URL".to_owned(), read_url.to_owned())];
-    all.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+    let mut all = vec![("DATABASE_READ_URL".to_owned(), read_url.into())];
+    all.extend(env.iter().map(|(k, v)| (k.to_string(), (*v).into())));
     Node::spawn(NodeOptions {
         bin: node_bin(),
         container_id: "app-1".to_owned(),
-        database_url: cluster.url(),
+        database_url: cluster.url().into(),
         pool_size: 5,
         port: 0,
         env: all,

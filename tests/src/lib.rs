@@ -120,10 +120,10 @@ pub fn node_options(pg: &Postgres, id: &str, env: &[(&str, &str)]) -> NodeOption
     NodeOptions {
         bin: node_bin(),
         container_id: id.to_owned(),
-        database_url: pg.url(),
+        database_url: pg.url().into(),
         pool_size: 5,
         port: 0,
-        env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        env: env.iter().map(|(k, v)| (k.to_string(), (*v).into())).collect(),
         quiet: !test_log(),
         log_file: None,
     }

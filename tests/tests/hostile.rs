@@ -11,6 +11,7 @@ use fleet_tests::proxy::Proxy;
 use fleet_tests::{node_options, proc_status_bytes, start_postgres, Api, Reply, TestApp};
 use futures_util::future::join_all;
 use reqwest::StatusCode;
+use secrecy::ExposeSecret;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio_postgres::{Client, NoTls};
@@ -278,8 +279,9 @@ async fn node_behind(pg: &Postgres, proxy: &Proxy) -> Node {
 async fn node_behind_with(pg: &Postgres, proxy: &Proxy, env: &[(&str, &str)]) -> Node {
     let mut opts = node_options(pg, "app-1", env);
     let direct = format!("@127.0.0.1:{}/", pg.port());
-    opts.database_url = opts.database_url.replace(&direct, &format!("@{}/", proxy.addr()));
-    assert!(opts.database_url.contains(&proxy.addr().to_string()));
+    opts.database_url =
+        opts.database_url.expose_secret().replace(&direct, &format!("@{}/", proxy.addr())).into();
+    assert!(opts.database_url.expose_secret().contains(&proxy.addr().to_string()));
     // Blocking while it starts, on a thread of its own: the proxy's tasks need the runtime meanwhile.
     tokio::task::spawn_blocking(move || Node::spawn(opts)).await.unwrap().expect("a node behind the proxy")
 }

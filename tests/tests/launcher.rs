@@ -139,7 +139,7 @@ fn no_service_of_a_fleet_runs_as_root_and_the_exporter_is_no_superuser() {
     let mut fleet = start_fleet(2, 2, &[]);
     let components = fleet.component_pids();
     let names: Vec<&str> = components.iter().map(|(name, _)| name.as_str()).collect();
-    assert_eq!(names, ["nginx", "prometheus", "postgres-exporter", "app-1", "app-2"]);
+    assert_eq!(names, ["nginx", "prometheus", "postgres-exporter", "app-1", "app-2", "postgres"]);
     assert_unprivileged(&components);
 
     let pg = fleet.postgres().unwrap();
@@ -178,10 +178,12 @@ fn an_ha_fleet_runs_etcd_unprivileged_refuses_anonymous_etcd_clients_and_keeps_p
     (opts.nodes, opts.pool_size, opts.port, opts.replicas) = (1, 2, 0, 1);
     (opts.quiet, opts.durable) = (!test_log(), false);
     let mut fleet = fleet_local::fleet::Fleet::start(opts).expect("start an HA fleet");
-    let mut components = fleet.component_pids();
+    let components = fleet.component_pids();
     let cluster = fleet.cluster().unwrap();
     let etcd = cluster.etcd().expect("etcd runs");
-    components.push(("etcd".to_owned(), etcd.pid()));
+    let names: Vec<&str> = components.iter().map(|(name, _)| name.as_str()).collect();
+    assert_eq!(names[names.len() - 3..], ["pg-1", "pg-2", "etcd"], "the cluster's processes come last");
+    assert!(components.contains(&("etcd".to_owned(), etcd.pid())));
     assert_unprivileged(&components);
 
     let anonymous = ureq::post(&format!("http://{}/v3/kv/range", etcd.address()))

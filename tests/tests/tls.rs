@@ -81,7 +81,7 @@ fn url(pg: &Postgres, host: &str, query: &str) -> String {
 /// Starts a node on `database_url` (with `env`); returns the node, or its error and how long it took.
 fn spawn(pg: &Postgres, database_url: String, env: &[(&str, &str)]) -> Result<Node, (String, Duration)> {
     let mut opts = node_options(pg, "app-1", env);
-    opts.database_url = database_url;
+    opts.database_url = database_url.into();
     let start = Instant::now();
     Node::spawn(opts).map_err(|e| (format!("{e:#}"), start.elapsed()))
 }

@@ -33,10 +33,10 @@
 //! | `NO_COLOR` | unset | any non-empty value: `text` logs without colour codes (the local fleet sets it; read by the log subscriber) |
 //! | `RUST_LOG` | `info` | log filter |
 
-use std::fmt;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
 use crate::db::tls::{self, Target, TlsSettings};
@@ -57,7 +57,7 @@ pub struct Config {
     pub host: String,
     #[serde(default = "default_port")]
     pub port: u16,
-    pub database_url: Option<Secret>,
+    pub database_url: Option<SecretString>,
     #[serde(default = "default_postgres_host")]
     pub postgres_host: String,
     #[serde(default = "default_postgres_port")]
@@ -66,8 +66,8 @@ pub struct Config {
     pub postgres_db: String,
     #[serde(default = "default_postgres_user")]
     pub postgres_user: String,
-    pub postgres_password: Option<Secret>,
-    pub database_read_url: Option<Secret>,
+    pub postgres_password: Option<SecretString>,
+    pub database_read_url: Option<SecretString>,
     /// Unset: `POOL_SIZE`; see [`Config::read_pool_size`].
     #[serde(rename = "read_pool_size")]
     pub read_pool_size_setting: Option<usize>,
@@ -149,23 +149,6 @@ pub enum LogFormat {
     Text,
 }
 
-/// A string that never shows in `Debug` output or logs.
-#[derive(Clone, Deserialize)]
-#[serde(transparent)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("[redacted]")
-    }
-}
-
 impl Config {
     /// Reads the environment; an unparsable or out-of-range value is an error naming its variable.
     pub fn from_env() -> anyhow::Result<Self> {
@@ -221,7 +204,7 @@ impl Config {
                     .dbname(&self.postgres_db)
                     .user(&self.postgres_user);
                 if let Some(password) = &self.postgres_password {
-                    pg.password(password.expose());
+                    pg.password(password.expose_secret());
                 }
                 (pg, TlsSettings::default())
             }
@@ -310,8 +293,9 @@ impl Config {
 
 /// A connection URL or key=value string, and its TLS settings; the error names the variable, never its
 /// value (a password).
-fn parse_url(name: &str, url: &Secret) -> anyhow::Result<(tokio_postgres::Config, TlsSettings)> {
-    let (url, tls) = tls::split_url(url.expose()).with_context(|| format!("{name}: invalid TLS settings"))?;
+fn parse_url(name: &str, url: &SecretString) -> anyhow::Result<(tokio_postgres::Config, TlsSettings)> {
+    let (url, tls) =
+        tls::split_url(url.expose_secret()).with_context(|| format!("{name}: invalid TLS settings"))?;
     let mut pg: tokio_postgres::Config = url
         .parse()
         .map_err(|_| anyhow::anyhow!("{name} is not a valid postgres:// URL or key=value string"))?;

@@ -1,6 +1,7 @@
-//! The one shape of a fleet's processes (nginx, Prometheus, the exporter, etcd, a node): each has its
-//! module with an options struct and a `start(options)` that returns once it is ready, and implements
-//! [`Component`]: its process, its address, how it stops. Its output goes where its [`Log`] says.
+//! The one shape of a fleet's parts: the database (one PostgreSQL, or a Patroni cluster with its etcd),
+//! the nodes, the exporter, Prometheus and nginx. Each has its module with an options struct and a
+//! `start(options)` that returns once it is ready, and implements [`Component`]: its processes, its
+//! address, how it stops, which of its processes have exited. Its output goes where its [`Log`] says.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -14,23 +15,32 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long a component gets to stop on SIGTERM before it is killed, unless it says otherwise.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
-/// A running process of a fleet.
+/// A running part of a fleet, of one process or several.
 pub trait Component {
-    /// Its process, to wait on, stop, kill or inspect it (its name is the component's: `nginx`, `app-1`).
-    fn process(&mut self) -> &mut Child;
+    /// Its processes, to wait on, stop, kill or inspect them (each named: `nginx`, `app-1`, `pg-2`).
+    fn processes(&mut self) -> Vec<&mut Child>;
 
-    /// Where it listens: `127.0.0.1:PORT`.
+    /// Where it listens: `127.0.0.1:PORT` (several, comma-separated, for a cluster).
     fn address(&self) -> String;
 
-    /// Stops it and waits until it has exited: SIGTERM, then SIGKILL after a grace period.
-    fn stop(&mut self) -> anyhow::Result<()> {
-        self.process().terminate(STOP_GRACE)?;
-        Ok(())
+    /// Its processes' names and PIDs.
+    fn pids(&mut self) -> Vec<(String, u32)> {
+        self.processes().into_iter().map(|process| (process.name().to_owned(), process.pid())).collect()
     }
 
-    /// Whether its process has exited, on its own or stopped.
-    fn has_exited(&mut self) -> bool {
-        !self.process().is_running()
+    /// The names of its processes that have exited, on their own or stopped.
+    fn exited(&mut self) -> Vec<String> {
+        let mut processes = self.processes();
+        processes.retain_mut(|process| !process.is_running());
+        processes.into_iter().map(|process| process.name().to_owned()).collect()
+    }
+
+    /// Stops it and waits until it has exited: SIGTERM to each process, then SIGKILL after a grace period.
+    fn stop(&mut self) -> anyhow::Result<()> {
+        for process in self.processes() {
+            process.terminate(STOP_GRACE)?;
+        }
+        Ok(())
     }
 }
 

@@ -8,6 +8,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use secrecy::{ExposeSecret, SecretString};
 use serde_json::{json, Value};
 
 use crate::bins::etcd_bin;
@@ -32,7 +33,7 @@ pub struct EtcdOptions<'a> {
     /// Its data goes to `<dir>/etcd` (the service user's).
     pub dir: &'a Path,
     /// [`ROOT_USER`]'s password (a kept etcd has authentication on already, with that password).
-    pub password: &'a str,
+    pub password: &'a SecretString,
     pub log: Log,
 }
 
@@ -64,7 +65,7 @@ impl Etcd {
         let child = spawn_ready("etcd", cmd, &opts.log, &format!("{client}/health"))
             .context("etcd did not become healthy")?;
         let etcd = Etcd { child, client_port };
-        etcd.require_authentication(opts.password)?;
+        etcd.require_authentication(opts.password.expose_secret())?;
         Ok(etcd)
     }
 
@@ -102,8 +103,8 @@ impl Etcd {
 }
 
 impl Component for Etcd {
-    fn process(&mut self) -> &mut Child {
-        &mut self.child
+    fn processes(&mut self) -> Vec<&mut Child> {
+        vec![&mut self.child]
     }
 
     /// `host:port` for clients.

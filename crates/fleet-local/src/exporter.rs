@@ -69,8 +69,8 @@ impl Exporter {
 }
 
 impl Component for Exporter {
-    fn process(&mut self) -> &mut Child {
-        &mut self.child
+    fn processes(&mut self) -> Vec<&mut Child> {
+        vec![&mut self.child]
     }
 
     fn address(&self) -> String {

@@ -28,13 +28,9 @@ use tempfile::TempDir;
 use crate::exporter::{Exporter, ExporterOptions};
 use crate::files::fresh_dir;
 use crate::nginx::{self, Nginx, NginxOptions, Upstream};
-use crate::postgres::{check_reachable, postgres_user};
 use crate::prometheus::{Prometheus, PrometheusOptions, Targets};
 use crate::users::service_user;
-use crate::{
-    free_port, Component, Log, Node, NodeOptions, PatroniCluster, PatroniOptions, Postgres, PostgresOptions,
-    DEADLOCK_TIMEOUT,
-};
+use crate::{free_port, Component, Log, Node, NodeOptions, PatroniCluster, Postgres};
 
 /// Connections kept free for admins, migrations and the isolation lab's dedicated connections.
 pub const ADMIN_HEADROOM: u32 = 10;
@@ -123,8 +119,8 @@ pub fn check_capacity(nodes: u32, pool_size: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// A running fleet. Its components drop in stop order: nginx, Prometheus, the exporter, the nodes; then
-/// the database and the temp dir.
+/// A running fleet. Its components drop in stop order: nginx, Prometheus, the exporter, the nodes, the
+/// database; then the temp dir.
 #[derive(Debug)]
 pub struct Fleet {
     nginx: Nginx,
@@ -154,7 +150,7 @@ impl Fleet {
         let log =
             |name: &str| Log { quiet: opts.quiet, file: Some(dir.join(LOGS).join(format!("{name}.log"))) };
         let mut warnings = Vec::new();
-        let db = start_database(&opts, &dir, &mut warnings)?;
+        let db = Database::start(&opts, &dir, &mut warnings)?;
         let nodes = start_nodes(&opts, &db, log)?;
         let monitoring = dir.join("prometheus");
         // PostgreSQL's exporter speaks to one server; a cluster's members are seen through their
@@ -266,39 +262,36 @@ impl Fleet {
     }
 
     /// The fleet's components in stop order, the reverse of their start order: nginx first (so no request
-    /// reaches a node that is stopping), Prometheus, the exporter, then the nodes (`app-1` first).
+    /// reaches a node that is stopping), Prometheus, the exporter, the nodes (`app-1` first), the database.
     fn components(&mut self) -> Vec<&mut dyn Component> {
         let mut components: Vec<&mut dyn Component> = Vec::new();
         components.push(&mut self.nginx);
         components.extend(self.prometheus.as_mut().map(|c| c as &mut dyn Component));
         components.extend(self.exporter.as_mut().map(|c| c as &mut dyn Component));
         components.extend(self.nodes.iter_mut().map(|c| c as &mut dyn Component));
+        components.push(self.db.component());
         components
     }
 
-    /// Every component's name and PID, in stop order: nginx (its master), Prometheus, the exporter, the
-    /// nodes.
+    /// Every component's processes' names and PIDs, in stop order: nginx (its master), Prometheus, the
+    /// exporter, the nodes, the database (`postgres`; a cluster's every member's Patroni, then etcd).
     pub fn component_pids(&mut self) -> Vec<(String, u32)> {
-        let pid = |c: &mut dyn Component| (c.process().name().to_owned(), c.process().pid());
-        self.components().into_iter().map(pid).collect()
+        self.components().into_iter().flat_map(|c| c.pids()).collect()
     }
 
-    /// The components that have exited (`nginx`, `prometheus`, `postgres-exporter`, `app-2`).
+    /// The components' processes that have exited (`nginx`, `prometheus`, `app-2`, `postgres`, `pg-3` …).
     pub fn exited_components(&mut self) -> Vec<String> {
-        let mut components = self.components();
-        components.retain_mut(|c| c.has_exited());
-        components.into_iter().map(|c| c.process().name().to_owned()).collect()
+        self.components().into_iter().flat_map(|c| c.exited()).collect()
     }
 
-    /// Stops the components in order (nginx, Prometheus, the exporter, then the nodes: SIGINT, they
-    /// finish in-flight requests), then the database (a fast shutdown: a kept database is consistent; a
-    /// cluster's every Patroni and postmaster, then etcd), and removes nginx's and Prometheus's files;
-    /// the logs and a kept database stay.
+    /// Stops the components in order (nginx, Prometheus, the exporter, the nodes: SIGINT, they finish
+    /// in-flight requests; the database: a fast shutdown, so a kept database is consistent, or a cluster's
+    /// every Patroni and postmaster, then etcd), and removes nginx's and Prometheus's files; the logs and
+    /// a kept database stay.
     pub fn stop(mut self) -> anyhow::Result<()> {
         for component in self.components() {
             component.stop()?;
         }
-        self.db.stop()?;
         if self._temp_dir.is_none() {
             for sub in COMPONENT_DIRS {
                 let path = self.dir.join(sub);
@@ -360,9 +353,9 @@ impl Fleet {
 
     /// Waits until every node answers `/app-N/health/ready` through nginx.
     fn wait_through_nginx(&mut self) -> anyhow::Result<()> {
-        let (deadline, url) = (Instant::now() + READY_TIMEOUT, self.url());
+        let deadline = Instant::now() + READY_TIMEOUT;
         for i in 1..=self.nodes.len() {
-            self.nginx.process().wait_for_http(&format!("{url}/app-{i}/health/ready"), deadline)?;
+            self.nginx.wait_for_path(&format!("/app-{i}/health/ready"), deadline)?;
         }
         Ok(())
     }
@@ -375,48 +368,10 @@ const LOGS: &str = "logs";
 /// on start and the service user's, removed on stop.
 const COMPONENT_DIRS: [&str; 2] = ["nginx", "prometheus"];
 
-/// Starts the fleet's database: one PostgreSQL, or a Patroni cluster when there are replicas. It is
-/// kept in `<dir>/postgres` (or `<dir>/patroni`) if the options ask and the `postgres` user can reach
-/// it; otherwise it is a throwaway one, and a warning says why.
-fn start_database(opts: &FleetOptions, dir: &Path, warnings: &mut Vec<String>) -> anyhow::Result<Database> {
-    let kept_dir = dir.join(if opts.replicas > 0 { "patroni" } else { "postgres" });
-    let keep_database = opts.keep_database && opts.dir.is_some();
-    let database_dir = match (keep_database, postgres_user()?) {
-        (false, _) => None,
-        (true, None) => Some(kept_dir),
-        (true, Some(user)) => match check_reachable(&kept_dir, &user) {
-            Ok(()) => Some(kept_dir),
-            Err(why) => {
-                warnings.push(format!("the database is not kept, it goes when the fleet stops: {why:#}"));
-                None
-            }
-        },
-    };
-    let logs = dir.join(LOGS);
-    Ok(match opts.replicas {
-        0 => Database::Single(Postgres::start(PostgresOptions {
-            dir: database_dir,
-            max_connections: MAX_CONNECTIONS,
-            durable: opts.durable,
-            log_file: Some(logs.join("postgres.log")),
-            ..PostgresOptions::default()
-        })?),
-        replicas => Database::Cluster(PatroniCluster::start(PatroniOptions {
-            dir: database_dir,
-            members: replicas as usize + 1,
-            max_connections: MAX_CONNECTIONS,
-            durable: opts.durable,
-            parameters: vec![("deadlock_timeout".to_owned(), DEADLOCK_TIMEOUT.to_owned())],
-            quiet: opts.quiet,
-            logs: Some(logs),
-        })?),
-    })
-}
-
 /// Launches every node at once (`app-1` …, their output going to `log(name)`), then waits until each is
 /// ready.
 fn start_nodes(opts: &FleetOptions, db: &Database, log: impl Fn(&str) -> Log) -> anyhow::Result<Vec<Node>> {
-    let read_url = db.read_url().map(|url| ("DATABASE_READ_URL".to_owned(), url));
+    let read_url = db.read_url().map(|url| ("DATABASE_READ_URL".to_owned(), url.into()));
     let mut nodes = (1..=opts.nodes)
         .map(|i| {
             let name = format!("app-{i}");
@@ -424,16 +379,16 @@ fn start_nodes(opts: &FleetOptions, db: &Database, log: impl Fn(&str) -> Log) ->
             Node::launch(NodeOptions {
                 bin: opts.node_bin.clone(),
                 container_id: name,
-                database_url: db.url(),
+                database_url: db.url().into(),
                 pool_size: opts.pool_size,
                 port: 0,
                 env: [
-                    ("SHUTDOWN_DRAIN_MS".to_owned(), NODE_DRAIN_MS.to_owned()),
-                    ("HTTP_WORKERS".to_owned(), http_workers(opts.nodes).to_string()),
+                    ("SHUTDOWN_DRAIN_MS".to_owned(), NODE_DRAIN_MS.into()),
+                    ("HTTP_WORKERS".to_owned(), http_workers(opts.nodes).to_string().into()),
                 ]
                 .into_iter()
                 .chain(read_url.clone())
-                .chain(opts.node_env.iter().cloned())
+                .chain(opts.node_env.iter().map(|(name, value)| (name.clone(), value.as_str().into())))
                 .collect(),
                 quiet: log.quiet,
                 log_file: log.file,

@@ -2,7 +2,6 @@
 //! once `/health/ready` answers 200; [`Node::launch`] and [`Node::wait_ready`] apart, so that several
 //! nodes start at the same instant.
 
-use std::fmt;
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::Command;
@@ -10,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use nix::sys::signal::Signal;
+use secrecy::{ExposeSecret, SecretString};
 
 use crate::component::{Component, Log};
 use crate::process::Child;
@@ -28,40 +28,25 @@ const LISTENING: &str = "listening on http://";
 const MALLOC_MMAP_THRESHOLD: (&str, &str) = ("MALLOC_MMAP_THRESHOLD_", "131072");
 
 /// How to run a node.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct NodeOptions {
     /// The `fleet-app` binary.
     pub bin: PathBuf,
     /// `CONTAINER_ID`, also the prefix of its output lines (`app-1`).
     pub container_id: String,
-    /// `DATABASE_URL` (holds a password: redacted in `Debug`).
-    pub database_url: String,
+    /// `DATABASE_URL` (it holds a password).
+    pub database_url: SecretString,
     /// `POOL_SIZE`: database connections this node may open.
     pub pool_size: u32,
     /// `PORT` on 127.0.0.1; 0 = an ephemeral port, read back from the node's log.
     pub port: u16,
-    /// More environment variables, applied last (they override the ones above).
-    pub env: Vec<(String, String)>,
+    /// More environment variables, applied last (they override the ones above); a value may hold a
+    /// password (`DATABASE_READ_URL`).
+    pub env: Vec<(String, SecretString)>,
     /// Keep the node's output out of our stderr (it is still quoted in errors).
     pub quiet: bool,
     /// Append the node's output to this file too.
     pub log_file: Option<PathBuf>,
-}
-
-impl fmt::Debug for NodeOptions {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let env_names: Vec<&str> = self.env.iter().map(|(name, _)| name.as_str()).collect();
-        f.debug_struct("NodeOptions")
-            .field("bin", &self.bin)
-            .field("container_id", &self.container_id)
-            .field("database_url", &"<redacted>")
-            .field("pool_size", &self.pool_size)
-            .field("port", &self.port)
-            .field("env", &env_names)
-            .field("quiet", &self.quiet)
-            .field("log_file", &self.log_file)
-            .finish()
-    }
 }
 
 /// A running node; dropping it stops the process (SIGTERM, then SIGKILL).
@@ -85,7 +70,7 @@ impl Node {
         let mut cmd = Command::new(&opts.bin);
         cmd.arg("serve")
             .env("CONTAINER_ID", &opts.container_id)
-            .env("DATABASE_URL", &opts.database_url)
+            .env("DATABASE_URL", opts.database_url.expose_secret())
             .env("POOL_SIZE", opts.pool_size.to_string())
             .env("PORT", opts.port.to_string())
             .env("HOST", "127.0.0.1")
@@ -95,7 +80,7 @@ impl Node {
         if opts.quiet || opts.log_file.is_some() || !std::io::stderr().is_terminal() {
             cmd.env("NO_COLOR", "1");
         }
-        cmd.envs(opts.env.iter().map(|(name, value)| (name, value)));
+        cmd.envs(opts.env.iter().map(|(name, value)| (name, value.expose_secret())));
         run_as(&mut cmd, service_user()?.as_ref());
         let log = Log { quiet: opts.quiet, file: opts.log_file };
         let child = log
@@ -143,8 +128,8 @@ impl Node {
 }
 
 impl Component for Node {
-    fn process(&mut self) -> &mut Child {
-        &mut self.child
+    fn processes(&mut self) -> Vec<&mut Child> {
+        vec![&mut self.child]
     }
 
     fn address(&self) -> String {
@@ -207,10 +192,10 @@ mod tests {
         let opts = NodeOptions {
             bin: PathBuf::from("fleet-app"),
             container_id: "app-1".to_owned(),
-            database_url: "postgres://appuser:apppass@127.0.0.1:5432/appdb".to_owned(),
+            database_url: "postgres://appuser:apppass@127.0.0.1:5432/appdb".into(),
             pool_size: 5,
             port: 0,
-            env: vec![("DB_SECRET".to_owned(), "hunter2".to_owned())],
+            env: vec![("DB_SECRET".to_owned(), "hunter2".into())],
             quiet: true,
             log_file: None,
         };

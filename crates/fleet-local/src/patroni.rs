@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context};
 use nix::unistd::{Pid, User};
+use secrecy::ExposeSecret;
 use tempfile::TempDir;
 
 use config::{ClusterPlan, MemberPlace};
@@ -80,6 +81,7 @@ impl Default for PatroniOptions {
     }
 }
 
+#[derive(Debug)]
 struct Member {
     name: String,
     dir: PathBuf,
@@ -90,17 +92,6 @@ struct Member {
     replay_paused: Option<Pid>,
     /// The WAL receiver [`PatroniCluster::silence_receiver`] stopped.
     receiver_silenced: Option<Pid>,
-}
-
-impl std::fmt::Debug for Member {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Member")
-            .field("name", &self.name)
-            .field("pg_port", &self.pg_port)
-            .field("api_port", &self.api_port)
-            .field("running", &self.patroni.is_some())
-            .finish()
-    }
 }
 
 impl Member {
@@ -279,13 +270,13 @@ impl PatroniCluster {
 
     /// [`PatroniCluster::url`] without its password, for printing.
     pub fn url_redacted(&self) -> String {
-        self.url().replace(&self.secrets.app, "****")
+        self.url().replace(self.secrets.app.expose_secret(), "****")
     }
 
     /// [`PatroniCluster::url`] with no password at all: psql (libpq) reaches the current primary with it
     /// and takes the password from [`PatroniCluster::password_file`].
     pub fn display_url(&self) -> String {
-        self.url().replace(&format!(":{}@", self.secrets.app), "@")
+        self.url().replace(&format!(":{}@", self.secrets.app.expose_secret()), "@")
     }
 
     /// The libpq password file with the superuser's and the application's passwords (mode 0600).
@@ -304,8 +295,8 @@ impl PatroniCluster {
     }
 
     fn app_url(&self, params: &str) -> String {
-        let hosts: Vec<String> = self.members.iter().map(|m| format!("127.0.0.1:{}", m.pg_port)).collect();
-        format!("postgres://{APP_USER}:{}@{}/{APP_DATABASE}?{params}", self.secrets.app, hosts.join(","))
+        let (password, hosts) = (self.secrets.app.expose_secret(), self.address());
+        format!("postgres://{APP_USER}:{password}@{hosts}/{APP_DATABASE}?{params}")
     }
 
     /// A member's PostgreSQL port on 127.0.0.1.
@@ -317,7 +308,7 @@ impl PatroniCluster {
     pub fn admin_url(&self, name: &str) -> anyhow::Result<String> {
         Ok(format!(
             "postgres://{ADMIN_USER}:{}@127.0.0.1:{}/{APP_DATABASE}",
-            self.secrets.superuser,
+            self.secrets.superuser.expose_secret(),
             self.port(name)?
         ))
     }
@@ -393,6 +384,25 @@ impl PatroniCluster {
         }
         drop(self.etcd.take());
         result
+    }
+}
+
+/// Every member's Patroni (its PostgreSQL is Patroni's child, which Patroni stops with it) and etcd.
+impl Component for PatroniCluster {
+    fn processes(&mut self) -> Vec<&mut Child> {
+        let members = self.members.iter_mut().filter_map(|member| member.patroni.as_mut());
+        members.chain(self.etcd.iter_mut().flat_map(Etcd::processes)).collect()
+    }
+
+    /// Every member's PostgreSQL.
+    fn address(&self) -> String {
+        let hosts: Vec<String> = self.members.iter().map(|m| format!("127.0.0.1:{}", m.pg_port)).collect();
+        hosts.join(",")
+    }
+
+    /// Every member, replicas first, then etcd ([`PatroniCluster::stop`]).
+    fn stop(&mut self) -> anyhow::Result<()> {
+        PatroniCluster::stop(self)
     }
 }
 

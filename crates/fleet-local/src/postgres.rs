@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, ensure, Context};
 use nix::sys::signal::Signal;
 use nix::unistd::{Pid, User};
+use secrecy::{ExposeSecret, SecretString};
 use tempfile::TempDir;
 
 use crate::bins::postgres_bin;
@@ -27,7 +28,7 @@ mod setup;
 
 pub(crate) use crate::users::postgres_user;
 use crate::users::run_as;
-use crate::{free_port, proctree};
+use crate::{free_port, proctree, Child, Component};
 use credentials::Credentials;
 pub(crate) use credentials::{random_password, read_password_file, write_password_file};
 pub(crate) use setup::hand_over;
@@ -43,6 +44,8 @@ pub const APP_USER: &str = "appuser";
 pub const MONITOR_USER: &str = "exporter";
 /// The application's database.
 pub const APP_DATABASE: &str = "appdb";
+/// The server's name among a fleet's components.
+const NAME: &str = "postgres";
 
 /// How long a start may take before it is an error (crash recovery after a kill included).
 const READY_TIMEOUT: Duration = Duration::from_secs(60);
@@ -118,7 +121,11 @@ impl Postgres {
     /// The application's URL, password included: `postgres://appuser:PASSWORD@127.0.0.1:PORT/appdb`.
     /// A secret: for printing, see [`Postgres::display_url`].
     pub fn url(&self) -> String {
-        format!("postgres://{APP_USER}:{}@127.0.0.1:{}/{APP_DATABASE}", self.credentials.app, self.port)
+        format!(
+            "postgres://{APP_USER}:{}@127.0.0.1:{}/{APP_DATABASE}",
+            self.credentials.app.expose_secret(),
+            self.port
+        )
     }
 
     /// The application's URL without its password: `postgres://appuser@127.0.0.1:PORT/appdb`.
@@ -128,14 +135,19 @@ impl Postgres {
 
     /// The superuser's URL, to the application's database, password included (a secret).
     pub fn admin_url(&self) -> String {
-        format!("postgres://{ADMIN_USER}:{}@127.0.0.1:{}/{APP_DATABASE}", self.credentials.admin, self.port)
+        format!(
+            "postgres://{ADMIN_USER}:{}@127.0.0.1:{}/{APP_DATABASE}",
+            self.credentials.admin.expose_secret(),
+            self.port
+        )
     }
 
     /// The exporter's URL ([`MONITOR_USER`]), to the application's database, password included (a secret).
     pub fn monitor_url(&self) -> String {
         format!(
             "postgres://{MONITOR_USER}:{}@127.0.0.1:{}/{APP_DATABASE}",
-            self.credentials.monitor, self.port
+            self.credentials.monitor.expose_secret(),
+            self.port
         )
     }
 
@@ -259,8 +271,13 @@ impl Postgres {
     fn initdb(&self, durable: bool) -> anyhow::Result<()> {
         // initdb reads the superuser's password from a file; it lives only as long as initdb runs.
         let password_file = self.dir.join("initdb-password");
-        write_new(&password_file, self.credentials.admin.as_bytes(), 0o600, self.run_as.as_ref())
-            .context("cannot write initdb's password file")?;
+        write_new(
+            &password_file,
+            self.credentials.admin.expose_secret().as_bytes(),
+            0o600,
+            self.run_as.as_ref(),
+        )
+        .context("cannot write initdb's password file")?;
         let mut cmd = self.command("initdb")?;
         cmd.arg("-D").arg(&self.data_dir).args(["-U", ADMIN_USER]).arg("--pwfile").arg(&password_file);
         cmd.args(["--auth-local=trust", "--auth-host=scram-sha-256", "--encoding=UTF8", "--locale=C"]);
@@ -365,7 +382,7 @@ impl Postgres {
                  CREATE ROLE {MONITOR_USER}; END IF; END $$; \
                  ALTER ROLE {MONITOR_USER} LOGIN PASSWORD '{}' NOSUPERUSER NOCREATEDB NOCREATEROLE; \
                  GRANT pg_monitor TO {MONITOR_USER};",
-                self.credentials.monitor
+                self.credentials.monitor.expose_secret()
             ),
         )?;
         Ok(())
@@ -386,14 +403,52 @@ impl Postgres {
     }
 }
 
+/// The postmaster is no [`Child`] (its output goes straight to the server log), so its name and state
+/// are told here.
+impl Component for Postgres {
+    fn processes(&mut self) -> Vec<&mut Child> {
+        Vec::new()
+    }
+
+    fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn pids(&mut self) -> Vec<(String, u32)> {
+        self.pid().map(|pid| (NAME.to_owned(), pid)).into_iter().collect()
+    }
+
+    /// `postgres` once the postmaster has exited: crashed, killed or stopped. A postmaster found gone is
+    /// forgotten (its PID is free for another process), so [`Postgres::start_again`] can start it.
+    fn exited(&mut self) -> Vec<String> {
+        if self.postmaster.as_mut().is_some_and(|postmaster| !matches!(postmaster.try_wait(), Ok(None))) {
+            self.postmaster = None;
+        }
+        match self.postmaster {
+            Some(_) => Vec::new(),
+            None => vec![NAME.to_owned()],
+        }
+    }
+
+    /// A fast shutdown ([`Postgres::stop`]).
+    fn stop(&mut self) -> anyhow::Result<()> {
+        Postgres::stop(self)
+    }
+}
+
 /// Runs `sql` as the superuser on 127.0.0.1:`port`, database `database`, with
 /// `psql -X -A -t -q -v ON_ERROR_STOP=1`; returns its standard output, trimmed. The SQL goes through psql's standard input, never its command line, which any local user can
 /// read in `/proc` (a `CREATE ROLE … PASSWORD`).
-pub(crate) fn run_psql(port: u16, admin_password: &str, database: &str, sql: &str) -> anyhow::Result<String> {
+pub(crate) fn run_psql(
+    port: u16,
+    admin_password: &SecretString,
+    database: &str,
+    sql: &str,
+) -> anyhow::Result<String> {
     let mut psql = Command::new(postgres_bin("psql")?)
         .args(["-X", "-A", "-t", "-q", "-v", "ON_ERROR_STOP=1", "-h", "127.0.0.1"])
         .args(["-p", &port.to_string(), "-U", ADMIN_USER, "-d", database])
-        .env("PGPASSWORD", admin_password)
+        .env("PGPASSWORD", admin_password.expose_secret())
         .env("PGCONNECT_TIMEOUT", "10")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -432,7 +487,7 @@ fn without_passwords(sql: &str) -> String {
 /// unless they exist. The role is no superuser and cannot create roles or databases; it owns its
 /// database, so the tables it migrates are its own and nothing outside that database is.
 pub(crate) fn create_app_database(
-    app_password: &str,
+    app_password: &SecretString,
     psql: impl Fn(&str, &str) -> anyhow::Result<String>,
 ) -> anyhow::Result<()> {
     // The password is hex digits (see `credentials`), so it needs no quoting.
@@ -440,8 +495,9 @@ pub(crate) fn create_app_database(
         "postgres",
         &format!(
             "DO $$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '{APP_USER}') THEN \
-             CREATE ROLE {APP_USER} LOGIN PASSWORD '{app_password}' NOSUPERUSER NOCREATEDB NOCREATEROLE; \
-             END IF; END $$"
+             CREATE ROLE {APP_USER} LOGIN PASSWORD '{}' NOSUPERUSER NOCREATEDB NOCREATEROLE; \
+             END IF; END $$",
+            app_password.expose_secret()
         ),
     )?;
     let exists =

@@ -135,8 +135,8 @@ impl Prometheus {
 }
 
 impl Component for Prometheus {
-    fn process(&mut self) -> &mut Child {
-        &mut self.child
+    fn processes(&mut self) -> Vec<&mut Child> {
+        vec![&mut self.child]
     }
 
     fn address(&self) -> String {

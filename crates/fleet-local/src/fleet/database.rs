@@ -1,11 +1,13 @@
-//! A fleet's database: one PostgreSQL, or a Patroni cluster (a primary and N replicas) whose write and
-//! read URLs the nodes get as `DATABASE_URL` and `DATABASE_READ_URL`.
+//! A fleet's database, chosen here from its options: one PostgreSQL, or a Patroni cluster (a primary and
+//! N replicas) whose write and read URLs the nodes get as `DATABASE_URL` and `DATABASE_READ_URL`.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::bail;
 
-use crate::{PatroniCluster, Postgres};
+use super::{FleetOptions, LOGS, MAX_CONNECTIONS};
+use crate::postgres::{check_reachable, postgres_user};
+use crate::{Component, PatroniCluster, PatroniOptions, Postgres, PostgresOptions, DEADLOCK_TIMEOUT};
 
 /// The database a fleet runs on.
 #[derive(Debug)]
@@ -15,6 +17,48 @@ pub enum Database {
 }
 
 impl Database {
+    /// Starts the fleet's database: one PostgreSQL, or a Patroni cluster when there are replicas. It is
+    /// kept in `<dir>/postgres` (or `<dir>/patroni`) if the options ask and the `postgres` user can reach
+    /// it; otherwise it is a throwaway one, and a warning says why.
+    pub(super) fn start(
+        opts: &FleetOptions,
+        dir: &Path,
+        warnings: &mut Vec<String>,
+    ) -> anyhow::Result<Database> {
+        let kept_dir = dir.join(if opts.replicas > 0 { "patroni" } else { "postgres" });
+        let keep_database = opts.keep_database && opts.dir.is_some();
+        let database_dir = match (keep_database, postgres_user()?) {
+            (false, _) => None,
+            (true, None) => Some(kept_dir),
+            (true, Some(user)) => match check_reachable(&kept_dir, &user) {
+                Ok(()) => Some(kept_dir),
+                Err(why) => {
+                    warnings.push(format!("the database is not kept, it goes when the fleet stops: {why:#}"));
+                    None
+                }
+            },
+        };
+        let logs = dir.join(LOGS);
+        Ok(match opts.replicas {
+            0 => Database::Single(Postgres::start(PostgresOptions {
+                dir: database_dir,
+                max_connections: MAX_CONNECTIONS,
+                durable: opts.durable,
+                log_file: Some(logs.join("postgres.log")),
+                ..PostgresOptions::default()
+            })?),
+            replicas => Database::Cluster(PatroniCluster::start(PatroniOptions {
+                dir: database_dir,
+                members: replicas as usize + 1,
+                max_connections: MAX_CONNECTIONS,
+                durable: opts.durable,
+                parameters: vec![("deadlock_timeout".to_owned(), DEADLOCK_TIMEOUT.to_owned())],
+                quiet: opts.quiet,
+                logs: Some(logs),
+            })?),
+        })
+    }
+
     /// The nodes' `DATABASE_URL` (a secret): the server, or every member with
     /// `target_session_attrs=read-write`.
     pub fn url(&self) -> String {
@@ -77,11 +121,12 @@ impl Database {
         }
     }
 
-    /// Stops the database: PostgreSQL's fast shutdown, or every member (Patroni and its postmaster) and etcd.
-    pub fn stop(&mut self) -> anyhow::Result<()> {
+    /// The database as one of the fleet's components: stopped by PostgreSQL's fast shutdown, or member by
+    /// member (Patroni and its postmaster), then etcd.
+    pub fn component(&mut self) -> &mut dyn Component {
         match self {
-            Database::Single(pg) => pg.stop(),
-            Database::Cluster(cluster) => cluster.stop(),
+            Database::Single(pg) => pg,
+            Database::Cluster(cluster) => cluster,
         }
     }
 }

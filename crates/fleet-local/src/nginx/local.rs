@@ -62,6 +62,12 @@ impl Nginx {
         format!("http://{}", self.address())
     }
 
+    /// Waits until `path` (`/app-1/health/ready`) answers 200 through nginx, failing early if nginx exits.
+    pub fn wait_for_path(&mut self, path: &str, deadline: Instant) -> anyhow::Result<()> {
+        let url = format!("{}{path}", self.url());
+        self.child.wait_for_http(&url, deadline)
+    }
+
     /// Marks node `name` down in the round robin and reloads; returns once the new workers run, so no
     /// new request is sent to that node (its pinned route `/app-N/` stays).
     pub fn take_out_of_rotation(&mut self, name: &str) -> anyhow::Result<()> {
@@ -84,8 +90,8 @@ impl Nginx {
 }
 
 impl Component for Nginx {
-    fn process(&mut self) -> &mut Child {
-        &mut self.child
+    fn processes(&mut self) -> Vec<&mut Child> {
+        vec![&mut self.child]
     }
 
     fn address(&self) -> String {

@@ -3,6 +3,8 @@
 use std::fmt::Write as _;
 use std::path::Path;
 
+use secrecy::{ExposeSecret, SecretString};
+
 use crate::etcd::ROOT_USER;
 use crate::postgres::{
     random_password, read_password_file, write_password_file, ADMIN_USER, APP_USER, LOG_SETTINGS,
@@ -30,21 +32,15 @@ const _: () = assert!(LOOP_WAIT_S + 2 * RETRY_TIMEOUT_S <= TTL_S, "Patroni refus
 pub const REPLICATION_TIMEOUT_S: u32 = 5;
 
 /// The cluster's credentials, random per cluster.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct Secrets {
-    pub superuser: String,
-    pub replication: String,
-    pub app: String,
+    pub superuser: SecretString,
+    pub replication: SecretString,
+    pub app: SecretString,
     /// For Patroni's REST API endpoints that change the cluster (switchover, restart …).
-    pub rest_api: String,
+    pub rest_api: SecretString,
     /// etcd's [`ROOT_USER`]'s: Patroni's only way into its store.
-    pub etcd: String,
-}
-
-impl std::fmt::Debug for Secrets {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secrets(redacted)")
-    }
+    pub etcd: SecretString,
 }
 
 impl Secrets {
@@ -139,7 +135,9 @@ pub fn render(plan: &ClusterPlan<'_>, member: &MemberPlace<'_>) -> String {
         let _ = writeln!(params, "        {name}: '{value}'");
     }
     let dir = member.dir.display();
-    let Secrets { superuser, replication, rest_api, etcd: etcd_password, .. } = plan.secrets;
+    let [superuser, replication, rest_api, etcd_password] =
+        [&plan.secrets.superuser, &plan.secrets.replication, &plan.secrets.rest_api, &plan.secrets.etcd]
+            .map(ExposeSecret::expose_secret);
     format!(
         r#"scope: {scope}
 name: {name}
@@ -236,7 +234,7 @@ mod tests {
         assert!(yaml.contains("        deadlock_timeout: '100ms'\n"));
         assert!(yaml.contains("        fsync: 'off'\n"));
         assert!(yaml.contains("        log_min_error_statement: 'panic'\n"));
-        assert!(yaml.contains(&secrets.superuser));
-        assert!(yaml.contains(&format!("  username: root\n  password: '{}'\n", secrets.etcd)));
+        assert!(yaml.contains(secrets.superuser.expose_secret()));
+        assert!(yaml.contains(&format!("  username: root\n  password: '{}'\n", secrets.etcd.expose_secret())));
     }
 }

@@ -10,6 +10,7 @@ use base64::engine::general_purpose::STANDARD;
 use base64::Engine as _;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
+use secrecy::ExposeSecret;
 
 use super::{PatroniCluster, REST_API_USER};
 use crate::proctree::{self, kill_tree};
@@ -45,7 +46,7 @@ impl PatroniCluster {
         if let Some(candidate) = candidate {
             body["candidate"] = candidate.into();
         }
-        let auth = basic_auth(REST_API_USER, &self.secrets.rest_api);
+        let auth = basic_auth(REST_API_USER, self.secrets.rest_api.expose_secret());
         self.http
             .post(&format!("http://127.0.0.1:{api_port}/switchover"))
             .timeout(SWITCHOVER_TIMEOUT)

@@ -2,13 +2,13 @@
 //! libpq's password-file format) so that a kept cluster stays usable and a user can connect with
 //! `PGPASSFILE=<dir>/pgpass psql -h 127.0.0.1 -p PORT -U appuser appdb`.
 
-use std::fmt;
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, ensure, Context};
+use secrecy::{ExposeSecret, SecretString};
 
 use super::{ADMIN_USER, APP_USER, MONITOR_USER};
 use crate::files::{open_read, write_new};
@@ -20,17 +20,11 @@ const PASSWORD_BYTES: usize = 16;
 
 /// The superuser's, the application role's and the exporter's role's passwords. Hex digits only, so
 /// they need no quoting in SQL, URLs or the password file.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub(super) struct Credentials {
-    pub(super) admin: String,
-    pub(super) app: String,
-    pub(super) monitor: String,
-}
-
-impl fmt::Debug for Credentials {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Credentials(<redacted>)")
-    }
+    pub(super) admin: SecretString,
+    pub(super) app: SecretString,
+    pub(super) monitor: SecretString,
 }
 
 /// Where the passwords of the cluster in `dir` are kept.
@@ -62,15 +56,19 @@ impl Credentials {
     }
 
     fn write(&self, dir: &Path) -> anyhow::Result<()> {
-        let entries = [(ADMIN_USER, &self.admin), (APP_USER, &self.app), (MONITOR_USER, &self.monitor)];
-        write_password_file(&path(dir), &entries.map(|(user, password)| (user, password.as_str())))
+        write_password_file(
+            &path(dir),
+            &[(ADMIN_USER, &self.admin), (APP_USER, &self.app), (MONITOR_USER, &self.monitor)],
+        )
     }
 }
 
 /// Writes a libpq password file at `path` (mode 0600, replacing one left there) with one line
 /// `*:*:*:USER:PASSWORD` per entry: any host, port and database.
-pub(crate) fn write_password_file(path: &Path, entries: &[(&str, &str)]) -> anyhow::Result<()> {
-    let text: String = entries.iter().map(|(user, password)| format!("*:*:*:{user}:{password}\n")).collect();
+pub(crate) fn write_password_file(path: &Path, entries: &[(&str, &SecretString)]) -> anyhow::Result<()> {
+    let line =
+        |(user, password): &(&str, &SecretString)| format!("*:*:*:{user}:{}\n", password.expose_secret());
+    let text: String = entries.iter().map(line).collect();
     write_new(path, text.as_bytes(), 0o600, None)
 }
 
@@ -99,10 +97,10 @@ pub(crate) struct PasswordFile {
 
 impl PasswordFile {
     /// `user`'s password, or an error naming the file.
-    pub(crate) fn get(&self, user: &str) -> anyhow::Result<String> {
+    pub(crate) fn get(&self, user: &str) -> anyhow::Result<SecretString> {
         let prefix = format!("*:*:*:{user}:");
         match self.text.lines().find_map(|line| line.strip_prefix(&prefix)) {
-            Some(password) if !password.is_empty() => Ok(password.to_owned()),
+            Some(password) if !password.is_empty() => Ok(password.into()),
             _ => bail!("{} has no password for {user}", self.path.display()),
         }
     }
@@ -110,12 +108,12 @@ impl PasswordFile {
 
 /// 128 random bits (or however many `PASSWORD_BYTES` says), hex-encoded: safe in URLs, YAML, SQL
 /// literals and libpq's password file.
-pub(crate) fn random_password() -> anyhow::Result<String> {
+pub(crate) fn random_password() -> anyhow::Result<SecretString> {
     let mut bytes = [0u8; PASSWORD_BYTES];
     File::open("/dev/urandom")
         .and_then(|mut random| random.read_exact(&mut bytes))
         .context("cannot read /dev/urandom")?;
-    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect::<String>().into())
 }
 
 #[cfg(test)]
@@ -129,14 +127,18 @@ mod tests {
         let (one, two) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let first = Credentials::create(one.path()).unwrap();
         let second = Credentials::create(two.path()).unwrap();
-        assert_ne!(first.admin, second.admin);
-        assert_ne!(first.admin, first.app);
-        assert_eq!(first.admin.len(), 2 * PASSWORD_BYTES);
+        let admin = first.admin.expose_secret();
+        assert_ne!(admin, second.admin.expose_secret());
+        assert_ne!(admin, first.app.expose_secret());
+        assert_eq!(admin.len(), 2 * PASSWORD_BYTES);
         let mode = fs::metadata(path(one.path())).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         let again = Credentials::read(one.path()).unwrap();
-        assert_eq!((again.admin, again.app), (first.admin.clone(), first.app.clone()));
-        assert!(!format!("{first:?}").contains(&first.admin));
+        assert_eq!(
+            (again.admin.expose_secret(), again.app.expose_secret()),
+            (admin, first.app.expose_secret())
+        );
+        assert!(!format!("{first:?}").contains(admin));
     }
 
     #[test]

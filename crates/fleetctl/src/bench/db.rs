@@ -2,28 +2,22 @@
 //! same installation as the server. The connection goes in `PG*` environment variables taken from the
 //! database URL, so the password is never on a command line, in an error or in the output.
 
-use std::fmt;
 use std::process::{Command, Output, Stdio};
 
 use anyhow::{bail, Context};
 use fleet_local::postgres_bin;
+use secrecy::{ExposeSecret, SecretString};
 
 use super::requests::KEY_PREFIX;
 
 /// Where and as whom to connect (from `postgres://user:password@host:port/database`).
-#[derive(Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Db {
     pub user: String,
-    password: String,
+    password: SecretString,
     pub host: String,
     pub port: u16,
     pub database: String,
-}
-
-impl fmt::Debug for Db {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Db(postgres://{}:<redacted>@{}:{}/{})", self.user, self.host, self.port, self.database)
-    }
 }
 
 impl Db {
@@ -39,7 +33,7 @@ impl Db {
         let (host, port) = address.rsplit_once(':').unwrap_or((address, "5432"));
         Ok(Db {
             user: user.to_owned(),
-            password: password.to_owned(),
+            password: password.into(),
             host: host.to_owned(),
             port: port.parse().context("the database URL's port is not a number")?,
             database: database.split('?').next().unwrap_or(database).to_owned(),
@@ -52,7 +46,7 @@ impl Db {
         cmd.env("PGHOST", &self.host)
             .env("PGPORT", self.port.to_string())
             .env("PGUSER", &self.user)
-            .env("PGPASSWORD", &self.password)
+            .env("PGPASSWORD", self.password.expose_secret())
             .env("PGDATABASE", &self.database)
             .env("PGCONNECT_TIMEOUT", "10")
             .stdin(Stdio::null());
@@ -123,7 +117,7 @@ mod tests {
             (db.user.as_str(), db.host.as_str(), db.port, db.database.as_str()),
             ("appuser", "127.0.0.1", 54321, "appdb")
         );
-        assert_eq!(db.password, "s3cret");
+        assert_eq!(db.password.expose_secret(), "s3cret");
         assert!(!format!("{db:?}").contains("s3cret"));
     }
 }
