@@ -166,6 +166,22 @@ fn a_killed_node_a_restarted_and_a_paused_database_lose_and_double_no_acknowledg
 }
 
 #[test]
+fn a_database_that_dies_is_reported_among_the_exited_components() {
+    let mut fleet = start_fleet(1, 2, &[]);
+    assert!(fleet.exited_components().is_empty(), "{:?}", fleet.exited_components());
+    let postmaster = fleet.postgres().unwrap().pid().expect("PostgreSQL runs");
+    let postmaster = nix::unistd::Pid::from_raw(i32::try_from(postmaster).unwrap());
+    nix::sys::signal::kill(postmaster, nix::sys::signal::Signal::SIGKILL).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fleet.exited_components().is_empty() {
+        assert!(Instant::now() < deadline, "the killed postmaster was never reported");
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(fleet.exited_components(), ["postgres"], "only the database is down");
+    fleet.stop().expect("a fleet whose database died still stops");
+}
+
+#[test]
 fn plain_clients_on_the_coalesced_path_through_faults_are_told_the_truth() {
     // No idempotency key and no retry, as most clients: every increment is coalesced, so this is the
     // default path under the same faults. Every 200 must be in the database, and the database may hold
