@@ -70,7 +70,10 @@ enum Probe {
 
 impl fmt::Display for Probe {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{self:?}")
+        match self {
+            Probe::Fields(fields) => write!(f, "fields {fields:?}"),
+            Probe::Other(message) => f.write_str(message),
+        }
     }
 }
 
