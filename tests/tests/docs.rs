@@ -118,10 +118,15 @@ fn config_variables() -> BTreeSet<String> {
 }
 
 /// Variables the node's libraries read, with the default the node gives each (`None`: unset), and the
-/// line of `crates/fleet-app/src/telemetry.rs` that shows it.
+/// code of `crates/fleet-app/src/telemetry.rs` that hands them to the library.
 const LIBRARY_VARIABLES: &[(&str, Option<&str>, &str)] = &[
-    ("RUST_LOG", Some("info"), r#"EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"))"#),
-    ("NO_COLOR", None, "tracing_subscriber"),
+    (
+        "RUST_LOG",
+        Some("info"),
+        r#"EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"))"#,
+    ),
+    // tracing-subscriber's `fmt()` writes no colour codes while `NO_COLOR` is set.
+    ("NO_COLOR", None, "tracing_subscriber::fmt()"),
 ];
 
 /// The node's configuration read from exactly `vars`.
@@ -204,7 +209,8 @@ fn every_documented_default_and_unit_is_the_real_one() {
                 .unwrap_or_else(|| panic!("{name}: a default that refers to {other} is not resolved here"));
             assert_eq!(real, value - minus, "{name}'s default, documented as {default}");
         } else {
-            let value = spans.first().unwrap_or_else(|| panic!("{name}'s default is not `a value`: {default}"));
+            let value =
+                spans.first().unwrap_or_else(|| panic!("{name}'s default is not `a value`: {default}"));
             let set = format!("{:?}", config(&[(name, value)]));
             assert_eq!(set, base, "{name}={value} is not the default (documented as {default})");
         }
@@ -334,7 +340,8 @@ fn named_paths(page: &str, text: &str, top: &BTreeSet<String>) -> BTreeSet<Strin
             paths.insert(normalize(&format!("{dir}/{target}")));
         }
     }
-    let separators = |c: char| c.is_whitespace() || matches!(c, '`' | '(' | ')' | '[' | ']' | '"' | '\'' | '=');
+    let separators =
+        |c: char| c.is_whitespace() || matches!(c, '`' | '(' | ')' | '[' | ']' | '"' | '\'' | '=');
     for word in text.split(separators) {
         let word = word.split('#').next().unwrap_or("");
         let word = word.trim_end_matches(|c| matches!(c, '.' | ',' | ';' | ':' | '\'' | '’'));
@@ -502,7 +509,10 @@ fn the_readmes_results_table_holds_the_figures_of_bench_latest() {
         let ceiling = &results["ceilings"][ceiling_name];
         let (cell, ratio) = (&row["database alone"], &row["ratio"]);
         if ceiling.is_null() {
-            assert!(!cell.contains(char::is_numeric), "{workload}: bench/latest has no ceiling, README {cell}");
+            assert!(
+                !cell.contains(char::is_numeric),
+                "{workload}: bench/latest has no ceiling, README {cell}"
+            );
             continue;
         }
         let ceiling = ceiling["tps"].as_f64().or(ceiling["rows_per_s"].as_f64()).expect("a ceiling");
