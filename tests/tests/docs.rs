@@ -255,7 +255,7 @@ fn fleetctl_lines(text: &str) -> Vec<Vec<String>> {
                 .iter()
                 .take_while(|w| !w.starts_with('#') && !["|", ";", "&&", "||", ">"].contains(w))
                 .take_while(|w| !w.ends_with("fleetctl") && **w != "scripts/up")
-                .map(|w| w.trim_matches(|c| matches!(c, '[' | ']' | '(' | ')' | ',' | '`')).to_owned());
+                .map(|w| w.trim_matches(['[', ']', '(', ')', ',', '`']).to_owned());
             commands.push(start.into_iter().chain(rest).collect());
         }
     }
@@ -344,7 +344,7 @@ fn named_paths(page: &str, text: &str, top: &BTreeSet<String>) -> BTreeSet<Strin
         |c: char| c.is_whitespace() || matches!(c, '`' | '(' | ')' | '[' | ']' | '"' | '\'' | '=');
     for word in text.split(separators) {
         let word = word.split('#').next().unwrap_or("");
-        let word = word.trim_end_matches(|c| matches!(c, '.' | ',' | ';' | ':' | '\'' | '’'));
+        let word = word.trim_end_matches(['.', ',', ';', ':', '\'', '’']);
         let word = word.strip_suffix("'s").unwrap_or(word);
         let first = word.split('/').next().unwrap_or("");
         if word.contains('/')
