@@ -84,7 +84,7 @@ pub const TRUSTED_PROXIES_FILE: &str = "trusted-proxies.conf";
 /// The errors nginx answers itself (a body too large, a node down or too slow, a request nginx cannot
 /// parse), each in the API's error shape: status, `code`, message. A node's own errors pass through
 /// untouched (no `proxy_intercept_errors`).
-const NGINX_ERRORS: &[(u16, &str, &str)] = &[
+pub const NGINX_ERRORS: &[(u16, &str, &str)] = &[
     (400, "invalid_request", "the request is malformed"),
     // A lab or operator endpoint, asked from outside the operator's networks (see OPERATOR_NETWORKS).
     (403, "forbidden", "this endpoint is served only to the networks of the operator"),

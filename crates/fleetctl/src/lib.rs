@@ -16,9 +16,10 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+/// The whole command line: every subcommand and option (`clap::CommandFactory` lists them).
 #[derive(Debug, Parser)]
 #[command(version, about = "Run, inspect and stop a local pgfleet: PostgreSQL, N nodes, nginx, Prometheus")]
-struct Cli {
+pub struct Cli {
     #[command(subcommand)]
     command: Command,
 }
