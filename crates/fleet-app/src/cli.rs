@@ -15,7 +15,7 @@ const USAGE: &str = "usage: fleet-app [serve|migrate|healthcheck]
   serve        run the node (default)
   migrate      apply pending schema migrations and exit
   healthcheck  exit 0 if the node on 127.0.0.1:$PORT is ready (for container HEALTHCHECKs)
-Configuration comes from the environment; see the README.";
+Configuration comes from the environment; see docs/configuration.md.";
 
 /// Runs the command named by the first argument; errors are printed, and the exit code is non-zero.
 pub fn main() -> ExitCode {
