@@ -1,10 +1,10 @@
 //! `fleetctl` as a user runs it, across restarts: `top` shows who waits on whom, the database outlives
-//! `fleetctl up` and `--fresh` starts over.
+//! `fleetctl up` and `--fresh` starts over; `--database-url` runs the fleet on a PostgreSQL of the user's.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use fleet_tests::{fleetctl, fleetctl_up, Api};
+use fleet_tests::{fleetctl, fleetctl_bin, fleetctl_up, start_postgres, Api};
 use reqwest::StatusCode;
 
 /// The application's URL with its password, from the fleet's password file and the port `up` printed,
@@ -86,4 +86,79 @@ async fn top_shows_a_nodes_lock_wait_and_its_blocker_and_the_data_outlives_fleet
     assert_ne!(std::fs::read(dir.join("postgres/pgpass")).unwrap(), pgpass);
     fleetctl(&dir, &["down"]);
     drop(up);
+}
+
+/// A password that shows only where it is given.
+const THEIR_PASSWORD: &str = "Tr0ub4dor-their-own";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn up_with_a_database_url_runs_on_that_database_as_its_role_and_never_prints_the_password() {
+    // The user's PostgreSQL, with a role and a database of theirs.
+    let pg = start_postgres();
+    pg.psql(&format!("CREATE ROLE shop LOGIN PASSWORD '{THEIR_PASSWORD}'")).unwrap();
+    pg.psql("CREATE DATABASE shopdb OWNER shop").unwrap();
+    let url = format!("postgres://shop:{THEIR_PASSWORD}@127.0.0.1:{}/shopdb", pg.port());
+    let temp = tempfile::tempdir().unwrap();
+    let dir = temp.path().join("fleet");
+    let (up, fleet_url) = fleetctl_up(&dir, &["--nodes", "2", "--database-url", &url]);
+    let api = Api::new(&fleet_url);
+    for value in 1..=3 {
+        assert_eq!(api.increment("theirs").await.body["value"], value);
+    }
+
+    // The increments are in their database, in tables the nodes made as their role; the private
+    // PostgreSQL's own application database was never touched.
+    let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let row = client.query_one("SELECT value FROM counters WHERE key = 'theirs'", &[]).await.unwrap();
+    assert_eq!(row.get::<_, i64>(0), 3);
+    let owner = client.query_one("SELECT tableowner::text FROM pg_tables WHERE tablename = 'counters'", &[]);
+    assert_eq!(owner.await.unwrap().get::<_, String>(0), "shop");
+    assert_eq!(pg.psql("SELECT to_regclass('counters') IS NULL").unwrap(), "t");
+
+    // status and top work on such a fleet, top connected as the URL's role.
+    let status = fleetctl(&dir, &["status"]);
+    assert!(status.lines().any(|l| l.starts_with("app-2") && l.contains("healthy")), "{status}");
+    let shown = format!("postgres://shop@127.0.0.1:{}/shopdb", pg.port());
+    let top = fleetctl(&dir, &["top", "--once"]);
+    assert!(top.contains(&format!("database {shown}")), "{top}");
+    assert!(top.lines().any(|l| l.starts_with("app-1") && l.contains("idle")), "{top}");
+
+    let logs = fleetctl(&dir, &["logs"]);
+    fleetctl(&dir, &["down"]);
+    let output = up.recent_output();
+    drop(up);
+    assert!(output.contains(&format!("database: {shown} ")), "{output}");
+    assert!(output.contains("postgres-exporter: not started"), "{output}");
+    for (what, text) in [("up", &output), ("logs", &logs), ("status", &status), ("top", &top)] {
+        assert!(!text.contains(THEIR_PASSWORD), "{what} printed the password:\n{text}");
+    }
+    // Their database outlives the fleet; the fleet's copy of the password does not.
+    assert!(!dir.join("external").exists());
+    let after = client.query_one("SELECT value FROM counters WHERE key = 'theirs'", &[]).await.unwrap();
+    assert_eq!(after.get::<_, i64>(0), 3);
+}
+
+#[test]
+fn a_database_url_is_refused_with_replicas_or_fresh_and_a_bad_one_without_being_quoted() {
+    let temp = tempfile::tempdir().unwrap();
+    let good = format!("postgres://shop:{THEIR_PASSWORD}@127.0.0.1:1/shopdb");
+    let bad = format!("postgres://shop:{THEIR_PASSWORD}@127.0.0.1:1/shopdb?password=again");
+    for (args, expected) in [
+        (vec!["--database-url", &good, "--replicas", "1"], "cannot be used with"),
+        (vec!["--database-url", &good, "--fresh"], "cannot be used with"),
+        (vec!["--database-url", &bad], "not as ?password="),
+        (vec!["--database-url", "mysql://shop@127.0.0.1/shopdb"], "must start with postgres://"),
+    ] {
+        let out = std::process::Command::new(fleetctl_bin())
+            .args(["up", "--port", "0", "--dir"])
+            .arg(temp.path().join("fleet"))
+            .args(&args)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "a usage error for {args:?}: {stderr}");
+        assert!(stderr.contains(expected) && !stderr.contains(THEIR_PASSWORD), "{args:?}: {stderr}");
+    }
+    assert!(!temp.path().join("fleet").exists(), "nothing started");
 }

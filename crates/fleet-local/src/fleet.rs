@@ -18,9 +18,11 @@ use anyhow::{ensure, Context};
 
 mod database;
 mod dir;
+mod external;
 pub use database::Database;
 use dir::fleet_dir;
 pub use dir::prepare_dir;
+pub use external::{DatabaseUrl, ExternalDatabase};
 use nix::sys::signal::{self, Signal};
 use nix::unistd::Pid;
 use tempfile::TempDir;
@@ -77,6 +79,10 @@ pub struct FleetOptions {
     /// Replicas beside the primary: 0 = one PostgreSQL; N > 0 = a Patroni cluster of N + 1 members
     /// (kept in `<dir>/patroni`), the nodes getting its write and read URLs.
     pub replicas: u32,
+    /// A PostgreSQL the user already has: the fleet starts none (`keep_database`, `durable` and
+    /// `replicas` do not apply), and no exporter (it would need a monitoring role the database may not
+    /// have). The nodes migrate it as the URL's role.
+    pub database_url: Option<DatabaseUrl>,
     /// The networks nginx admits to the lab and operator endpoints (CIDR or single addresses); others
     /// get 403. Default: [`nginx::OPERATOR_NETWORKS`].
     pub operator_networks: Vec<String>,
@@ -99,6 +105,7 @@ impl FleetOptions {
             quiet: false,
             durable: true,
             replicas: 0,
+            database_url: None,
             operator_networks: nginx::OPERATOR_NETWORKS.iter().map(|n| n.to_string()).collect(),
             trusted_proxies: Vec::new(),
         }

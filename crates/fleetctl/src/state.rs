@@ -15,9 +15,14 @@ pub struct FleetState {
     pub url: String,
     pub prometheus: Option<String>,
     pub nodes: Vec<NodeState>,
-    /// PostgreSQL's TCP port on 127.0.0.1 (a cluster's primary's when the fleet started).
-    pub database_port: u16,
-    /// The libpq password file holding the superuser's and the application's passwords.
+    /// PostgreSQL's TCP port on 127.0.0.1 (a cluster's primary's when the fleet started); none when the
+    /// fleet runs on a database it did not start.
+    pub database_port: Option<u16>,
+    /// The database the fleet did not start (`up --database-url`), without its password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database_url: Option<String>,
+    /// The libpq password file holding the superuser's and the application's passwords (or the
+    /// external database's URL's).
     pub password_file: PathBuf,
     /// The Patroni cluster's members; none when the fleet runs on one PostgreSQL.
     #[serde(default)]

@@ -1,7 +1,8 @@
 //! `fleetctl top`: the database while it works, refreshed every second (`--once`: one snapshot). Active
 //! sessions by node (`application_name` `fleet-app/<CONTAINER_ID>`) and state, every lock wait with the
 //! session blocking it and how long it has waited, and each node's pool (its `/api/pool-stats`).
-//! PostgreSQL is asked as its superuser through psql, the password coming from the fleet's password file.
+//! PostgreSQL is asked as its superuser through psql, the password coming from the fleet's password file;
+//! a database the fleet did not start (`up --database-url`), as the URL's role.
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -70,9 +71,10 @@ pub fn run(args: TopArgs) -> anyhow::Result<()> {
 
 /// The whole view as text.
 fn snapshot(state: &FleetState) -> anyhow::Result<String> {
-    let database = match state.members.is_empty() {
-        true => format!("127.0.0.1:{}", state.database_port),
-        false => format!(
+    let database = match (&state.database_url, state.database_port, state.members.is_empty()) {
+        (Some(url), _, _) => url.clone(),
+        (None, Some(port), true) => format!("127.0.0.1:{port}"),
+        _ => format!(
             "the primary of {}",
             state.members.iter().map(|m| m.name.as_str()).collect::<Vec<_>>().join(", ")
         ),
@@ -116,15 +118,22 @@ fn node_name(application: &str) -> &str {
 
 /// The rows of `sql` (fixed text: nothing from outside goes into it), columns split at tabs.
 fn query(state: &FleetState, sql: &str) -> anyhow::Result<Vec<Vec<String>>> {
-    let ports: Vec<String> = match state.members.is_empty() {
-        true => vec![state.database_port.to_string()],
-        false => state.members.iter().map(|m| m.port.to_string()).collect(),
+    let mut psql = Command::new(fleet_local::postgres_bin("psql")?);
+    psql.args(["-X", "-A", "-t", "-q", "-F", "\t", "-v", "ON_ERROR_STOP=1"]);
+    match &state.database_url {
+        Some(url) => psql.args(["-d", url]),
+        None => {
+            let ports: Vec<String> = match state.members.is_empty() {
+                true => state.database_port.iter().map(u16::to_string).collect(),
+                false => state.members.iter().map(|m| m.port.to_string()).collect(),
+            };
+            psql.args(["-U", ADMIN_USER, "-d", APP_DATABASE])
+                .env("PGHOST", vec!["127.0.0.1"; ports.len()].join(","))
+                .env("PGPORT", ports.join(","))
+        }
     };
-    let output = Command::new(fleet_local::postgres_bin("psql")?)
-        .args(["-X", "-A", "-t", "-q", "-F", "\t", "-v", "ON_ERROR_STOP=1"])
-        .args(["-U", ADMIN_USER, "-d", APP_DATABASE, "-c", sql])
-        .env("PGHOST", vec!["127.0.0.1"; ports.len()].join(","))
-        .env("PGPORT", ports.join(","))
+    let output = psql
+        .args(["-c", sql])
         // On a Patroni cluster, whichever member is the primary now.
         .env("PGTARGETSESSIONATTRS", "read-write")
         .env("PGPASSFILE", &state.password_file)

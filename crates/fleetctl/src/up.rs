@@ -2,7 +2,8 @@
 //! SIGTERM, stop it cleanly. Children's output goes to `<dir>/logs/` (`fleetctl logs`), or with
 //! `--verbose` also to stderr, each line prefixed with its component. The database is kept in
 //! `<dir>/postgres` across runs (`--fresh` starts over); with `--replicas N` it is a Patroni cluster of
-//! N + 1 members kept in `<dir>/patroni`. Meanwhile it serves the fleet's control socket, through which
+//! N + 1 members kept in `<dir>/patroni`; with `--database-url` the fleet runs on a PostgreSQL the user
+//! already has, and starts none. Meanwhile it serves the fleet's control socket, through which
 //! `fleetctl chaos` injects faults.
 
 use std::path::PathBuf;
@@ -11,8 +12,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use clap::builder::TypedValueParser;
+use clap::error::ErrorKind;
 use clap::Args;
-use fleet_local::fleet::{Database, Fleet, FleetOptions};
+use fleet_local::fleet::{Database, DatabaseUrl, Fleet, FleetOptions};
 
 use crate::chaos::control::ControlServer;
 use crate::chaos::injector::Injector;
@@ -42,6 +45,12 @@ pub struct UpArgs {
     /// Start with an empty database (the kept one is deleted).
     #[arg(long)]
     fresh: bool,
+    /// Run on a PostgreSQL you already have instead of starting one: postgres://USER:PASSWORD@HOST:PORT/DB.
+    /// The nodes create their tables in it as USER (who needs CREATE on its schema). No exporter is
+    /// started. The environment keeps the password out of `ps`, which shows every command line.
+    #[arg(long, env = "FLEET_DATABASE_URL", hide_env_values = true, value_name = "URL",
+          value_parser = DatabaseUrlParser, conflicts_with_all = ["replicas", "fresh"])]
+    database_url: Option<DatabaseUrl>,
     /// Also print every child's output, each line prefixed with its name (`[app-2] …`).
     #[arg(long)]
     verbose: bool,
@@ -62,6 +71,29 @@ pub struct UpArgs {
     /// or CIDR ranges. Default: none, so that a client cannot forge its address.
     #[arg(long, env = "FLEET_TRUSTED_PROXIES", value_delimiter = ',', value_parser = parse_network)]
     trusted_proxies: Vec<String>,
+}
+
+/// `--database-url`'s parser: its errors never quote the URL (clap's own would, password and all).
+#[derive(Debug, Clone)]
+struct DatabaseUrlParser;
+
+impl TypedValueParser for DatabaseUrlParser {
+    type Value = DatabaseUrl;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        _arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<DatabaseUrl, clap::Error> {
+        let parsed = match value.to_str() {
+            Some(url) => DatabaseUrl::parse(url),
+            None => Err("the database URL is not UTF-8".to_owned()),
+        };
+        parsed.map_err(|why| {
+            clap::Error::raw(ErrorKind::ValueValidation, format!("--database-url: {why}\n")).with_cmd(cmd)
+        })
+    }
 }
 
 /// Deletes the database kept in `dir` (after checking that `dir` is a fleet directory of ours).
@@ -88,9 +120,12 @@ fn print_summary(fleet: &Fleet, state: &FleetState, dir: &std::path::Path, contr
         true => format!("data kept in {} (--fresh starts over)", database_dir.display()),
         false => "a throwaway cluster".to_owned(),
     };
-    match state.members.is_empty() {
-        true => println!("postgres: 127.0.0.1:{}, {kept}", state.database_port),
-        false => {
+    match (state.database_port, state.members.is_empty()) {
+        (None, _) => {
+            println!("postgres: yours (--database-url); fleetctl started none and leaves it running")
+        }
+        (Some(port), true) => println!("postgres: 127.0.0.1:{port}, {kept}"),
+        (Some(_), false) => {
             println!("patroni: {} members, {kept}", state.members.len());
             for member in &state.members {
                 println!("{}: 127.0.0.1:{} (Patroni {})", member.name, member.port, member.api);
@@ -104,8 +139,13 @@ fn print_summary(fleet: &Fleet, state: &FleetState, dir: &std::path::Path, contr
     if let Some(url) = fleet.prometheus_url() {
         println!("prometheus: {url}");
     }
-    if let Some(url) = fleet.exporter_url() {
-        println!("postgres-exporter: {url}/metrics");
+    match fleet.exporter_url() {
+        Some(url) => println!("postgres-exporter: {url}/metrics"),
+        None if state.database_port.is_none() && state.prometheus.is_some() => println!(
+            "postgres-exporter: not started (it would need a role with pg_monitor in your database; \
+             Prometheus scrapes the nodes only)"
+        ),
+        None => {}
     }
     println!(
         "logs: {} (fleetctl logs [NODE] [--follow] --dir {})",
@@ -122,11 +162,12 @@ fn print_summary(fleet: &Fleet, state: &FleetState, dir: &std::path::Path, contr
     );
 }
 
-/// The single PostgreSQL's port, or the primary's when the fleet starts.
-fn database_port(fleet: &Fleet) -> anyhow::Result<u16> {
+/// The single PostgreSQL's port, or the primary's when the fleet starts; none for an external database.
+fn database_port(fleet: &Fleet) -> anyhow::Result<Option<u16>> {
     match fleet.database() {
-        Database::Single(pg) => Ok(pg.port()),
-        Database::Cluster(cluster) => cluster.port(&cluster.leader()?),
+        Database::Single(pg) => Ok(Some(pg.port())),
+        Database::Cluster(cluster) => cluster.port(&cluster.leader()?).map(Some),
+        Database::External(_) => Ok(None),
     }
 }
 
@@ -184,9 +225,12 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     if args.fresh {
         forget_database(&args.dir)?;
     }
-    match args.replicas {
-        0 => eprintln!("starting {} nodes × pool {} …", args.nodes, args.pool_size),
-        n => eprintln!(
+    match (&args.database_url, args.replicas) {
+        (Some(url), _) => {
+            eprintln!("starting {} nodes × pool {} on {} …", args.nodes, args.pool_size, url.display_url())
+        }
+        (None, 0) => eprintln!("starting {} nodes × pool {} …", args.nodes, args.pool_size),
+        (None, n) => eprintln!(
             "starting a Patroni cluster of {} members, then {} nodes × pool {} …",
             n + 1,
             args.nodes,
@@ -197,6 +241,7 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
     opts.nodes = args.nodes;
     opts.pool_size = args.pool_size;
     opts.replicas = args.replicas;
+    opts.database_url = args.database_url;
     opts.port = args.port;
     opts.dir = Some(args.dir.clone());
     opts.keep_database = true;
@@ -221,6 +266,10 @@ pub fn run(args: UpArgs) -> anyhow::Result<()> {
             .map(|n| NodeState { name: n.container_id().to_owned(), url: n.url(), pid: n.pid() })
             .collect(),
         database_port: database_port(&fleet)?,
+        database_url: match fleet.database() {
+            Database::External(_) => Some(fleet.database_display_url()),
+            _ => None,
+        },
         password_file: fleet.password_file(),
         members: members(&fleet)?,
     };

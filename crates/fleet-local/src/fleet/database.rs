@@ -1,10 +1,12 @@
-//! A fleet's database, chosen here from its options: one PostgreSQL, or a Patroni cluster (a primary and
-//! N replicas) whose write and read URLs the nodes get as `DATABASE_URL` and `DATABASE_READ_URL`.
+//! A fleet's database, chosen here from its options: one PostgreSQL, a Patroni cluster (a primary and N
+//! replicas) whose write and read URLs the nodes get as `DATABASE_URL` and `DATABASE_READ_URL`, or a
+//! PostgreSQL the user already has (see [`ExternalDatabase`]).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::bail;
 
+use super::external::ExternalDatabase;
 use super::{FleetOptions, LOGS, MAX_CONNECTIONS};
 use crate::postgres::{check_reachable, postgres_user};
 use crate::{Component, PatroniCluster, PatroniOptions, Postgres, PostgresOptions, DEADLOCK_TIMEOUT};
@@ -14,17 +16,26 @@ use crate::{Component, PatroniCluster, PatroniOptions, Postgres, PostgresOptions
 pub enum Database {
     Single(Postgres),
     Cluster(PatroniCluster),
+    /// Not started by the fleet, nor stopped by it.
+    External(ExternalDatabase),
 }
 
+/// What a fault that needs the fleet's own database says about an external one.
+const NOT_OURS: &str =
+    "this fleet runs on a database it did not start (`fleetctl up --database-url`): it does not restart, pause or fail it over";
+
 impl Database {
-    /// Starts the fleet's database: one PostgreSQL, or a Patroni cluster when there are replicas. It is
-    /// kept in `<dir>/postgres` (or `<dir>/patroni`) if the options ask and the `postgres` user can reach
+    /// Starts the fleet's database: one PostgreSQL, or a Patroni cluster when there are replicas (or
+    /// none: the user's, when the options name one). It is kept in `<dir>/postgres` (or `<dir>/patroni`) if the options ask and the `postgres` user can reach
     /// it; otherwise it is a throwaway one, and a warning says why.
     pub(super) fn start(
         opts: &FleetOptions,
         dir: &Path,
         warnings: &mut Vec<String>,
     ) -> anyhow::Result<Database> {
+        if let Some(url) = &opts.database_url {
+            return Ok(Database::External(ExternalDatabase::open(url.clone(), dir)?));
+        }
         let kept_dir = dir.join(if opts.replicas > 0 { "patroni" } else { "postgres" });
         let keep_database = opts.keep_database && opts.dir.is_some();
         let database_dir = match (keep_database, postgres_user()?) {
@@ -65,6 +76,7 @@ impl Database {
         match self {
             Database::Single(pg) => pg.url(),
             Database::Cluster(cluster) => cluster.url(),
+            Database::External(external) => external.url().expose().to_owned(),
         }
     }
 
@@ -72,7 +84,7 @@ impl Database {
     /// for a single server.
     pub fn read_url(&self) -> Option<String> {
         match self {
-            Database::Single(_) => None,
+            Database::Single(_) | Database::External(_) => None,
             Database::Cluster(cluster) => Some(cluster.read_url()),
         }
     }
@@ -82,22 +94,26 @@ impl Database {
         match self {
             Database::Single(pg) => pg.display_url(),
             Database::Cluster(cluster) => cluster.display_url(),
+            Database::External(external) => external.url().display_url(),
         }
     }
 
-    /// Where the data is.
+    /// Where the data is (an external database's: where its password file is).
     pub fn dir(&self) -> &Path {
         match self {
             Database::Single(pg) => pg.dir(),
             Database::Cluster(cluster) => cluster.dir(),
+            Database::External(external) => external.dir(),
         }
     }
 
-    /// The libpq password file with the superuser's and the application's passwords.
+    /// The libpq password file with the superuser's and the application's passwords (an external
+    /// database's: its URL's password).
     pub fn password_file(&self) -> PathBuf {
         match self {
             Database::Single(pg) => pg.password_file(),
             Database::Cluster(cluster) => cluster.password_file(),
+            Database::External(external) => external.password_file(),
         }
     }
 
@@ -108,6 +124,7 @@ impl Database {
             Database::Cluster(_) => {
                 bail!("this fleet runs on a Patroni cluster, not one PostgreSQL (`fleetctl chaos --help` names the faults for a cluster)")
             }
+            Database::External(_) => bail!(NOT_OURS),
         }
     }
 
@@ -118,15 +135,18 @@ impl Database {
             Database::Single(_) => {
                 bail!("this fleet runs on one PostgreSQL (`fleetctl up --replicas N` starts a cluster)")
             }
+            Database::External(_) => bail!(NOT_OURS),
         }
     }
 
     /// The database as one of the fleet's components: stopped by PostgreSQL's fast shutdown, or member by
-    /// member (Patroni and its postmaster), then etcd.
+    /// member (Patroni and its postmaster), then etcd; an external one has no process and is left
+    /// running.
     pub fn component(&mut self) -> &mut dyn Component {
         match self {
             Database::Single(pg) => pg,
             Database::Cluster(cluster) => cluster,
+            Database::External(external) => external,
         }
     }
 }
