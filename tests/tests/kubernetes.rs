@@ -1,4 +1,5 @@
-//! `deploy/k8s`, validated offline (no cluster runs here): every overlay built with `kubectl kustomize`,
+//! `deploy/k8s`, validated offline (no cluster runs here): every overlay built with `kubectl kustomize`
+//! (the pinned kubectl `scripts/python-tools` installs),
 //! its built-in kinds checked by `kubernetes-validate --strict` for the Kubernetes version the README
 //! names, its CloudNativePG and Prometheus Operator resources against their CRDs' `openAPIV3Schema` with
 //! unknown fields rejected, and the manifests cross-checked against the node's code: probe paths, port,
@@ -112,9 +113,9 @@ fn every_custom_resource_matches_its_crd_schema_with_unknown_fields_rejected() {
 /// `kubectl kustomize deploy/k8s/overlays/<overlay>`, as resources.
 fn build(overlay: &str) -> Vec<Value> {
     let dir = repo().join("deploy/k8s/overlays").join(overlay);
-    let output = Command::new("kubectl").arg("kustomize").arg(&dir).output().unwrap_or_else(|e| {
-        panic!("cannot run kubectl ({e}): install kubectl, whose `kubectl kustomize` builds deploy/k8s")
-    });
+    let kubectl = repo().join("target/pytools/bin/kubectl");
+    assert!(kubectl.is_file(), "{} is missing: install it with `scripts/python-tools`", kubectl.display());
+    let output = Command::new(kubectl).arg("kustomize").arg(&dir).output().expect("kubectl runs");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(output.status.success(), "kubectl kustomize {} failed: {stderr}", dir.display());
     let text = String::from_utf8(output.stdout).expect("UTF-8 manifests");
@@ -148,9 +149,9 @@ fn is_custom(resource: &Value) -> bool {
     CRD_GROUPS.iter().any(|group| str_at(resource, "/apiVersion").starts_with(&format!("{group}/")))
 }
 
-/// The schema of every `apiVersion`/`kind` the CRDs in `../shared/schemas` define, made strict.
+/// The schema of every `apiVersion`/`kind` the CRDs in `tests/fixtures/crds` define, made strict.
 fn crd_schemas() -> BTreeMap<(String, String), jsonschema::Validator> {
-    let dir = crd_dir();
+    let dir = repo().join("tests/fixtures/crds");
     let mut schemas = BTreeMap::new();
     for entry in fs::read_dir(&dir).unwrap() {
         let path = entry.unwrap().path();
@@ -168,7 +169,10 @@ fn crd_schemas() -> BTreeMap<(String, String), jsonschema::Validator> {
             schemas.insert((api_version, str_at(&crd, "/spec/names/kind").to_owned()), validator);
         }
     }
-    assert!(schemas.len() >= 4, "{}: {:?}", dir.display(), schemas.keys());
+    for kind in [("postgresql.cnpg.io/v1", "Cluster"), ("monitoring.coreos.com/v1", "PodMonitor")] {
+        let key = (kind.0.to_owned(), kind.1.to_owned());
+        assert!(schemas.contains_key(&key), "{}: no {key:?} in {:?}", dir.display(), schemas.keys());
+    }
     schemas
 }
 
@@ -655,28 +659,6 @@ fn find<'a>(resources: &'a [Value], kind: &str, name: &str) -> &'a Value {
 /// The string at `pointer` ("" when absent or not a string).
 fn str_at<'a>(value: &'a Value, pointer: &str) -> &'a str {
     value.pointer(pointer).and_then(Value::as_str).unwrap_or_default()
-}
-
-/// Where the operators' CRDs are: `FLEET_CRD_SCHEMAS`, else `shared/schemas` beside the repository, or
-/// beside the repository it was cloned from (a fresh clone elsewhere, as CI makes, has no sibling).
-fn crd_dir() -> PathBuf {
-    let mut tried = Vec::new();
-    if let Some(dir) = std::env::var_os("FLEET_CRD_SCHEMAS") {
-        tried.push(PathBuf::from(dir));
-    }
-    let beside = |repo: &Path| repo.parent().map(|parent| parent.join("shared/schemas"));
-    tried.extend(beside(&repo()));
-    let origin = Command::new("git").args(["remote", "get-url", "origin"]).current_dir(repo()).output();
-    if let Some(out) = origin.ok().filter(|out| out.status.success()) {
-        let origin = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-        tried.extend(beside(&origin.canonicalize().unwrap_or(origin)));
-    }
-    let found = tried.iter().find(|dir| dir.is_dir());
-    found.cloned().unwrap_or_else(|| {
-        panic!(
-            "the CRD schemas are in none of {tried:?}: set FLEET_CRD_SCHEMAS to the directory holding them"
-        )
-    })
 }
 
 fn repo() -> PathBuf {
