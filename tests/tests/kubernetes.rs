@@ -1,7 +1,7 @@
 //! `deploy/k8s`, validated offline (no cluster runs here): every overlay built with `kubectl kustomize`
-//! (the pinned kubectl `scripts/python-tools` installs),
-//! its built-in kinds checked by `kubernetes-validate --strict` for the Kubernetes version the README
-//! names, its CloudNativePG and Prometheus Operator resources against their CRDs' `openAPIV3Schema` with
+//! (the pinned kubectl `scripts/python-tools` installs), its built-in kinds checked by
+//! `kubernetes-validate --strict` for the Kubernetes version docs/kubernetes.md names, its CloudNativePG
+//! and Prometheus Operator resources against their CRDs' `openAPIV3Schema` (`tests/fixtures/crds`) with
 //! unknown fields rejected, and the manifests cross-checked against the node's code: probe paths, port,
 //! environment names, pool arithmetic, drain and grace.
 
@@ -17,7 +17,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use tokio_postgres::config::Host;
 
-/// The Kubernetes version the manifests target (README, "Kubernetes").
+/// The Kubernetes version the manifests target (docs/kubernetes.md).
 const KUBERNETES_VERSION: &str = "1.34";
 const OVERLAYS: [&str; 2] = ["dev", "prod"];
 /// API groups whose kinds come from the operators' CRDs, not from Kubernetes itself.
@@ -612,11 +612,11 @@ fn peers(rules: &Value, port: Option<u64>) -> Vec<Value> {
 }
 
 #[test]
-fn the_readme_names_the_kubernetes_version_the_manifests_are_validated_for() {
-    let readme = read("README.md");
+fn the_kubernetes_page_names_the_kubernetes_version_the_manifests_are_validated_for() {
+    let page = read("docs/kubernetes.md");
     assert!(
-        readme.contains(&format!("Kubernetes {KUBERNETES_VERSION}")),
-        "README names Kubernetes {KUBERNETES_VERSION}"
+        page.contains(&format!("Kubernetes {KUBERNETES_VERSION}")),
+        "docs/kubernetes.md names Kubernetes {KUBERNETES_VERSION}"
     );
 }
 
