@@ -1,6 +1,7 @@
 //! What the tests of the high-availability fleet share: a Patroni cluster, nodes on it, and how to read
 //! who served a reply and the write's token.
 
+use fleet_app::routes::{LSN, MIN_LSN, SERVED_BY};
 use fleet_local::{Node, NodeOptions, PatroniCluster, PatroniOptions};
 
 use crate::{node_bin, test_log, Api, Reply};
@@ -59,7 +60,7 @@ pub fn member_read_url(cluster: &PatroniCluster, member: &str) -> String {
 
 /// Who served `reply` (its `X-Fleet-Served-By`), with a replica's `address:port` turned into its member.
 pub fn served_by(cluster: &PatroniCluster, reply: &Reply) -> Option<String> {
-    let header = reply.headers.get("x-fleet-served-by")?.to_str().unwrap().to_owned();
+    let header = reply.headers.get(SERVED_BY)?.to_str().unwrap().to_owned();
     let Some(address) = header.strip_prefix("replica:") else { return Some(header) };
     let member = cluster
         .member_names()
@@ -70,13 +71,12 @@ pub fn served_by(cluster: &PatroniCluster, reply: &Reply) -> Option<String> {
 
 /// `GET /api/counters/{key}`, with `X-Fleet-Min-Lsn: min_lsn` when given.
 pub async fn read_counter(api: &Api, key: &str, min_lsn: Option<&str>) -> Reply {
-    let headers: Vec<(&str, &str)> = min_lsn.map(|lsn| ("X-Fleet-Min-Lsn", lsn)).into_iter().collect();
+    let headers: Vec<(&str, &str)> = min_lsn.map(|lsn| (MIN_LSN, lsn)).into_iter().collect();
     api.get_with(&format!("/api/counters/{key}"), &headers).await
 }
 
 /// The `X-Fleet-Lsn` of a write's reply.
 pub fn lsn(reply: &Reply) -> String {
-    let lsn =
-        reply.headers.get("x-fleet-lsn").unwrap_or_else(|| panic!("a write without X-Fleet-Lsn: {reply:?}"));
+    let lsn = reply.headers.get(LSN).unwrap_or_else(|| panic!("a write without X-Fleet-Lsn: {reply:?}"));
     lsn.to_str().unwrap().to_owned()
 }
