@@ -2,9 +2,9 @@
 //! who served a reply and the write's token.
 
 use fleet_app::routes::{LSN, MIN_LSN, SERVED_BY};
-use fleet_local::{Node, NodeOptions, PatroniCluster, PatroniOptions};
+use fleet_local::{Node, PatroniCluster, PatroniOptions};
 
-use crate::{node_bin, test_log, Api, Reply};
+use crate::{node_options_on, test_log, Api, Reply};
 
 /// A 3-member Patroni cluster (one leader, a synchronous standby, an asynchronous replica).
 pub fn start_cluster() -> PatroniCluster {
@@ -35,19 +35,9 @@ pub async fn query_async(url: &str, sql: &str) -> Result<Vec<String>, tokio_post
 
 /// A node on `cluster`: writes through its read-write URL, reads through `read_url`, `env` last.
 pub fn node_on(cluster: &PatroniCluster, read_url: &str, env: &[(&str, &str)]) -> Node {
-    let mut all = vec![("DATABASE_READ_URL".to_owned(), read_url.to_owned())];
-    all.extend(env.iter().map(|(k, v)| (k.to_string(), v.to_string())));
-    Node::spawn(NodeOptions {
-        bin: node_bin(),
-        container_id: "app-1".to_owned(),
-        database_url: cluster.url(),
-        pool_size: 5,
-        port: 0,
-        env: all,
-        quiet: !test_log(),
-        log_file: None,
-    })
-    .expect("start a node on the cluster")
+    let all: Vec<(&str, &str)> =
+        [("DATABASE_READ_URL", read_url)].into_iter().chain(env.iter().copied()).collect();
+    Node::spawn(node_options_on(cluster.url(), "app-1", &all)).expect("start a node on the cluster")
 }
 
 /// `cluster`'s read URL narrowed to one member: `postgres://u:p@<that host>/db?…`.
