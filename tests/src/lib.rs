@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub mod cluster;
 pub mod commands;
 pub mod compose;
 pub mod ha;
@@ -13,6 +14,7 @@ pub mod load;
 pub mod processes;
 pub mod proxy;
 
+pub use cluster::TestPostgres;
 pub use commands::{fleetctl, fleetctl_bin, fleetctl_output, fleetctl_up};
 
 use anyhow::Context;
@@ -91,9 +93,9 @@ pub fn test_log() -> bool {
     std::env::var_os("TEST_LOG").is_some_and(|v| !v.is_empty() && v != "0")
 }
 
-/// A private PostgreSQL for one test; removed when dropped.
-pub fn start_postgres() -> Postgres {
-    Postgres::start(PostgresOptions::default()).expect("start a private PostgreSQL")
+/// A private PostgreSQL for one test, copied from a template (see [`cluster`]); removed when dropped.
+pub fn start_postgres() -> TestPostgres {
+    TestPostgres::start(PostgresOptions::default()).expect("start a private PostgreSQL")
 }
 
 /// Options for a node called `id` on `pg`, with extra environment `env`.
@@ -243,7 +245,7 @@ pub fn sample_value(text: &str, sample: &str) -> f64 {
 #[derive(Debug)]
 pub struct TestApp {
     pub node: Node,
-    pub pg: Postgres,
+    pub pg: TestPostgres,
     pub api: Api,
 }
 
