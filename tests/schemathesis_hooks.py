@@ -1,4 +1,4 @@
-"""Schemathesis hooks for tests/tests/openapi.rs (loaded through SCHEMATHESIS_HOOKS).
+"""Schemathesis hooks for tests/tests/node/openapi.rs (loaded through SCHEMATHESIS_HOOKS).
 
 What the OpenAPI document says in words but JSON Schema cannot: a transfer's `from` and `to` must be
 different counters, and the node answers 400 when they are not. Only that refusal of a generated

@@ -1,9 +1,10 @@
 //! What the tests of the high-availability fleet share: a Patroni cluster, nodes on it, and how to read
 //! who served a reply and the write's token.
 
-use fleet_local::{Node, NodeOptions, PatroniCluster, PatroniOptions};
+use fleet_app::routes::{LSN, MIN_LSN, SERVED_BY};
+use fleet_local::{Node, PatroniCluster, PatroniOptions};
 
-use crate::{node_bin, test_log, Api, Reply};
+use crate::{node_options_on, test_log, Api, Reply};
 
 /// A 3-member Patroni cluster (one leader, a synchronous standby, an asynchronous replica).
 pub fn start_cluster() -> PatroniCluster {
@@ -34,19 +35,9 @@ pub async fn query_async(url: &str, sql: &str) -> Result<Vec<String>, tokio_post
 
 /// A node on `cluster`: writes through its read-write URL, reads through `read_url`, `env` last.
 pub fn node_on(cluster: &PatroniCluster, read_url: &str, env: &[(&str, &str)]) -> Node {
-    let mut all = vec![("DATABASE_READ_URL".to_owned(), read_url.into())];
-    all.extend(env.iter().map(|(k, v)| (k.to_string(), (*v).into())));
-    Node::spawn(NodeOptions {
-        bin: node_bin(),
-        container_id: "app-1".to_owned(),
-        database_url: cluster.url().into(),
-        pool_size: 5,
-        port: 0,
-        env: all,
-        quiet: !test_log(),
-        log_file: None,
-    })
-    .expect("start a node on the cluster")
+    let all: Vec<(&str, &str)> =
+        [("DATABASE_READ_URL", read_url)].into_iter().chain(env.iter().copied()).collect();
+    Node::spawn(node_options_on(cluster.url(), "app-1", &all)).expect("start a node on the cluster")
 }
 
 /// `cluster`'s read URL narrowed to one member: `postgres://u:p@<that host>/db?…`.
@@ -59,7 +50,7 @@ pub fn member_read_url(cluster: &PatroniCluster, member: &str) -> String {
 
 /// Who served `reply` (its `X-Fleet-Served-By`), with a replica's `address:port` turned into its member.
 pub fn served_by(cluster: &PatroniCluster, reply: &Reply) -> Option<String> {
-    let header = reply.headers.get("x-fleet-served-by")?.to_str().unwrap().to_owned();
+    let header = reply.headers.get(SERVED_BY)?.to_str().unwrap().to_owned();
     let Some(address) = header.strip_prefix("replica:") else { return Some(header) };
     let member = cluster
         .member_names()
@@ -70,13 +61,12 @@ pub fn served_by(cluster: &PatroniCluster, reply: &Reply) -> Option<String> {
 
 /// `GET /api/counters/{key}`, with `X-Fleet-Min-Lsn: min_lsn` when given.
 pub async fn read_counter(api: &Api, key: &str, min_lsn: Option<&str>) -> Reply {
-    let headers: Vec<(&str, &str)> = min_lsn.map(|lsn| ("X-Fleet-Min-Lsn", lsn)).into_iter().collect();
+    let headers: Vec<(&str, &str)> = min_lsn.map(|lsn| (MIN_LSN, lsn)).into_iter().collect();
     api.get_with(&format!("/api/counters/{key}"), &headers).await
 }
 
 /// The `X-Fleet-Lsn` of a write's reply.
 pub fn lsn(reply: &Reply) -> String {
-    let lsn =
-        reply.headers.get("x-fleet-lsn").unwrap_or_else(|| panic!("a write without X-Fleet-Lsn: {reply:?}"));
+    let lsn = reply.headers.get(LSN).unwrap_or_else(|| panic!("a write without X-Fleet-Lsn: {reply:?}"));
     lsn.to_str().unwrap().to_owned()
 }

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use fleet_app::routes::{IDEMPOTENCY_KEY, LSN, MIN_LSN, SERVED_BY};
 use reqwest::StatusCode;
 use serde_json::json;
 
@@ -97,8 +98,7 @@ impl History {
         give_up: Duration,
     ) -> Answer {
         let start = self.now();
-        let headers: Vec<(&str, &str)> =
-            idempotency_key.map(|k| ("Idempotency-Key", k)).into_iter().collect();
+        let headers: Vec<(&str, &str)> = idempotency_key.map(|k| (IDEMPOTENCY_KEY, k)).into_iter().collect();
         let body = json!({ "key": key });
         let answer = loop {
             let request = api.http.post(format!("{}/api/increment", api.url)).body(body.to_string());
@@ -119,7 +119,7 @@ impl History {
         let start = self.now();
         let request = api.http.get(format!("{}/api/counters/{key}", api.url));
         let request = match token {
-            Some((token, _)) => request.header("X-Fleet-Min-Lsn", token),
+            Some((token, _)) => request.header(MIN_LSN, token),
             None => request,
         };
         let answer = answer(request.send().await, false).await;
@@ -151,7 +151,7 @@ async fn answer(response: reqwest::Result<reqwest::Response>, write: bool) -> An
     };
     let status = response.status();
     let header = |name: &str| response.headers().get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
-    let (served_by, token) = (header("x-fleet-served-by"), header("x-fleet-lsn"));
+    let (served_by, token) = (header(SERVED_BY), header(LSN));
     let body: serde_json::Value = response.json().await.unwrap_or_default();
     let code = body["code"].as_str().unwrap_or_default().to_owned();
     let outcome = match status {

@@ -4,12 +4,18 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+pub mod cluster;
+pub mod commands;
 pub mod compose;
 pub mod ha;
 pub mod history;
 pub mod isolation;
 pub mod load;
+pub mod processes;
 pub mod proxy;
+
+pub use cluster::TestPostgres;
+pub use commands::{fleetctl, fleetctl_bin, fleetctl_output, fleetctl_up};
 
 use anyhow::Context;
 use fleet_local::fleet::{Fleet, FleetOptions};
@@ -19,7 +25,7 @@ use serde_json::{json, Value};
 
 /// A binary of this package, built from the workspace's current source (see `src/bin/`). Cargo builds a
 /// package's binaries before its integration tests and puts them one level above the test executables.
-fn built_bin(name: &str) -> PathBuf {
+pub(crate) fn built_bin(name: &str) -> PathBuf {
     let test_exe = std::env::current_exe().expect("the test executable's path");
     let bin = test_exe.parent().and_then(|deps| deps.parent()).map(|dir| dir.join(name));
     match bin {
@@ -31,29 +37,6 @@ fn built_bin(name: &str) -> PathBuf {
 /// The node (`fleet-app`'s command line).
 pub fn node_bin() -> PathBuf {
     built_bin("fleet-node")
-}
-
-/// `fleetctl`'s command line.
-pub fn fleetctl_bin() -> PathBuf {
-    built_bin("test-fleetctl")
-}
-
-/// `fleetctl up --port 0 --dir <dir> <args>` as a child, once it has printed `fleet ready: <url>`;
-/// returns it and that URL.
-pub fn fleetctl_up(dir: &std::path::Path, args: &[&str]) -> (fleet_local::Child, String) {
-    let mut up = std::process::Command::new(fleetctl_bin());
-    up.args(["up", "--port", "0", "--dir"]).arg(dir).args(args).env("FLEET_APP_BIN", node_bin());
-    let up = fleet_local::Child::spawn("fleetctl", up, !test_log()).expect("start fleetctl up");
-    let ready = up.wait_for_line("fleet ready: http://127.0.0.1:", Duration::from_secs(90)).unwrap();
-    let url = ready.trim_start_matches("fleet ready: ").trim().to_owned();
-    (up, url)
-}
-
-/// Runs `fleetctl <args> --dir <dir>`, asserting it succeeds; returns its standard output.
-pub fn fleetctl(dir: &std::path::Path, args: &[&str]) -> String {
-    let out = std::process::Command::new(fleetctl_bin()).args(args).arg("--dir").arg(dir).output().unwrap();
-    assert!(out.status.success(), "fleetctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap()
 }
 
 /// A fleet of `nodes` nodes with pool `pool_size` behind nginx on a free port, with Prometheus.
@@ -110,17 +93,22 @@ pub fn test_log() -> bool {
     std::env::var_os("TEST_LOG").is_some_and(|v| !v.is_empty() && v != "0")
 }
 
-/// A private PostgreSQL for one test; removed when dropped.
-pub fn start_postgres() -> Postgres {
-    Postgres::start(PostgresOptions::default()).expect("start a private PostgreSQL")
+/// A private PostgreSQL for one test, copied from a template (see [`cluster`]); removed when dropped.
+pub fn start_postgres() -> TestPostgres {
+    TestPostgres::start(PostgresOptions::default()).expect("start a private PostgreSQL")
 }
 
 /// Options for a node called `id` on `pg`, with extra environment `env`.
 pub fn node_options(pg: &Postgres, id: &str, env: &[(&str, &str)]) -> NodeOptions {
+    node_options_on(pg.url(), id, env)
+}
+
+/// Options for a node called `id` on the database at `database_url`, pool 5, with extra environment `env`.
+pub fn node_options_on(database_url: String, id: &str, env: &[(&str, &str)]) -> NodeOptions {
     NodeOptions {
         bin: node_bin(),
         container_id: id.to_owned(),
-        database_url: pg.url().into(),
+        database_url: database_url.into(),
         pool_size: 5,
         port: 0,
         env: env.iter().map(|(k, v)| (k.to_string(), (*v).into())).collect(),
@@ -257,7 +245,7 @@ pub fn sample_value(text: &str, sample: &str) -> f64 {
 #[derive(Debug)]
 pub struct TestApp {
     pub node: Node,
-    pub pg: Postgres,
+    pub pg: TestPostgres,
     pub api: Api,
 }
 

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use fleet_app::routes::IDEMPOTENCY_KEY;
 use futures_util::future::join_all;
 use reqwest::StatusCode;
 use serde_json::json;
@@ -73,7 +74,7 @@ async fn load(
                 n += 1;
                 let idempotency_key = format!("{key}-{n}");
                 let headers: Vec<(&str, &str)> =
-                    careful.then_some(("Idempotency-Key", idempotency_key.as_str())).into_iter().collect();
+                    careful.then_some((IDEMPOTENCY_KEY, idempotency_key.as_str())).into_iter().collect();
                 loop {
                     let reply = api.post_with("/api/increment", &json!({"key": key}), &headers).await;
                     answered.fetch_add(1, Ordering::Relaxed);

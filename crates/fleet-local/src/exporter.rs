@@ -13,7 +13,7 @@ use crate::{exporter_bin, free_port, Child, Postgres};
 /// The fleet's queries (`--extend.query-path`): lock waits, which the defaults do not show. Also the
 /// compose file's `deploy/postgres-exporter/queries.yaml` (a golden test keeps it equal).
 pub const QUERIES: &str = r#"# PostgreSQL exporter queries beyond its defaults. The text of fleet_local::exporter::QUERIES: edit
-# that, not this file (refreshed with `UPDATE_GOLDEN=1 cargo test -p fleet-tests --test deploy`).
+# that, not this file (refreshed with `UPDATE_GOLDEN=1 cargo test -p fleet-tests --test fleet -- deploy::`).
 pg_lock_waits:
   query: |
     SELECT count(*) AS waiting,

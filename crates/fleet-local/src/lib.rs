@@ -22,7 +22,7 @@ pub use node::{Node, NodeOptions};
 pub use patroni::{MemberStatus, PatroniCluster, PatroniOptions};
 pub use postgres::{Postgres, PostgresOptions, DEADLOCK_TIMEOUT};
 pub use process::Child;
-pub use proctree::has_exited;
+pub use proctree::{descendants, has_exited};
 
 /// The lowest port a local fleet picks: above the well-known and most registered services' ports.
 const LOWEST_PORT: u16 = 10_000;

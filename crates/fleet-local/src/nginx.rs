@@ -253,7 +253,7 @@ fn error_pages(out: &mut String) {
 
 /// The start of [`site_config`]: what it is, and the map that strips `/app-N` from the raw URI.
 const SITE_HEADER: &str = r#"# The fleet behind nginx. Rendered by fleet_local::nginx::site_config: edit that, not this file
-# (the compose copy is refreshed with `UPDATE_GOLDEN=1 cargo test -p fleet-tests --test deploy`).
+# (the compose copy is refreshed with `UPDATE_GOLDEN=1 cargo test -p fleet-tests --test fleet -- deploy::`).
 
 # What a pinned route passes on: the raw request URI without its first segment (/app-N), so escapes
 # such as %2F and the query string reach the node exactly as the client sent them.

@@ -99,7 +99,7 @@ pub fn has_exited(pid: Pid) -> bool {
 }
 
 /// Every process whose chain of parents reaches `root`, `root` excluded.
-pub(crate) fn descendants(root: Pid) -> anyhow::Result<Vec<Pid>> {
+pub fn descendants(root: Pid) -> anyhow::Result<Vec<Pid>> {
     let mut children: BTreeMap<i32, Vec<i32>> = BTreeMap::new();
     for entry in fs::read_dir("/proc").context("cannot list /proc")? {
         let Some(pid) = entry?.file_name().to_str().and_then(|name| name.parse::<i32>().ok()) else {

@@ -29,6 +29,7 @@ use serde_json::Value;
 pub use access::{Access, OnPrimary, OnReplica, SERVED_BY};
 pub use body::{BodyBudget, JsonBody};
 pub use consistency::{LSN, MIN_LSN};
+pub use idempotency::HEADER as IDEMPOTENCY_KEY;
 
 use crate::config::{Config, IncrementMode};
 use crate::db::{self, Store};

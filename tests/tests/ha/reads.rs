@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use fleet_app::routes::MIN_LSN;
 use fleet_tests::ha::{lsn, member_read_url, node_on, read_counter, served_by, start_cluster};
 use fleet_tests::history::{check_staleness, run_load, History, Outcome};
 use fleet_tests::Api;
@@ -174,7 +175,7 @@ async fn a_future_token_is_refused_without_a_wait_and_starves_no_plain_read() {
         let reply = read_counter(&api, "future", Some(malformed)).await;
         assert_eq!(reply.status, StatusCode::BAD_REQUEST, "{malformed}: {:?}", reply.body);
         assert_eq!(reply.code(), "invalid_token", "{malformed}");
-        assert!(reply.body["error"].as_str().unwrap().contains("X-Fleet-Min-Lsn"), "{:?}", reply.body);
+        assert!(reply.body["error"].as_str().unwrap().contains(MIN_LSN), "{:?}", reply.body);
     }
 
     // Twenty bogus tokens at once, with plain reads alongside: none waits, none empties the read pool.

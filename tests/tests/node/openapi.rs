@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use fleet_app::routes::{routes, OPENAPI};
+use fleet_app::routes::{routes, IDEMPOTENCY_KEY, OPENAPI};
 use fleet_tests::TestApp;
 use serde_json::{json, Value};
 
@@ -252,7 +252,7 @@ fn read_har(har: &Value) -> Vec<Exchange> {
                 path: path.split('?').next().unwrap_or_default().to_owned(),
                 status: response["status"].as_u64().unwrap_or_default(),
                 content_type: header(&request["headers"], "Content-Type").unwrap_or_default(),
-                keyed: header(&request["headers"], "Idempotency-Key").is_some(),
+                keyed: header(&request["headers"], IDEMPOTENCY_KEY).is_some(),
                 replayed: header(&response["headers"], "Idempotent-Replayed").is_some(),
                 body: response["content"]["text"]
                     .as_str()

@@ -121,7 +121,7 @@ fn golden(path: &str, rendered: &str) {
         let line = line.unwrap_or(committed.lines().count().min(rendered.lines().count()));
         panic!(
             "{path} differs from its rendering from line {}:\n  committed: {:?}\n  rendered:  {:?}\n\
-             Run `UPDATE_GOLDEN=1 cargo test -p fleet-tests --test deploy` to rewrite it, then review the diff.",
+             Run `UPDATE_GOLDEN=1 cargo test -p fleet-tests --test fleet -- deploy::` to rewrite it, then review the diff.",
             line + 1,
             committed.lines().nth(line),
             rendered.lines().nth(line),

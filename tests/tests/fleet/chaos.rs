@@ -4,13 +4,12 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Output;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use fleet_local::fleet::Fleet;
-use fleet_tests::{fleetctl_bin, start_fleet, TestApp};
+use fleet_tests::{fleetctl_output, fleetctl_up, start_fleet, TestApp};
 use fleetctl::chaos::{
     verify, Failure, Increment, Outcome, RetryPolicy, Run, Verdict, Workload, WorkloadOptions,
 };
@@ -201,11 +200,6 @@ fn plain_clients_on_the_coalesced_path_through_faults_are_told_the_truth() {
     fleet.stop().unwrap();
 }
 
-/// Runs `fleetctl` with `args` and `--dir dir`.
-fn fleetctl(dir: &Path, args: &[&str]) -> Output {
-    Command::new(fleetctl_bin()).args(args).arg("--dir").arg(dir).output().unwrap()
-}
-
 fn stdout(output: &Output) -> String {
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
@@ -218,28 +212,23 @@ fn stderr(output: &Output) -> String {
 fn fleetctl_chaos_breaks_a_running_fleet_through_its_control_socket_and_chaos_run_reports_exactly_once() {
     let temp = tempfile::tempdir().unwrap();
     let dir = temp.path();
-    let mut up = Command::new(fleetctl_bin());
-    up.args(["up", "--nodes", "3", "--port", "0", "--no-prometheus", "--dir"])
-        .arg(dir)
-        .env("FLEET_APP_BIN", fleet_tests::node_bin());
-    let mut up = fleet_local::Child::spawn("fleetctl", up, !fleet_tests::test_log()).unwrap();
-    up.wait_for_line("fleet ready: http://127.0.0.1:", Duration::from_secs(90)).unwrap();
+    let (mut up, _) = fleetctl_up(dir, &["--nodes", "3", "--no-prometheus"]);
     let socket = dir.join("control.sock");
     assert!(up.wait_for_line("control: ", Duration::ZERO).unwrap().contains("control.sock"));
 
-    let killed = fleetctl(dir, &["chaos", "kill-node", "2"]);
+    let killed = fleetctl_output(dir, &["chaos", "kill-node", "2"]);
     assert!(killed.status.success(), "{}", stderr(&killed));
     assert!(stdout(&killed).contains("killed app-2"), "{}", stdout(&killed));
     up.wait_for_line("app-2 has exited", Duration::from_secs(10)).unwrap();
 
     // Bad commands: clear errors, and nothing happens.
-    let again = fleetctl(dir, &["chaos", "kill-node", "2"]);
+    let again = fleetctl_output(dir, &["chaos", "kill-node", "2"]);
     assert!(!again.status.success());
     assert!(stderr(&again).contains("app-2 is not running"), "{}", stderr(&again));
-    let missing = fleetctl(dir, &["chaos", "stop-node", "9"]);
+    let missing = fleetctl_output(dir, &["chaos", "stop-node", "9"]);
     assert!(!missing.status.success());
     assert!(stderr(&missing).contains("there is no node app-9"), "{}", stderr(&missing));
-    let negative = fleetctl(dir, &["chaos", "pause-db", "-3"]);
+    let negative = fleetctl_output(dir, &["chaos", "pause-db", "-3"]);
     assert_eq!(negative.status.code(), Some(2), "a usage error");
     let mut raw = UnixStream::connect(&socket).unwrap();
     raw.write_all(b"explode now\n").unwrap();
@@ -247,11 +236,11 @@ fn fleetctl_chaos_breaks_a_running_fleet_through_its_control_socket_and_chaos_ru
     BufReader::new(raw).read_line(&mut answer).unwrap();
     assert!(answer.starts_with("error unknown command \"explode now\""), "{answer}");
     let elsewhere = tempfile::tempdir().unwrap();
-    let nowhere = fleetctl(elsewhere.path(), &["chaos", "restart-db"]);
+    let nowhere = fleetctl_output(elsewhere.path(), &["chaos", "restart-db"]);
     assert!(!nowhere.status.success());
     assert!(stderr(&nowhere).contains("no fleet is listening"), "{}", stderr(&nowhere));
 
-    let chaos = fleetctl(dir, &["chaos", "run", "--duration", "8s", "--concurrency", "8", "--json"]);
+    let chaos = fleetctl_output(dir, &["chaos", "run", "--duration", "8s", "--concurrency", "8", "--json"]);
     assert!(chaos.status.success(), "{}", stderr(&chaos));
     let report: Value = serde_json::from_str(&stdout(&chaos)).expect("a JSON report");
     let verdict = &report["verdict"];
@@ -267,7 +256,7 @@ fn fleetctl_chaos_breaks_a_running_fleet_through_its_control_socket_and_chaos_ru
     );
     assert!(report["faults"].as_array().unwrap().iter().all(|f| f["ok"] == true), "{report:#}");
 
-    let down = fleetctl(dir, &["down"]);
+    let down = fleetctl_output(dir, &["down"]);
     assert!(down.status.success(), "{}", stderr(&down));
     assert!(!up.is_running());
     assert!(!socket.exists(), "the control socket is removed on stop");

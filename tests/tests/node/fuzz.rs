@@ -6,6 +6,7 @@
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 
+use fleet_app::routes::IDEMPOTENCY_KEY;
 use fleet_tests::TestApp;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
@@ -97,7 +98,7 @@ impl Target {
         let mut request = api.http.request(case.method.clone(), format!("{}{}", api.url, case.path));
         request = request.header(CONTENT_TYPE, "application/json").body(case.body.clone());
         if let Some(key) = &case.idempotency_key {
-            request = request.header("Idempotency-Key", key.clone());
+            request = request.header(IDEMPOTENCY_KEY, key.clone());
         }
         self.runtime.block_on(async {
             let response = request

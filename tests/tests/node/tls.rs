@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use fleet_local::{Node, Postgres, PostgresOptions};
-use fleet_tests::{node_options, Api};
+use fleet_tests::{node_options, Api, TestPostgres};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use reqwest::StatusCode;
 use serde_json::json;
@@ -56,7 +56,7 @@ fn ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
 }
 
 /// A private PostgreSQL with `ssl = on` whose `pg_hba.conf` accepts TCP connections over TLS only.
-fn tls_only_postgres(certs: &Certificates) -> Postgres {
+fn tls_only_postgres(certs: &Certificates) -> TestPostgres {
     let path = |name: &str| certs.path(name).display().to_string();
     let settings = [
         ("ssl", "on".to_owned()),
@@ -65,7 +65,7 @@ fn tls_only_postgres(certs: &Certificates) -> Postgres {
         ("hba_file", path("pg_hba.conf")),
     ];
     let extra_settings = settings.into_iter().map(|(name, value)| (name.to_owned(), value)).collect();
-    Postgres::start(PostgresOptions { extra_settings, ..PostgresOptions::default() }).unwrap()
+    TestPostgres::start(PostgresOptions { extra_settings, ..PostgresOptions::default() }).unwrap()
 }
 
 /// `pg`'s application URL with `host` for its host and `query` appended.

@@ -11,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use fleet_local::fleet::FleetOptions;
 use fleet_local::{Child, Component, PatroniCluster, PatroniOptions, Postgres, PostgresOptions};
-use fleet_tests::{fleetctl_bin, node_bin, start_fleet, test_log};
+use fleet_tests::processes::{descendants, uid};
+use fleet_tests::{fleetctl_output, node_bin, start_fleet, test_log};
 use nix::unistd::User;
 
 /// The `postgres` account, when we are root (the only case where one user can plant links for another).
@@ -96,33 +97,12 @@ fn a_patroni_config_link_planted_by_postgres_does_not_make_root_write_through_it
     assert_untouched(&target);
 }
 
-/// The real user id of process `pid`.
-fn uid(pid: u32) -> u32 {
-    let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find_map(|l| l.strip_prefix("Uid:")).unwrap();
-    line.split_whitespace().next().unwrap().parse().unwrap()
-}
-
-/// The processes whose parent is `pid`.
-fn children(pid: u32) -> Vec<u32> {
-    fs::read_dir("/proc")
-        .unwrap()
-        .flatten()
-        .filter_map(|entry| {
-            let child: u32 = entry.file_name().to_str()?.parse().ok()?;
-            let stat = fs::read_to_string(entry.path().join("stat")).ok()?;
-            let ppid: u32 = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()?;
-            (ppid == pid).then_some(child)
-        })
-        .collect()
-}
-
 /// Fails unless every process in `components` (and each of nginx's workers) runs as a user other than root.
 fn assert_unprivileged(components: &[(String, u32)]) {
     for (name, pid) in components {
         assert_ne!(uid(*pid), 0, "{name} (PID {pid}) runs as root");
         if name == "nginx" {
-            let workers = children(*pid);
+            let workers = descendants(*pid);
             assert!(!workers.is_empty(), "nginx has no workers");
             for worker in workers {
                 assert_ne!(uid(worker), 0, "an nginx worker (PID {worker}) runs as root");
@@ -218,7 +198,7 @@ fn down_signals_no_process_that_does_not_run_this_fleet() {
         let state = serde_json::json!({"pid": pid, "url": "http://127.0.0.1:1", "prometheus": null,
             "nodes": [], "database_port": 1, "password_file": "/nonexistent"});
         fs::write(dir.join("fleet.json"), state.to_string()).unwrap();
-        let down = Command::new(fleetctl_bin()).arg("down").arg("--dir").arg(&dir).output().unwrap();
+        let down = fleetctl_output(&dir, &["down"]);
         std::thread::sleep(Duration::from_millis(200));
         assert!(stranger.is_running(), "`fleetctl down` signalled {script:?}");
         assert!(!down.status.success(), "{script:?}: {}", String::from_utf8_lossy(&down.stderr));

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use fleet_app::routes::{routes, Access};
+use fleet_app::routes::{routes, Access, LSN, MIN_LSN, SERVED_BY};
 use fleet_local::PatroniCluster;
 use fleet_tests::ha::{
     lsn, member_read_url, node_on, query, query_async, read_counter, served_by, start_cluster,
@@ -241,7 +241,7 @@ async fn reads_go_where_the_route_table_says_see_their_own_writes_and_fall_back_
         }
         let response = request.send().await.unwrap();
         assert_eq!(response.status(), StatusCode::OK, "{method} {path}");
-        let header = response.headers().get("x-fleet-served-by").map(|v| v.to_str().unwrap().to_owned());
+        let header = response.headers().get(SERVED_BY).map(|v| v.to_str().unwrap().to_owned());
         match endpoint.access {
             Access::None => assert_eq!(header, None, "{method} {path} touches no database"),
             Access::Primary => assert_eq!(header.as_deref(), Some("primary"), "{method} {path}"),
@@ -260,7 +260,7 @@ async fn reads_go_where_the_route_table_says_see_their_own_writes_and_fall_back_
             }
         }
         if method == reqwest::Method::POST && !endpoint.lab {
-            assert!(response.headers().contains_key("x-fleet-lsn"), "{method} {path} gives its LSN");
+            assert!(response.headers().contains_key(LSN), "{method} {path} gives its LSN");
         }
     }
 
@@ -274,9 +274,9 @@ async fn reads_go_where_the_route_table_says_see_their_own_writes_and_fall_back_
          replica); without it {fresh_without} fresh, {} stale",
         1000 - fresh_without
     );
-    let bad = api.get_with("/api/counters/routed", &[("X-Fleet-Min-Lsn", "not-an-lsn")]).await;
+    let bad = api.get_with("/api/counters/routed", &[(MIN_LSN, "not-an-lsn")]).await;
     assert_eq!(bad.status, StatusCode::BAD_REQUEST, "{:?}", bad.body);
-    assert!(bad.body["error"].as_str().unwrap().contains("X-Fleet-Min-Lsn"), "{:?}", bad.body);
+    assert!(bad.body["error"].as_str().unwrap().contains(MIN_LSN), "{:?}", bad.body);
 
     // No replica left: reads fall back to the primary and still succeed.
     let replicas: Vec<String> = cluster.member_names().into_iter().filter(|m| *m != leader).collect();

@@ -5,6 +5,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
+use fleet_app::routes::IDEMPOTENCY_KEY;
 use fleet_local::fleet::{Fleet, FleetOptions};
 use fleet_local::{Node, Postgres};
 use fleet_tests::proxy::Proxy;
@@ -83,7 +84,7 @@ async fn maximum_size_bodies_however_many_at_once_keep_the_nodes_memory_bounded(
     let body = Bytes::from(real_rows_body());
     let post = |i: usize| {
         let request = app.api.http.post(format!("{}/api/bulk-insert", app.api.url));
-        request.header("Idempotency-Key", format!("bulk-{i}")).body(body.clone()).send()
+        request.header(IDEMPOTENCY_KEY, format!("bulk-{i}")).body(body.clone()).send()
     };
     let replies = join_all((0..8).map(post)).await;
     for reply in replies {

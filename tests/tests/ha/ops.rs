@@ -8,10 +8,11 @@
 //! One cluster, started twice (the second time from its kept data), so the file stays within a few minutes.
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use fleet_tests::{fleetctl, fleetctl_bin, fleetctl_up, Api};
+use fleet_tests::processes::{descendants, processes_naming};
+use fleet_tests::{fleetctl, fleetctl_output, fleetctl_up, Api};
 use serde_json::Value;
 
 /// How long the cluster may take to reach a state a fault leads to.
@@ -53,10 +54,6 @@ fn wait_for_members(dir: &Path, what: &str, done: impl Fn(&[Value]) -> bool) -> 
     }
 }
 
-fn chaos(dir: &Path, args: &[&str]) -> Output {
-    Command::new(fleetctl_bin()).arg("chaos").args(args).arg("--dir").arg(dir).output().unwrap()
-}
-
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -86,41 +83,6 @@ fn psql(dir: &Path, target: Psql<'_>, sql: &str) -> String {
 enum Psql<'a> {
     Url(&'a str),
     Member(&'a str),
-}
-
-/// Every process whose command line names `path` (Patroni, its postmasters, etcd).
-fn processes_naming(path: &Path) -> Vec<String> {
-    let needle = path.to_string_lossy().into_owned();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|entry| {
-            let cmdline = std::fs::read(entry.ok()?.path().join("cmdline")).ok()?;
-            let cmdline = text(&cmdline).replace('\0', " ");
-            cmdline.contains(&needle).then_some(cmdline)
-        })
-        .collect()
-}
-
-/// Every process below `root`, from /proc's parent links.
-fn descendants(root: i32) -> Vec<i32> {
-    let parents: Vec<(i32, i32)> = std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|entry| {
-            let pid: i32 = entry.ok()?.file_name().to_str()?.parse().ok()?;
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            // `pid (comm) state ppid …`: the command may hold spaces and parentheses, so after the last ')'.
-            let ppid = stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()?;
-            Some((pid, ppid))
-        })
-        .collect();
-    let mut found = vec![root];
-    let mut i = 0;
-    while i < found.len() {
-        let parent = found[i];
-        found.extend(parents.iter().filter(|(_, ppid)| *ppid == parent).map(|(pid, _)| *pid));
-        i += 1;
-    }
-    found.split_off(1)
 }
 
 #[test]
@@ -173,7 +135,7 @@ fn a_fleet_on_three_members_serves_survives_every_database_fault_and_keeps_its_d
 
     // switchover: another member leads, the old leader follows it.
     let before = leader(&start).unwrap();
-    let out = chaos(&dir, &["switchover"]);
+    let out = fleetctl_output(&dir, &["chaos", "switchover"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let after = wait_for_members(&dir, "the cluster is whole after the switchover", whole);
     let new = leader(&after).unwrap();
@@ -183,9 +145,9 @@ fn a_fleet_on_three_members_serves_survives_every_database_fault_and_keeps_its_d
 
     // lag-replica: the replica shows an old value while its replay is paused, the new one after.
     let replica = after.iter().find(|m| m["role"] == "replica").unwrap()["name"].as_str().unwrap().to_owned();
-    let refused = chaos(&dir, &["lag-replica", &new, "3"]);
+    let refused = fleetctl_output(&dir, &["chaos", "lag-replica", &new, "3"]);
     assert!(!refused.status.success() && text(&refused.stderr).contains("is the leader"), "{refused:?}");
-    let out = chaos(&dir, &["lag-replica", &replica, "10"]);
+    let out = fleetctl_output(&dir, &["chaos", "lag-replica", &replica, "10"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     assert_eq!(runtime.block_on(api.increment("ha-ops")).body["value"], 2);
     let on_replica = || psql(&dir, Psql::Member(&replica), "SELECT value FROM counters WHERE key = 'ha-ops'");
@@ -202,7 +164,7 @@ fn a_fleet_on_three_members_serves_survives_every_database_fault_and_keeps_its_d
         names.map(|name| psql(&dir, Psql::Member(&name), "SELECT pg_postmaster_start_time()")).collect()
     };
     let starts = started_at(&after);
-    let out = chaos(&dir, &["rolling-restart-db"]);
+    let out = fleetctl_output(&dir, &["chaos", "rolling-restart-db"]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let rolled = members(&dir);
     assert!(whole(&rolled), "whole when the command returns: {rolled:#?}");
@@ -214,6 +176,7 @@ fn a_fleet_on_three_members_serves_survives_every_database_fault_and_keeps_its_d
     // A chaos run with kill-primary under careful clients: nothing lost or duplicated.
     let killed = leader(&rolled).unwrap();
     let args = [
+        "chaos",
         "run",
         "--duration",
         "12s",
@@ -227,7 +190,7 @@ fn a_fleet_on_three_members_serves_survives_every_database_fault_and_keeps_its_d
         "kill-primary",
         "--json",
     ];
-    let out = chaos(&dir, &args);
+    let out = fleetctl_output(&dir, &args);
     assert!(out.status.success(), "{}\n{}", text(&out.stdout), text(&out.stderr));
     let report: Value = serde_json::from_slice(&out.stdout).expect("a JSON report");
     assert_eq!(
@@ -260,7 +223,7 @@ fn a_fleet_on_three_members_serves_survives_every_database_fault_and_keeps_its_d
     let postmasters = |processes: Vec<String>| processes.into_iter().filter(|p| p.contains(" -D ")).count();
     assert_eq!(postmasters(processes_naming(&cluster_dir)), 3, "{:#?}", processes_naming(&cluster_dir));
     // nginx's workers outlive their master too; they are this test's to end (by PID), not `up`'s.
-    let nginx_workers: Vec<i32> = descendants(up.pid() as i32)
+    let nginx_workers: Vec<u32> = descendants(up.pid())
         .into_iter()
         .filter(|&pid| {
             std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|c| c.starts_with(b"nginx: worker"))
@@ -270,7 +233,8 @@ fn a_fleet_on_three_members_serves_survives_every_database_fault_and_keeps_its_d
     up.kill().unwrap();
     assert_eq!(postmasters(processes_naming(&cluster_dir)), 3, "{:#?}", processes_naming(&cluster_dir));
     for pid in nginx_workers {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        let _ =
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), nix::sys::signal::Signal::SIGKILL);
     }
 
     // The next `up` stops those before its members start, and starts the same cluster from its data,

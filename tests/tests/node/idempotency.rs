@@ -3,6 +3,7 @@
 use std::time::{Duration, Instant};
 
 use fleet_app::db::idempotency::{CLEANUP_BATCH_KEYS, CLEANUP_LOCK_KEY};
+use fleet_app::routes::IDEMPOTENCY_KEY;
 use fleet_local::Node;
 use fleet_tests::{node_options, Api, Reply, TestApp};
 use futures_util::future::join_all;
@@ -13,7 +14,7 @@ async fn post_once(api: &Api, path: &str, key: &str, body: &Value) -> Reply {
     let response = api
         .http
         .post(format!("{}{path}", api.url))
-        .header("Idempotency-Key", key)
+        .header(IDEMPOTENCY_KEY, key)
         .body(body.to_string())
         .send()
         .await
