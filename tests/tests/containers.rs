@@ -1,6 +1,6 @@
 //! The compose stack for real, on this machine's Docker engine: the images the repository's Dockerfiles
 //! build, started by docker-compose.yml from empty volumes, and used only through what it publishes
-//! (nginx, Prometheus on loopback). The seed's promises at a user's load, what an operator does to a
+//! (nginx, Prometheus on loopback). The basic promises at a user's load, what an operator does to a
 //! running stack (stop, kill, restart, scale, down), and the `ha` profile surviving its leader's death.
 //! Without a Docker engine these tests fail under CI and say they did not run elsewhere.
 
@@ -64,7 +64,7 @@ fn a_profiles_container_refuses_to_start_without_its_secret_and_names_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_default_stack_comes_up_from_empty_volumes_and_keeps_the_seeds_promises_through_nginx() {
+async fn the_default_stack_comes_up_from_empty_volumes_and_keeps_its_promises_through_nginx() {
     if !engine_or_skip("default stack") {
         return;
     }

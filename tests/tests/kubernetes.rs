@@ -464,7 +464,7 @@ fn rust_const(source: &str, name: &str) -> u64 {
     digits.parse().unwrap_or_else(|_| panic!("{line}"))
 }
 
-// ---- the shape: hardening, sizes, routes, policies ----
+// ---- the shape: hardening, sizes, routes, policies ----
 
 #[test]
 fn the_nodes_run_unprivileged_on_a_read_only_root_with_requests_and_limits() {

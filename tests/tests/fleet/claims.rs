@@ -1,4 +1,4 @@
-//! The seed's claims, proved through nginx on a real 4-node fleet with Prometheus.
+//! The basic promises, proved through nginx on a real 4-node fleet with Prometheus.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};

@@ -76,12 +76,12 @@ pub fn judge(points: &[Point], probes: &[Probe], ceilings: &Ceilings) -> Vec<Goa
         Some(tps) => (
             SEED_KEYS_RPS * tps / SEED_PGBENCH_KEYS_TPS,
             format!(
-                "the seed's {SEED_KEYS_RPS:.0} req/s beside pgbench's {SEED_PGBENCH_KEYS_TPS:.0} tps (the issue), \
+                "the seed's {SEED_KEYS_RPS:.0} req/s beside pgbench's {SEED_PGBENCH_KEYS_TPS:.0} tps (measured together), \
                  scaled by this run's pgbench{}",
                 ratio(Workload::Keys, Some(SEED_KEYS_RPS)).map_or(String::new(), |r| format!("; unscaled {r:.2}×"))
             ),
         ),
-        None => (SEED_KEYS_RPS, format!("the seed's {SEED_KEYS_RPS:.0} req/s from the issue, unscaled")),
+        None => (SEED_KEYS_RPS, format!("the seed's {SEED_KEYS_RPS:.0} req/s as measured then, unscaled")),
     };
     // These two are judged at the main shape only; the sweeps report theirs beside.
     let at_main: Vec<&Point> = points.iter().filter(|p| p.role == Role::Main).collect();
