@@ -26,8 +26,9 @@ const NOT_OURS: &str =
 
 impl Database {
     /// Starts the fleet's database: one PostgreSQL, or a Patroni cluster when there are replicas (or
-    /// none: the user's, when the options name one). It is kept in `<dir>/postgres` (or `<dir>/patroni`) if the options ask and the `postgres` user can reach
-    /// it; otherwise it is a throwaway one, and a warning says why.
+    /// none: the user's, when the options name one). It is kept in `<dir>/postgres` (or
+    /// `<dir>/patroni`) if the options ask and the `postgres` user can reach it; otherwise it is a
+    /// throwaway one, and a warning says why.
     pub(super) fn start(
         opts: &FleetOptions,
         dir: &Path,
